@@ -1,0 +1,1 @@
+"""Runtime configuration snapshots: frozen dataclasses, no protobuf, no I/O."""

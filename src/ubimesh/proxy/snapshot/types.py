@@ -1,0 +1,545 @@
+"""Runtime configuration: frozen dataclasses compiled from Envoy v3 resources.
+
+This module is the contract between the translator (``ubimesh.proxy.xds``, the only code that
+touches protobuf) and the request path (listeners, the HTTP connection manager, the router, the
+upstream side). Everything here is immutable; a new configuration is a new ``Snapshot`` that the
+proxy swaps in by reference, so a request in flight keeps the snapshot it started with.
+
+Durations are float seconds; ``None`` means "disabled" (Envoy's 0 duration) unless the field's
+docstring says otherwise. Names follow Envoy's (docs/glossary.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------
+# Addresses and nodes
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAddress:
+    """An IP (or DNS name, for DNS clusters) and a TCP port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """Who this proxy is (bootstrap ``node``; overridable by --service-node/--service-cluster)."""
+
+    id: str = ""
+    cluster: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# String and header matching
+
+
+class StringMatchKind(enum.Enum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    SUFFIX = "suffix"
+    CONTAINS = "contains"
+    REGEX = "safe_regex"
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatcher:
+    """envoy.type.matcher.v3.StringMatcher. ``regex`` is compiled for REGEX (full match)."""
+
+    kind: StringMatchKind
+    value: str
+    ignore_case: bool = False
+    regex: re.Pattern[str] | None = None
+
+
+class HeaderMatchKind(enum.Enum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    SUFFIX = "suffix"
+    CONTAINS = "contains"
+    REGEX = "safe_regex"
+    PRESENT = "present"
+    #: No specifier at all: Envoy treats this as "header is present".
+    ANY = "any"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatcher:
+    """envoy.config.route.v3.HeaderMatcher.
+
+    ``name`` is lower-case. Envoy joins repeated headers with "," before matching. For PRESENT,
+    ``present`` is the required presence (present_match: false means "absent"). ``invert`` is
+    invert_match; ``treat_missing_as_empty`` is Envoy's field of the same name.
+    """
+
+    name: str
+    kind: HeaderMatchKind
+    value: str = ""
+    regex: re.Pattern[str] | None = None
+    ignore_case: bool = False
+    present: bool = True
+    invert: bool = False
+    treat_missing_as_empty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParameterMatcher:
+    """envoy.config.route.v3.QueryParameterMatcher: ``matcher`` None means present_match."""
+
+    name: str
+    matcher: StringMatcher | None = None
+    present: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Header mutation
+
+
+class AppendAction(enum.Enum):
+    """envoy.config.core.v3.HeaderValueOption.HeaderAppendAction."""
+
+    APPEND_IF_EXISTS_OR_ADD = 0
+    ADD_IF_ABSENT = 1
+    OVERWRITE_IF_EXISTS_OR_ADD = 2
+    OVERWRITE_IF_EXISTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderValueOption:
+    """One header to add. ``key`` is lower-case; ``value`` may hold %COMMAND% operators
+    (%DOWNSTREAM_REMOTE_ADDRESS%, %REQ(x)%, ...) that are expanded per request when
+    ``has_format`` is true. ``keep_empty_value`` is Envoy's field of the same name."""
+
+    key: str
+    value: str
+    append_action: AppendAction = AppendAction.APPEND_IF_EXISTS_OR_ADD
+    has_format: bool = False
+    keep_empty_value: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMutation:
+    """Headers to add and remove at one level (route, virtual host, route configuration,
+    weighted cluster). Removal happens before addition, as in Envoy."""
+
+    request_add: tuple[HeaderValueOption, ...] = ()
+    request_remove: tuple[str, ...] = ()
+    response_add: tuple[HeaderValueOption, ...] = ()
+    response_remove: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.request_add or self.request_remove or self.response_add or self.response_remove
+        )
+
+
+NO_HEADER_MUTATION = HeaderMutation()
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes
+
+
+class PathMatchKind(enum.Enum):
+    PREFIX = "prefix"
+    PATH = "path"
+    REGEX = "safe_regex"
+    PATH_SEPARATED_PREFIX = "path_separated_prefix"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """envoy.config.route.v3.RouteMatch. The path match applies to the path without the query
+    string. ``value`` is lower-cased when ``case_sensitive`` is false. ``grpc`` restricts the
+    match to gRPC requests (content-type application/grpc*)."""
+
+    kind: PathMatchKind
+    value: str = ""
+    regex: re.Pattern[str] | None = None
+    case_sensitive: bool = True
+    headers: tuple[HeaderMatcher, ...] = ()
+    query_parameters: tuple[QueryParameterMatcher, ...] = ()
+    grpc: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedClusterEntry:
+    name: str
+    weight: int
+    headers: HeaderMutation = NO_HEADER_MUTATION
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPolicy:
+    """request_mirror_policies entry: send a shadow copy to ``cluster`` for a fraction
+    ``numerator/denominator`` of requests (runtime_fraction default_value)."""
+
+    cluster: str
+    numerator: int = 100
+    denominator: int = 100
+    trace_sampled: bool = True
+
+
+class HashPolicyKind(enum.Enum):
+    HEADER = "header"
+    COOKIE = "cookie"
+    SOURCE_IP = "connection_properties"
+    QUERY_PARAMETER = "query_parameter"
+
+
+@dataclass(frozen=True, slots=True)
+class HashPolicy:
+    """route.RouteAction.HashPolicy. ``name`` is the header (lower-case), cookie or query
+    parameter name. ``terminal`` stops evaluating later policies once this one produced a hash.
+    Cookie ``ttl`` (seconds) makes Envoy generate the cookie; ubimesh refuses ttl for now."""
+
+    kind: HashPolicyKind
+    name: str = ""
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RegexRewrite:
+    pattern: re.Pattern[str]
+    substitution: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAction:
+    """Forward to a cluster. Exactly one of ``cluster``, ``weighted_clusters`` or
+    ``cluster_header`` is set. ``timeout`` None disables the route timeout (Envoy default 15 s
+    is filled in by the translator)."""
+
+    cluster: str = ""
+    weighted_clusters: tuple[WeightedClusterEntry, ...] = ()
+    total_weight: int = 0
+    cluster_header: str = ""
+    prefix_rewrite: str | None = None
+    regex_rewrite: RegexRewrite | None = None
+    host_rewrite_literal: str = ""
+    auto_host_rewrite: bool = False
+    timeout: float | None = 15.0
+    idle_timeout: float | None = None
+    mirror_policies: tuple[MirrorPolicy, ...] = ()
+    hash_policies: tuple[HashPolicy, ...] = ()
+    upgrade_websocket: bool | None = None
+    """Per-route override of the HCM's websocket upgrade (None: follow the HCM)."""
+
+
+class RedirectResponseCode(enum.IntEnum):
+    MOVED_PERMANENTLY = 301
+    FOUND = 302
+    SEE_OTHER = 303
+    TEMPORARY_REDIRECT = 307
+    PERMANENT_REDIRECT = 308
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectAction:
+    """envoy.config.route.v3.RedirectAction. Empty strings mean "keep the request's"."""
+
+    scheme: str = ""
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    prefix_rewrite: str | None = None
+    regex_rewrite: RegexRewrite | None = None
+    response_code: int = 301
+    strip_query: bool = False
+    https_redirect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponseAction:
+    status: int
+    body: bytes | None = None
+
+
+RouteActionKind = RouteAction | RedirectAction | DirectResponseAction
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    match: RouteMatch
+    action: RouteActionKind
+    headers: HeaderMutation = NO_HEADER_MUTATION
+    typed_per_filter_config: tuple[tuple[str, Any], ...] = ()
+    """Per-route filter overrides: (filter name, compiled config) pairs."""
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    """``domains`` are lower-case, as written in the config (matching is in routing.table)."""
+
+    name: str
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+    headers: HeaderMutation = NO_HEADER_MUTATION
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfiguration:
+    name: str
+    virtual_hosts: tuple[VirtualHost, ...]
+    headers: HeaderMutation = NO_HEADER_MUTATION
+    response_headers_to_remove: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP connection manager
+
+
+class HeadersWithUnderscoresAction(enum.Enum):
+    ALLOW = 0
+    REJECT_REQUEST = 1
+    DROP_HEADER = 2
+
+
+class PathWithEscapedSlashesAction(enum.Enum):
+    KEEP_UNCHANGED = 1
+    REJECT_REQUEST = 2
+    UNESCAPE_AND_REDIRECT = 3
+    UNESCAPE_AND_FORWARD = 4
+
+
+class ForwardClientCertDetails(enum.Enum):
+    SANITIZE = 0
+    FORWARD_ONLY = 1
+    APPEND_FORWARD = 2
+    SANITIZE_SET = 3
+    ALWAYS_FORWARD_ONLY = 4
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFilterConfig:
+    """One entry of http_filters: its name and compiled config. ``type_name`` is the short
+    proto name (e.g. "envoy.extensions.filters.http.router.v3.Router"), which decides the
+    implementation; ``config`` is the filter's own frozen config object."""
+
+    name: str
+    type_name: str
+    config: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConnectionManagerConfig:
+    """envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.
+
+    Defaults are Envoy's. Limits: ``max_request_headers_kb`` (60 KiB) bounds the request line and
+    headers together; ``max_headers_count`` (100) bounds their number.
+    """
+
+    stat_prefix: str
+    route_config: RouteConfiguration
+    http_filters: tuple[HttpFilterConfig, ...] = ()
+    generate_request_id: bool = True
+    preserve_external_request_id: bool = False
+    use_remote_address: bool = False
+    xff_num_trusted_hops: int = 0
+    skip_xff_append: bool = False
+    server_name: str = "envoy"
+    server_header_transformation: str = "OVERWRITE"
+    idle_timeout: float | None = 3600.0
+    max_headers_count: int = 100
+    headers_with_underscores_action: HeadersWithUnderscoresAction = (
+        HeadersWithUnderscoresAction.ALLOW
+    )
+    max_request_headers_kb: int = 60
+    request_timeout: float | None = None
+    request_headers_timeout: float | None = None
+    stream_idle_timeout: float | None = 300.0
+    drain_timeout: float = 5.0
+    upgrade_types: frozenset[str] = frozenset()
+    """Lower-case upgrade protocols enabled by upgrade_configs (only "websocket" for now)."""
+    normalize_path: bool = False
+    merge_slashes: bool = False
+    path_with_escaped_slashes_action: PathWithEscapedSlashesAction = (
+        PathWithEscapedSlashesAction.KEEP_UNCHANGED
+    )
+    forward_client_cert_details: ForwardClientCertDetails = ForwardClientCertDetails.SANITIZE
+    internal_address_config_unix_sockets: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# TCP proxy
+
+
+@dataclass(frozen=True, slots=True)
+class TcpProxyConfig:
+    """envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy. ``idle_timeout`` defaults to
+    one hour as in Envoy; None disables it."""
+
+    stat_prefix: str
+    cluster: str = ""
+    weighted_clusters: tuple[WeightedClusterEntry, ...] = ()
+    total_weight: int = 0
+    idle_timeout: float | None = 3600.0
+    max_connect_attempts: int = 1
+
+
+NetworkFilterConfig = HttpConnectionManagerConfig | TcpProxyConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Listeners
+
+
+@dataclass(frozen=True, slots=True)
+class FilterChainMatch:
+    """envoy.config.listener.v3.FilterChainMatch (the supported part). Empty means "any".
+    ``server_names`` are lower-case and may start with "*." (wildcard)."""
+
+    destination_port: int | None = None
+    server_names: tuple[str, ...] = ()
+    transport_protocol: str = ""
+    application_protocols: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FilterChain:
+    name: str
+    match: FilterChainMatch
+    filters: tuple[NetworkFilterConfig, ...]
+    """Network filters in order; the last one is terminal (HCM or tcp_proxy)."""
+    transport_socket: Any = None
+    """Downstream TLS context (later issue); None is plaintext."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: SocketAddress
+    filter_chains: tuple[FilterChain, ...]
+    default_filter_chain: FilterChain | None = None
+    per_connection_buffer_limit_bytes: int = 1024 * 1024
+    needs_tls_inspector: bool = False
+    """True when some filter chain matches on server_names (SNI must be read first)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Clusters
+
+
+class DiscoveryType(enum.Enum):
+    STATIC = 0
+    STRICT_DNS = 1
+    LOGICAL_DNS = 2
+    EDS = 3
+
+
+class LbPolicy(enum.Enum):
+    ROUND_ROBIN = 0
+    LEAST_REQUEST = 1
+    RING_HASH = 2
+    RANDOM = 3
+    MAGLEV = 5
+
+
+class DnsLookupFamily(enum.Enum):
+    AUTO = 0
+    V4_ONLY = 1
+    V6_ONLY = 2
+    V4_PREFERRED = 3
+    ALL = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An upstream host. ``weight`` is load_balancing_weight (default 1)."""
+
+    address: SocketAddress
+    weight: int = 1
+    hostname: str = ""
+    health_status: int = 0
+    """envoy.config.core.v3.HealthStatus as configured (0 UNKNOWN counts as healthy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Locality:
+    region: str = ""
+    zone: str = ""
+    sub_zone: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityEndpoints:
+    """envoy.config.endpoint.v3.LocalityLbEndpoints."""
+
+    locality: Locality
+    endpoints: tuple[Endpoint, ...]
+    priority: int = 0
+    load_balancing_weight: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RingHashConfig:
+    minimum_ring_size: int = 1024
+    maximum_ring_size: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LeastRequestConfig:
+    choice_count: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """envoy.config.cluster.v3.Cluster (the supported part).
+
+    ``endpoints`` come from load_assignment; for DNS clusters their addresses hold DNS names that
+    the upstream side resolves (STRICT_DNS: every address, refreshed every
+    ``dns_refresh_rate``; LOGICAL_DNS: one name, first address). ``idle_timeout`` is the
+    upstream connection idle timeout (common_http_protocol_options, Envoy default 1 h).
+    ``max_requests_per_connection`` None means unlimited.
+    """
+
+    name: str
+    type: DiscoveryType
+    connect_timeout: float = 5.0
+    lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    endpoints: tuple[LocalityEndpoints, ...] = ()
+    overprovisioning_factor: int = 140
+    max_requests_per_connection: int | None = None
+    idle_timeout: float | None = 3600.0
+    per_connection_buffer_limit_bytes: int = 1024 * 1024
+    dns_refresh_rate: float = 5.0
+    dns_lookup_family: DnsLookupFamily = DnsLookupFamily.AUTO
+    respect_dns_ttl: bool = False
+    ring_hash: RingHashConfig = field(default_factory=RingHashConfig)
+    least_request: LeastRequestConfig = field(default_factory=LeastRequestConfig)
+    transport_socket: Any = None
+    """Upstream TLS context (later issue); None is plaintext."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Admin and the whole snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    address: SocketAddress
+    access_log_path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A whole proxy configuration. ``version`` identifies it in /config_dump and logs;
+    ``source`` is the raw bootstrap as a plain dict (what /config_dump shows)."""
+
+    version: str
+    node: NodeInfo
+    listeners: tuple[Listener, ...]
+    clusters: dict[str, Cluster]
+    admin: Admin | None = None
+    source: dict[str, Any] = field(default_factory=dict, compare=False)
