@@ -1,0 +1,147 @@
+"""Envoy-style stats: counters, gauges and histograms kept by name in one store per process.
+
+The request path fetches its ``Counter``/``Gauge``/``Histogram`` objects once (when a listener,
+filter chain or cluster is built) and then bumps plain attributes, which costs about as much as
+an integer add. Names follow Envoy's (``http.<stat_prefix>.downstream_rq_total``,
+``cluster.<name>.upstream_rq_total``, ...), so dashboards built for Envoy read them unchanged.
+
+``Store.snapshot()`` turns the store into plain data that crosses process boundaries; the main
+process merges the workers' snapshots with ``merge_snapshots`` for /stats.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Envoy's default histogram bucket bounds, in milliseconds.
+DEFAULT_BUCKETS_MS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+    300000, 600000, 1800000, 3600000,
+)  # fmt: skip
+
+
+class Counter:
+    """A monotonically increasing count. Bump ``value`` directly on the hot path."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+
+class Gauge:
+    """A value that goes up and down (connections open, requests active)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, n: int = 1) -> None:
+        self.value += n
+
+    def dec(self, n: int = 1) -> None:
+        self.value -= n
+
+    def set(self, v: int) -> None:
+        self.value = v
+
+
+class Histogram:
+    """Cumulative-bucket histogram of millisecond values (Envoy's and Prometheus's shape).
+
+    ``counts[i]`` counts samples <= ``bounds[i]``, non-cumulatively; the last slot is +Inf.
+    """
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...] = DEFAULT_BUCKETS_MS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def record(self, value_ms: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value_ms)] += 1
+        self.sum += value_ms
+        self.count += 1
+
+
+@dataclass
+class StatsSnapshot:
+    """Plain-data copy of a store: safe to pickle, send to another process and merge."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    gauges: dict[str, int] = field(default_factory=dict)
+    histograms: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Store:
+    """All stats of one process, by name. Asking twice for a name returns the same object."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, Counter] = {}
+        self.gauges: dict[str, Gauge] = {}
+        self.histograms: dict[str, Histogram] = {}
+
+    def counter(self, name: str) -> Counter:
+        c = self.counters.get(name)
+        if c is None:
+            c = self.counters[name] = Counter()
+        return c
+
+    def gauge(self, name: str) -> Gauge:
+        g = self.gauges.get(name)
+        if g is None:
+            g = self.gauges[name] = Gauge()
+        return g
+
+    def histogram(self, name: str) -> Histogram:
+        h = self.histograms.get(name)
+        if h is None:
+            h = self.histograms[name] = Histogram()
+        return h
+
+    def snapshot(self) -> StatsSnapshot:
+        return StatsSnapshot(
+            counters={k: c.value for k, c in self.counters.items()},
+            gauges={k: g.value for k, g in self.gauges.items()},
+            histograms={
+                k: {
+                    "bounds": list(h.bounds),
+                    "counts": list(h.counts),
+                    "sum": h.sum,
+                    "count": h.count,
+                }
+                for k, h in self.histograms.items()
+            },
+        )
+
+
+def merge_snapshots(snaps: list[StatsSnapshot]) -> StatsSnapshot:
+    """Sum counters, gauges and histogram buckets across processes (Envoy sums across workers)."""
+    out = StatsSnapshot()
+    for s in snaps:
+        for k, v in s.counters.items():
+            out.counters[k] = out.counters.get(k, 0) + v
+        for k, v in s.gauges.items():
+            out.gauges[k] = out.gauges.get(k, 0) + v
+        for k, h in s.histograms.items():
+            cur = out.histograms.get(k)
+            if cur is None:
+                out.histograms[k] = {
+                    "bounds": list(h["bounds"]),
+                    "counts": list(h["counts"]),
+                    "sum": h["sum"],
+                    "count": h["count"],
+                }
+            else:
+                cur["counts"] = [a + b for a, b in zip(cur["counts"], h["counts"], strict=True)]
+                cur["sum"] += h["sum"]
+                cur["count"] += h["count"]
+    return out
