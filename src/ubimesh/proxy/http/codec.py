@@ -1,0 +1,74 @@
+"""HTTP/1.1 wire helpers shared by the downstream and upstream codecs: serialization of heads,
+chunk framing and the cached Date header. Pure functions over bytes and strings.
+
+Header names go out lower-case, as Envoy's HTTP/1 codec writes them by default.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+
+from ubimesh.proto.headers import HOP_BY_HOP
+
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+#: Reason phrases for the status codes a proxy produces or commonly relays.
+REASONS: dict[int, str] = {
+    100: "Continue", 101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted",
+    204: "No Content", 206: "Partial Content", 301: "Moved Permanently", 302: "Found",
+    303: "See Other", 304: "Not Modified", 307: "Temporary Redirect", 308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+    413: "Payload Too Large", 414: "URI Too Long", 426: "Upgrade Required",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}  # fmt: skip
+
+_STATUS_LINES: dict[int, bytes] = {
+    code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()
+}
+
+
+def status_line(code: int) -> bytes:
+    line = _STATUS_LINES.get(code)
+    if line is None:
+        line = f"HTTP/1.1 {code} {REASONS.get(code, 'Unknown')}\r\n".encode()
+    return line
+
+
+def encode_headers(headers: list[tuple[str, str]]) -> bytes:
+    """``name: value`` lines for a head; the caller adds the start line and final CRLF."""
+    return "".join([f"{k}: {v}\r\n" for k, v in headers]).encode("latin-1")
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of chunked transfer coding (RFC 9112 section 7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def is_hop_by_hop(name: str) -> bool:
+    return name in HOP_BY_HOP
+
+
+class DateCache:
+    """The RFC 9110 Date value, formatted at most once per second (Envoy's DateProvider)."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def get(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True)
+        return self._value
+
+
+DATE = DateCache()

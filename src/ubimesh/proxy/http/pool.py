@@ -1,0 +1,361 @@
+"""HTTP/1.1 upstream connections and the per-host keep-alive pool.
+
+An ``UpstreamConnection`` is the client-side codec: it writes request bytes the router gives it
+and turns the response bytes into calls on the ``UpstreamCallbacks`` attached for the current
+request (one request at a time: no upstream pipelining, as in Envoy). When a response ends
+cleanly on a reusable connection, the connection goes back to its host's ``Http1Pool``.
+
+Pool contract: ``Http1Pool.acquire(cb)`` calls ``cb.on_pool_ready(conn)`` (synchronously when an
+idle connection exists, later otherwise) or ``cb.on_pool_failure(reason)`` exactly once, unless
+the caller first calls ``Http1Pool.cancel(cb)``. Idle connections are reused last-in first-out
+(the warmest one first) and closed after the cluster's idle timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Protocol
+
+import httptools
+
+from ubimesh.proxy.snapshot.types import Cluster
+from ubimesh.proxy.upstream.host import Host
+from ubimesh.telemetry.stats import Store
+
+log = logging.getLogger("ubimesh.upstream")
+
+#: Idle connections kept per host at most; beyond that a released connection is closed.
+MAX_IDLE_PER_HOST = 1024
+
+# Reset reasons, worded as Envoy words them in local replies and logs.
+CONNECTION_FAILURE = "connection failure"
+CONNECTION_TIMEOUT = "connection timeout"
+CONNECTION_TERMINATION = "connection termination"
+PROTOCOL_ERROR = "protocol error"
+OVERFLOW = "overflow"
+
+
+class UpstreamCallbacks(Protocol):
+    """What the router side of a request implements to receive the upstream's response."""
+
+    def on_pool_ready(self, conn: UpstreamConnection) -> None: ...
+    def on_pool_failure(self, reason: str) -> None: ...
+    def on_upstream_headers(
+        self, status: int, headers: list[tuple[str, str]], keep_alive: bool
+    ) -> None: ...
+    def on_upstream_data(self, data: bytes) -> None: ...
+    def on_upstream_end(self) -> None: ...
+    def on_upstream_reset(self, reason: str) -> None: ...
+    def on_upstream_upgrade(self, rest: bytes) -> None: ...
+    def on_upstream_pause(self) -> None: ...
+    def on_upstream_resume(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection to an upstream host."""
+
+    def __init__(self, pool: Http1Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.callbacks: UpstreamCallbacks | None = None
+        self.requests = 0
+        self.closed = False
+        self.idle_since = 0.0
+        self.write_paused = False
+        # Per-response state.
+        self._headers: list[tuple[str, str]] = []
+        self._headers_done = False
+        self._expect_no_body = False
+        self._upgraded = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        limit = self.pool.buffer_limit
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded:
+            cb = self.callbacks
+            if cb is not None:
+                cb.on_upstream_data(data)
+            return
+        if self.callbacks is None:
+            # Bytes on an idle connection: the upstream broke framing. Never reuse it.
+            self.abort()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded = True
+            offset = exc.args[0] if exc.args else len(data)
+            cb = self.callbacks
+            if cb is not None:
+                cb.on_upstream_upgrade(data[offset:])
+        except httptools.HttpParserError:
+            self._fail(PROTOCOL_ERROR)
+
+    def eof_received(self) -> bool | None:
+        # A close-delimited response body ends with EOF: let the parser see it through
+        # connection_lost. Returning None closes the transport.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.on_closed(self)
+        cb = self.callbacks
+        if cb is None:
+            return
+        if self._headers_done and not self._upgraded:
+            # A response without length ends at EOF (RFC 9112 section 6.3, rule 8).
+            try:
+                self.parser.feed_data(b"")
+            except httptools.HttpParserError:
+                pass
+            if self.callbacks is None:
+                return
+        self.callbacks = None
+        if self._upgraded:
+            cb.on_upstream_end()
+        else:
+            cb.on_upstream_reset(CONNECTION_TERMINATION)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        cb = self.callbacks
+        if cb is not None:
+            cb.on_upstream_pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        cb = self.callbacks
+        if cb is not None:
+            cb.on_upstream_resume()
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._headers_done:
+            self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim responses (100 Continue, 103 Early Hints) are consumed here: the proxy
+            # answers Expect: 100-continue itself, as Envoy does by default.
+            self._headers = []
+            return
+        self._headers_done = True
+        headers = self._headers
+        self._headers = []
+        cb = self.callbacks
+        if cb is not None:
+            cb.on_upstream_headers(status, headers, self.parser.should_keep_alive())
+            if self._expect_no_body and status != 101:
+                # HEAD: the parser would wait for a body that never comes. Finish now and start
+                # a fresh parser for the next response on this connection.
+                self.parser = httptools.HttpResponseParser(self)
+                self._finish(keep_alive=True)
+
+    def on_body(self, body: bytes) -> None:
+        cb = self.callbacks
+        if cb is not None:
+            cb.on_upstream_data(body)
+
+    def on_message_complete(self) -> None:
+        if not self._headers_done:
+            return  # end of an interim response
+        self._finish(self.parser.should_keep_alive())
+
+    # -- used by the router -----------------------------------------------------------------
+
+    def attach(self, callbacks: UpstreamCallbacks, expect_no_body: bool) -> None:
+        self.callbacks = callbacks
+        self._headers_done = False
+        self._expect_no_body = expect_no_body
+        self.requests += 1
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed and transport.can_write_eof():
+            transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def detach_and_close(self) -> None:
+        """The request gave up on this connection (downstream reset, timeout): close it,
+        since the rest of its response would desynchronise a reuse."""
+        self.callbacks = None
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _finish(self, keep_alive: bool) -> None:
+        cb = self.callbacks
+        self.callbacks = None
+        self._headers_done = False
+        if cb is not None:
+            cb.on_upstream_end()
+        if keep_alive and not self.closed:
+            self.pool.release(self)
+        else:
+            self.abort()
+
+    def _fail(self, reason: str) -> None:
+        cb = self.callbacks
+        self.callbacks = None
+        self.abort()
+        if cb is not None:
+            cb.on_upstream_reset(reason)
+
+
+class Http1Pool:
+    """Keep-alive connections to one host."""
+
+    def __init__(self, host: Host, cluster: Cluster, stats: Store) -> None:
+        self.host = host
+        self.cluster = cluster
+        self.buffer_limit = cluster.per_connection_buffer_limit_bytes
+        self.max_requests = cluster.max_requests_per_connection or 0
+        self.idle: list[UpstreamConnection] = []
+        self.connecting: dict[UpstreamCallbacks, asyncio.Task[None]] = {}
+        self.active = 0
+        self.closed = False
+        self._sweeper: asyncio.TimerHandle | None = None
+        prefix = f"cluster.{cluster.name}."
+        self.cx_total = stats.counter(prefix + "upstream_cx_total")
+        self.cx_active = stats.gauge(prefix + "upstream_cx_active")
+        self.cx_connect_fail = stats.counter(prefix + "upstream_cx_connect_fail")
+        self.cx_connect_timeout = stats.counter(prefix + "upstream_cx_connect_timeout")
+        self.cx_idle_timeout = stats.counter(prefix + "upstream_cx_idle_timeout")
+        self.cx_max_requests = stats.counter(prefix + "upstream_cx_max_requests")
+
+    def acquire(self, cb: UpstreamCallbacks) -> None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                cb.on_pool_ready(conn)
+                return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._connect(cb))
+        self.connecting[cb] = task
+
+    def cancel(self, cb: UpstreamCallbacks) -> None:
+        """Forget a pending acquire; a connection that arrives later goes idle."""
+        self.connecting.pop(cb, None)
+
+    async def _connect(self, cb: UpstreamCallbacks) -> None:
+        loop = asyncio.get_running_loop()
+        addr = self.host.address
+        self.cx_total.value += 1
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), addr.host, addr.port),
+                timeout=self.cluster.connect_timeout,
+            )
+        except (TimeoutError, asyncio.TimeoutError):
+            self.cx_connect_timeout.value += 1
+            self.cx_connect_fail.value += 1
+            if self.connecting.pop(cb, None) is not None:
+                cb.on_pool_failure(CONNECTION_TIMEOUT)
+            return
+        except OSError as exc:
+            log.debug("connect to %s failed: %s", addr, exc)
+            self.cx_connect_fail.value += 1
+            if self.connecting.pop(cb, None) is not None:
+                cb.on_pool_failure(CONNECTION_FAILURE)
+            return
+        self.cx_active.value += 1
+        self.active += 1
+        if self.closed:
+            proto.abort()
+            if self.connecting.pop(cb, None) is not None:
+                cb.on_pool_failure(CONNECTION_TERMINATION)
+            return
+        if self.connecting.pop(cb, None) is not None:
+            cb.on_pool_ready(proto)
+        else:
+            self.release(proto)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if self.closed or (self.max_requests and conn.requests >= self.max_requests):
+            if self.max_requests and conn.requests >= self.max_requests:
+                self.cx_max_requests.value += 1
+            conn.abort()
+            return
+        if len(self.idle) >= MAX_IDLE_PER_HOST:
+            conn.abort()
+            return
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        self.idle.append(conn)
+        if self._sweeper is None and self.cluster.idle_timeout:
+            self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
+
+    def on_closed(self, conn: UpstreamConnection) -> None:
+        self.active -= 1
+        self.cx_active.value -= 1
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        """Close idle connections now; busy ones close when their request ends."""
+        self.closed = True
+        for conn in self.idle:
+            conn.abort()
+        self.idle.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _sweep_interval(self) -> float:
+        timeout = self.cluster.idle_timeout or 1.0
+        return max(0.05, min(timeout / 2, 5.0))
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        timeout = self.cluster.idle_timeout
+        if not timeout:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - timeout
+        keep = []
+        for conn in self.idle:
+            if conn.idle_since <= deadline:
+                self.cx_idle_timeout.value += 1
+                conn.abort()
+            else:
+                keep.append(conn)
+        self.idle[:] = keep
+        if self.idle:
+            self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)

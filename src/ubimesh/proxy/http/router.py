@@ -1,0 +1,485 @@
+"""The router: the terminal HTTP filter. It turns a matched route into an upstream request.
+
+For a ``RouteAction`` it picks the cluster (plain, weighted or from a header), asks the
+cluster's load balancer for a host, takes a connection from that host's pool, rewrites the
+request as the route says, writes it, and relays the response back to the ``ActiveStream``.
+Redirects and direct responses are answered locally. Request mirroring sends a shadow copy that
+is never waited for.
+
+Timeouts (Envoy's semantics): the route ``timeout`` runs from the end of the downstream request
+to the end of the upstream response; expiry before the response started is a 504 "upstream
+request timeout" (flag UT), after it a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import TYPE_CHECKING
+
+from ubimesh.proxy.http.codec import LAST_CHUNK, chunk, encode_headers
+from ubimesh.proxy.http.pool import (
+    CONNECTION_FAILURE,
+    CONNECTION_TERMINATION,
+    CONNECTION_TIMEOUT,
+    Http1Pool,
+    UpstreamConnection,
+)
+from ubimesh.proxy.snapshot.types import (
+    DirectResponseAction,
+    RedirectAction,
+    Route,
+    RouteAction,
+)
+from ubimesh.proxy.upstream.host import Host
+
+if TYPE_CHECKING:
+    from ubimesh.proxy.network.hcm_config import HcmRuntime
+    from ubimesh.proxy.network.http_manager import ActiveStream
+    from ubimesh.proxy.upstream.cluster_manager import UpstreamCluster
+
+_RESPONSE_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "trailer"}
+)
+_HEAD = "HEAD"
+
+_rand = random.random
+
+
+def route_request(stream: ActiveStream, route: Route) -> None:
+    """Entry point from the HCM once the filters before the router let the request through."""
+    action = route.action
+    hcm = stream.hcm
+    if type(action) is RouteAction:
+        up = UpstreamRequest(stream, route, action, hcm)
+        stream.upstream = up
+        up.start()
+    elif type(action) is RedirectAction:
+        location = hcm.redirect_location(stream, action)
+        stream.send_local_reply(action.response_code, b"", extra=[("location", location)])
+    elif type(action) is DirectResponseAction:
+        body = action.body or b""
+        stream.send_local_reply(action.status, body)
+    else:  # pragma: no cover - the translator produces only the three kinds above
+        raise AssertionError(f"unknown route action {action!r}")
+
+
+def upstream_failure_body(reason: str) -> bytes:
+    return (
+        "upstream connect error or disconnect/reset before headers. reset reason: " + reason
+    ).encode()
+
+
+class UpstreamRequest:
+    """The router's side of one stream: one upstream attempt (retries come later)."""
+
+    __slots__ = (
+        "stream", "route", "action", "hcm", "cluster", "host", "pool", "conn", "ready",
+        "chunked", "timer", "sent_at", "response_started", "mirrors", "done",
+        "paused_upstream",
+    )  # fmt: skip
+
+    def __init__(
+        self, stream: ActiveStream, route: Route, action: RouteAction, hcm: HcmRuntime
+    ) -> None:
+        self.stream = stream
+        self.route = route
+        self.action = action
+        self.hcm = hcm
+        self.cluster: UpstreamCluster | None = None
+        self.host: Host | None = None
+        self.pool: Http1Pool | None = None
+        self.conn: UpstreamConnection | None = None
+        self.ready = False
+        self.chunked = stream.chunked
+        self.timer: asyncio.TimerHandle | None = None
+        self.sent_at = 0.0
+        self.response_started = False
+        self.mirrors: list[ShadowRequest] | None = None
+        self.done = False
+        self.paused_upstream = False
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        stream = self.stream
+        hcm = self.hcm
+        action = self.action
+        name = hcm.pick_cluster_name(stream, action)
+        cluster = hcm.clusters.get(name) if name else None
+        if cluster is None:
+            hcm.rq_no_cluster.value += 1
+            stream.send_local_reply(hcm.cluster_not_found_code, b"", "NC")
+            return
+        self.cluster = cluster
+        hash_key = hcm.hash_key(stream, action) if action.hash_policies else None
+        host = cluster.choose_host(hash_key)
+        if host is None:
+            hcm.cluster_stats(cluster.name).no_healthy.value += 1
+            stream.send_local_reply(503, b"no healthy upstream", "UH")
+            return
+        self.host = host
+        pool = host.pool
+        if pool is None:
+            pool = host.pool = Http1Pool(host, cluster.spec, hcm.stats)
+        self.pool = pool
+        host.active_requests += 1
+        hcm.cluster_stats(cluster.name).rq_total.value += 1
+        if action.mirror_policies:
+            self._start_mirrors()
+        pool.acquire(self)
+
+    def _start_mirrors(self) -> None:
+        stream = self.stream
+        hcm = self.hcm
+        for policy in self.action.mirror_policies:
+            if policy.numerator < policy.denominator and (
+                _rand() * policy.denominator >= policy.numerator
+            ):
+                continue
+            cluster = hcm.clusters.get(policy.cluster)
+            if cluster is None:
+                continue
+            host = cluster.choose_host(None)
+            if host is None:
+                continue
+            shadow = ShadowRequest(self, host, cluster)
+            if self.mirrors is None:
+                self.mirrors = []
+            self.mirrors.append(shadow)
+            del stream
+
+    # -- pool callbacks -------------------------------------------------------------------------
+
+    def on_pool_ready(self, conn: UpstreamConnection) -> None:
+        if self.done:
+            self.pool and self.pool.release(conn)
+            return
+        stream = self.stream
+        self.conn = conn
+        conn.attach(self, stream.method == _HEAD)
+        head = self.hcm.build_upstream_head(stream, self.route, self.action, self.host)
+        self.sent_at = time.monotonic()
+        pending = stream.take_pending_body()
+        if pending:
+            if self.chunked:
+                conn.write(head + b"".join([chunk(p) for p in pending]))
+            else:
+                conn.write(head + b"".join(pending))
+        else:
+            conn.write(head)
+        self.ready = True
+        if self.mirrors:
+            for m in self.mirrors:
+                m.send_head(head, pending)
+        if stream.request_complete:
+            self.decode_end()
+        if conn.write_paused:
+            self.on_upstream_pause()
+
+    def on_pool_failure(self, reason: str) -> None:
+        if self.done:
+            return
+        flag = "UF"
+        self._fail_before_response(reason, flag)
+
+    # -- decode path (request body) -------------------------------------------------------------
+
+    def decode_data(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        if self.chunked:
+            conn.write(chunk(data))
+        else:
+            conn.write(data)
+        if self.mirrors:
+            for m in self.mirrors:
+                m.send_body(data)
+
+    def decode_end(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        if self.chunked:
+            conn.write(LAST_CHUNK)
+        if self.mirrors:
+            for m in self.mirrors:
+                m.send_end()
+        timeout = self.action.timeout
+        if timeout and self.timer is None and not self.done:
+            self.timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout)
+
+    def on_downstream_upgrade_bytes(self, rest: bytes) -> None:
+        """Bytes after an upgrade request's head: they belong to the tunnel."""
+        stream = self.stream
+        stream.conn.become_tunnel(self)
+        if rest:
+            self.decode_data_raw(rest)
+
+    def decode_data_raw(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.write(data)
+        else:
+            self.stream.on_body(data)
+
+    # -- upstream callbacks (response) ----------------------------------------------------------
+
+    def on_upstream_headers(
+        self, status: int, headers: list[tuple[str, str]], keep_alive: bool
+    ) -> None:
+        if self.done:
+            return
+        self.response_started = True
+        stream = self.stream
+        out = [kv for kv in headers if kv[0] not in _RESPONSE_HOP_BY_HOP]
+        if status != 101:
+            out.append(
+                ("x-envoy-upstream-service-time", str(int((time.monotonic() - self.sent_at) * 1000)))
+            )
+        cs = self.hcm.cluster_stats(self.cluster.name if self.cluster else "")
+        cs.count(status)
+        if status == 101 and stream.upgrade:
+            stream.encode_headers(101, out, end_stream=False)
+            stream.conn.become_tunnel(self)
+            return
+        stream.encode_headers(status, out, end_stream=False)
+
+    def on_upstream_data(self, data: bytes) -> None:
+        if self.done:
+            return
+        stream = self.stream
+        if stream.conn.upgraded_to is self:
+            stream.conn.write(data)
+        else:
+            stream.encode_data(data)
+
+    def on_upstream_end(self) -> None:
+        conn = self.conn
+        self.conn = None
+        if self.done:
+            return
+        stream = self.stream
+        if stream.conn.upgraded_to is self:
+            stream.conn.close_after_write()
+            self._cleanup()
+            return
+        del conn
+        stream.encode_end()
+
+    def on_upstream_reset(self, reason: str) -> None:
+        self.conn = None
+        if self.done:
+            return
+        if self.response_started:
+            self.stream.flags = "UC"
+            self.stream.reset()
+            return
+        self._fail_before_response(reason, "UC" if reason == CONNECTION_TERMINATION else "UPE")
+
+    def on_upstream_upgrade(self, rest: bytes) -> None:
+        if rest:
+            self.on_upstream_data(rest)
+
+    def on_upstream_pause(self) -> None:
+        self.stream.conn.pause_reading_for_upstream()
+
+    def on_upstream_resume(self) -> None:
+        self.stream.conn.resume_reading_for_upstream()
+
+    def pause_upstream_reading(self) -> None:
+        conn = self.conn
+        if conn is not None and not self.paused_upstream:
+            self.paused_upstream = True
+            conn.pause_reading()
+
+    def resume_upstream_reading(self) -> None:
+        conn = self.conn
+        if conn is not None and self.paused_upstream:
+            self.paused_upstream = False
+            conn.resume_reading()
+
+    def on_downstream_closed(self) -> None:
+        """The downstream side of a tunnel closed."""
+        conn = self.conn
+        if conn is not None:
+            conn.write_eof()
+            conn.detach_and_close()
+        self._cleanup()
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        self.hcm.cluster_stats(self.cluster.name if self.cluster else "").rq_timeout.value += 1
+        if self.response_started:
+            self.stream.flags = "UT"
+            self.stream.reset()
+            return
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.detach_and_close()
+        self.stream.send_local_reply(504, b"upstream request timeout", "UT")
+
+    def _fail_before_response(self, reason: str, flag: str) -> None:
+        if reason in (CONNECTION_FAILURE, CONNECTION_TIMEOUT):
+            flag = "UF"
+        cs = self.hcm.cluster_stats(self.cluster.name if self.cluster else "")
+        cs.rq_reset.value += 1
+        self.stream.send_local_reply(503, upstream_failure_body(reason), flag)
+
+    def on_stream_done(self) -> None:
+        """The HCM is finished with the stream (response written, reset or timed out)."""
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            # The response did not finish: the connection is mid-message and cannot be reused.
+            conn.detach_and_close()
+        pool = self.pool
+        if pool is not None:
+            pool.cancel(self)
+        host = self.host
+        if host is not None:
+            host.active_requests -= 1
+        if self.paused_upstream:
+            self.paused_upstream = False
+        stream = self.stream
+        if stream.conn.read_paused_flow:
+            stream.conn.resume_reading_for_upstream()
+
+
+class ShadowRequest:
+    """A fire-and-forget copy of a request to a mirror cluster. Its response is read and
+    dropped; it never slows or fails the primary: when its connection is not ready or its
+    write buffer is full, the shadow is abandoned instead of applying backpressure."""
+
+    __slots__ = ("primary", "host", "cluster", "conn", "pool", "buffered", "dead", "timer",
+                 "limit", "ended", "hcm")  # fmt: skip
+
+    def __init__(self, primary: UpstreamRequest, host: Host, cluster: UpstreamCluster) -> None:
+        self.primary = primary
+        self.hcm = primary.hcm
+        self.host = host
+        self.cluster = cluster
+        self.conn: UpstreamConnection | None = None
+        self.buffered: list[bytes] = []
+        self.dead = False
+        self.ended = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.limit = cluster.spec.per_connection_buffer_limit_bytes
+        pool = host.pool
+        if pool is None:
+            pool = host.pool = Http1Pool(host, cluster.spec, primary.hcm.stats)
+        self.pool = pool
+        self.hcm.mirror_stats.value += 1
+        pool.acquire(self)
+        timeout = primary.action.timeout or 15.0
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._abandon)
+
+    def send_head(self, primary_head: bytes, pending: list[bytes] | None) -> None:
+        stream = self.primary.stream
+        head = self.hcm.build_upstream_head(
+            stream, self.primary.route, self.primary.action, self.host, shadow=True
+        )
+        self._send(head)
+        if pending:
+            for p in pending:
+                self.send_body(p)
+        del primary_head
+
+    def send_body(self, data: bytes) -> None:
+        self._send(chunk(data) if self.primary.chunked else data)
+
+    def send_end(self) -> None:
+        if self.primary.chunked:
+            self._send(LAST_CHUNK)
+        self.ended = True
+
+    def _send(self, data: bytes) -> None:
+        if self.dead:
+            return
+        conn = self.conn
+        if conn is None:
+            self.buffered.append(data)
+            if sum(map(len, self.buffered)) > self.limit:
+                self._abandon()
+            return
+        if conn.write_paused:
+            self._abandon()
+            return
+        conn.write(data)
+
+    # UpstreamCallbacks
+
+    def on_pool_ready(self, conn: UpstreamConnection) -> None:
+        if self.dead:
+            self.pool.release(conn)
+            return
+        self.conn = conn
+        conn.attach(self, self.primary.stream.method == _HEAD)
+        if self.buffered:
+            conn.write(b"".join(self.buffered))
+            self.buffered = []
+
+    def on_pool_failure(self, reason: str) -> None:
+        self._finish()
+
+    def on_upstream_headers(
+        self, status: int, headers: list[tuple[str, str]], keep_alive: bool
+    ) -> None:
+        pass
+
+    def on_upstream_data(self, data: bytes) -> None:
+        pass
+
+    def on_upstream_end(self) -> None:
+        self.conn = None
+        self._finish()
+
+    def on_upstream_reset(self, reason: str) -> None:
+        self.conn = None
+        self._finish()
+
+    def on_upstream_upgrade(self, rest: bytes) -> None:
+        self._abandon()
+
+    def on_upstream_pause(self) -> None:
+        pass
+
+    def on_upstream_resume(self) -> None:
+        pass
+
+    def _abandon(self) -> None:
+        self.timer = None
+        if self.dead:
+            return
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.detach_and_close()
+        self._finish()
+
+    def _finish(self) -> None:
+        self.dead = True
+        self.buffered = []
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pool.cancel(self)
+
+
+__all__ = ["ShadowRequest", "UpstreamRequest", "encode_headers", "route_request"]

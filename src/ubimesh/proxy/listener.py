@@ -1,0 +1,215 @@
+"""Listeners: bind, accept, pick a filter chain, hand the connection to its terminal filter.
+
+A ``ListenerRuntime`` owns one listening socket and the per-filter-chain runtimes built from
+the current snapshot. When a listener has one filter chain and needs no TLS inspection (the
+common case), accepted connections go straight to the chain's terminal filter. Otherwise a
+short-lived ``ChainSelector`` protocol peeks at the first bytes (tls_inspector: SNI and ALPN,
+bounded in size and time), selects the chain and hands the transport over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ubimesh.proto.client_hello import MAX_CLIENT_HELLO, parse_client_hello
+from ubimesh.proxy.chain_match import select_filter_chain
+from ubimesh.proxy.network.hcm_config import HcmRuntime
+from ubimesh.proxy.network.http_manager import HttpConnection
+from ubimesh.proxy.network.tcp_proxy import TcpProxyProtocol
+from ubimesh.proxy.snapshot.types import (
+    FilterChain,
+    HttpConnectionManagerConfig,
+    Listener,
+    TcpProxyConfig,
+)
+from ubimesh.telemetry.stats import Store
+
+if TYPE_CHECKING:
+    from ubimesh.proxy.upstream.cluster_manager import ClusterManager
+
+log = logging.getLogger("ubimesh.listener")
+
+#: How long tls_inspector waits for a ClientHello (Envoy's listener_filters_timeout default).
+INSPECT_TIMEOUT = 15.0
+
+
+class ChainRuntime:
+    """One filter chain's compiled form: a factory of per-connection protocols."""
+
+    def __init__(
+        self, chain: FilterChain, clusters: ClusterManager, stats: Store, buffer_limit: int
+    ) -> None:
+        self.chain = chain
+        self.hcm: HcmRuntime | None = None
+        terminal = chain.filters[-1]
+        self.factory: Callable[[], asyncio.Protocol]
+        if isinstance(terminal, HttpConnectionManagerConfig):
+            hcm = self.hcm = HcmRuntime(terminal, clusters, stats)
+            self.factory = lambda: HttpConnection(hcm, buffer_limit)
+        elif isinstance(terminal, TcpProxyConfig):
+            self.factory = lambda: TcpProxyProtocol(terminal, clusters, stats, buffer_limit)
+        else:  # pragma: no cover - the translator only produces the two terminal kinds
+            raise AssertionError(f"unsupported terminal filter {terminal!r}")
+
+    def drain(self) -> None:
+        if self.hcm is not None:
+            for conn in list(self.hcm.connections):
+                conn.start_drain()
+
+
+class ChainSelector(asyncio.Protocol):
+    """Reads just enough of a new connection to choose its filter chain."""
+
+    def __init__(self, listener: ListenerRuntime) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.listener.spec.needs_tls_inspector:
+            self._dispatch("", "raw_buffer", ())
+            return
+        self.timer = asyncio.get_running_loop().call_later(INSPECT_TIMEOUT, self._timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        info = parse_client_hello(self.buffer)
+        if info.need_more and len(self.buffer) < MAX_CLIENT_HELLO:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self._dispatch(info.server_name, "tls" if info.is_tls else "raw_buffer", info.alpn)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def _timeout(self) -> None:
+        self.timer = None
+        self.listener.stats_inspect_timeout.value += 1
+        self._dispatch("", "raw_buffer", ())
+
+    def _dispatch(self, sni: str, transport_protocol: str, alpn: tuple[str, ...]) -> None:
+        transport = self.transport
+        assert transport is not None
+        sockname = transport.get_extra_info("sockname")
+        port = sockname[1] if sockname else 0
+        runtime = self.listener.select(port, sni, transport_protocol, alpn)
+        if runtime is None:
+            self.listener.stats_no_chain.value += 1
+            transport.abort()
+            return
+        proto = runtime.factory()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        if self.buffer:
+            data, self.buffer = self.buffer, b""
+            proto.data_received(data)
+
+
+class ListenerRuntime:
+    """A bound listener and the chains of the snapshot it currently serves."""
+
+    def __init__(self, spec: Listener, clusters: ClusterManager, stats: Store) -> None:
+        self.spec = spec
+        self.stats = stats
+        self.clusters = clusters
+        self.server: asyncio.AbstractServer | None = None
+        self.sock: socket.socket | None = None
+        prefix = f"listener.{spec.address}."
+        self.stats_no_chain = stats.counter(prefix + "no_filter_chain_match")
+        self.stats_inspect_timeout = stats.counter(prefix + "downstream_pre_cx_timeout")
+        self._build(spec)
+
+    def _build(self, spec: Listener) -> None:
+        limit = spec.per_connection_buffer_limit_bytes
+        self.chains = [ChainRuntime(c, self.clusters, self.stats, limit) for c in spec.filter_chains]
+        self.default_chain = (
+            ChainRuntime(spec.default_filter_chain, self.clusters, self.stats, limit)
+            if spec.default_filter_chain is not None
+            else None
+        )
+        self._by_chain = {id(c.chain): c for c in self.chains}
+        if self.default_chain is not None:
+            self._by_chain[id(self.default_chain.chain)] = self.default_chain
+        direct = (
+            len(self.chains) == 1
+            and not spec.needs_tls_inspector
+            and self.chains[0].chain.match.destination_port is None
+            and not self.chains[0].chain.match.server_names
+            and self.chains[0].chain.match.transport_protocol in ("", "raw_buffer")
+            and not self.chains[0].chain.match.application_protocols
+        )
+        self.protocol_factory: Callable[[], asyncio.Protocol] = (
+            self.chains[0].factory if direct else (lambda: ChainSelector(self))
+        )
+
+    def select(
+        self, port: int, sni: str, transport_protocol: str, alpn: tuple[str, ...]
+    ) -> ChainRuntime | None:
+        chain = select_filter_chain(self.spec, port, sni, transport_protocol, alpn)
+        return None if chain is None else self._by_chain.get(id(chain))
+
+    def bind(self, reuse_port: bool) -> socket.socket:
+        """Create and bind the listening socket (port 0 gets a free port)."""
+        addr = self.spec.address
+        family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(4096)
+        sock.setblocking(False)
+        self.sock = sock
+        return sock
+
+    @property
+    def bound_port(self) -> int:
+        assert self.sock is not None
+        return int(self.sock.getsockname()[1])
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        if sock is not None:
+            self.sock = sock
+        if self.sock is None:
+            self.bind(reuse_port=False)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: self.protocol_factory(), sock=self.sock, backlog=4096
+        )
+
+    def update(self, spec: Listener) -> None:
+        """Serve a new snapshot's version of this listener (same address). Connections made
+        under the old chains drain: they close after their current response."""
+        old = [*self.chains, *( [self.default_chain] if self.default_chain else [])]
+        self.spec = spec
+        self._build(spec)
+        for c in old:
+            c.drain()
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def drain(self) -> None:
+        for c in [*self.chains, *([self.default_chain] if self.default_chain else [])]:
+            c.drain()
+
+    def active_connections(self) -> int:
+        n = 0
+        for c in [*self.chains, *([self.default_chain] if self.default_chain else [])]:
+            if c.hcm is not None:
+                n += len(c.hcm.connections)
+        return n

@@ -1,0 +1,688 @@
+"""The HTTP connection manager (HCM): the terminal network filter for HTTP/1.1.
+
+One ``HttpConnection`` per downstream connection runs the HTTP/1.1 server codec (httptools)
+and, for each request, an ``ActiveStream``: request headers are checked against the limits,
+the path is normalized, the HCM's header rules are applied (x-forwarded-*, x-request-id),
+the HTTP filters run in order (for now the router alone, which is terminal) and the response
+comes back through ``encode_headers``/``encode_data``/``encode_end``.
+
+Requests on one connection are answered strictly in order. A pipelined request is parsed as soon
+as its bytes arrive but waits (with its body buffered up to the connection's buffer limit, then
+reading pauses) until the response before it has been written: the only safe way to pipeline
+to upstreams that are not pipelined themselves.
+
+Flow control: when the downstream transport's write buffer passes the high watermark, the
+upstream connection feeding it stops reading; when an upstream's write buffer fills up, the
+downstream stops reading. Every buffer is bounded by ``per_connection_buffer_limit_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import httptools
+
+from ubimesh.proto.headers import Headers
+from ubimesh.proxy.http import codec
+from ubimesh.proxy.http.codec import DATE, LAST_CHUNK, chunk, encode_headers, status_line
+from ubimesh.proxy.snapshot.types import (
+    HeadersWithUnderscoresAction,
+    Route,
+)
+
+if TYPE_CHECKING:
+    from ubimesh.proxy.http.router import UpstreamRequest
+    from ubimesh.proxy.network.hcm_config import HcmRuntime
+
+log = logging.getLogger("ubimesh.http")
+
+#: Request-side hop-by-hop headers removed before forwarding (RFC 9110 section 7.6.1).
+_REQUEST_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
+     "trailer"}
+)  # fmt: skip
+_RESPONSE_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "trailer"}
+)
+#: x-envoy-* request headers Envoy removes from requests of external (untrusted) downstreams.
+_ENVOY_INTERNAL_REQUEST_HEADERS = (
+    "x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node", "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-external-address", "x-envoy-force-trace", "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-internal", "x-envoy-ip-tags", "x-envoy-max-retries", "x-envoy-original-path",
+    "x-envoy-retriable-header-names", "x-envoy-retriable-status-codes", "x-envoy-retry-grpc-on",
+    "x-envoy-retry-on", "x-envoy-upstream-alt-stat-name", "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms",
+)  # fmt: skip
+
+# Response flags (Envoy's short names), set where they apply.
+NR = "NR"  # no route
+NC = "NC"  # no cluster
+UH = "UH"  # no healthy upstream
+UF = "UF"  # upstream connection failure
+UT = "UT"  # upstream request timeout
+UC = "UC"  # upstream connection termination
+UPE = "UPE"  # upstream protocol error
+DC = "DC"  # downstream connection termination
+DPE = "DPE"  # downstream protocol error
+RL = "RL"  # local rate limit (later)
+SI = "SI"  # stream idle timeout
+
+
+class ActiveStream:
+    """One request/response exchange on a downstream connection."""
+
+    __slots__ = (
+        "conn", "hcm", "method", "target", "path", "headers", "http10", "keep_alive",
+        "chunked", "body_expected", "request_complete", "upgrade",
+        "route", "vhost", "upstream", "started", "start_time",
+        "pending_body", "pending_bytes", "response_started", "response_chunked",
+        "response_close", "response_headers_only", "status", "flags", "done",
+        "host_header", "bytes_received", "bytes_sent", "request_timer", "expect_continue",
+        "ended",
+    )  # fmt: skip
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.hcm = conn.hcm
+        self.method = ""
+        self.target = ""
+        self.path = ""
+        self.headers = Headers()
+        self.http10 = False
+        self.keep_alive = True
+        self.chunked = False
+        self.body_expected = False
+        self.request_complete = False
+        self.upgrade = False
+        self.route: Route | None = None
+        self.vhost: object = None
+        self.upstream: UpstreamRequest | None = None
+        self.started = False
+        self.start_time = 0.0
+        self.pending_body: list[bytes] | None = None
+        self.pending_bytes = 0
+        self.response_started = False
+        self.response_chunked = False
+        self.response_close = False
+        self.response_headers_only = False
+        self.status = 0
+        self.flags = ""
+        self.done = False
+        self.ended = False
+        self.host_header = ""
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.request_timer: asyncio.TimerHandle | None = None
+        self.expect_continue = False
+
+    # -- decode path (request) ----------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start processing: the previous response on the connection is done and the request
+        headers are complete. Runs the HCM request rules, then the filter chain."""
+        self.started = True
+        hcm = self.hcm
+        conn = self.conn
+        hcm.rq_total.value += 1
+        hcm.rq_active.value += 1
+        if self.expect_continue and not self.request_complete:
+            conn.write(codec.CONTINUE_100)
+        headers = self.headers
+        rejection = hcm.prepare_request(self, conn)
+        if rejection is not None:
+            status, body, flag, extra = rejection
+            self.send_local_reply(status, body, flag, close=status == 400, extra=extra)
+            return
+        route = hcm.route_table_match(self)
+        if route is None:
+            hcm.rq_no_route.value += 1
+            self.send_local_reply(404, b"", NR)
+            return
+        self.route = route
+        del headers
+        hcm.router_factory(self, route)
+
+    def on_body(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        up = self.upstream
+        if up is not None and up.ready:
+            up.decode_data(data)
+            return
+        if self.done:
+            return  # a local reply was sent: the rest of the body is discarded
+        pending = self.pending_body
+        if pending is None:
+            pending = self.pending_body = []
+        pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > self.conn.buffer_limit:
+            self.conn.pause_reading_for_buffer()
+
+    def on_request_complete(self) -> None:
+        self.request_complete = True
+        up = self.upstream
+        if up is not None and up.ready:
+            up.decode_end()
+
+    def take_pending_body(self) -> list[bytes] | None:
+        """The router takes the body bytes that arrived before it was ready."""
+        pending = self.pending_body
+        self.pending_body = None
+        if self.pending_bytes:
+            self.pending_bytes = 0
+            self.conn.resume_reading_for_buffer()
+        return pending
+
+    # -- encode path (response) ---------------------------------------------------------------
+
+    def encode_headers(self, status: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        """Write the response head. ``headers`` are the upstream's (hop-by-hop already
+        removed by the caller) plus the router's additions; ``end_stream`` means no body."""
+        if self.done or self.response_started:
+            return
+        self.response_started = True
+        self.status = status
+        hcm = self.hcm
+        conn = self.conn
+        out = headers
+        route = self.route
+        if route is not None:
+            hcm.apply_response_mutations(self, route, out)
+        server = hcm.server_header
+        if server is not None:
+            replaced = False
+            if hcm.server_overwrite:
+                out = [kv for kv in out if kv[0] != "server"]
+            else:
+                replaced = any(kv[0] == "server" for kv in out)
+            if not replaced:
+                out.append(("server", server))
+        out.append(("date", DATE.get()))
+        if self.upgrade and status == 101:
+            out.append(("connection", "upgrade"))
+            out.append(("upgrade", "websocket"))
+        else:
+            head_request = self.method == "HEAD"
+            no_body = end_stream or head_request or status in (204, 304)
+            has_length = False
+            for k, _ in out:
+                if k == "content-length":
+                    has_length = True
+                    break
+            if not no_body and not has_length:
+                if self.http10:
+                    self.response_close = True
+                else:
+                    self.response_chunked = True
+                    out.append(("transfer-encoding", "chunked"))
+            elif end_stream and not head_request and status not in (204, 304) and not has_length:
+                out.append(("content-length", "0"))
+            if not self.keep_alive or conn.draining:
+                self.response_close = True
+            if self.response_close:
+                out.append(("connection", "close"))
+            elif self.http10:
+                out.append(("connection", "keep-alive"))
+            self.response_headers_only = no_body
+        hcm.count_status(status)
+        data = status_line(status) + encode_headers(out) + b"\r\n"
+        self.bytes_sent += len(data)
+        conn.write(data)
+        if end_stream:
+            self.encode_end()
+
+    def encode_data(self, data: bytes) -> None:
+        if self.done or self.response_headers_only or not data:
+            return
+        self.bytes_sent += len(data)
+        if self.response_chunked:
+            self.conn.write(chunk(data))
+        else:
+            self.conn.write(data)
+
+    def encode_end(self) -> None:
+        if self.done:
+            return
+        if self.response_chunked:
+            self.conn.write(LAST_CHUNK)
+        self.finish()
+
+    def send_local_reply(self, status: int, body: bytes, flag: str = "", close: bool = False,
+                         content_type: str = "text/plain",
+                         extra: list[tuple[str, str]] | None = None) -> None:
+        """Answer the request from the proxy itself (Envoy's sendLocalReply)."""
+        if flag:
+            self.flags = flag
+        if self.response_started:
+            # Too late for a reply: the client already has part of a response.
+            self.reset()
+            return
+        if close:
+            self.keep_alive = False
+        headers: list[tuple[str, str]] = []
+        if extra:
+            headers.extend(extra)
+        if body:
+            headers.append(("content-length", str(len(body))))
+            headers.append(("content-type", content_type))
+        self.encode_headers(status, headers, end_stream=not body)
+        if body and not self.done:
+            self.encode_data(body)
+            self.encode_end()
+
+    def reset(self) -> None:
+        """Abandon the exchange: the downstream connection is closed without a response."""
+        if self.done:
+            return
+        self.done = True
+        self._release()
+        self.conn.close_now()
+
+    def finish(self) -> None:
+        """The response is completely written."""
+        if self.done:
+            return
+        self.done = True
+        self._release()
+        self.conn.on_stream_done(self)
+
+    def _release(self) -> None:
+        timer = self.request_timer
+        if timer is not None:
+            timer.cancel()
+            self.request_timer = None
+        if self.started:
+            self.hcm.rq_active.value -= 1
+            self.hcm.observe(self)
+        up = self.upstream
+        if up is not None:
+            self.upstream = None
+            up.on_stream_done()
+
+    def on_downstream_reset(self) -> None:
+        """The downstream connection went away mid-exchange."""
+        if self.done:
+            return
+        if not self.flags:
+            self.flags = DC
+        self.done = True
+        self._release()
+
+
+class HttpConnection(asyncio.Protocol):
+    """An HTTP/1.1 downstream connection: the server codec and its stream queue."""
+
+    def __init__(self, hcm: HcmRuntime, buffer_limit: int) -> None:
+        self.hcm = hcm
+        self.buffer_limit = buffer_limit
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote = ("", 0)
+        self.local = ("", 0)
+        self.closed = False
+        self.draining = False
+        # The stream being parsed, and the queue of streams awaiting their turn; the head of
+        # ``streams`` is the one being answered.
+        self.decoding: ActiveStream | None = None
+        self.streams: list[ActiveStream] = []
+        self.header_bytes = 0
+        self.header_count = 0
+        self.url_parts: list[bytes] = []
+        self.read_paused_buffer = False
+        self.read_paused_flow = False
+        self.write_paused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.headers_timer: asyncio.TimerHandle | None = None
+        self.upgraded_to: UpstreamRequest | None = None
+        self.underscore_reject = False
+        self.in_headers = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.remote = (peer[0], peer[1])
+        sockname = transport.get_extra_info("sockname")
+        if sockname:
+            self.local = (sockname[0], sockname[1])
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=self.buffer_limit, low=self.buffer_limit // 4)
+        hcm = self.hcm
+        hcm.cx_total.value += 1
+        hcm.cx_active.value += 1
+        hcm.connections.add(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        up = self.upgraded_to
+        if up is not None:
+            up.decode_data(data)
+            return
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            self._on_upgrade_bytes(data[offset:])
+        except httptools.HttpParserCallbackError:
+            # Raised by our own callbacks after a local reply (e.g. 431); already handled.
+            if not self.closed:
+                self.close_after_write()
+        except httptools.HttpParserError as exc:
+            self._protocol_error(exc)
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed. Finish the response in flight, then close (Envoy closes
+        # the connection once the current stream completes).
+        if self.streams:
+            self.draining = True
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed and self.transport is None:
+            return
+        self.closed = True
+        hcm = self.hcm
+        hcm.cx_active.value -= 1
+        hcm.connections.discard(self)
+        for t in (self.idle_timer, self.headers_timer):
+            if t is not None:
+                t.cancel()
+        self.idle_timer = self.headers_timer = None
+        streams = self.streams
+        self.streams = []
+        for s in streams:
+            s.on_downstream_reset()
+        if self.decoding is not None and self.decoding not in streams:
+            self.decoding.on_downstream_reset()
+        self.decoding = None
+        up = self.upgraded_to
+        if up is not None:
+            self.upgraded_to = None
+            up.on_downstream_closed()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.streams:
+            up = self.streams[0].upstream
+            if up is not None:
+                up.pause_upstream_reading()
+        elif self.upgraded_to is not None:
+            self.upgraded_to.pause_upstream_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.streams:
+            up = self.streams[0].upstream
+            if up is not None:
+                up.resume_upstream_reading()
+        elif self.upgraded_to is not None:
+            self.upgraded_to.resume_upstream_reading()
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        s = ActiveStream(self)
+        self.decoding = s
+        self.header_bytes = 0
+        self.header_count = 0
+        self.url_parts = []
+        self.underscore_reject = False
+        self.in_headers = True
+        if self.headers_timer is None and self.hcm.request_headers_timeout:
+            loop = asyncio.get_running_loop()
+            self.headers_timer = loop.call_later(
+                self.hcm.request_headers_timeout, self._on_headers_timeout
+            )
+
+    def on_url(self, url: bytes) -> None:
+        self.url_parts.append(url)
+        self.header_bytes += len(url)
+        if self.header_bytes > self.hcm.max_header_bytes:
+            self._reject_headers(431)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        s = self.decoding
+        if s is None:
+            return
+        if not self.in_headers:
+            return  # trailers: not forwarded (HTTP/1.1 trailers are rare and Envoy drops them)
+        hcm = self.hcm
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value)
+        if self.header_count > hcm.max_headers_count or self.header_bytes > hcm.max_header_bytes:
+            self._reject_headers(431)
+        key = name.decode("latin-1").lower()
+        if hcm.underscores_action is not HeadersWithUnderscoresAction.ALLOW and "_" in key:
+            if hcm.underscores_action is HeadersWithUnderscoresAction.DROP_HEADER:
+                hcm.dropped_headers_with_underscores.value += 1
+                return
+            self.underscore_reject = True
+        s.headers.items.append((key, value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        s = self.decoding
+        self.in_headers = False
+        if s is None:
+            return
+        if self.headers_timer is not None:
+            self.headers_timer.cancel()
+            self.headers_timer = None
+        parser = self.parser
+        s.method = parser.get_method().decode("ascii")
+        s.target = b"".join(self.url_parts).decode("latin-1")
+        s.http10 = parser.get_http_version() == "1.0"
+        s.keep_alive = parser.should_keep_alive()
+        s.upgrade = parser.should_upgrade()
+        s.start_time = time.monotonic()
+        headers = s.headers.items
+        for k, v in headers:
+            if k == "transfer-encoding":
+                s.chunked = True
+                s.body_expected = True
+            elif k == "content-length":
+                if v != "0":
+                    s.body_expected = True
+            elif k == "expect" and v.lower() == "100-continue":
+                s.expect_continue = True
+        self.streams.append(s)
+        if self.underscore_reject:
+            self.hcm.requests_rejected_with_underscores.value += 1
+            s.started = True
+            self.hcm.rq_total.value += 1
+            self.hcm.rq_active.value += 1
+            s.send_local_reply(400, b"", DPE, close=True)
+            return
+        if len(self.streams) == 1:
+            s.begin()
+        elif len(self.streams) > self.hcm.max_pipelined:
+            self.pause_reading_for_buffer()
+
+    def on_body(self, body: bytes) -> None:
+        s = self.decoding
+        if s is not None:
+            s.on_body(body)
+
+    def on_message_complete(self) -> None:
+        s = self.decoding
+        self.decoding = None
+        if s is not None:
+            s.on_request_complete()
+
+    # -- stream lifecycle ---------------------------------------------------------------------
+
+    def on_stream_done(self, s: ActiveStream) -> None:
+        streams = self.streams
+        if streams and streams[0] is s:
+            streams.pop(0)
+        elif s in streams:
+            streams.remove(s)
+        if self.closed:
+            return
+        if s.response_close or not s.keep_alive or (self.draining and not streams):
+            self.close_after_write()
+            return
+        if not s.request_complete:
+            # The response finished before the request body did (a local reply or an upstream
+            # that answered early). Reusing the connection would mean reading the rest of the
+            # body as a new request: close instead, as Envoy does.
+            self.close_after_write()
+            return
+        if streams:
+            nxt = streams[0]
+            if not nxt.started:
+                nxt.begin()
+        else:
+            if self.read_paused_buffer:
+                self.resume_reading_for_buffer()
+            self._arm_idle()
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def pause_reading_for_buffer(self) -> None:
+        if not self.read_paused_buffer and self.transport is not None:
+            self.read_paused_buffer = True
+            if not self.read_paused_flow:
+                self.transport.pause_reading()
+
+    def resume_reading_for_buffer(self) -> None:
+        if self.read_paused_buffer and self.transport is not None:
+            self.read_paused_buffer = False
+            if not self.read_paused_flow and not self.closed:
+                self.transport.resume_reading()
+
+    def pause_reading_for_upstream(self) -> None:
+        if not self.read_paused_flow and self.transport is not None:
+            self.read_paused_flow = True
+            if not self.read_paused_buffer:
+                self.transport.pause_reading()
+
+    def resume_reading_for_upstream(self) -> None:
+        if self.read_paused_flow and self.transport is not None:
+            self.read_paused_flow = False
+            if not self.read_paused_buffer and not self.closed:
+                self.transport.resume_reading()
+
+    # -- writing and closing ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def close_after_write(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            self.closed = True
+            transport.close()
+
+    def close_now(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            self.closed = True
+            transport.abort()
+
+    def start_drain(self) -> None:
+        """Close when idle; busy connections close after their current response."""
+        self.draining = True
+        if not self.streams and self.decoding is None:
+            self.close_after_write()
+
+    # -- upgrades (WebSocket) -----------------------------------------------------------------
+
+    def _on_upgrade_bytes(self, rest: bytes) -> None:
+        s = self.streams[0] if self.streams else None
+        if s is None or s.upstream is None:
+            if s is not None and not s.done:
+                return
+            self.close_now()
+            return
+        s.upstream.on_downstream_upgrade_bytes(rest)
+
+    def become_tunnel(self, up: UpstreamRequest) -> None:
+        """After a 101: every later byte goes to the upstream untouched."""
+        self.upgraded_to = up
+
+    # -- timers and errors --------------------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        timeout = self.hcm.idle_timeout
+        if timeout and not self.closed:
+            loop = asyncio.get_running_loop()
+            self.idle_timer = loop.call_later(timeout, self._on_idle_timeout)
+
+    def _on_idle_timeout(self) -> None:
+        self.idle_timer = None
+        if not self.streams and self.decoding is None:
+            self.hcm.cx_idle_timeout.value += 1
+            self.close_after_write()
+
+    def _on_headers_timeout(self) -> None:
+        self.headers_timer = None
+        self.hcm.rx_request_timeout.value += 1
+        if self.streams and self.streams[-1] is self.decoding:
+            self.close_now()
+            return
+        self._local_error(408, close=True)
+
+    def _reject_headers(self, status: int) -> None:
+        self._local_error(status, close=True)
+        raise httptools.HttpParserCallbackError("request headers too large")
+
+    def _protocol_error(self, exc: Exception) -> None:
+        log.debug("downstream protocol error from %s: %s", self.remote, exc)
+        self.hcm.rx_codec_error.value += 1
+        self._local_error(400, close=True)
+
+    def _local_error(self, status: int, close: bool) -> None:
+        """Answer a request that never became a stream (or a broken one), then close."""
+        if self.closed:
+            return
+        s = self.decoding
+        if s is not None and s.started:
+            if s.response_started:
+                self.close_now()
+                return
+            s.send_local_reply(status, b"", DPE, close=True)
+            return
+        if self.streams and self.streams[0].started and not self.streams[0].done:
+            # A response is in flight for an earlier request: do not interleave; just close
+            # after it by refusing to read more.
+            self.draining = True
+            self.pause_reading_for_buffer()
+            return
+        self.hcm.count_status(status)
+        body = b""
+        head = [
+            ("content-length", str(len(body))),
+            ("server", self.hcm.server_header or "envoy"),
+            ("date", DATE.get()),
+            ("connection", "close"),
+        ]
+        self.write(status_line(status) + encode_headers(head) + b"\r\n" + body)
+        self.close_after_write()
+
+
+def new_request_id() -> str:
+    """A random UUID4 string, as Envoy's x-request-id."""
+    return str(uuid.UUID(bytes=os.urandom(16), version=4))
