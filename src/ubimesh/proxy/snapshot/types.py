@@ -230,6 +230,8 @@ class RouteAction:
     auto_host_rewrite: bool = False
     timeout: float | None = 15.0
     idle_timeout: float | None = None
+    """Per-route stream idle timeout. None: not set, the HCM's stream_idle_timeout applies;
+    0.0: disabled for this route (Envoy's explicit 0), even if the HCM sets one."""
     mirror_policies: tuple[MirrorPolicy, ...] = ()
     hash_policies: tuple[HashPolicy, ...] = ()
     upgrade_websocket: bool | None = None
@@ -333,6 +335,15 @@ class HttpFilterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """envoy.extensions.filters.http.router.v3.Router: the ``config`` of the router's
+    HttpFilterConfig. ``dynamic_stats`` defaults to true as in Envoy."""
+
+    dynamic_stats: bool = True
+    suppress_envoy_headers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConnectionManagerConfig:
     """envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.
 
@@ -369,6 +380,9 @@ class HttpConnectionManagerConfig:
     )
     forward_client_cert_details: ForwardClientCertDetails = ForwardClientCertDetails.SANITIZE
     internal_address_config_unix_sockets: bool = False
+    codec_type: str = "AUTO"
+    """Envoy's codec_type name: "AUTO" (HTTP/1.1, or HTTP/2 when the client opens with the
+    HTTP/2 connection preface) or "HTTP1" (HTTP/1.1 only). HTTP2 and HTTP3 are refused for now."""
 
 
 # ---------------------------------------------------------------------------------------------
