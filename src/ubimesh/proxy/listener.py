@@ -24,6 +24,7 @@ from ubimesh.proxy.snapshot.types import (
     FilterChain,
     HttpConnectionManagerConfig,
     Listener,
+    SocketAddress,
     TcpProxyConfig,
 )
 from ubimesh.telemetry.stats import Store
@@ -160,9 +161,9 @@ class ListenerRuntime:
         chain = select_filter_chain(self.spec, port, sni, transport_protocol, alpn)
         return None if chain is None else self._by_chain.get(id(chain))
 
-    def bind(self, reuse_port: bool) -> socket.socket:
-        """Create and bind the listening socket (port 0 gets a free port)."""
-        addr = self.spec.address
+    @staticmethod
+    def bind_socket(addr: SocketAddress, reuse_port: bool) -> socket.socket:
+        """A bound, listening, non-blocking socket (port 0 gets a free port)."""
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -171,8 +172,11 @@ class ListenerRuntime:
         sock.bind((addr.host, addr.port))
         sock.listen(4096)
         sock.setblocking(False)
-        self.sock = sock
         return sock
+
+    def bind(self, reuse_port: bool) -> socket.socket:
+        self.sock = self.bind_socket(self.spec.address, reuse_port)
+        return self.sock
 
     @property
     def bound_port(self) -> int:

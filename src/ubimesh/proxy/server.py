@@ -1,0 +1,158 @@
+"""``ProxyServer``: one process's data plane — listeners, clusters and stats for a snapshot.
+
+It applies snapshots (the first at start, later ones on hot reload) by swapping references:
+listeners whose address stays keep their socket and serve the new chains for new connections,
+while connections opened under the old chains close after their current response (drain);
+removed listeners stop accepting and drain; new ones bind. The cluster manager keeps hosts
+(and their connection pools) of unchanged endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+from ubimesh.proxy.listener import ListenerRuntime
+from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
+from ubimesh.proxy.upstream.cluster_manager import ClusterManager
+from ubimesh.telemetry.stats import Store
+
+log = logging.getLogger("ubimesh.server")
+
+
+@dataclass
+class ProxyOptions:
+    """Command-line options, named like Envoy's."""
+
+    config_path: str = ""
+    concurrency: int = 1
+    service_node: str = ""
+    service_cluster: str = ""
+    log_level: str = "info"
+    drain_time_s: float = 5.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def listener_key(addr: SocketAddress) -> tuple[str, int]:
+    return (addr.host, addr.port)
+
+
+class ProxyServer:
+    """Serves one snapshot at a time in the current process (a worker, or the only process)."""
+
+    def __init__(self, snapshot: Snapshot, stats: Store | None = None) -> None:
+        self.snapshot = snapshot
+        self.stats = stats or Store()
+        self.clusters = ClusterManager(snapshot.clusters, self.stats)
+        self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
+        self.started_at = time.time()
+        self.state = "PRE_INITIALIZING"
+        self.healthcheck_failed = False
+        self._stopped = asyncio.Event()
+        self.stats.gauge("server.concurrency").set(1)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(
+        self, sockets: dict[tuple[str, int], socket.socket] | None = None, reuse_port: bool = False
+    ) -> None:
+        """Resolve clusters, bind (or adopt) listening sockets and start accepting."""
+        await self.clusters.start()
+        for spec in self.snapshot.listeners:
+            key = listener_key(spec.address)
+            rt = ListenerRuntime(spec, self.clusters, self.stats)
+            sock = sockets.get(key) if sockets else None
+            if sock is None:
+                rt.bind(reuse_port=reuse_port)
+            await rt.start(sock)
+            self.listeners[key] = rt
+        self.state = "LIVE"
+        self.stats.gauge("server.state").set(0)
+        self.stats.counter("server.initialization_time_ms")
+        log.info(
+            "ubimesh proxy live: %s",
+            ", ".join(f"{rt.spec.name}={rt.spec.address.host}:{rt.bound_port}"
+                      for rt in self.listeners.values()),
+        )
+
+    async def apply(self, snapshot: Snapshot, reuse_port: bool = False) -> None:
+        """Hot reload: swap in a new snapshot without dropping requests."""
+        self.clusters.update(snapshot.clusters)
+        wanted = {listener_key(spec.address): spec for spec in snapshot.listeners}
+        for key, rt in list(self.listeners.items()):
+            if key not in wanted:
+                rt.stop_accepting()
+                rt.drain()
+                del self.listeners[key]
+        for key, spec in wanted.items():
+            rt = self.listeners.get(key)
+            if rt is not None:
+                rt.update(spec)
+            else:
+                rt = ListenerRuntime(spec, self.clusters, self.stats)
+                rt.bind(reuse_port=reuse_port)
+                await rt.start()
+                self.listeners[key] = rt
+        self.snapshot = snapshot
+        self.stats.counter("server.config_reloads").inc()
+        log.info("applied configuration version %s", snapshot.version)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, ask every connection to close after its current response, and wait
+        (at most ``timeout`` seconds) for them to finish."""
+        self.state = "DRAINING"
+        self.stats.gauge("server.state").set(1)
+        for rt in self.listeners.values():
+            rt.stop_accepting()
+            rt.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if sum(rt.active_connections() for rt in self.listeners.values()) == 0:
+                break
+            await asyncio.sleep(0.05)
+
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        if drain_timeout > 0:
+            await self.drain(drain_timeout)
+        for rt in self.listeners.values():
+            rt.stop_accepting()
+        await self.clusters.stop()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # -- views for the admin interface -----------------------------------------------------------
+
+    def bound_ports(self) -> dict[str, int]:
+        return {rt.spec.name: rt.bound_port for rt in self.listeners.values()}
+
+    def clusters_view(self) -> list[dict[str, object]]:
+        """Per cluster and host: the live numbers /clusters shows."""
+        out: list[dict[str, object]] = []
+        for name in sorted(self.snapshot.clusters):
+            cluster = self.clusters.get(name)
+            hosts = []
+            if cluster is not None:
+                for h in cluster.hosts:
+                    pool = h.pool
+                    hosts.append(
+                        {
+                            "address": h.address.host,
+                            "port": h.address.port,
+                            "hostname": h.hostname,
+                            "weight": h.weight,
+                            "priority": h.priority,
+                            "healthy": h.healthy,
+                            "cx_active": pool.active if pool is not None else 0,
+                            "rq_active": h.active_requests,
+                            "zone": h.locality.zone,
+                            "region": h.locality.region,
+                        }
+                    )
+            out.append({"name": name, "hosts": hosts})
+        return out
