@@ -1,0 +1,1 @@
+"""Helpers for the ubimesh proxy benchmark (bench/run.py)."""

@@ -1,0 +1,657 @@
+"""ubimesh proxy benchmark: ubimesh against Envoy, nginx and HAProxy (performance.md S1).
+
+Run it with ``bash bench/run.sh [options]`` (which installs what is missing first), or with
+``python bench/run.py [options]`` from an environment that already has everything. See
+bench/README.md for the method and for how to read the results.
+
+Layout on a 2-core machine: the proxy under test runs alone on ``--proxy-cpu`` (core 1) with
+one worker; the upstream (nginx, 1 worker) and the load generators share ``--load-cpu``
+(core 0). Every process listens on 127.0.0.1 only and is stopped at the end, also on errors
+and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchlib import configs
+from benchlib.loads import LoadResult, run_h2load, run_wrk
+from benchlib.procs import (
+    BenchError,
+    Managed,
+    MemSampler,
+    ProcessRegistry,
+    answers_200,
+    answers_http,
+    core_busy,
+    cpu_affinities,
+    cpu_snapshot,
+    free_port,
+    http_get,
+    mem_sample,
+    pinned,
+    wait_until,
+)
+from benchlib.report import DIRECT, chart, markdown, summarise, write_json
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+ALL_PROXIES = ("ubimesh", "envoy", "nginx", "haproxy")
+MB = 1024 * 1024
+# The proxy's admin counter of requests sent upstream (Envoy's name; ubimesh mirrors it).
+UPSTREAM_RQ_COUNTER = re.compile(r"^cluster\.upstream\.upstream_rq_total:\s*(\d+)\s*$", re.M)
+
+
+# --------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_size(label: str) -> int:
+    m = re.fullmatch(r"(\d+)([kKmM]?)[bB]?", label)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {label!r} (use e.g. 1k, 16k, 512)")
+    factor = {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
+    return int(m.group(1)) * factor
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Benchmark the ubimesh proxy against Envoy, nginx and HAProxy (S1).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--duration", type=int, default=None, help="measured seconds per run [60]")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up seconds per run [10]")
+    p.add_argument("--repeat", type=int, default=None, help="repetitions; median reported [3]")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: duration 5, warm-up 2, repeat 1 (explicit options still win)",
+    )
+    p.add_argument("--proxies", default=",".join(ALL_PROXIES), help="comma list of proxies")
+    p.add_argument("--no-direct", action="store_true", help="skip the direct-to-upstream baseline")
+    p.add_argument("--ubimesh-cmd", default="ubimesh proxy", help="command that starts ubimesh")
+    p.add_argument("--sizes", default="1k,16k", help="response body sizes")
+    p.add_argument("--rates", default="1000,5000", help="fixed rates for h2load (total rps)")
+    p.add_argument("--wrk-conns", default="50", help="wrk connection counts (closed loop)")
+    p.add_argument("--h2load-conns", type=int, default=16, help="h2load clients (fixed rate)")
+    p.add_argument("--proxy-cpu", type=int, default=1, help="core for the proxy under test")
+    p.add_argument("--load-cpu", type=int, default=0, help="core for upstream and load gen")
+    p.add_argument("--start-timeout", type=float, default=30.0, help="seconds to become ready")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds idle before idle RSS")
+    p.add_argument("--subject", default="ubimesh", help="proxy whose ratios to peers are tabulated")
+    p.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--keep-workdir", action="store_true", help="keep generated configs/logs")
+    args = p.parse_args(argv)
+
+    quick = {"duration": 5, "warmup": 2, "repeat": 1}
+    full = {"duration": 60, "warmup": 10, "repeat": 3}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.duration < 1 or args.warmup < 0 or args.repeat < 1:
+        p.error("--duration must be >= 1, --warmup >= 0, --repeat >= 1")
+    args.proxies = _csv(args.proxies)
+    unknown = [x for x in args.proxies if x not in ALL_PROXIES]
+    if unknown:
+        p.error(f"unknown proxies {unknown}; choose from {','.join(ALL_PROXIES)}")
+    try:
+        args.sizes = {label: parse_size(label) for label in _csv(args.sizes)}
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    args.rates = [float(x) for x in _csv(args.rates)]
+    args.wrk_conns = [int(x) for x in _csv(args.wrk_conns)]
+    if args.subject not in args.proxies and args.proxies:
+        args.subject = args.proxies[0]
+    return args
+
+
+# --------------------------------------------------------------------------------------
+# Environment checks
+# --------------------------------------------------------------------------------------
+
+
+def which(name: str) -> str:
+    found = shutil.which(name) or next(
+        (str(p) for d in ("/usr/sbin", "/sbin") if (p := Path(d) / name).exists()), None
+    )
+    if not found:
+        raise BenchError(f"{name} not found; run bash bench/setup.sh")
+    return found
+
+
+def command_output(argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str]:
+    try:
+        proc = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return -1, str(exc)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def first_line(text: str, contains: str = "") -> str:
+    for line in text.splitlines():
+        if contains in line and line.strip():
+            return line.strip()
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+@dataclass
+class Tools:
+    nginx: str
+    haproxy: str
+    envoy: str | None
+    ubimesh: list[str] | None
+
+
+def preflight(args: argparse.Namespace) -> Tools:
+    for tool in ("taskset", "wrk", "h2load"):
+        which(tool)
+    ncpu = os.cpu_count() or 1
+    for opt, cpu in (("--proxy-cpu", args.proxy_cpu), ("--load-cpu", args.load_cpu)):
+        if cpu >= ncpu:
+            raise BenchError(f"{opt} {cpu} but this machine has {ncpu} CPU(s)")
+    if args.proxy_cpu == args.load_cpu:
+        print("warning: proxy and load share one core; results are not comparable")
+    envoy = which("envoy") if "envoy" in args.proxies else None
+    ubimesh = None
+    if "ubimesh" in args.proxies:
+        ubimesh = shlex.split(args.ubimesh_cmd)
+        code, out = command_output([*ubimesh, "--help"])
+        if code != 0:
+            raise BenchError(
+                f"`{args.ubimesh_cmd} --help` failed (exit {code}):\n{out[-2000:]}\n"
+                "Is ubimesh installed (pip install -e .)? Run without it with "
+                "--proxies envoy,nginx,haproxy."
+            )
+        # Fail before any load runs if ubimesh rejects the bootstrap it will be given.
+        with tempfile.TemporaryDirectory(prefix="ubimesh-bench-check-") as tmp:
+            sample = configs.ubimesh_bootstrap(free_port(), free_port(), free_port())
+            path = configs.write_text(Path(tmp) / "bootstrap.yaml", configs.dump_yaml(sample))
+            code, out = command_output([*ubimesh, "-c", str(path), "--mode", "validate"])
+        if code != 0:
+            raise BenchError(
+                f"`{args.ubimesh_cmd} -c bootstrap.yaml --mode validate` failed (exit {code}):"
+                f"\n{out[-2000:]}\nRun without it with --proxies envoy,nginx,haproxy."
+            )
+    return Tools(nginx=which("nginx"), haproxy=which("haproxy"), envoy=envoy, ubimesh=ubimesh)
+
+
+def collect_versions(tools: Tools) -> dict[str, str]:
+    versions: dict[str, str] = {}
+
+    def add(name: str, argv: Sequence[str], contains: str = "") -> None:
+        _code, out = command_output(argv, timeout=20)
+        versions[name] = first_line(out, contains)
+
+    if tools.envoy:
+        add("envoy", [tools.envoy, "--version"], "version")
+    add("nginx", [tools.nginx, "-v"])
+    add("haproxy", [tools.haproxy, "-v"])
+    add("wrk", ["wrk", "-v"])
+    add("h2load", ["h2load", "--version"])
+    add("ubimesh git", ["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"])
+    versions["python"] = platform.python_version()
+    versions["psutil"] = psutil.__version__
+    versions["kernel"] = platform.release()
+    return versions
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+# --------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    base_url: str
+    managed: Managed | None = None
+    stats_url: str | None = None
+    idle_rss_mb: float | None = None
+    idle_pss_mb: float | None = None
+    affinity: list[list[int]] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.managed.pid if self.managed else None
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    tools: Tools
+    registry: ProcessRegistry
+    workdir: Path
+    upstream: Managed
+    upstream_port: int
+    run_counter: int = 0
+
+
+def start_upstream(
+    args: argparse.Namespace, tools: Tools, registry: ProcessRegistry, workdir: Path
+) -> tuple[Managed, int]:
+    port = free_port()
+    (workdir / "upstream.tmp").mkdir(exist_ok=True)
+    conf = configs.write_text(
+        workdir / "upstream.nginx.conf", configs.nginx_upstream_conf(workdir, port, args.sizes)
+    )
+    argv = pinned(
+        args.load_cpu,
+        [
+            tools.nginx,
+            "-p",
+            str(workdir),
+            "-e",
+            str(workdir / "upstream.startup.log"),
+            "-c",
+            str(conf),
+        ],
+    )
+    managed = registry.spawn("upstream", argv, workdir / "upstream.log", workdir)
+    for label, size in args.sizes.items():
+        wait_until(
+            f"upstream /{label}",
+            answers_200(f"http://127.0.0.1:{port}/{label}", size),
+            args.start_timeout,
+            managed,
+        )
+    return managed, port
+
+
+def start_proxy(ctx: Context, name: str) -> Target:
+    args, tools, workdir = ctx.args, ctx.tools, ctx.workdir
+    port, side_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    stats_url = None
+    if name in ("ubimesh", "envoy"):
+        if name == "ubimesh":
+            cfg = configs.ubimesh_bootstrap(port, side_port, ctx.upstream_port)
+        else:
+            cfg = configs.envoy_bare_bootstrap(port, side_port, ctx.upstream_port)
+        path = configs.write_text(workdir / f"{name}.bootstrap.yaml", configs.dump_yaml(cfg))
+        if name == "ubimesh":
+            assert tools.ubimesh is not None
+            cmd = [*tools.ubimesh, "-c", str(path), "--concurrency", "1"]
+        else:
+            assert tools.envoy is not None
+            cmd = [tools.envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart"]
+        ready_url = f"http://127.0.0.1:{side_port}/ready"
+        stats_url = f"http://127.0.0.1:{side_port}/stats"
+    elif name == "nginx":
+        (workdir / "nginx-proxy.tmp").mkdir(exist_ok=True)
+        conf = configs.write_text(
+            workdir / "proxy.nginx.conf",
+            configs.nginx_proxy_conf(workdir, port, side_port, ctx.upstream_port),
+        )
+        cmd = [
+            tools.nginx,
+            "-p",
+            str(workdir),
+            "-e",
+            str(workdir / "nginx-proxy.startup.log"),
+            "-c",
+            str(conf),
+        ]
+        ready_url = f"http://127.0.0.1:{side_port}/ready"
+    elif name == "haproxy":
+        conf = configs.write_text(
+            workdir / "haproxy.cfg",
+            configs.haproxy_conf(port, side_port, ctx.upstream_port, args.proxy_cpu),
+        )
+        cmd = [tools.haproxy, "-db", "-f", str(conf)]
+        ready_url = f"http://127.0.0.1:{side_port}/ready"
+    else:  # pragma: no cover - parse_args rejects it
+        raise BenchError(f"unknown proxy {name}")
+
+    managed = ctx.registry.spawn(
+        name, pinned(args.proxy_cpu, cmd), workdir / f"{name}.log", workdir
+    )
+    target = Target(name, base, managed, stats_url)
+    wait_until(
+        f"{name} admin/readiness at {ready_url}",
+        answers_http(ready_url),
+        args.start_timeout,
+        managed,
+    )
+    for label, size in args.sizes.items():
+        wait_until(
+            f"{name} proxying /{label}",
+            answers_200(f"{base}/{label}", size),
+            args.start_timeout,
+            managed,
+        )
+    time.sleep(args.settle)
+    idle = mem_sample(managed.pid)
+    target.idle_rss_mb = idle.rss / MB
+    target.idle_pss_mb = idle.pss / MB if idle.pss is not None else None
+    target.affinity = cpu_affinities(managed.pid)
+    if any(aff != [args.proxy_cpu] for aff in target.affinity):
+        print(
+            f"warning: {name} processes are not all pinned to cpu {args.proxy_cpu}: "
+            f"{target.affinity}"
+        )
+    return target
+
+
+def read_counter(target: Target) -> int | None:
+    if not target.stats_url:
+        return None
+    try:
+        status, body = http_get(target.stats_url, timeout=2.0)
+    except OSError:
+        return None
+    m = UPSTREAM_RQ_COUNTER.search(body.decode(errors="replace")) if status == 200 else None
+    return int(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def running(ctx: Context, name: str) -> Iterator[Target]:
+    if name == DIRECT:
+        yield Target(DIRECT, f"http://127.0.0.1:{ctx.upstream_port}")
+        return
+    target = start_proxy(ctx, name)
+    try:
+        yield target
+    finally:
+        assert target.managed is not None
+        if not target.managed.alive():
+            print(f"warning: {name} exited during the run; log tail:\n{target.managed.log_tail()}")
+        ctx.registry.stop(target.managed)
+
+
+# --------------------------------------------------------------------------------------
+# One measured run
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Snap:
+    t: float
+    proxy: Any
+    upstream: Any
+    cores: list[Any]
+
+
+def measure(
+    ctx: Context, target: Target, rep: int, size: str, kind: str, conns: int, rate: float | None
+) -> dict[str, Any]:
+    args = ctx.args
+    url = f"{target.base_url}/{size}"
+    snaps: dict[str, Snap] = {}
+
+    def snap(tag: str) -> Callable[[], None]:
+        def take() -> None:
+            snaps[tag] = Snap(
+                time.monotonic(),
+                cpu_snapshot(target.pid) if target.pid else None,
+                cpu_snapshot(ctx.upstream.pid),
+                psutil.cpu_times(percpu=True),
+            )
+
+        return take
+
+    ctx.run_counter += 1
+    if kind == "closed":
+        label = f"wrk c{conns}"
+        if args.warmup > 0:
+            run_wrk(args.load_cpu, url, conns, args.warmup)
+    else:
+        assert rate is not None
+        label = f"h2load {rate:g} rps"
+    counter_before = read_counter(target)
+    sampler = MemSampler(target.pid) if target.pid else contextlib.nullcontext()
+    with sampler:
+        result: LoadResult
+        if kind == "closed":
+            result = run_wrk(
+                args.load_cpu, url, conns, args.duration, on_start=snap("a"), on_end=snap("b")
+            )
+        else:
+            assert rate is not None
+            log_file = ctx.workdir / f"h2load-{ctx.run_counter}.log"
+            result = run_h2load(
+                args.load_cpu,
+                url,
+                conns,
+                rate,
+                args.duration,
+                args.warmup,
+                log_file,
+                on_start=snap("a"),
+                on_end=snap("b"),
+            )
+            with contextlib.suppress(OSError):
+                log_file.unlink()
+    counter_after = read_counter(target)
+
+    a, b = snaps["a"], snaps["b"]
+    wall = max(b.t - a.t, 1e-9)
+    done = result.completed
+    notes: list[str] = []
+    rec: dict[str, Any] = {
+        "rep": rep, "target": target.name, "size": size, "load": label, "kind": kind,
+        "conns": conns, "requested_rps": rate, "url": url,
+        "completed": done, "rps": result.rps, "wall_s": wall,
+        "p50_ms": result.p50_ms, "p90_ms": result.p90_ms, "p99_ms": result.p99_ms,
+        "non2xx": result.non2xx, "socket_errors": result.socket_errors,
+        "error_detail": result.error_detail,
+        "load_core_busy": core_busy(a.cores, b.cores, args.load_cpu),
+        "proxy_core_busy": core_busy(a.cores, b.cores, args.proxy_cpu),
+        "upstream_cpu_us_per_req": (
+            (b.upstream.seconds - a.upstream.seconds) * 1e6 / done if done else None
+        ),
+        "gen_cpu_us_per_req": (
+            result.gen_cpu_s * 1e6 / done if done and kind == "closed" else None
+        ),
+        "idle_rss_mb": target.idle_rss_mb, "idle_pss_mb": target.idle_pss_mb,
+        "proxy_cpu_s": None, "cpu_us_per_req": None, "proxy_core_pct": None,
+        "max_rss_mb": None, "max_pss_mb": None,
+        "upstream_rq_counter_delta": None,
+        "argv": result.argv, "output": result.output,
+    }  # fmt: skip
+    if a.proxy is not None and b.proxy is not None:
+        cpu = b.proxy.seconds - a.proxy.seconds
+        rec["proxy_cpu_s"] = cpu
+        rec["cpu_us_per_req"] = cpu * 1e6 / done if done else None
+        rec["proxy_core_pct"] = 100.0 * cpu / wall
+        if a.proxy.pids != b.proxy.pids:
+            notes.append("proxy processes changed")
+    if isinstance(sampler, MemSampler):
+        rss, pss = sampler.max_rss(), sampler.max_pss()
+        rec["max_rss_mb"] = rss / MB if rss is not None else None
+        rec["max_pss_mb"] = pss / MB if pss is not None else None
+    if counter_before is not None and counter_after is not None:
+        delta = counter_after - counter_before
+        rec["upstream_rq_counter_delta"] = delta
+        if kind == "closed" and not done <= delta <= done + conns + 10:
+            notes.append(f"proxy counter {delta} != {done} completed")
+    if rate is not None and result.rps < 0.95 * rate:
+        notes.append(f"achieved {100 * result.rps / rate:.0f}% of requested")
+    if result.non2xx or result.socket_errors:
+        notes.append("errors")
+    proxy_pct = rec["proxy_core_pct"]
+    if kind == "closed":
+        if proxy_pct is not None and proxy_pct >= 90:
+            notes.append("proxy core saturated")
+        if (rec["load_core_busy"] or 0.0) >= 90:
+            notes.append("load core saturated")
+    if proxy_pct is not None and (rec["proxy_core_busy"] or 0.0) - proxy_pct > 10:
+        notes.append("other load on proxy core")
+    rec["notes"] = notes
+    return rec
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int, float | None]]:
+    """(size, kind, conns, rate) for every run against one target, in order."""
+    steps: list[tuple[str, str, int, float | None]] = []
+    for size in args.sizes:
+        steps += [(size, "closed", conns, None) for conns in args.wrk_conns]
+        steps += [(size, "fixed", args.h2load_conns, rate) for rate in args.rates]
+    return steps
+
+
+def write_outputs(
+    outdir: Path,
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    runs: list[dict[str, Any]],
+    targets: list[str],
+    workdir: Path,
+) -> str:
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows = summarise(runs)
+    sizes = list(args.sizes)
+    text = markdown(rows, meta, targets, sizes, args.subject)
+    (outdir / "results.md").write_text(text)
+    write_json(outdir / "results.json", {"meta": meta, "summary": rows, "runs": runs})
+    if rows:
+        try:
+            chart(rows, targets, sizes, outdir / "results.png")
+        except Exception as exc:  # the numbers matter more than the picture
+            print(f"warning: chart failed: {exc}")
+    cfgdir = outdir / "configs"
+    cfgdir.mkdir(exist_ok=True)
+    for pattern in ("*.yaml", "*.conf", "*.cfg", "*.log"):
+        for path in workdir.glob(pattern):
+            if not path.name.startswith("h2load-"):
+                shutil.copy2(path, cfgdir / path.name)
+    return text
+
+
+def raise_fd_limit() -> None:
+    """Let every child inherit soft = hard open-file limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_fd_limit()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+    started = dt.datetime.now()
+    outdir = args.results_dir / started.strftime("%Y%m%d-%H%M%S")
+    targets = ([] if args.no_direct else [DIRECT]) + list(args.proxies)
+    registry = ProcessRegistry()
+    workdir = Path(tempfile.mkdtemp(prefix="ubimesh-bench-"))
+    workdir.chmod(0o755)  # nginx workers may run as an unprivileged user
+    runs: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {}
+    status = 1
+    try:
+        tools = preflight(args)
+        meta = {
+            "started": started.isoformat(timespec="seconds"),
+            "command": " ".join(shlex.quote(x) for x in [sys.argv[0], *(argv or sys.argv[1:])]),
+            "host": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.node()}",
+            "layout": f"proxy on cpu {args.proxy_cpu}; upstream + load generator on cpu "
+                      f"{args.load_cpu}",
+            "duration_s": args.duration, "warmup_s": args.warmup, "repeat": args.repeat,
+            "sizes": ",".join(args.sizes), "rates": ",".join(f"{r:g}" for r in args.rates),
+            "wrk": f"wrk -t1 -c{{{','.join(map(str, args.wrk_conns))}}} -d{args.duration}s "
+                   f"--latency (after a {args.warmup}s wrk warm-up run)",
+            "h2load": f"h2load --h1 -c {args.h2load_conns} --rps R/{args.h2load_conns} "
+                      f"-D {args.duration} --warm-up-time {args.warmup}",
+            "versions": collect_versions(tools),
+        }  # fmt: skip
+        upstream, upstream_port = start_upstream(args, tools, registry, workdir)
+        ctx = Context(args, tools, registry, workdir, upstream, upstream_port)
+        steps = plan(args)
+        total = args.repeat * len(targets) * len(steps)
+        for rep in range(1, args.repeat + 1):
+            for name in targets:
+                with running(ctx, name) as target:
+                    for size, kind, conns, rate in steps:
+                        rec = measure(ctx, target, rep, size, kind, conns, rate)
+                        runs.append(rec)
+                        cpu = rec["cpu_us_per_req"]
+                        print(
+                            f"[{len(runs)}/{total}] rep {rep} {name:8} {size:4} "
+                            f"{rec['load']:16} {rec['rps']:10.0f} rps  "
+                            f"cpu {cpu if cpu is None else round(cpu, 1)} µs/req  "
+                            f"p99 {rec['p99_ms']} ms  {' '.join(rec['notes'])}",
+                            flush=True,
+                        )
+        meta["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+        text = write_outputs(outdir, args, meta, runs, targets, workdir)
+        print()
+        print(text)
+        print(f"results: {outdir}/results.md, results.json, results.png")
+        status = 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        status = 130
+    except BenchError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+    except Exception:
+        traceback.print_exc()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        registry.stop_all()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if status != 0 and runs:
+            meta["partial"] = True
+            with contextlib.suppress(Exception):
+                write_outputs(outdir, args, meta, runs, targets, workdir)
+                print(f"partial results: {outdir}", file=sys.stderr)
+        if args.keep_workdir or (status == 1 and not runs):
+            print(f"workdir kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
