@@ -15,9 +15,11 @@ import contextlib
 import copy
 import difflib
 import email.utils
+import functools
 import hashlib
 import json
 import re
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -422,10 +424,46 @@ def _group_sorted(pairs: Iterable[tuple[str, str]]) -> list[list[str]]:
     return [[n, v] for n, v in sorted(pairs, key=lambda p: p[0].lower())]
 
 
+@functools.cache
+def host_ipv4_labels() -> dict[str, str]:
+    """This machine's non-loopback IPv4 addresses, labelled in interface order.
+
+    Envoy appends its own "local address" (the first non-loopback address of the host) to
+    x-forwarded-for when use_remote_address is set and the peer is on loopback, so that value
+    depends on the machine.  It is labelled ``${HOST_IP}`` (then ``${HOST_IP2}``, ...).
+    """
+    addresses: list[str] = []
+    try:
+        import psutil
+
+        for infos in psutil.net_if_addrs().values():
+            for info in infos:
+                if info.family == socket.AF_INET and not info.address.startswith("127."):
+                    addresses.append(info.address)
+    except ImportError:
+        with contextlib.suppress(OSError):
+            addresses.append(socket.gethostbyname(socket.gethostname()))
+    labels: dict[str, str] = {}
+    for address in addresses:
+        if address not in labels and not address.startswith("127."):
+            labels[address] = "${HOST_IP}" if not labels else f"${{HOST_IP{len(labels) + 1}}}"
+    return labels
+
+
 class _Normalizer:
     def __init__(self, port_labels: Mapping[int, str], client_sent_ids: set[str]) -> None:
         self.port_labels = dict(port_labels)
         self.client_sent_ids = client_sent_ids
+        self.ip_labels = host_ipv4_labels()
+        self.ip_re = (
+            re.compile(
+                r"(?<![\d.])("
+                + "|".join(re.escape(a) for a in sorted(self.ip_labels, key=len, reverse=True))
+                + r")(?![\d.])"
+            )
+            if self.ip_labels
+            else None
+        )
 
     def text(self, value: str) -> str:
         if value.isdigit() and int(value) in self.port_labels:
@@ -434,7 +472,10 @@ class _Normalizer:
         def repl(m: re.Match[str]) -> str:
             return self.port_labels.get(int(m.group(1)), m.group(1))
 
-        return PORT_AFTER_COLON.sub(repl, value)
+        value = PORT_AFTER_COLON.sub(repl, value)
+        if self.ip_re is not None:
+            value = self.ip_re.sub(lambda m: self.ip_labels[m.group(1)], value)
+        return value
 
     def request_headers(self, pairs: Iterable[Iterable[str]]) -> list[list[str]]:
         out = []
