@@ -1,0 +1,158 @@
+"""Unit tests for the benchmark's parsers and config generators: ``pytest bench``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import configs
+from benchlib.loads import parse_h2load, parse_wrk, percentile
+from benchlib.report import markdown, summarise
+
+WRK_OUTPUT = """\
+Running 5s test @ http://127.0.0.1:1234/1k
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.10ms  300.00us   1.02s    83.50%
+    Req/Sec    45.16k     4.59k   67.39k    76.67%
+  Latency Distribution
+     50%  599.00us
+     75%  808.00us
+     90%    1.91ms
+     99%    1.02s
+  164470 requests in 5.00s, 2.53GB read
+  Socket errors: connect 1, read 2, write 3, timeout 4
+  Non-2xx or 3xx responses: 7
+Requests/sec:  32894.00
+Transfer/sec:    863.43MB
+"""
+
+H2LOAD_OUTPUT = """\
+finished in 7.00s, 1000.00 req/s, 1.13MB/s
+requests: 5003 total, 5003 started, 5000 done, 4990 succeeded, 10 failed, 2 errored, 1 timeout
+status codes: 4995 2xx, 0 3xx, 0 4xx, 5 5xx
+"""
+
+# Every key path the ubimesh bootstrap may use ("[]" marks a list element).
+UBIMESH_ALLOWED = {
+    "admin", "admin.address", "admin.address.socket_address",
+    "admin.address.socket_address.address", "admin.address.socket_address.port_value",
+    "static_resources", "static_resources.listeners", "static_resources.listeners[]",
+    "static_resources.listeners[].address",
+    "static_resources.listeners[].address.socket_address",
+    "static_resources.listeners[].address.socket_address.address",
+    "static_resources.listeners[].address.socket_address.port_value",
+    "static_resources.listeners[].filter_chains",
+    "static_resources.listeners[].filter_chains[]",
+    "static_resources.listeners[].filter_chains[].filters",
+    "static_resources.listeners[].filter_chains[].filters[]",
+    "static_resources.listeners[].filter_chains[].filters[].name",
+    "static_resources.listeners[].filter_chains[].filters[].typed_config",
+    "static_resources.clusters", "static_resources.clusters[]",
+    "static_resources.clusters[].name", "static_resources.clusters[].type",
+    "static_resources.clusters[].connect_timeout", "static_resources.clusters[].load_assignment",
+}  # fmt: skip
+HCM_ALLOWED = {
+    "@type", "stat_prefix", "generate_request_id", "route_config",
+    "route_config.virtual_hosts", "route_config.virtual_hosts[]",
+    "route_config.virtual_hosts[].domains", "route_config.virtual_hosts[].domains[]",
+    "route_config.virtual_hosts[].routes", "route_config.virtual_hosts[].routes[]",
+    "route_config.virtual_hosts[].routes[].match",
+    "route_config.virtual_hosts[].routes[].match.prefix",
+    "route_config.virtual_hosts[].routes[].route",
+    "route_config.virtual_hosts[].routes[].route.cluster",
+    "http_filters", "http_filters[]", "http_filters[].name", "http_filters[].typed_config",
+    "http_filters[].typed_config.@type",
+}  # fmt: skip
+
+
+def key_paths(node: Any, prefix: str = "") -> set[str]:
+    paths: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else key
+            paths.add(path)
+            if key not in ("typed_config", "load_assignment") or "http_filters" in prefix:
+                paths |= key_paths(value, path)
+    elif isinstance(node, list):
+        for item in node:
+            paths.add(f"{prefix}[]")
+            paths |= key_paths(item, f"{prefix}[]")
+    return paths
+
+
+def test_parse_wrk() -> None:
+    parsed = parse_wrk(WRK_OUTPUT)
+    assert parsed["completed"] == 164470
+    assert parsed["rps"] == 32894.0
+    assert parsed["p50_ms"] == 0.599
+    assert parsed["p90_ms"] == 1.91
+    assert parsed["p99_ms"] == 1020.0
+    assert parsed["socket_errors"] == 10
+    assert parsed["non2xx"] == 7
+
+
+def test_parse_h2load(tmp_path: Path) -> None:
+    log = tmp_path / "log.tsv"
+    log.write_text("".join(f"1700000000000000\t200\t{us}\n" for us in range(1000, 0, -1)))
+    parsed = parse_h2load(H2LOAD_OUTPUT, log, duration=5)
+    assert parsed["completed"] == 5000
+    assert parsed["rps"] == 1000.0
+    assert parsed["non2xx"] == 5
+    assert parsed["socket_errors"] == 3
+    assert parsed["p50_ms"] == 0.5
+    assert parsed["p99_ms"] == 0.99
+
+
+def test_percentile() -> None:
+    assert percentile([], 50) is None
+    assert percentile([1.0], 99) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+
+
+def test_ubimesh_bootstrap_uses_only_the_subset() -> None:
+    cfg = configs.ubimesh_bootstrap(10000, 10001, 10002)
+    assert key_paths(cfg) <= UBIMESH_ALLOWED
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    assert hcm["name"] == "envoy.filters.network.http_connection_manager"
+    assert key_paths(hcm["typed_config"]) <= HCM_ALLOWED
+    assert hcm["typed_config"]["generate_request_id"] is False
+    cluster = cfg["static_resources"]["clusters"][0]
+    assert set(cluster) == {"name", "type", "connect_timeout", "load_assignment"}
+    assert "127.0.0.1" in configs.dump_yaml(cfg)
+
+
+def test_envoy_bare_adds_only_envoy_fields() -> None:
+    common = configs.ubimesh_bootstrap(10000, 10001, 10002)
+    envoy = configs.envoy_bare_bootstrap(10000, 10001, 10002)
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    router = hcm["typed_config"]["http_filters"][0]["typed_config"]
+    assert router["dynamic_stats"] is False
+    assert envoy["static_resources"]["clusters"][0]["circuit_breakers"]["thresholds"]
+    # the common generator's output is not modified by the Envoy one
+    assert common == configs.ubimesh_bootstrap(10000, 10001, 10002)
+
+
+def test_nginx_bodies_have_exact_sizes(tmp_path: Path) -> None:
+    conf = configs.nginx_upstream_conf(tmp_path, 10002, {"1k": 1024, "16k": 16384})
+    assert configs.body_bytes(1024) in conf
+    assert all(len(token) < 4000 for token in conf.split())
+    assert conf.count("set $b") == 16384 // 2048
+
+
+def test_summary_and_markdown() -> None:
+    base = {"kind": "fixed", "conns": 16, "requested_rps": 1000.0, "non2xx": 0,
+            "socket_errors": 0, "size": "1k", "load": "h2load 1000 rps", "rps": 1000.0}  # fmt: skip
+    runs = [
+        {**base, "target": "direct", "p50_ms": 0.5, "p99_ms": 1.0},
+        {**base, "target": "envoy", "p50_ms": 0.7, "p99_ms": 1.5, "cpu_us_per_req": 100.0},
+        {**base, "target": "nginx", "p50_ms": 0.6, "p99_ms": 1.2, "cpu_us_per_req": 40.0},
+    ]
+    rows = summarise(runs)
+    envoy = next(r for r in rows if r["target"] == "envoy")
+    assert abs(envoy["added_p99_ms"] - 0.5) < 1e-9
+    text = markdown(rows, {"versions": {}}, ["direct", "envoy", "nginx"], ["1k"], "envoy")
+    assert "| 1k | h2load 1000 rps | 1.00 | 2.50 |" in text
