@@ -53,8 +53,11 @@ def main() -> int:
     try:
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(HERE / "services.py"),
-                 *[f"{n}={p}" for n, p in SERVICES.items()]],
+                [
+                    sys.executable,
+                    str(HERE / "services.py"),
+                    *[f"{n}={p}" for n, p in SERVICES.items()],
+                ],
                 stdout=subprocess.DEVNULL,
             )
         )
@@ -69,7 +72,7 @@ ubimesh edge proxy is up on {LISTENER} (admin on {ADMIN}).
 
   curl -s {LISTENER}/                    # web-dc (private data centre)
   curl -s {LISTENER}/static/app.js       # web-cloud, path rewritten to /assets/app.js
-  curl -s {LISTENER}/api/orders          # api-v1 (95%) or the api-v2 canary (5%); mirrored to api-shadow
+  curl -s {LISTENER}/api/orders          # api-v1 (95%) or api-v2 canary (5%), mirrored
   curl -si {LISTENER}/old/logo.png       # 308 redirect to /static/logo.png
   curl -s {LISTENER}/healthz             # answered by the proxy itself
   curl -s {ADMIN}/stats | grep edge      # Envoy-style stats

@@ -20,25 +20,33 @@ async def handle(name: str, reader: asyncio.StreamReader, writer: asyncio.Stream
             headers = [tuple(h.split(":", 1)) for h in lines[1:] if ":" in h]
             length = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
             body = await reader.readexactly(length) if length else b""
-            answer = json.dumps(
-                {
-                    "service": name,
-                    "method": method,
-                    "path": target,
-                    "host": next((v.strip() for k, v in headers if k.lower() == "host"), ""),
-                    "request_id": next(
-                        (v.strip() for k, v in headers if k.lower() == "x-request-id"), ""
-                    ),
-                    "body_bytes": len(body),
-                }
-            ).encode() + b"\n"
+            answer = (
+                json.dumps(
+                    {
+                        "service": name,
+                        "method": method,
+                        "path": target,
+                        "host": next((v.strip() for k, v in headers if k.lower() == "host"), ""),
+                        "request_id": next(
+                            (v.strip() for k, v in headers if k.lower() == "x-request-id"), ""
+                        ),
+                        "body_bytes": len(body),
+                    }
+                ).encode()
+                + b"\n"
+            )
             writer.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\n\r\n%b" % (len(answer), answer)
             )
             await writer.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-            ConnectionError, ValueError):
+    except (
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+        TimeoutError,
+        ConnectionError,
+        ValueError,
+    ):
         pass
     finally:
         writer.close()
@@ -47,9 +55,7 @@ async def handle(name: str, reader: asyncio.StreamReader, writer: asyncio.Stream
 async def serve(specs: list[tuple[str, int]]) -> None:
     servers = []
     for name, port in specs:
-        server = await asyncio.start_server(
-            lambda r, w, n=name: handle(n, r, w), "127.0.0.1", port
-        )
+        server = await asyncio.start_server(lambda r, w, n=name: handle(n, r, w), "127.0.0.1", port)
         servers.append(server)
         print(f"{name} listening on 127.0.0.1:{port}", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))

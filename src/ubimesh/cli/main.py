@@ -33,21 +33,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy.add_argument("-c", "--config-path", required=True, help="Envoy v3 bootstrap (YAML/JSON)")
     proxy.add_argument(
-        "--concurrency", type=int, default=1,
+        "--concurrency",
+        type=int,
+        default=1,
         help="worker processes sharing the listeners (default 1: a single process)",
     )
     proxy.add_argument("--service-node", default="", help="overrides node.id")
     proxy.add_argument("--service-cluster", default="", help="overrides node.cluster")
     proxy.add_argument(
-        "-l", "--log-level", default="info", choices=sorted(LOG_LEVELS),
+        "-l",
+        "--log-level",
+        default="info",
+        choices=sorted(LOG_LEVELS),
         help="log level (Envoy's names)",
     )
     proxy.add_argument(
-        "--drain-time-s", type=float, default=5.0,
+        "--drain-time-s",
+        type=float,
+        default=5.0,
         help="how long connections may take to finish on shutdown or drain (seconds)",
     )
     proxy.add_argument(
-        "--mode", choices=["serve", "validate"], default="serve",
+        "--mode",
+        choices=["serve", "validate"],
+        default="serve",
         help="validate: check the configuration and exit (as envoy --mode validate)",
     )
     return parser

@@ -240,7 +240,9 @@ def merge_cluster_views(views: list[list[dict[str, Any]]]) -> list[dict[str, Any
 
 
 def _worker_main(
-    index: int, control: socket.socket, snapshot: Snapshot,
+    index: int,
+    control: socket.socket,
+    snapshot: Snapshot,
     sockets: dict[tuple[str, int], socket.socket],
 ) -> int:  # pragma: no cover - runs in forked children; covered by integration tests
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -288,8 +290,10 @@ def run_proxy(options: ProxyOptions) -> int:
     try:
         snapshot = load_snapshot(options)
     except ConfigError as exc:
-        print(f"ubimesh proxy: invalid configuration in {options.config_path}:\n{exc}",
-              file=sys.stderr)
+        print(
+            f"ubimesh proxy: invalid configuration in {options.config_path}:\n{exc}",
+            file=sys.stderr,
+        )
         return 1
     except OSError as exc:
         print(f"ubimesh proxy: cannot read {options.config_path}: {exc}", file=sys.stderr)

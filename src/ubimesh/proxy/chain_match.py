@@ -22,9 +22,9 @@ def _server_name_rank(names: tuple[str, ...], sni: str) -> int:
     for n in names:
         if n == sni:
             return 1 << 20
-        if n.startswith("*.") and sni.endswith(n[1:]) and len(sni) > len(n) - 1:
-            best = max(best, 2 + len(n))
-        elif n.startswith(".") and sni.endswith(n):
+        if (n.startswith("*.") and sni.endswith(n[1:]) and len(sni) > len(n) - 1) or (
+            n.startswith(".") and sni.endswith(n)
+        ):
             best = max(best, 2 + len(n))
     return best
 
@@ -47,9 +47,7 @@ def select_filter_chain(
         exact_tp = [c for c in chains if c.match.transport_protocol == transport_protocol]
         chains = exact_tp or [c for c in chains if not c.match.transport_protocol]
     if chains:
-        with_alpn = [
-            c for c in chains if set(c.match.application_protocols).intersection(alpn)
-        ]
+        with_alpn = [c for c in chains if set(c.match.application_protocols).intersection(alpn)]
         chains = with_alpn or [c for c in chains if not c.match.application_protocols]
     if chains:
         return chains[0]

@@ -134,7 +134,9 @@ class ListenerRuntime:
 
     def _build(self, spec: Listener) -> None:
         limit = spec.per_connection_buffer_limit_bytes
-        self.chains = [ChainRuntime(c, self.clusters, self.stats, limit) for c in spec.filter_chains]
+        self.chains = [
+            ChainRuntime(c, self.clusters, self.stats, limit) for c in spec.filter_chains
+        ]
         self.default_chain = (
             ChainRuntime(spec.default_filter_chain, self.clusters, self.stats, limit)
             if spec.default_filter_chain is not None
@@ -196,7 +198,7 @@ class ListenerRuntime:
     def update(self, spec: Listener) -> None:
         """Serve a new snapshot's version of this listener (same address). Connections made
         under the old chains drain: they close after their current response."""
-        old = [*self.chains, *( [self.default_chain] if self.default_chain else [])]
+        old = [*self.chains, *([self.default_chain] if self.default_chain else [])]
         self.spec = spec
         self._build(spec)
         for c in old:

@@ -74,8 +74,10 @@ class ProxyServer:
         self.stats.counter("server.initialization_time_ms")
         log.info(
             "ubimesh proxy live: %s",
-            ", ".join(f"{rt.spec.name}={rt.spec.address.host}:{rt.bound_port}"
-                      for rt in self.listeners.values()),
+            ", ".join(
+                f"{rt.spec.name}={rt.spec.address.host}:{rt.bound_port}"
+                for rt in self.listeners.values()
+            ),
         )
 
     async def apply(self, snapshot: Snapshot, reuse_port: bool = False) -> None:

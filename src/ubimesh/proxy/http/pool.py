@@ -281,7 +281,7 @@ class Http1Pool:
                 loop.create_connection(lambda: UpstreamConnection(self), addr.host, addr.port),
                 timeout=self.cluster.connect_timeout,
             )
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             self.cx_connect_timeout.value += 1
             self.cx_connect_fail.value += 1
             if self.connecting.pop(cb, None) is not None:

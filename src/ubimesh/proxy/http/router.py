@@ -75,9 +75,22 @@ class UpstreamRequest:
     """The router's side of one stream: one upstream attempt (retries come later)."""
 
     __slots__ = (
-        "stream", "route", "action", "hcm", "cluster", "host", "pool", "conn", "ready",
-        "chunked", "timer", "sent_at", "response_started", "mirrors", "done",
+        "action",
+        "chunked",
+        "cluster",
+        "conn",
+        "done",
+        "hcm",
+        "host",
+        "mirrors",
         "paused_upstream",
+        "pool",
+        "ready",
+        "response_started",
+        "route",
+        "sent_at",
+        "stream",
+        "timer",
     )  # fmt: skip
 
     def __init__(
@@ -237,7 +250,10 @@ class UpstreamRequest:
         out = [kv for kv in headers if kv[0] not in _RESPONSE_HOP_BY_HOP]
         if status != 101:
             out.append(
-                ("x-envoy-upstream-service-time", str(int((time.monotonic() - self.sent_at) * 1000)))
+                (
+                    "x-envoy-upstream-service-time",
+                    str(int((time.monotonic() - self.sent_at) * 1000)),
+                )
             )
         cs = self.hcm.cluster_stats(self.cluster.name if self.cluster else "")
         cs.count(status)
@@ -367,8 +383,19 @@ class ShadowRequest:
     dropped; it never slows or fails the primary: when its connection is not ready or its
     write buffer is full, the shadow is abandoned instead of applying backpressure."""
 
-    __slots__ = ("primary", "host", "cluster", "conn", "pool", "buffered", "dead", "timer",
-                 "limit", "ended", "hcm")  # fmt: skip
+    __slots__ = (
+        "buffered",
+        "cluster",
+        "conn",
+        "dead",
+        "ended",
+        "hcm",
+        "host",
+        "limit",
+        "pool",
+        "primary",
+        "timer",
+    )  # fmt: skip
 
     def __init__(self, primary: UpstreamRequest, host: Host, cluster: UpstreamCluster) -> None:
         self.primary = primary

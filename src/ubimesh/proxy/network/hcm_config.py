@@ -68,8 +68,16 @@ def is_internal_address(ip: str) -> bool:
 class ClusterStats:
     """The per-cluster request counters the router bumps."""
 
-    __slots__ = ("rq_total", "rq_timeout", "rq_reset", "no_healthy", "by_class", "by_code",
-                 "store", "prefix")  # fmt: skip
+    __slots__ = (
+        "by_class",
+        "by_code",
+        "no_healthy",
+        "prefix",
+        "rq_reset",
+        "rq_timeout",
+        "rq_total",
+        "store",
+    )  # fmt: skip
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
@@ -160,9 +168,7 @@ class HcmRuntime:
 
     # -- request rules ------------------------------------------------------------------------
 
-    def prepare_request(
-        self, stream: ActiveStream, conn: HttpConnection
-    ) -> LocalReply | None:
+    def prepare_request(self, stream: ActiveStream, conn: HttpConnection) -> LocalReply | None:
         """Apply the HCM's request rules in Envoy's order. Returns a local reply when the
         request must be answered by the proxy (refused, or redirected to a normalized path)."""
         config = self.config
@@ -236,9 +242,7 @@ class HcmRuntime:
             internal = is_internal_address(remote_ip)
             if not config.skip_xff_append:
                 xff = headers.get("x-forwarded-for")
-                headers.set(
-                    "x-forwarded-for", remote_ip if xff is None else f"{xff},{remote_ip}"
-                )
+                headers.set("x-forwarded-for", remote_ip if xff is None else f"{xff},{remote_ip}")
             if internal:
                 headers.set("x-envoy-internal", "true")
             else:
@@ -251,7 +255,9 @@ class HcmRuntime:
         if config.generate_request_id:
             rid = headers.get_first("x-request-id")
             if rid is None or (
-                config.use_remote_address and not internal and not config.preserve_external_request_id
+                config.use_remote_address
+                and not internal
+                and not config.preserve_external_request_id
             ):
                 from ubimesh.proxy.network.http_manager import new_request_id
 
@@ -282,7 +288,9 @@ class HcmRuntime:
         return ""
 
     def hash_key(self, stream: ActiveStream, action: RouteAction) -> int | None:
-        return compute_hash(action.hash_policies, stream.headers, stream.conn.remote[0], stream.path)
+        return compute_hash(
+            action.hash_policies, stream.headers, stream.conn.remote[0], stream.path
+        )
 
     def build_upstream_head(
         self,
@@ -309,9 +317,9 @@ class HcmRuntime:
             headers.remove("content-length")
             headers.add("transfer-encoding", "chunked")
         head = f"{stream.method} {path} HTTP/1.1\r\n"
-        return (
-            head + "".join([f"{k}: {v}\r\n" for k, v in headers.items]) + "\r\n"
-        ).encode("latin-1")
+        return (head + "".join([f"{k}: {v}\r\n" for k, v in headers.items]) + "\r\n").encode(
+            "latin-1"
+        )
 
     def apply_response_mutations(
         self, stream: ActiveStream, route: Route, headers: list[tuple[str, str]]

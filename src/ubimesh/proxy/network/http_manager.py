@@ -80,13 +80,38 @@ class ActiveStream:
     """One request/response exchange on a downstream connection."""
 
     __slots__ = (
-        "conn", "hcm", "method", "target", "path", "headers", "http10", "keep_alive",
-        "chunked", "body_expected", "request_complete", "upgrade",
-        "route", "vhost", "upstream", "started", "start_time",
-        "pending_body", "pending_bytes", "response_started", "response_chunked",
-        "response_close", "response_headers_only", "status", "flags", "done",
-        "host_header", "bytes_received", "bytes_sent", "request_timer", "expect_continue",
+        "body_expected",
+        "bytes_received",
+        "bytes_sent",
+        "chunked",
+        "conn",
+        "done",
         "ended",
+        "expect_continue",
+        "flags",
+        "hcm",
+        "headers",
+        "host_header",
+        "http10",
+        "keep_alive",
+        "method",
+        "path",
+        "pending_body",
+        "pending_bytes",
+        "request_complete",
+        "request_timer",
+        "response_chunked",
+        "response_close",
+        "response_headers_only",
+        "response_started",
+        "route",
+        "start_time",
+        "started",
+        "status",
+        "target",
+        "upgrade",
+        "upstream",
+        "vhost",
     )  # fmt: skip
 
     def __init__(self, conn: HttpConnection) -> None:
@@ -255,9 +280,15 @@ class ActiveStream:
             self.conn.write(LAST_CHUNK)
         self.finish()
 
-    def send_local_reply(self, status: int, body: bytes, flag: str = "", close: bool = False,
-                         content_type: str = "text/plain",
-                         extra: list[tuple[str, str]] | None = None) -> None:
+    def send_local_reply(
+        self,
+        status: int,
+        body: bytes,
+        flag: str = "",
+        close: bool = False,
+        content_type: str = "text/plain",
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
         """Answer the request from the proxy itself (Envoy's sendLocalReply)."""
         if flag:
             self.flags = flag
