@@ -374,7 +374,7 @@ def render(
 
         def write_histogram(name: str, tags: Tags, h: HistogramView) -> None:
             for p, v in zip(SUPPORTED_PERCENTILES, h.quantiles(), strict=True):
-                q = format_number(p / 100.0)
+                q = format_number(round(p / 100.0, 12))
                 out.append(f"{name}{_labels(tags, (('quantile', q),))} {format_number(v)}\n")
             out.append(f"{name}_sum{_labels(tags)} {format_number(h.sum)}\n")
             out.append(f"{name}_count{_labels(tags)} {h.count}\n")
