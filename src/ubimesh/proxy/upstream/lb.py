@@ -68,20 +68,30 @@ def _weights_equal(hosts: Sequence[Host]) -> bool:
 def edf_schedule(hosts: Sequence[Host], limit: int = MAX_SCHEDULE) -> list[Host] | None:
     """One period of the EDF weighted round robin order, or None if longer than ``limit``.
 
-    Host ``i`` with weight ``w`` is due at ``k / w`` for its ``k``-th pick; sorting every due time
-    of one period gives the order EDF picks in (ties go to the earlier host, as EDF breaks ties by
-    insertion order). Weights are divided by their gcd, so the period is as short as possible.
+    Runs Envoy's EDF scheduler for one period: a host of weight ``w`` is due ``1/w`` after its
+    previous pick, the earliest deadline is picked, and equal deadlines go to the entry queued
+    first. Deadlines are kept as exact integers (in units of ``1/lcm(weights)``), and weights
+    are divided by their gcd first, so the period (``sum(w)/gcd``) is as short as possible and
+    each host appears exactly ``w/gcd`` times in it.
     """
     weights = [max(1, h.weight) for h in hosts]
     g = reduce(math.gcd, weights)
     reduced = [w // g for w in weights]
-    if sum(reduced) > limit:
+    period = sum(reduced)
+    if period > limit:
         return None
-    due: list[tuple[float, int]] = []
-    for idx, w in enumerate(reduced):
-        due.extend((k / w, idx) for k in range(1, w + 1))
-    due.sort()
-    return [hosts[idx] for _, idx in due]
+    unit = reduce(math.lcm, reduced)
+    steps = [unit // w for w in reduced]
+    heap = [(steps[i], i, i) for i in range(len(reduced))]
+    heapq.heapify(heap)
+    seq = len(heap)
+    out: list[Host] = []
+    for _ in range(period):
+        deadline, _, idx = heap[0]
+        out.append(hosts[idx])
+        heapq.heapreplace(heap, (deadline + steps[idx], seq, idx))
+        seq += 1
+    return out
 
 
 class RoundRobinPicker:
