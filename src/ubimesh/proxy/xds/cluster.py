@@ -1,0 +1,278 @@
+"""envoy.config.cluster.v3.Cluster, its load assignment and its HTTP protocol options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ubimesh.proxy.snapshot.types import (
+    Cluster,
+    DiscoveryType,
+    DnsLookupFamily,
+    Endpoint,
+    LbPolicy,
+    LeastRequestConfig,
+    Locality,
+    LocalityEndpoints,
+    RingHashConfig,
+)
+from ubimesh.proxy.xds import common, extensions
+from ubimesh.proxy.xds.context import Ctx, entry, item, join, seconds, timeout, wrapped
+
+_NOT_YET = "not implemented yet"
+
+_CLUSTER = {
+    "name", "type", "connect_timeout", "lb_policy", "ring_hash_lb_config",
+    "least_request_lb_config", "load_assignment", "dns_refresh_rate", "dns_lookup_family",
+    "respect_dns_ttl", "per_connection_buffer_limit_bytes", "typed_extension_protocol_options",
+    "max_requests_per_connection", "common_http_protocol_options",
+}
+_CLUSTER_HINTS = {
+    "circuit_breakers": "circuit breakers are " + _NOT_YET,
+    "health_checks": "active health checking is " + _NOT_YET,
+    "outlier_detection": "outlier detection is " + _NOT_YET,
+    "transport_socket": "upstream TLS is " + _NOT_YET,
+    "transport_socket_matches": "upstream TLS is " + _NOT_YET,
+    "eds_cluster_config": "EDS is " + _NOT_YET,
+    "cluster_type": "custom cluster types are not implemented",
+    "http_protocol_options": "put explicit_http_config.http_protocol_options in "
+    "typed_extension_protocol_options' envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "http2_protocol_options": "HTTP/2 upstreams are " + _NOT_YET,
+    "common_lb_config": "common load balancer options are " + _NOT_YET,
+    "load_balancing_policy": "use lb_policy",
+    "upstream_connection_options": "upstream socket options are " + _NOT_YET,
+}
+_TYPES = {0: DiscoveryType.STATIC, 1: DiscoveryType.STRICT_DNS, 2: DiscoveryType.LOGICAL_DNS}
+_TYPE_HINTS = {3: "type EDS: EDS is " + _NOT_YET, 4: "type ORIGINAL_DST is " + _NOT_YET}
+_LB_POLICIES = {
+    0: LbPolicy.ROUND_ROBIN, 1: LbPolicy.LEAST_REQUEST, 2: LbPolicy.RING_HASH, 3: LbPolicy.RANDOM,
+}
+_LB_POLICY_NAMES = {5: "MAGLEV", 6: "CLUSTER_PROVIDED", 7: "LOAD_BALANCING_POLICY_CONFIG"}
+
+_RING_HASH = {"minimum_ring_size", "maximum_ring_size"}
+_RING_HASH_HINTS = {"hash_function": "only XX_HASH is implemented"}
+_LEAST_REQUEST = {"choice_count"}
+_LEAST_REQUEST_HINTS = {
+    "active_request_bias": "active request bias is " + _NOT_YET,
+    "slow_start_config": "slow start is " + _NOT_YET,
+}
+
+_LOAD_ASSIGNMENT = {"cluster_name", "endpoints", "policy"}
+_LOAD_ASSIGNMENT_HINTS = {"named_endpoints": "named endpoints are " + _NOT_YET}
+_POLICY = {"overprovisioning_factor"}
+_LOCALITY_LB_ENDPOINTS = {"locality", "lb_endpoints", "load_balancing_weight", "priority"}
+_LOCALITY_LB_ENDPOINTS_HINTS = {"leds_cluster_locality_config": "LEDS is " + _NOT_YET}
+_LOCALITY = {"region", "zone", "sub_zone"}
+_LB_ENDPOINT = {"endpoint", "health_status", "load_balancing_weight"}
+_LB_ENDPOINT_HINTS = {"endpoint_name": "named endpoints are " + _NOT_YET}
+_ENDPOINT = {"address", "hostname"}
+_ENDPOINT_HINTS = {
+    "health_check_config": "active health checking is " + _NOT_YET,
+    "additional_addresses": "additional endpoint addresses are " + _NOT_YET,
+}
+
+_UPSTREAM_HTTP_OPTIONS = {"common_http_protocol_options", "explicit_http_config"}
+_UPSTREAM_HTTP_OPTIONS_HINTS = {
+    "upstream_http_protocol_options": "auto SNI and SAN validation need upstream TLS, which is "
+    + _NOT_YET,
+    "use_downstream_protocol_config": "use explicit_http_config with http_protocol_options",
+    "auto_config": "use explicit_http_config with http_protocol_options",
+    "http_filters": "upstream HTTP filters are " + _NOT_YET,
+}
+_EXPLICIT_HTTP = {"http_protocol_options"}
+_EXPLICIT_HTTP_HINTS = {
+    "http2_protocol_options": "HTTP/2 upstreams are " + _NOT_YET,
+    "http3_protocol_options": "HTTP/3 is not implemented",
+}
+_HTTP1_OPTIONS_HINT = (
+    "HTTP/1 protocol options are " + _NOT_YET + "; only an empty http_protocol_options is accepted"
+)
+_COMMON_OPTIONS = {"idle_timeout", "max_requests_per_connection"}
+_COMMON_OPTIONS_HINTS = {
+    "max_connection_duration": "connection durations are " + _NOT_YET,
+    "max_stream_duration": "stream durations are " + _NOT_YET,
+    "max_headers_count": "upstream header limits are " + _NOT_YET,
+}
+
+_STATIC_IP_ONLY = (
+    "STATIC cluster endpoints must be IP addresses; use type STRICT_DNS or LOGICAL_DNS for a name"
+)
+
+
+def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
+    """envoy.config.cluster.v3.Cluster."""
+    ctx.fields(msg, path, _CLUSTER, _CLUSTER_HINTS)
+    kind = _TYPES.get(msg.type)
+    if kind is None:
+        ctx.unsupported(join(path, "type"), _TYPE_HINTS.get(msg.type, f"type {msg.type}"))
+        kind = DiscoveryType.STATIC
+    lb_policy = _LB_POLICIES.get(msg.lb_policy)
+    if lb_policy is None:
+        name = _LB_POLICY_NAMES.get(msg.lb_policy, str(msg.lb_policy))
+        ctx.unsupported(join(path, "lb_policy"), f"lb_policy {name}")
+        lb_policy = LbPolicy.ROUND_ROBIN
+
+    ring_hash = RingHashConfig()
+    if msg.HasField("ring_hash_lb_config"):
+        ring_hash = _ring_hash(ctx, msg.ring_hash_lb_config, join(path, "ring_hash_lb_config"))
+        if lb_policy is not LbPolicy.RING_HASH:
+            ctx.error(join(path, "ring_hash_lb_config"), "needs lb_policy RING_HASH (Envoy "
+                      "ignores it with another policy)")
+    least_request = LeastRequestConfig()
+    if msg.HasField("least_request_lb_config"):
+        lpath = join(path, "least_request_lb_config")
+        ctx.fields(msg.least_request_lb_config, lpath, _LEAST_REQUEST, _LEAST_REQUEST_HINTS)
+        least_request = LeastRequestConfig(
+            wrapped(msg.least_request_lb_config, "choice_count", 2)
+        )
+        if lb_policy is not LbPolicy.LEAST_REQUEST:
+            ctx.error(lpath, "needs lb_policy LEAST_REQUEST (Envoy ignores it with another "
+                      "policy)")
+
+    endpoints: tuple[LocalityEndpoints, ...] = ()
+    overprovisioning = 140
+    if msg.HasField("load_assignment"):
+        endpoints, overprovisioning = _load_assignment(
+            ctx, msg.load_assignment, join(path, "load_assignment"), kind
+        )
+    if kind is DiscoveryType.LOGICAL_DNS and (
+        len(endpoints) != 1 or len(endpoints[0].endpoints) != 1
+    ):
+        ctx.error(join(path, "load_assignment"), "LOGICAL_DNS clusters must have a single "
+                  "locality_lb_endpoint and a single lb_endpoint")
+
+    idle_timeout, max_requests = _protocol_options(ctx, msg, path)
+    return Cluster(
+        name=msg.name,
+        type=kind,
+        connect_timeout=seconds(msg.connect_timeout) if msg.HasField("connect_timeout") else 5.0,
+        lb_policy=lb_policy,
+        endpoints=endpoints,
+        overprovisioning_factor=overprovisioning,
+        max_requests_per_connection=max_requests,
+        idle_timeout=idle_timeout,
+        per_connection_buffer_limit_bytes=wrapped(
+            msg, "per_connection_buffer_limit_bytes", 1024 * 1024
+        ),
+        dns_refresh_rate=seconds(msg.dns_refresh_rate)
+        if msg.HasField("dns_refresh_rate")
+        else 5.0,
+        dns_lookup_family=DnsLookupFamily(msg.dns_lookup_family),
+        respect_dns_ttl=msg.respect_dns_ttl,
+        ring_hash=ring_hash,
+        least_request=least_request,
+    )
+
+
+def _ring_hash(ctx: Ctx, msg: Any, path: str) -> RingHashConfig:
+    ctx.fields(msg, path, _RING_HASH, _RING_HASH_HINTS)
+    minimum = wrapped(msg, "minimum_ring_size", 1024)
+    maximum = wrapped(msg, "maximum_ring_size", 8 * 1024 * 1024)
+    if minimum > maximum:
+        ctx.error(path, f"minimum_ring_size ({minimum}) > maximum_ring_size ({maximum})")
+    return RingHashConfig(minimum, maximum)
+
+
+def _load_assignment(
+    ctx: Ctx, msg: Any, path: str, kind: DiscoveryType
+) -> tuple[tuple[LocalityEndpoints, ...], int]:
+    """envoy.config.endpoint.v3.ClusterLoadAssignment: (localities, overprovisioning factor)."""
+    ctx.fields(msg, path, _LOAD_ASSIGNMENT, _LOAD_ASSIGNMENT_HINTS)
+    overprovisioning = 140
+    if msg.HasField("policy"):
+        ppath = join(path, "policy")
+        ctx.fields(msg.policy, ppath, _POLICY)
+        overprovisioning = wrapped(msg.policy, "overprovisioning_factor", 140)
+    ip_only = _STATIC_IP_ONLY if kind is DiscoveryType.STATIC else ""
+    out = []
+    endpoints_path = join(path, "endpoints")
+    for i, lle in enumerate(msg.endpoints):
+        lpath = item(endpoints_path, i)
+        ctx.fields(lle, lpath, _LOCALITY_LB_ENDPOINTS, _LOCALITY_LB_ENDPOINTS_HINTS)
+        locality = Locality()
+        if lle.HasField("locality"):
+            ctx.fields(lle.locality, join(lpath, "locality"), _LOCALITY)
+            locality = Locality(lle.locality.region, lle.locality.zone, lle.locality.sub_zone)
+        hosts = []
+        hosts_path = join(lpath, "lb_endpoints")
+        for j, lbe in enumerate(lle.lb_endpoints):
+            hpath = item(hosts_path, j)
+            ctx.fields(lbe, hpath, _LB_ENDPOINT, _LB_ENDPOINT_HINTS)
+            epath = join(hpath, "endpoint")
+            endpoint = lbe.endpoint
+            ctx.fields(endpoint, epath, _ENDPOINT, _ENDPOINT_HINTS)
+            if not lbe.HasField("endpoint") or not endpoint.HasField("address"):
+                ctx.error(join(epath, "address"), "is required")
+                continue
+            address = common.socket_address(
+                ctx, endpoint.address, join(epath, "address"), ip_only=ip_only
+            )
+            hosts.append(
+                Endpoint(
+                    address=address,
+                    weight=wrapped(lbe, "load_balancing_weight", 1),
+                    hostname=endpoint.hostname,
+                    health_status=lbe.health_status,
+                )
+            )
+        out.append(
+            LocalityEndpoints(
+                locality=locality,
+                endpoints=tuple(hosts),
+                priority=lle.priority,
+                load_balancing_weight=wrapped(lle, "load_balancing_weight", None),
+            )
+        )
+    return tuple(out), overprovisioning
+
+
+def _protocol_options(ctx: Ctx, msg: Any, path: str) -> tuple[float | None, int | None]:
+    """The upstream idle timeout and max requests per connection, from the typed
+    HttpProtocolOptions or the deprecated cluster fields (not both)."""
+    common_opts = None
+    common_path = ""
+    options_path = join(path, "typed_extension_protocol_options")
+    for key in sorted(msg.typed_extension_protocol_options):
+        kpath = entry(options_path, key)
+        packed = msg.typed_extension_protocol_options[key]
+        if key != extensions.UPSTREAM_HTTP_OPTIONS_TYPE:
+            ctx.unsupported(kpath, f"protocol options for {key}; only "
+                            f"{extensions.UPSTREAM_HTTP_OPTIONS_TYPE} is")
+            continue
+        options = extensions.unpack(
+            ctx, packed, kpath, extensions.CLUSTER_PROTOCOL_OPTIONS, f"under the key {key}"
+        )
+        if options is None:
+            continue
+        ctx.fields(options, kpath, _UPSTREAM_HTTP_OPTIONS, _UPSTREAM_HTTP_OPTIONS_HINTS)
+        if options.HasField("explicit_http_config"):
+            xpath = join(kpath, "explicit_http_config")
+            explicit = options.explicit_http_config
+            ctx.fields(explicit, xpath, _EXPLICIT_HTTP, _EXPLICIT_HTTP_HINTS)
+            if explicit.HasField("http_protocol_options"):
+                ctx.fields(explicit.http_protocol_options, join(xpath, "http_protocol_options"),
+                           (), default_hint=_HTTP1_OPTIONS_HINT)
+        if options.HasField("common_http_protocol_options"):
+            common_opts = options.common_http_protocol_options
+            common_path = join(kpath, "common_http_protocol_options")
+
+    if msg.HasField("common_http_protocol_options"):
+        legacy_path = join(path, "common_http_protocol_options")
+        if common_opts is not None:
+            ctx.error(legacy_path, "set common_http_protocol_options in one place: in the typed "
+                      "HttpProtocolOptions (this cluster field is deprecated)")
+        else:
+            common_opts, common_path = msg.common_http_protocol_options, legacy_path
+
+    idle_timeout: float | None = 3600.0
+    max_requests = None
+    if common_opts is not None:
+        ctx.fields(common_opts, common_path, _COMMON_OPTIONS, _COMMON_OPTIONS_HINTS)
+        idle_timeout = timeout(common_opts, "idle_timeout", 3600.0)
+        max_requests = wrapped(common_opts, "max_requests_per_connection", None)
+    if msg.HasField("max_requests_per_connection"):
+        if max_requests is not None:
+            ctx.error(join(path, "max_requests_per_connection"), "only one of "
+                      "max_requests_per_connection from Cluster or HttpProtocolOptions can be "
+                      "specified")
+        max_requests = msg.max_requests_per_connection.value
+    return idle_timeout, (max_requests or None)

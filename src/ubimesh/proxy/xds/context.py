@@ -1,0 +1,106 @@
+"""The translator's working state: the errors found so far, and the field whitelist check.
+
+Every translating function takes a ``Ctx``, the message and the message's path. It first calls
+``ctx.fields(msg, path, SUPPORTED)``, which refuses every set field outside the whitelist (so no
+configuration is ever ignored silently) and applies Envoy's proto constraints to the supported
+ones, then reads the supported fields. Functions keep going after an error and return a
+best-effort value, so that one pass finds every error of a config; the caller builds a snapshot
+only when ``ctx.errors`` stays empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ubimesh.proxy.xds import rules
+from ubimesh.proxy.xds.errors import ConfigError
+
+
+def join(path: str, name: str) -> str:
+    """The path of field ``name`` of the message at ``path``."""
+    return f"{path}.{name}" if path else name
+
+
+def item(path: str, index: int) -> str:
+    return f"{path}[{index}]"
+
+
+def entry(path: str, key: str) -> str:
+    """The path of a map entry."""
+    return f'{path}["{key}"]'
+
+
+@dataclass(slots=True)
+class ClusterRef:
+    """A cluster named somewhere in the config; checked once all clusters are known."""
+
+    name: str
+    path: str
+    what: str
+
+
+@dataclass
+class Ctx:
+    """Collects errors. ``quiet`` holds paths whose own problems were already reported while
+    parsing (and whose content was dropped); errors at or under them are not reported again."""
+
+    errors: list[ConfigError] = field(default_factory=list)
+    quiet: frozenset[str] = frozenset()
+    cluster_refs: list[ClusterRef] = field(default_factory=list)
+
+    def _is_quiet(self, path: str) -> bool:
+        for prefix in self.quiet:
+            if path == prefix or path.startswith((prefix + ".", prefix + "[")):
+                return True
+        return False
+
+    def error(self, path: str, message: str) -> None:
+        if not self._is_quiet(path):
+            self.errors.append(ConfigError(path, message))
+
+    def unsupported(self, path: str, detail: str = "") -> None:
+        if not self._is_quiet(path):
+            self.errors.append(ConfigError.not_supported(path, detail))
+
+    def fields(
+        self,
+        msg: Any,
+        path: str,
+        supported: Collection[str],
+        hints: Mapping[str, str] | None = None,
+        *,
+        default_hint: str = "",
+    ) -> None:
+        """Refuse every set field of ``msg`` that is not in ``supported`` (``hints`` may explain
+        why a field is refused, ``default_hint`` is for the others), then check Envoy's
+        constraints on the supported ones."""
+        for fd, _value in msg.ListFields():
+            if fd.name not in supported:
+                hint = (hints or {}).get(fd.name, default_hint)
+                self.unsupported(join(path, fd.name), hint)
+        rules.check_message(msg, path, supported, self.error)
+
+    def refer_cluster(self, name: str, path: str, what: str) -> None:
+        self.cluster_refs.append(ClusterRef(name, path, what))
+
+
+def seconds(value: Any) -> float:
+    """A google.protobuf.Duration as float seconds."""
+    return rules.duration_seconds(value)
+
+
+def timeout(msg: Any, name: str, default: float | None) -> float | None:
+    """A Duration field with Envoy's usual meaning: unset gives ``default``, 0 disables (None)."""
+    if not msg.HasField(name):
+        return default
+    value = seconds(getattr(msg, name))
+    return value if value > 0 else None
+
+
+def wrapped(msg: Any, name: str, default: Any) -> Any:
+    """The value of a google.protobuf wrapper field (UInt32Value, BoolValue, ...) or ``default``."""
+    if msg.HasField(name):
+        return getattr(msg, name).value
+    return default

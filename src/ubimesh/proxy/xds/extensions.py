@@ -1,0 +1,80 @@
+"""The typed-config extensions ubimesh implements, and unpacking of ``typed_config`` Anys.
+
+Importing this module registers every supported extension's message type in protobuf's default
+descriptor pool, which ``json_format.ParseDict`` needs to parse an ``Any`` with that ``@type``.
+A type that is not registered is one ubimesh does not implement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import symbol_database
+
+from ubimesh.proxy.xds.context import Ctx
+
+Bootstrap = bootstrap_pb2.Bootstrap
+HttpConnectionManager = http_connection_manager_pb2.HttpConnectionManager
+TcpProxy = tcp_proxy_pb2.TcpProxy
+Router = router_pb2.Router
+TlsInspector = tls_inspector_pb2.TlsInspector
+UpstreamHttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
+FileAccessLog = file_pb2.FileAccessLog
+
+TYPE_URL_PREFIX = "type.googleapis.com/"
+
+HCM_TYPE = HttpConnectionManager.DESCRIPTOR.full_name
+TCP_PROXY_TYPE = TcpProxy.DESCRIPTOR.full_name
+ROUTER_TYPE = Router.DESCRIPTOR.full_name
+TLS_INSPECTOR_TYPE = TlsInspector.DESCRIPTOR.full_name
+UPSTREAM_HTTP_OPTIONS_TYPE = UpstreamHttpProtocolOptions.DESCRIPTOR.full_name
+FILE_ACCESS_LOG_TYPE = FileAccessLog.DESCRIPTOR.full_name
+
+#: Message types (by full name) that may appear in a typed_config, per place.
+NETWORK_FILTERS: Mapping[str, Any] = {HCM_TYPE: HttpConnectionManager, TCP_PROXY_TYPE: TcpProxy}
+HTTP_FILTERS: Mapping[str, Any] = {ROUTER_TYPE: Router}
+LISTENER_FILTERS: Mapping[str, Any] = {TLS_INSPECTOR_TYPE: TlsInspector}
+ACCESS_LOGGERS: Mapping[str, Any] = {FILE_ACCESS_LOG_TYPE: FileAccessLog}
+CLUSTER_PROTOCOL_OPTIONS: Mapping[str, Any] = {
+    UPSTREAM_HTTP_OPTIONS_TYPE: UpstreamHttpProtocolOptions
+}
+
+
+def type_name(type_url: str) -> str:
+    """The message's full name from a type URL (the part after the last "/")."""
+    return type_url.rsplit("/", 1)[-1]
+
+
+def is_registered(type_url: str) -> bool:
+    """Whether the descriptor pool knows the message type of ``type_url``."""
+    try:
+        symbol_database.Default().pool.FindMessageTypeByName(type_name(type_url))
+    except KeyError:
+        return False
+    return True
+
+
+def unpack(ctx: Ctx, msg: Any, path: str, handlers: Mapping[str, Any], place: str) -> Any | None:
+    """Unpack the Any ``msg`` if its type is one of ``handlers``; otherwise report the type as
+    not supported in ``place`` (e.g. "as an HTTP filter") and return None."""
+    name = type_name(msg.type_url)
+    cls = handlers.get(name)
+    if cls is None:
+        supported = ", ".join(sorted(handlers))
+        ctx.unsupported(path, f"type {name or '(none)'} {place}; supported: {supported}")
+        return None
+    out = cls()
+    if not msg.Unpack(out):  # pragma: no cover - the type was checked above
+        ctx.error(path, f"cannot unpack {name}")
+        return None
+    return out

@@ -1,0 +1,286 @@
+"""Network filters (HTTP connection manager, TCP proxy) and HTTP filters (router)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ubimesh.proxy.snapshot.types import (
+    ForwardClientCertDetails,
+    HeadersWithUnderscoresAction,
+    HttpConnectionManagerConfig,
+    HttpFilterConfig,
+    NetworkFilterConfig,
+    PathWithEscapedSlashesAction,
+    RouteConfiguration,
+    RouterConfig,
+    TcpProxyConfig,
+    WeightedClusterEntry,
+)
+from ubimesh.proxy.xds import extensions
+from ubimesh.proxy.xds.context import Ctx, item, join, timeout, wrapped
+from ubimesh.proxy.xds.route import route_configuration
+
+_NOT_YET = "not implemented yet"
+
+# ---------------------------------------------------------------------------------------------
+# Network filters
+
+_FILTER = {"name", "typed_config"}
+_FILTER_HINTS = {"config_discovery": "filter config discovery (ECDS) is " + _NOT_YET}
+
+
+def network_filters(ctx: Ctx, filters: Any, path: str) -> tuple[NetworkFilterConfig, ...]:
+    """A filter chain's ``filters``. Both supported filters are terminal, so a chain holds
+    exactly one of them, last."""
+    if not filters:
+        ctx.error(path, "a filter chain needs a terminal network filter (HttpConnectionManager or "
+                  "TcpProxy); Envoy would accept an empty chain and close every connection")
+        return ()
+    out: list[NetworkFilterConfig] = []
+    last = len(filters) - 1
+    for i, flt in enumerate(filters):
+        fpath = item(path, i)
+        ctx.fields(flt, fpath, _FILTER, _FILTER_HINTS)
+        tpath = join(fpath, "typed_config")
+        if not flt.HasField("typed_config"):
+            ctx.error(tpath, f"is required (no typed_config for filter {flt.name!r})")
+            continue
+        config = extensions.unpack(
+            ctx, flt.typed_config, tpath, extensions.NETWORK_FILTERS, "as a network filter"
+        )
+        if config is None:
+            continue
+        if i != last:
+            ctx.error(fpath, f"terminal filter {flt.name!r} ({config.DESCRIPTOR.full_name}) must "
+                      "be the last filter in a network filter chain")
+        if config.DESCRIPTOR.full_name == extensions.HCM_TYPE:
+            out.append(http_connection_manager(ctx, config, tpath))
+        else:
+            out.append(tcp_proxy(ctx, config, tpath))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP connection manager
+
+_HCM = {
+    "codec_type", "stat_prefix", "route_config", "http_filters", "generate_request_id",
+    "preserve_external_request_id", "use_remote_address", "xff_num_trusted_hops",
+    "skip_xff_append", "server_name", "server_header_transformation",
+    "common_http_protocol_options", "max_request_headers_kb", "request_timeout",
+    "request_headers_timeout", "stream_idle_timeout", "drain_timeout", "upgrade_configs",
+    "normalize_path", "merge_slashes", "path_with_escaped_slashes_action",
+    "forward_client_cert_details", "http_protocol_options", "internal_address_config",
+}
+_HCM_HINTS = {
+    "rds": "RDS is " + _NOT_YET + "; put the RouteConfiguration inline in route_config",
+    "scoped_routes": "scoped routes are " + _NOT_YET + "; use route_config",
+    "access_log": "access logs are " + _NOT_YET,
+    "tracing": "tracing is " + _NOT_YET,
+    "http2_protocol_options": "HTTP/2 is " + _NOT_YET,
+    "http3_protocol_options": "HTTP/3 is not implemented",
+    "set_current_client_cert_details": "downstream TLS is " + _NOT_YET,
+    "delayed_close_timeout": "the delayed close timeout is " + _NOT_YET,
+    "request_id_extension": "the UUID request ID is the only one implemented",
+}
+_HCM_COMMON_OPTIONS = {"idle_timeout", "max_headers_count", "headers_with_underscores_action"}
+_HCM_COMMON_OPTIONS_HINTS = {
+    "max_connection_duration": "connection durations are " + _NOT_YET,
+    "max_stream_duration": "stream durations are " + _NOT_YET,
+    "max_requests_per_connection": "limiting downstream requests per connection is " + _NOT_YET,
+}
+_HTTP1_OPTIONS_HINT = (
+    "HTTP/1 protocol options are " + _NOT_YET + "; only an empty http_protocol_options is accepted"
+)
+_HCM_UPGRADE = {"upgrade_type", "enabled"}
+_HCM_UPGRADE_HINTS = {"filters": "upgrade-specific filter chains are " + _NOT_YET}
+_INTERNAL_ADDRESS = {"unix_sockets"}
+_INTERNAL_ADDRESS_HINTS = {"cidr_ranges": "internal CIDR ranges are " + _NOT_YET}
+
+_CODECS = {0: "AUTO", 1: "HTTP1"}
+_CODEC_NAMES = {2: "HTTP2", 3: "HTTP3"}
+_SERVER_HEADER = {0: "OVERWRITE", 1: "APPEND_IF_ABSENT", 2: "PASS_THROUGH"}
+
+
+def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionManagerConfig:
+    """envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager."""
+    ctx.fields(msg, path, _HCM, _HCM_HINTS)
+    codec = _CODECS.get(msg.codec_type)
+    if codec is None:
+        name = _CODEC_NAMES.get(msg.codec_type, str(msg.codec_type))
+        ctx.unsupported(join(path, "codec_type"), f"codec_type {name}; use AUTO or HTTP1")
+        codec = "AUTO"
+
+    if msg.HasField("route_config"):
+        route_config = route_configuration(ctx, msg.route_config, join(path, "route_config"))
+    else:
+        route_config = RouteConfiguration("", ())
+
+    idle_timeout: float | None = 3600.0
+    max_headers_count = 100
+    underscores = HeadersWithUnderscoresAction.ALLOW
+    if msg.HasField("common_http_protocol_options"):
+        opts = msg.common_http_protocol_options
+        opath = join(path, "common_http_protocol_options")
+        ctx.fields(opts, opath, _HCM_COMMON_OPTIONS, _HCM_COMMON_OPTIONS_HINTS)
+        idle_timeout = timeout(opts, "idle_timeout", 3600.0)
+        max_headers_count = wrapped(opts, "max_headers_count", 100)
+        underscores = HeadersWithUnderscoresAction(opts.headers_with_underscores_action)
+
+    if msg.HasField("http_protocol_options"):
+        hpath = join(path, "http_protocol_options")
+        ctx.fields(msg.http_protocol_options, hpath, (), default_hint=_HTTP1_OPTIONS_HINT)
+
+    unix_sockets = False
+    if msg.HasField("internal_address_config"):
+        ipath = join(path, "internal_address_config")
+        ctx.fields(msg.internal_address_config, ipath, _INTERNAL_ADDRESS, _INTERNAL_ADDRESS_HINTS)
+        unix_sockets = msg.internal_address_config.unix_sockets
+
+    escaped = msg.path_with_escaped_slashes_action
+    drain = timeout(msg, "drain_timeout", 5.0)
+    return HttpConnectionManagerConfig(
+        stat_prefix=msg.stat_prefix,
+        route_config=route_config,
+        http_filters=http_filters(ctx, msg.http_filters, join(path, "http_filters")),
+        generate_request_id=wrapped(msg, "generate_request_id", True),
+        preserve_external_request_id=msg.preserve_external_request_id,
+        use_remote_address=wrapped(msg, "use_remote_address", False),
+        xff_num_trusted_hops=msg.xff_num_trusted_hops,
+        skip_xff_append=msg.skip_xff_append,
+        server_name=msg.server_name or "envoy",
+        server_header_transformation=_SERVER_HEADER.get(
+            msg.server_header_transformation, "OVERWRITE"
+        ),
+        idle_timeout=idle_timeout,
+        max_headers_count=max_headers_count,
+        headers_with_underscores_action=underscores,
+        max_request_headers_kb=wrapped(msg, "max_request_headers_kb", 60),
+        request_timeout=timeout(msg, "request_timeout", None),
+        request_headers_timeout=timeout(msg, "request_headers_timeout", None),
+        stream_idle_timeout=timeout(msg, "stream_idle_timeout", 300.0),
+        drain_timeout=drain if drain is not None else 0.0,
+        upgrade_types=hcm_upgrades(ctx, msg.upgrade_configs, join(path, "upgrade_configs")),
+        normalize_path=wrapped(msg, "normalize_path", False),
+        merge_slashes=msg.merge_slashes,
+        # IMPLEMENTATION_SPECIFIC_DEFAULT (0) is KEEP_UNCHANGED in Envoy.
+        path_with_escaped_slashes_action=PathWithEscapedSlashesAction(escaped or 1),
+        forward_client_cert_details=ForwardClientCertDetails(msg.forward_client_cert_details),
+        internal_address_config_unix_sockets=unix_sockets,
+        codec_type=codec,
+    )
+
+
+def hcm_upgrades(ctx: Ctx, configs: Any, path: str) -> frozenset[str]:
+    """HttpConnectionManager.upgrade_configs: the enabled upgrade types (only websocket)."""
+    enabled: set[str] = set()
+    seen: set[str] = set()
+    for i, config in enumerate(configs):
+        upath = item(path, i)
+        ctx.fields(config, upath, _HCM_UPGRADE, _HCM_UPGRADE_HINTS)
+        kind = config.upgrade_type.lower()
+        if kind in seen:
+            ctx.error(join(upath, "upgrade_type"),
+                      f"multiple upgrade configs with the same name: {config.upgrade_type!r}")
+        seen.add(kind)
+        if kind != "websocket":
+            if kind:
+                ctx.unsupported(join(upath, "upgrade_type"),
+                                f"upgrade type {config.upgrade_type!r}; only websocket is")
+            continue
+        if wrapped(config, "enabled", True):
+            enabled.add(kind)
+    return frozenset(enabled)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP filters
+
+_HTTP_FILTER = {"name", "typed_config"}
+_HTTP_FILTER_HINTS = {
+    "config_discovery": "filter config discovery (ECDS) is " + _NOT_YET,
+    "is_optional": "every configured filter must be one ubimesh implements",
+    "disabled": "disabling filters per route is " + _NOT_YET,
+}
+_ROUTER = {"dynamic_stats", "suppress_envoy_headers"}
+_ROUTER_HINTS = {
+    "upstream_log": "upstream access logs are " + _NOT_YET,
+    "start_child_span": "tracing is " + _NOT_YET,
+    "upstream_http_filters": "upstream HTTP filters are " + _NOT_YET,
+}
+
+
+def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, ...]:
+    """HttpConnectionManager.http_filters: for now the router alone, which must be last."""
+    if not filters:
+        ctx.error(path, "the HTTP filter chain must end with the router filter "
+                  f"({extensions.ROUTER_TYPE}); Envoy would accept an empty list and answer no "
+                  "request")
+        return ()
+    out: list[HttpFilterConfig] = []
+    last = len(filters) - 1
+    for i, flt in enumerate(filters):
+        fpath = item(path, i)
+        ctx.fields(flt, fpath, _HTTP_FILTER, _HTTP_FILTER_HINTS)
+        tpath = join(fpath, "typed_config")
+        if not flt.name:
+            ctx.error(join(fpath, "name"), "must not be empty")
+        if not flt.HasField("typed_config"):
+            ctx.error(tpath, f"is required (no typed_config for filter {flt.name!r})")
+            continue
+        config = extensions.unpack(
+            ctx, flt.typed_config, tpath, extensions.HTTP_FILTERS, "as an HTTP filter"
+        )
+        if config is None:
+            continue
+        type_name = config.DESCRIPTOR.full_name
+        if type_name == extensions.ROUTER_TYPE:
+            if i != last:
+                ctx.error(fpath, f"terminal filter {flt.name!r} ({type_name}) must be the last "
+                          "filter in an HTTP filter chain")
+            ctx.fields(config, tpath, _ROUTER, _ROUTER_HINTS)
+            compiled = RouterConfig(
+                dynamic_stats=wrapped(config, "dynamic_stats", True),
+                suppress_envoy_headers=config.suppress_envoy_headers,
+            )
+            out.append(HttpFilterConfig(flt.name, type_name, compiled))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# TCP proxy
+
+_TCP_PROXY = {"stat_prefix", "cluster", "weighted_clusters", "idle_timeout",
+              "max_connect_attempts"}
+_TCP_PROXY_HINTS = {
+    "access_log": "access logs are " + _NOT_YET,
+    "tunneling_config": "tunneling is " + _NOT_YET,
+    "hash_policy": "hashing in the TCP proxy is " + _NOT_YET,
+}
+_TCP_WEIGHTED = {"clusters"}
+_TCP_CLUSTER_WEIGHT = {"name", "weight"}
+
+
+def tcp_proxy(ctx: Ctx, msg: Any, path: str) -> TcpProxyConfig:
+    """envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy."""
+    ctx.fields(msg, path, _TCP_PROXY, _TCP_PROXY_HINTS)
+    entries: list[WeightedClusterEntry] = []
+    if msg.WhichOneof("cluster_specifier") == "cluster":
+        ctx.refer_cluster(msg.cluster, join(path, "cluster"), "tcp_proxy")
+    elif msg.WhichOneof("cluster_specifier") == "weighted_clusters":
+        wpath = join(path, "weighted_clusters")
+        ctx.fields(msg.weighted_clusters, wpath, _TCP_WEIGHTED)
+        cpath = join(wpath, "clusters")
+        for i, cw in enumerate(msg.weighted_clusters.clusters):
+            epath = item(cpath, i)
+            ctx.fields(cw, epath, _TCP_CLUSTER_WEIGHT)
+            ctx.refer_cluster(cw.name, join(epath, "name"), "tcp_proxy weighted cluster")
+            entries.append(WeightedClusterEntry(cw.name, cw.weight))
+    return TcpProxyConfig(
+        stat_prefix=msg.stat_prefix,
+        cluster=msg.cluster,
+        weighted_clusters=tuple(entries),
+        total_weight=sum(e.weight for e in entries),
+        idle_timeout=timeout(msg, "idle_timeout", 3600.0),
+        max_connect_attempts=wrapped(msg, "max_connect_attempts", 1),
+    )

@@ -1,0 +1,171 @@
+"""envoy.config.listener.v3: Listener, FilterChain, FilterChainMatch, listener filters."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from ubimesh.proxy.snapshot.types import FilterChain, FilterChainMatch, Listener, SocketAddress
+from ubimesh.proxy.xds import common, extensions
+from ubimesh.proxy.xds.context import Ctx, item, join, wrapped
+from ubimesh.proxy.xds.filters import network_filters
+
+_NOT_YET = "not implemented yet"
+
+_LISTENER = {
+    "name", "address", "filter_chains", "default_filter_chain",
+    "per_connection_buffer_limit_bytes", "listener_filters",
+}
+_LISTENER_HINTS = {
+    "additional_addresses": "one address per listener; add another listener",
+    "access_log": "access logs are " + _NOT_YET,
+    "use_original_dst": "original destination is " + _NOT_YET,
+    "filter_chain_matcher": "use filter_chain_match on each filter chain",
+    "socket_options": "socket options are " + _NOT_YET,
+    "transparent": "transparent proxying is " + _NOT_YET,
+    "api_listener": "API listeners are not implemented",
+    "udp_listener_config": "UDP is not implemented",
+}
+_FILTER_CHAIN = {"name", "filter_chain_match", "filters"}
+_FILTER_CHAIN_HINTS = {
+    "transport_socket": "downstream TLS is " + _NOT_YET,
+    "transport_socket_connect_timeout": "downstream TLS is " + _NOT_YET,
+}
+_FILTER_CHAIN_MATCH = {
+    "destination_port", "server_names", "transport_protocol", "application_protocols",
+}
+_FILTER_CHAIN_MATCH_HINTS = {
+    "prefix_ranges": "matching on the destination IP is " + _NOT_YET,
+    "source_prefix_ranges": "matching on the source IP is " + _NOT_YET,
+    "direct_source_prefix_ranges": "matching on the source IP is " + _NOT_YET,
+    "source_type": "matching on the source type is " + _NOT_YET,
+    "source_ports": "matching on the source port is " + _NOT_YET,
+}
+_LISTENER_FILTER = {"name", "typed_config"}
+_LISTENER_FILTER_HINTS = {
+    "config_discovery": "filter config discovery (ECDS) is " + _NOT_YET,
+    "filter_disabled": "conditionally disabled listener filters are " + _NOT_YET,
+}
+_TLS_INSPECTOR_HINT = "TLS inspector options are " + _NOT_YET
+
+_LISTENER_IP_ONLY = "a listener binds an IP address"
+
+
+def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
+    """envoy.config.listener.v3.Listener. A listener without a name is named after its address
+    (Envoy makes up a UUID)."""
+    ctx.fields(msg, path, _LISTENER, _LISTENER_HINTS)
+    apath = join(path, "address")
+    if msg.HasField("address"):
+        address = common.socket_address(ctx, msg.address, apath, ip_only=_LISTENER_IP_ONLY)
+    else:
+        ctx.error(apath, "is required")
+        address = SocketAddress("", 0)
+
+    inspector = False
+    lf_path = join(path, "listener_filters")
+    for i, lf in enumerate(msg.listener_filters):
+        inspector |= _listener_filter(ctx, lf, item(lf_path, i))
+
+    chains_path = join(path, "filter_chains")
+    chains = tuple(
+        filter_chain(ctx, fc, item(chains_path, i)) for i, fc in enumerate(msg.filter_chains)
+    )
+    _check_overlaps(ctx, chains, chains_path)
+    default = None
+    if msg.HasField("default_filter_chain"):
+        dpath = join(path, "default_filter_chain")
+        if msg.default_filter_chain.HasField("filter_chain_match"):
+            ctx.error(join(dpath, "filter_chain_match"), "the default filter chain takes every "
+                      "connection that no other chain matches; Envoy ignores its "
+                      "filter_chain_match, remove it")
+        default = filter_chain(ctx, msg.default_filter_chain, dpath)
+    if not chains and default is None:
+        ctx.error(chains_path, "no filter chains specified (set filter_chains or "
+                  "default_filter_chain)")
+
+    needs_inspector = inspector or any(
+        _needs_inspection(chain.match) for chain in (*chains, *([default] if default else []))
+    )
+    return Listener(
+        name=msg.name or str(address),
+        address=address,
+        filter_chains=chains,
+        default_filter_chain=default,
+        per_connection_buffer_limit_bytes=wrapped(
+            msg, "per_connection_buffer_limit_bytes", 1024 * 1024
+        ),
+        needs_tls_inspector=needs_inspector,
+    )
+
+
+def _needs_inspection(match: FilterChainMatch) -> bool:
+    """Whether matching needs the TLS ClientHello: SNI, ALPN, or telling TLS from plaintext."""
+    return bool(match.server_names or match.application_protocols or match.transport_protocol)
+
+
+def _listener_filter(ctx: Ctx, msg: Any, path: str) -> bool:
+    """One listener filter; returns whether it is the TLS inspector."""
+    ctx.fields(msg, path, _LISTENER_FILTER, _LISTENER_FILTER_HINTS)
+    tpath = join(path, "typed_config")
+    if not msg.HasField("typed_config"):
+        ctx.error(tpath, f"is required (no typed_config for listener filter {msg.name!r})")
+        return False
+    config = extensions.unpack(
+        ctx, msg.typed_config, tpath, extensions.LISTENER_FILTERS, "as a listener filter"
+    )
+    if config is None:
+        return False
+    ctx.fields(config, tpath, (), default_hint=_TLS_INSPECTOR_HINT)
+    return True
+
+
+def filter_chain(ctx: Ctx, msg: Any, path: str) -> FilterChain:
+    ctx.fields(msg, path, _FILTER_CHAIN, _FILTER_CHAIN_HINTS)
+    match = FilterChainMatch()
+    if msg.HasField("filter_chain_match"):
+        match = filter_chain_match(ctx, msg.filter_chain_match, join(path, "filter_chain_match"))
+    filters = network_filters(ctx, msg.filters, join(path, "filters"))
+    return FilterChain(name=msg.name, match=match, filters=filters)
+
+
+def filter_chain_match(ctx: Ctx, msg: Any, path: str) -> FilterChainMatch:
+    ctx.fields(msg, path, _FILTER_CHAIN_MATCH, _FILTER_CHAIN_MATCH_HINTS)
+    names_path = join(path, "server_names")
+    names = []
+    for i, name in enumerate(msg.server_names):
+        lowered = name.lower()
+        if "*" in lowered and not lowered.startswith("*."):
+            ctx.error(item(names_path, i), f"partial wildcards are not supported in server_names: "
+                      f"{name!r} (a wildcard is a leading '*.')")
+        names.append(lowered)
+    return FilterChainMatch(
+        destination_port=wrapped(msg, "destination_port", None),
+        server_names=tuple(names),
+        transport_protocol=msg.transport_protocol,
+        application_protocols=tuple(msg.application_protocols),
+    )
+
+
+def _check_overlaps(ctx: Ctx, chains: tuple[FilterChain, ...], path: str) -> None:
+    """Envoy refuses two filter chains that a connection could match equally well: a chain
+    matches a set of (destination port, server name, transport protocol, application protocol)
+    combinations, and no combination may belong to two chains."""
+    owner: dict[tuple[Any, ...], int] = {}
+    for i, chain in enumerate(chains):
+        m = chain.match
+        combos = itertools.product(
+            (m.destination_port,),
+            m.server_names or (None,),
+            (m.transport_protocol or None,),
+            m.application_protocols or (None,),
+        )
+        clash = None
+        for combo in combos:
+            previous = owner.setdefault(combo, i)
+            if previous != i and clash is None:
+                clash = previous
+        if clash is not None:
+            ctx.error(join(item(path, i), "filter_chain_match"), "multiple filter chains with "
+                      f"the same or overlapping matching rules: {item(path, clash)} matches the "
+                      "same connections")

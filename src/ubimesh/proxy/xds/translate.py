@@ -1,0 +1,193 @@
+"""Bootstrap (protobuf) to runtime Snapshot: the top level of the translator.
+
+``translate_bootstrap`` walks the supported part of the Bootstrap, checks what spans several
+resources (cluster references, duplicate names and addresses), and returns a Snapshot, or
+raises ``ConfigErrors`` with every problem it found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf import json_format
+
+from ubimesh.proxy.snapshot.types import Admin, Cluster, Listener, NodeInfo, Snapshot
+from ubimesh.proxy.xds import common, extensions
+from ubimesh.proxy.xds.cluster import cluster as translate_cluster
+from ubimesh.proxy.xds.context import Ctx, item, join
+from ubimesh.proxy.xds.errors import ConfigError, ConfigErrors
+from ubimesh.proxy.xds.listener import listener as translate_listener
+
+_NOT_YET = "not implemented yet"
+
+_BOOTSTRAP = {"node", "static_resources", "admin"}
+_BOOTSTRAP_HINTS = {
+    "dynamic_resources": "ADS is " + _NOT_YET + "; put listeners and clusters in static_resources",
+    "layered_runtime": "ubimesh has no runtime",
+    "stats_sinks": "stats sinks are " + _NOT_YET + "; scrape /stats/prometheus",
+    "stats_config": "stats tag configuration is " + _NOT_YET,
+    "tracing": "tracing is " + _NOT_YET,
+    "overload_manager": "the overload manager is " + _NOT_YET,
+    "cluster_manager": "cluster manager options are " + _NOT_YET,
+}
+_STATIC_RESOURCES = {"listeners", "clusters"}
+_STATIC_RESOURCES_HINTS = {"secrets": "SDS secrets and TLS are " + _NOT_YET}
+_NODE = {"id", "cluster"}
+_NODE_HINTS = {
+    "metadata": "node metadata is " + _NOT_YET,
+    "locality": "node locality is " + _NOT_YET,
+}
+_ADMIN = {"address", "access_log_path", "access_log"}
+_ACCESS_LOG = {"name", "typed_config"}
+_ACCESS_LOG_HINTS = {"filter": "access log filters are " + _NOT_YET}
+_FILE_ACCESS_LOG = {"path"}
+_FILE_ACCESS_LOG_HINTS = {
+    name: "the admin access log format is fixed" for name in
+    ("format", "json_format", "typed_json_format", "log_format")
+}
+
+
+def translate_bootstrap(
+    bootstrap: Any,
+    source: dict[str, Any] | None = None,
+    *,
+    service_node: str | None = None,
+    service_cluster: str | None = None,
+    quiet: Iterable[str] = (),
+    errors: Iterable[ConfigError] = (),
+    source_name: str = "",
+) -> Snapshot:
+    """Translate an ``envoy.config.bootstrap.v3.Bootstrap`` into a Snapshot.
+
+    ``source`` is the raw config as a plain dict (kept in ``Snapshot.source``); without it, the
+    proto's JSON form is kept. ``service_node``/``service_cluster`` override ``node.id`` and
+    ``node.cluster`` like Envoy's --service-node/--service-cluster. ``errors`` are problems
+    already found while parsing (reported together with the translator's) and ``quiet`` the
+    paths they were about. Raises ``ConfigErrors`` (every error found) when the config is not
+    valid for ubimesh.
+    """
+    ctx = Ctx(errors=list(errors), quiet=frozenset(quiet))
+    ctx.fields(bootstrap, "", _BOOTSTRAP, _BOOTSTRAP_HINTS)
+
+    node = NodeInfo()
+    if bootstrap.HasField("node"):
+        ctx.fields(bootstrap.node, "node", _NODE, _NODE_HINTS)
+        node = NodeInfo(bootstrap.node.id, bootstrap.node.cluster)
+    if service_node is not None or service_cluster is not None:
+        node = NodeInfo(
+            service_node if service_node is not None else node.id,
+            service_cluster if service_cluster is not None else node.cluster,
+        )
+
+    listeners: list[Listener] = []
+    clusters: dict[str, Cluster] = {}
+    if bootstrap.HasField("static_resources"):
+        static = bootstrap.static_resources
+        ctx.fields(static, "static_resources", _STATIC_RESOURCES, _STATIC_RESOURCES_HINTS)
+        listeners = _listeners(ctx, static.listeners, "static_resources.listeners")
+        clusters = _clusters(ctx, static.clusters, "static_resources.clusters")
+
+    admin = _admin(ctx, bootstrap.admin, "admin") if bootstrap.HasField("admin") else None
+
+    for ref in ctx.cluster_refs:
+        if ref.name and ref.name not in clusters:
+            ctx.error(ref.path, f"{ref.what}: unknown cluster {ref.name!r}")
+
+    if ctx.errors:
+        raise ConfigErrors(ctx.errors, source=source_name)
+
+    canonical = json_format.MessageToDict(bootstrap, preserving_proto_field_name=True)
+    return Snapshot(
+        version=config_version(canonical),
+        node=node,
+        listeners=tuple(listeners),
+        clusters=clusters,
+        admin=admin,
+        source=source if source is not None else canonical,
+    )
+
+
+def config_version(canonical: dict[str, Any]) -> str:
+    """A short, stable hash of a config's canonical JSON (sorted keys, proto field names)."""
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _listeners(ctx: Ctx, msgs: Any, path: str) -> list[Listener]:
+    out: list[Listener] = []
+    names: dict[str, str] = {}
+    addresses: dict[tuple[str, int], str] = {}
+    for i, msg in enumerate(msgs):
+        lpath = item(path, i)
+        translated = translate_listener(ctx, msg, lpath)
+        if msg.name:
+            if msg.name in names:
+                ctx.error(join(lpath, "name"), f"duplicate listener name {msg.name!r} (also at "
+                          f"{names[msg.name]})")
+            names.setdefault(msg.name, lpath)
+        address = translated.address
+        if address.port != 0 and address.host:
+            key = (_normal_ip(address.host), address.port)
+            if key in addresses:
+                ctx.error(join(lpath, "address"), f"listener {translated.name!r} has duplicate "
+                          f"address {address} as the listener at {addresses[key]}")
+            addresses.setdefault(key, lpath)
+        out.append(translated)
+    return out
+
+
+def _normal_ip(host: str) -> str:
+    return str(ipaddress.ip_address(host)) if common.is_ip(host) else host
+
+
+def _clusters(ctx: Ctx, msgs: Any, path: str) -> dict[str, Cluster]:
+    out: dict[str, Cluster] = {}
+    where: dict[str, str] = {}
+    for i, msg in enumerate(msgs):
+        cpath = item(path, i)
+        translated = translate_cluster(ctx, msg, cpath)
+        if msg.name in out:
+            ctx.error(join(cpath, "name"), f"duplicate cluster {msg.name!r} (also at "
+                      f"{where[msg.name]})")
+            continue
+        out[msg.name] = translated
+        where[msg.name] = cpath
+    return out
+
+
+def _admin(ctx: Ctx, msg: Any, path: str) -> Admin | None:
+    """Bootstrap.admin. ubimesh keeps one admin access log path: from access_log_path or from a
+    single file access logger."""
+    ctx.fields(msg, path, _ADMIN)
+    log_paths: list[tuple[str, str]] = []
+    if msg.access_log_path:
+        log_paths.append((msg.access_log_path, join(path, "access_log_path")))
+    logs_path = join(path, "access_log")
+    for i, log in enumerate(msg.access_log):
+        lpath = item(logs_path, i)
+        ctx.fields(log, lpath, _ACCESS_LOG, _ACCESS_LOG_HINTS)
+        tpath = join(lpath, "typed_config")
+        if not log.HasField("typed_config"):
+            ctx.error(tpath, "is required")
+            continue
+        config = extensions.unpack(
+            ctx, log.typed_config, tpath, extensions.ACCESS_LOGGERS, "as an admin access log"
+        )
+        if config is None:
+            continue
+        ctx.fields(config, tpath, _FILE_ACCESS_LOG, _FILE_ACCESS_LOG_HINTS)
+        log_paths.append((config.path, tpath))
+    if len(log_paths) > 1:
+        ctx.unsupported(log_paths[1][1], "more than one admin access log")
+    if not msg.HasField("address"):
+        if log_paths:
+            ctx.error(join(path, "address"), "is required with an admin access log")
+        return None
+    address = common.socket_address(
+        ctx, msg.address, join(path, "address"), ip_only="the admin interface binds an IP address"
+    )
+    return Admin(address, log_paths[0][0] if log_paths else "")
