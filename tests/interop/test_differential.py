@@ -78,7 +78,7 @@ from tests.support.differential import (
     run_case,
 )
 from tests.support.echo_upstream import EchoServerPool
-from tests.support.procs import envoy_binary, ubimesh_available
+from tests.support.procs import ProcessStartError, envoy_binary, ubimesh_available
 
 pytestmark = [
     pytest.mark.envoy,
@@ -138,7 +138,13 @@ def test_enough_cases() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_differential(case: Case, farm: ProxyFarm, echo_pool: EchoServerPool) -> None:
-    ref, sub = farm.proxies(case.suite)
+    start_error = None
+    try:
+        ref, sub = farm.proxies(case.suite)
+    except ProcessStartError as exc:
+        start_error = str(exc)
+    if start_error is not None:
+        pytest.fail(start_error, pytrace=False)
     self_mode = farm.subject_kind == "envoy"
 
     ref_obs = run_case(echo_pool, ref, case)

@@ -55,7 +55,8 @@ __all__ = ["EchoServerPool", "RequestRecord", "serve_forever"]
 
 MAX_HEAD_BYTES = 256 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
-IDLE_TIMEOUT_S = 30.0
+# Long, so that a proxy never reuses a pooled connection just as the upstream closes it.
+IDLE_TIMEOUT_S = 600.0
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _METHOD = _TOKEN

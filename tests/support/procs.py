@@ -157,6 +157,25 @@ def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
+def _listening_ports(pid: int) -> set[int] | None:
+    """TCP ports the process (or its children) listens on; None if that cannot be known."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        ports: set[int] = set()
+        for proc in procs:
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr:
+                    ports.add(conn.laddr.port)
+        return ports
+    except (psutil.Error, OSError):
+        return None
+
+
 def wait_ready(
     proc: ManagedProcess,
     admin_port: int,
@@ -165,8 +184,9 @@ def wait_ready(
 ) -> None:
     """Wait until admin ``/ready`` answers 200 and every listener port accepts connections.
 
-    The process must still be alive after both checks: a port that answers while our process has
-    died belongs to somebody else.
+    The process must still be alive after both checks, and (where psutil can tell) must own the
+    listening sockets: a port that answers while our process has not bound it belongs to
+    somebody else, which is reported as "address in use" so that callers retry on new ports.
     """
     deadline = time.monotonic() + timeout
     last = "no answer yet"
@@ -185,6 +205,7 @@ def wait_ready(
         raise ProcessStartError(
             f"{proc.name} not ready after {timeout} s ({last})\n{proc.describe()}"
         )
+    listener_ports = list(listener_ports)
     for port in listener_ports:
         while not port_accepts(port):
             if not proc.alive:
@@ -197,6 +218,13 @@ def wait_ready(
             time.sleep(0.03)
     if not proc.alive:
         raise ProcessStartError(f"{proc.name} exited during startup\n{proc.describe()}")
+    wanted = {admin_port, *listener_ports}
+    owned = _listening_ports(proc.pid)
+    if owned is not None and not wanted <= owned:
+        raise ProcessStartError(
+            f"{proc.name}: ports {sorted(wanted - owned)} answer but are not bound by it "
+            f"(address in use by another process?)\n{proc.describe()}"
+        )
 
 
 def start_envoy(
