@@ -299,3 +299,22 @@ def core_busy(before: Sequence[object], after: Sequence[object], cpu: int) -> fl
     if total <= 0:
         return None
     return 100.0 * (total - idle) / total
+
+
+def wait_for_quiet(
+    cpus: Sequence[int], threshold: float, timeout: float, window: float = 1.0
+) -> float:
+    """Wait until every core in ``cpus`` is less than ``threshold`` % busy over ``window``.
+
+    Called while the benchmark's own processes are idle, so what it sees is other work on
+    the machine. Returns the busiest core's percentage at the last check (which is above
+    ``threshold`` if ``timeout`` ran out first).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        before = psutil.cpu_times(percpu=True)
+        time.sleep(window)
+        after = psutil.cpu_times(percpu=True)
+        busy = max((core_busy(before, after, cpu) or 0.0) for cpu in cpus)
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
