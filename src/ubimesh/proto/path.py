@@ -54,6 +54,9 @@ class NormalizedPath(NamedTuple):
         return self.action is PathAction.REDIRECT
 
 
+# NamedTuple's generated __new__ is a Python function; _make goes straight to tuple.__new__.
+_result = NormalizedPath._make
+_FORWARD = PathAction.FORWARD
 _KEEP = PathWithEscapedSlashesAction.KEEP_UNCHANGED
 _REJECT = PathWithEscapedSlashesAction.REJECT_REQUEST
 _REDIRECT = PathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT
@@ -72,23 +75,23 @@ def normalize_request_path(
         part, query = path, ""
     else:
         part, query = path[:q], path[q:]
-    action = PathAction.FORWARD
+    action = _FORWARD
     if escaped_slashes is not _KEEP and "%" in part:
         unescaped = unescape_slashes(part)
         if unescaped is not part:
             if escaped_slashes is _REJECT:
-                return NormalizedPath(PathAction.REJECT, path)
+                return _result((PathAction.REJECT, path))
             if escaped_slashes is _REDIRECT:
                 action = PathAction.REDIRECT
             part = unescaped
     if normalize:
         canonical = canonicalize_path(part)
         if canonical is None:
-            return NormalizedPath(PathAction.REJECT, path)
+            return _result((PathAction.REJECT, path))
         part = canonical
     if merge_slashes and "//" in part:
         part = merge_path_slashes(part)
-    return NormalizedPath(action, part + query)
+    return _result((action, part + query))
 
 
 class PathNormalizer:
@@ -111,7 +114,7 @@ class PathNormalizer:
 
     def __call__(self, path: str) -> NormalizedPath:
         if not self.active:
-            return NormalizedPath(PathAction.FORWARD, path)
+            return _result((_FORWARD, path))
         return normalize_request_path(
             path,
             normalize=self.normalize,

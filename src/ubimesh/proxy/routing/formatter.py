@@ -131,6 +131,11 @@ class CompiledFormat:
         return f"CompiledFormat({self.source!r})"
 
 
+def literal_format(text: str) -> CompiledFormat:
+    """A "format" that is ``text`` verbatim (a header value without operators)."""
+    return CompiledFormat(text, [text] if text else [])
+
+
 # ---------------------------------------------------------------------------------------------
 # Compilation
 
