@@ -676,7 +676,11 @@ def describe_difference(
     ref_obs: list[dict[str, Any]],
     sub_obs: list[dict[str, Any]],
 ) -> str:
-    lines = [f"case {case.id}: {case.doc}"]
+    differing = sum(1 for x, y in zip(ref_obs, sub_obs, strict=True) if x != y)
+    lines = [
+        f"case {case.id}: {case.doc}",
+        f"{differing} of {len(case.requests)} requests differ ({ref_label} is the reference)",
+    ]
     for i, (spec, a, b) in enumerate(zip(case.requests, ref_obs, sub_obs, strict=True)):
         if a == b:
             continue
@@ -686,6 +690,18 @@ def describe_difference(
         )
         keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
         lines.append(f"    differing fields: {', '.join(keys)}")
+        if (a.get("status") is None) != (b.get("status") is None):
+            # One side got no response at all: say so, and show the other side whole.
+            for label, obs in ((ref_label, a), (sub_label, b)):
+                if obs.get("status") is None:
+                    lines.append(f"    {label}: NO RESPONSE ({obs.get('error')})")
+                    if obs.get("upstreams"):
+                        lines.append(f"    {label} upstreams:")
+                        lines.extend("        " + x for x in _dump(obs["upstreams"]).splitlines())
+                else:
+                    lines.append(f"    {label}:")
+                    lines.extend("        " + x for x in _dump(obs).splitlines())
+            continue
         for key in keys:
             lines.append(f"    [{key}] {ref_label}:")
             lines.extend("        " + x for x in _dump(a.get(key)).splitlines())
