@@ -136,9 +136,9 @@ def pick_cluster_name(config: TcpProxyConfig, rnd: Callable[[], float] = _random
     return entries[-1].name
 
 
-def _set_limits(transport: asyncio.BaseTransport, limit: int) -> None:
-    if isinstance(transport, asyncio.WriteTransport):
-        transport.set_write_buffer_limits(high=limit, low=limit // 2)
+def _set_limits(transport: asyncio.Transport, limit: int) -> None:
+    # Duck-typed: uvloop's transports are not asyncio.WriteTransport subclasses.
+    transport.set_write_buffer_limits(high=limit, low=limit // 2)
 
 
 class _UpstreamProtocol(asyncio.Protocol):
