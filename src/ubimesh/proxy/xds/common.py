@@ -172,8 +172,8 @@ def string_matcher(ctx: Ctx, msg: Any, path: str) -> StringMatcher | None:
     """envoy.type.matcher.v3.StringMatcher."""
     ctx.fields(msg, path, _STRING_MATCHER, _STRING_MATCHER_HINTS)
     which = msg.WhichOneof("match_pattern")
-    if which is None:
-        return None  # the constraint check reported it (or an unsupported field was)
+    if which is None or which == "custom":
+        return None  # reported by the constraint check, or refused as unsupported
     if which == "safe_regex":
         if msg.ignore_case:
             ctx.error(join(path, "ignore_case"), "ignore_case has no effect for safe_regex")

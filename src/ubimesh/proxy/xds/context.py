@@ -32,6 +32,11 @@ def entry(path: str, key: str) -> str:
     return f'{path}["{key}"]'
 
 
+def is_within(path: str, prefix: str) -> bool:
+    """Whether ``path`` is ``prefix`` or a path inside it."""
+    return path == prefix or path.startswith((prefix + ".", prefix + "["))
+
+
 @dataclass(slots=True)
 class ClusterRef:
     """A cluster named somewhere in the config; checked once all clusters are known."""
@@ -49,18 +54,22 @@ class Ctx:
     errors: list[ConfigError] = field(default_factory=list)
     quiet: frozenset[str] = frozenset()
     cluster_refs: list[ClusterRef] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    """Paths of the fields refused as unsupported."""
 
     def _is_quiet(self, path: str) -> bool:
-        for prefix in self.quiet:
-            if path == prefix or path.startswith((prefix + ".", prefix + "[")):
-                return True
-        return False
+        return any(is_within(path, prefix) for prefix in self.quiet)
+
+    def is_refused(self, path: str) -> bool:
+        """Whether ``path`` is a refused field or lies inside one."""
+        return any(is_within(path, prefix) for prefix in self.refused)
 
     def error(self, path: str, message: str) -> None:
         if not self._is_quiet(path):
             self.errors.append(ConfigError(path, message))
 
     def unsupported(self, path: str, detail: str = "") -> None:
+        self.refused.append(path)
         if not self._is_quiet(path):
             self.errors.append(ConfigError.not_supported(path, detail))
 

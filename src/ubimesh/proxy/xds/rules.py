@@ -159,10 +159,10 @@ def _check_string(value: str, rules: Any, path: str, report: Report) -> None:
         known = rules.well_known_regex
         if known == validate_pb2.HTTP_HEADER_NAME:
             regex = _HEADER_NAME_STRICT if rules.strict else _HEADER_LOOSE
-            what = "an HTTP header name"
+            what = "HTTP header name"
         elif known == validate_pb2.HTTP_HEADER_VALUE:
             regex = _HEADER_VALUE_STRICT if rules.strict else _HEADER_LOOSE
-            what = "an HTTP header value"
+            what = "HTTP header value"
         else:
             return
         if regex.match(value) is None:

@@ -70,7 +70,7 @@ def translate_bootstrap(
     paths they were about. Raises ``ConfigErrors`` (every error found) when the config is not
     valid for ubimesh.
     """
-    ctx = Ctx(errors=list(errors), quiet=frozenset(quiet))
+    ctx = Ctx(quiet=frozenset(quiet))
     ctx.fields(bootstrap, "", _BOOTSTRAP, _BOOTSTRAP_HINTS)
 
     node = NodeInfo()
@@ -97,8 +97,11 @@ def translate_bootstrap(
         if ref.name and ref.name not in clusters:
             ctx.error(ref.path, f"{ref.what}: unknown cluster {ref.name!r}")
 
-    if ctx.errors:
-        raise ConfigErrors(ctx.errors, source=source_name)
+    # A parse error inside a field that is refused anyway (say, an unknown field inside a
+    # retry_policy) adds nothing to the refusal.
+    found = [e for e in errors if not ctx.is_refused(e.path)] + ctx.errors
+    if found:
+        raise ConfigErrors(found, source=source_name)
 
     canonical = json_format.MessageToDict(bootstrap, preserving_proto_field_name=True)
     return Snapshot(
