@@ -9,6 +9,7 @@ that fails to load on reload is logged and changes nothing (the last good one ke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import signal
@@ -18,7 +19,7 @@ import time
 from typing import Any
 
 from ubimesh import __version__
-from ubimesh.proxy.admin import AdminServer
+from ubimesh.proxy.admin import AdminServer, ClusterStatus, ListenerStatus
 from ubimesh.proxy.server import ProxyOptions, ProxyServer, listener_key
 from ubimesh.proxy.snapshot.types import Snapshot
 from ubimesh.runtime.workers import WorkerHandle, fork_worker, serve_control
@@ -194,16 +195,27 @@ class ProxyApp:
             ]
         }
 
-    async def clusters_view(self) -> list[dict[str, Any]]:
+    async def clusters(self) -> list[ClusterStatus]:
         if self.server is not None:
             return self.server.clusters_view()
         views = []
         for w in self.workers:
             try:
                 views.append(await w.call("clusters"))
-            except Exception:
-                continue
+            except Exception as exc:
+                log.warning("worker %d did not answer for clusters: %s", w.index, exc)
         return merge_cluster_views(views)
+
+    async def listeners(self) -> list[ListenerStatus]:
+        if self.server is not None:
+            return self.server.listeners_view()
+        if self.workers:
+            try:
+                result: list[ListenerStatus] = await self.workers[0].call("listeners")
+                return result
+            except Exception as exc:
+                log.warning("worker 0 did not answer for listeners: %s", exc)
+        return []
 
     def set_healthcheck_failed(self, failed: bool) -> None:
         self.healthcheck_failed = failed
@@ -223,16 +235,21 @@ class ProxyApp:
         self._quit.set()
 
 
-def merge_cluster_views(views: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Sum per-host live numbers across workers (same clusters and hosts in each)."""
+def merge_cluster_views(views: list[list[ClusterStatus]]) -> list[ClusterStatus]:
+    """Sum per-host live numbers across workers (every worker has the same clusters)."""
     if not views:
         return []
-    merged = [dict(c, hosts=[dict(h) for h in c["hosts"]]) for c in views[0]]
-    for view in views[1:]:
-        for mc, c in zip(merged, view, strict=False):
-            for mh, h in zip(mc["hosts"], c["hosts"], strict=False):
-                mh["cx_active"] += h["cx_active"]
-                mh["rq_active"] += h["rq_active"]
+    merged: list[ClusterStatus] = []
+    for i, cluster in enumerate(views[0]):
+        hosts = []
+        for j, host in enumerate(cluster.hosts):
+            cx = rq = 0
+            for view in views:
+                if i < len(view) and j < len(view[i].hosts):
+                    cx += view[i].hosts[j].cx_active
+                    rq += view[i].hosts[j].rq_active
+            hosts.append(dataclasses.replace(host, cx_active=cx, rq_active=rq))
+        merged.append(dataclasses.replace(cluster, hosts=tuple(hosts)))
     return merged
 
 
@@ -262,6 +279,8 @@ def _worker_main(
                 return stats.snapshot()
             if command == "clusters":
                 return server.clusters_view()
+            if command == "listeners":
+                return server.listeners_view()
             if command == "apply":
                 await server.apply(payload, reuse_port=True)
                 return None

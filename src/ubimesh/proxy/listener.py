@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ubimesh.proto.client_hello import MAX_CLIENT_HELLO, parse_client_hello
 from ubimesh.proxy.chain_match import select_filter_chain
@@ -72,7 +72,7 @@ class ChainSelector(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         if not self.listener.spec.needs_tls_inspector:
             self._dispatch("", "raw_buffer", ())

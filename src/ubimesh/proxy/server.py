@@ -15,6 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from ubimesh.proxy.admin import ClusterStatus, HostStatus, ListenerStatus
 from ubimesh.proxy.listener import ListenerRuntime
 from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
 from ubimesh.proxy.upstream.cluster_manager import ClusterManager
@@ -133,9 +134,9 @@ class ProxyServer:
     def bound_ports(self) -> dict[str, int]:
         return {rt.spec.name: rt.bound_port for rt in self.listeners.values()}
 
-    def clusters_view(self) -> list[dict[str, object]]:
+    def clusters_view(self) -> list[ClusterStatus]:
         """Per cluster and host: the live numbers /clusters shows."""
-        out: list[dict[str, object]] = []
+        out: list[ClusterStatus] = []
         for name in sorted(self.snapshot.clusters):
             cluster = self.clusters.get(name)
             hosts = []
@@ -143,18 +144,25 @@ class ProxyServer:
                 for h in cluster.hosts:
                     pool = h.pool
                     hosts.append(
-                        {
-                            "address": h.address.host,
-                            "port": h.address.port,
-                            "hostname": h.hostname,
-                            "weight": h.weight,
-                            "priority": h.priority,
-                            "healthy": h.healthy,
-                            "cx_active": pool.active if pool is not None else 0,
-                            "rq_active": h.active_requests,
-                            "zone": h.locality.zone,
-                            "region": h.locality.region,
-                        }
+                        HostStatus(
+                            address=h.address,
+                            hostname=h.hostname,
+                            health_flags=() if h.healthy else ("failed_eds_health",),
+                            weight=h.weight,
+                            priority=h.priority,
+                            locality=h.locality,
+                            cx_active=pool.active if pool is not None else 0,
+                            rq_active=h.active_requests,
+                        )
                     )
-            out.append({"name": name, "hosts": hosts})
+            out.append(ClusterStatus(name=name, hosts=tuple(hosts)))
         return out
+
+    def listeners_view(self) -> list[ListenerStatus]:
+        return [
+            ListenerStatus(
+                name=rt.spec.name,
+                address=SocketAddress(rt.spec.address.host, rt.bound_port),
+            )
+            for rt in self.listeners.values()
+        ]

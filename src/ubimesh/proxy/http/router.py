@@ -31,6 +31,7 @@ from ubimesh.proxy.snapshot.types import (
     RedirectAction,
     Route,
     RouteAction,
+    WeightedClusterEntry,
 )
 from ubimesh.proxy.upstream.host import Host
 
@@ -56,7 +57,7 @@ def route_request(stream: ActiveStream, route: Route) -> None:
         stream.upstream = up
         up.start()
     elif type(action) is RedirectAction:
-        location = hcm.redirect_location(stream, action)
+        location = hcm.redirect_location(stream, route)
         stream.send_local_reply(action.response_code, b"", extra=[("location", location)])
     elif type(action) is DirectResponseAction:
         body = action.body or b""
@@ -80,6 +81,7 @@ class UpstreamRequest:
         "cluster",
         "conn",
         "done",
+        "entry",
         "hcm",
         "host",
         "mirrors",
@@ -112,6 +114,7 @@ class UpstreamRequest:
         self.mirrors: list[ShadowRequest] | None = None
         self.done = False
         self.paused_upstream = False
+        self.entry: WeightedClusterEntry | None = None
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -119,7 +122,7 @@ class UpstreamRequest:
         stream = self.stream
         hcm = self.hcm
         action = self.action
-        name = hcm.pick_cluster_name(stream, action)
+        name, self.entry = hcm.pick_cluster(stream, action)
         cluster = hcm.clusters.get(name) if name else None
         if cluster is None:
             hcm.rq_no_cluster.value += 1
@@ -172,7 +175,7 @@ class UpstreamRequest:
         stream = self.stream
         self.conn = conn
         conn.attach(self, stream.method == _HEAD)
-        head = self.hcm.build_upstream_head(stream, self.route, self.action, self.host)
+        head = self.hcm.build_upstream_head(stream, self.route, self.action, self.host, self.entry)
         self.sent_at = time.monotonic()
         pending = stream.take_pending_body()
         if pending:
@@ -420,7 +423,7 @@ class ShadowRequest:
     def send_head(self, primary_head: bytes, pending: list[bytes] | None) -> None:
         stream = self.primary.stream
         head = self.hcm.build_upstream_head(
-            stream, self.primary.route, self.primary.action, self.host, shadow=True
+            stream, self.primary.route, self.primary.action, self.host, self.primary.entry, True
         )
         self._send(head)
         if pending:

@@ -13,17 +13,19 @@ import random
 from typing import TYPE_CHECKING
 
 from ubimesh.proto import path as pathnorm
+from ubimesh.proto.headers import Headers
 from ubimesh.proxy.http.router import route_request
-from ubimesh.proxy.routing import headers as header_rules
-from ubimesh.proxy.routing import redirect as redirects
+from ubimesh.proxy.routing.formatter import FormatContext
 from ubimesh.proxy.routing.hashing import compute_hash
+from ubimesh.proxy.routing.redirect import redirect_location, rewrite_authority, rewrite_path
 from ubimesh.proxy.routing.table import RouteTable
 from ubimesh.proxy.routing.weighted import pick_weighted
 from ubimesh.proxy.snapshot.types import (
     HttpConnectionManagerConfig,
-    RedirectAction,
     Route,
     RouteAction,
+    VirtualHost,
+    WeightedClusterEntry,
 )
 from ubimesh.proxy.upstream.host import Host
 from ubimesh.telemetry.stats import Counter, Store
@@ -265,31 +267,48 @@ class HcmRuntime:
         return None
 
     def route_table_match(self, stream: ActiveStream) -> Route | None:
-        vhost = self.table.select_virtual_host(stream.host_header)
-        if vhost is None:
+        found = self.table.route(stream.host_header, stream.method, stream.path, stream.headers)
+        if found is None:
             return None
-        stream.vhost = vhost
-        return self.table.match_route(vhost, stream.method, stream.path, stream.headers)
+        stream.vhost, route = found
+        return route
 
     # -- router support -------------------------------------------------------------------------
 
-    def pick_cluster_name(self, stream: ActiveStream, action: RouteAction) -> str:
+    def pick_cluster(
+        self, stream: ActiveStream, action: RouteAction
+    ) -> tuple[str, WeightedClusterEntry | None]:
+        """The cluster name for this request, and the weighted entry it came from (if any)."""
         if action.cluster:
-            return action.cluster
+            return action.cluster, None
         if action.weighted_clusters:
             entry = pick_weighted(
-                action.weighted_clusters,
-                action.total_weight,
-                random.randrange(action.total_weight) if action.total_weight else 0,
+                action.weighted_clusters, action.total_weight, random.getrandbits(63)
             )
-            return entry.name if entry is not None else ""
+            return ("", None) if entry is None else (entry.name, entry)
         if action.cluster_header:
-            return stream.headers.get_first(action.cluster_header) or ""
-        return ""
+            return stream.headers.get_first(action.cluster_header) or "", None
+        return "", None
 
     def hash_key(self, stream: ActiveStream, action: RouteAction) -> int | None:
         return compute_hash(
             action.hash_policies, stream.headers, stream.conn.remote[0], stream.path
+        )
+
+    def format_context(
+        self, stream: ActiveStream, response_headers: Headers | None = None
+    ) -> FormatContext:
+        conn = stream.conn
+        return FormatContext(
+            stream.headers,
+            method=stream.method,
+            path=stream.path,
+            authority=stream.host_header,
+            protocol="HTTP/1.0" if stream.http10 else "HTTP/1.1",
+            downstream_remote=conn.remote,
+            downstream_local=conn.local,
+            start_time=stream.wall_start,
+            response_headers=response_headers,
         )
 
     def build_upstream_head(
@@ -298,19 +317,27 @@ class HcmRuntime:
         route: Route,
         action: RouteAction,
         host: Host | None,
+        entry: WeightedClusterEntry | None = None,
         shadow: bool = False,
     ) -> bytes:
-        """The request head as the upstream gets it: route rewrites and header rules applied."""
+        """The request head as the upstream gets it: route rewrites and header rules applied.
+        The primary request mutates the stream's headers in place (they are not needed
+        afterwards); a shadow works on a copy."""
         headers = stream.headers.copy() if shadow else stream.headers
-        path = header_rules.rewrite_path(stream.path, route, action)
-        header_rules.apply_request_mutations(headers, stream, route, action)
-        if action.host_rewrite_literal:
-            headers.set("host", action.host_rewrite_literal)
-        elif action.auto_host_rewrite and host is not None and host.hostname:
-            headers.set("host", host.hostname)
+        vhost = stream.vhost
+        assert isinstance(vhost, VirtualHost)
+        rules = self.table.request_header_rules(vhost, route, entry)
+        if rules:
+            ctx = self.format_context(stream)
+            ctx.request_headers = headers
+            for r in rules:
+                r.apply(headers, ctx)
+        path = rewrite_path(route, stream.path) or stream.path
+        authority = rewrite_authority(action, host.hostname if host is not None else "")
+        if authority is not None:
+            headers.set("host", authority)
         if shadow:
-            h = headers.get_first("host") or ""
-            headers.set("host", shadow_host(h))
+            headers.set("host", shadow_host(headers.get_first("host") or ""))
         if action.timeout:
             headers.set("x-envoy-expected-rq-timeout-ms", str(int(action.timeout * 1000)))
         if stream.chunked:
@@ -322,12 +349,33 @@ class HcmRuntime:
         )
 
     def apply_response_mutations(
-        self, stream: ActiveStream, route: Route, headers: list[tuple[str, str]]
-    ) -> None:
-        header_rules.apply_response_mutations(headers, stream, route)
+        self,
+        stream: ActiveStream,
+        route: Route,
+        headers: list[tuple[str, str]],
+        entry: WeightedClusterEntry | None = None,
+    ) -> list[tuple[str, str]]:
+        """Apply the response header rules of the route's levels; returns the header list."""
+        vhost = stream.vhost
+        if not isinstance(vhost, VirtualHost):
+            return headers
+        rules = self.table.response_header_rules(vhost, route, entry)
+        if not rules:
+            return headers
+        resp = Headers(headers)
+        ctx = self.format_context(stream, resp)
+        for r in rules:
+            r.apply(resp, ctx)
+        return resp.items
 
-    def redirect_location(self, stream: ActiveStream, action: RedirectAction) -> str:
-        return redirects.redirect_location(action, stream, stream.route)
+    def redirect_location(self, stream: ActiveStream, route: Route) -> str:
+        return redirect_location(
+            route,
+            scheme="http",
+            authority=stream.host_header,
+            path=stream.path,
+            forwarded_proto=stream.headers.get_first("x-forwarded-proto"),
+        )
 
 
 def shadow_host(host: str) -> str:

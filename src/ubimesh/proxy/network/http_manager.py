@@ -24,7 +24,7 @@ import os
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -76,6 +76,10 @@ RL = "RL"  # local rate limit (later)
 SI = "SI"  # stream idle timeout
 
 
+class _RequestRejected(Exception):
+    """Raised inside a parser callback to stop parsing after a local reply was sent."""
+
+
 class ActiveStream:
     """One request/response exchange on a downstream connection."""
 
@@ -112,6 +116,7 @@ class ActiveStream:
         "upgrade",
         "upstream",
         "vhost",
+        "wall_start",
     )  # fmt: skip
 
     def __init__(self, conn: HttpConnection) -> None:
@@ -147,6 +152,7 @@ class ActiveStream:
         self.bytes_sent = 0
         self.request_timer: asyncio.TimerHandle | None = None
         self.expect_continue = False
+        self.wall_start = 0.0
 
     # -- decode path (request) ----------------------------------------------------------------
 
@@ -220,7 +226,8 @@ class ActiveStream:
         out = headers
         route = self.route
         if route is not None:
-            hcm.apply_response_mutations(self, route, out)
+            up = self.upstream
+            out = hcm.apply_response_mutations(self, route, out, up.entry if up else None)
         server = hcm.server_header
         if server is not None:
             replaced = False
@@ -379,7 +386,7 @@ class HttpConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
@@ -413,8 +420,12 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             self._on_upgrade_bytes(data[offset:])
-        except httptools.HttpParserCallbackError:
-            # Raised by our own callbacks after a local reply (e.g. 431); already handled.
+        except httptools.HttpParserCallbackError as exc:
+            # Raised by our own callbacks: after a local reply (e.g. 431) on purpose, or by a
+            # bug, which must not go unnoticed.
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, _RequestRejected):
+                log.error("internal error while handling a request", exc_info=cause)
             if not self.closed:
                 self.close_after_write()
         except httptools.HttpParserError as exc:
@@ -526,6 +537,7 @@ class HttpConnection(asyncio.Protocol):
         s.keep_alive = parser.should_keep_alive()
         s.upgrade = parser.should_upgrade()
         s.start_time = time.monotonic()
+        s.wall_start = time.time()
         headers = s.headers.items
         for k, v in headers:
             if k == "transfer-encoding":
@@ -678,7 +690,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _reject_headers(self, status: int) -> None:
         self._local_error(status, close=True)
-        raise httptools.HttpParserCallbackError("request headers too large")
+        raise _RequestRejected(status)
 
     def _protocol_error(self, exc: Exception) -> None:
         log.debug("downstream protocol error from %s: %s", self.remote, exc)
