@@ -302,8 +302,8 @@ _PARSE_PREFIX = re.compile(r"^(?:Failed to parse \w+ field: )+")
 
 def _parse_error_message(exc: json_format.ParseError, field_name: str) -> str:
     """ParseDict's message without its "Failed to parse x field:" chain and trailing dots."""
-    text = _PARSE_PREFIX.sub("", str(exc)).rstrip(".")
-    text = re.sub(r" at \"?[\w.\[\]]+\"?$", "", text)
+    text = _PARSE_PREFIX.sub("", str(exc))
+    text = re.sub(r" at \"?[\w.\[\]]+\"?\.?$", "", text).rstrip(".")
     return f"invalid value: {text}" if field_name else text
 
 
