@@ -189,7 +189,7 @@ def _compile_command(name: str, arg: str | None, length: str | None) -> Operator
         return _header_operator(name == "RESP", main, alt, max_len)
     if name == "START_TIME":
         if length is not None:
-            raise FormatError(f"{name} does not take a length")
+            raise FormatError(f"{name} does not allow length to be specified.")
         return _start_time_operator(arg or "")
     simple = _SIMPLE.get(name)
     if simple is None:
