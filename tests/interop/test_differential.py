@@ -72,6 +72,7 @@ import pytest
 from tests.support.differential import (
     Case,
     ProxyFarm,
+    Suite,
     check_expectations,
     describe_difference,
     load_suites,
@@ -124,7 +125,15 @@ def farm(
             if os.environ.get("UBIMESH_DIFF_REQUIRE") == "1":
                 pytest.fail(message)
             pytest.skip(message)
-    proxies = ProxyFarm(echo_pool, tmp_path_factory.mktemp("differential"), kind)
+    # The suites in the order the selected cases will run, so the farm can start the next
+    # suite's proxies early (and only for suites that will run).
+    order: list[Suite] = []
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get("case") if callspec is not None else None
+        if isinstance(case, Case) and case.suite not in order:
+            order.append(case.suite)
+    proxies = ProxyFarm(echo_pool, tmp_path_factory.mktemp("differential"), kind, order)
     try:
         yield proxies
     finally:

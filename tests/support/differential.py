@@ -34,8 +34,9 @@ from tests.support.procs import (
     ManagedProcess,
     ProcessStartError,
     free_ports,
-    start_envoy,
-    start_ubimesh,
+    launch_envoy,
+    launch_ubimesh,
+    wait_ready,
 )
 
 __all__ = [
@@ -106,9 +107,9 @@ class RequestSpec:
         return f"{self.method} {self.path} {self.version}{extra} via {self.listener}/{self.client}"
 
 
-@dataclass
+@dataclass(eq=False)
 class Case:
-    suite: Suite
+    suite: Suite = field(repr=False)
     name: str
     doc: str
     requests: list[RequestSpec]
@@ -118,14 +119,14 @@ class Case:
         return f"{self.suite.name}/{self.name}"
 
 
-@dataclass
+@dataclass(eq=False)
 class Suite:
     name: str
     path: Path
     doc: str
     bootstrap: dict[str, Any]
     echo_clusters: dict[str, dict[str, Any]]
-    cases: list[Case] = field(default_factory=list)
+    cases: list[Case] = field(default_factory=list, repr=False)
 
     def listener_names(self) -> list[str]:
         names: list[str] = []
@@ -326,21 +327,33 @@ class RunningProxy:
 
 
 class ProxyFarm:
-    """Keeps the reference and subject proxies of one suite running.
+    """Runs the reference and subject proxies of one suite at a time.
 
-    Asking for another suite stops the previous one's processes, so at most two proxies run at a
-    time.  A proxy that fails to start is remembered, so the rest of that suite's cases fail at
-    once with the same message instead of each waiting for a start-up timeout.
+    Both proxies of a suite are launched together, and while a suite's cases run, the next
+    suite's proxies (in ``order``) are already starting, which hides most of the start-up time.
+    Moving to another suite stops the previous one's processes.  A proxy that fails to start
+    is remembered, so the rest of that suite's cases fail at once with the same message.
     """
 
-    def __init__(self, pool: EchoServerPool, workdir: Path, subject_kind: str) -> None:
+    def __init__(
+        self,
+        pool: EchoServerPool,
+        workdir: Path,
+        subject_kind: str,
+        order: list[Suite] | None = None,
+        ready_timeout: float = 20.0,
+    ) -> None:
         if subject_kind not in ("envoy", "ubimesh"):
             raise ValueError(subject_kind)
         self.pool = pool
         self.workdir = workdir
         self.subject_kind = subject_kind
+        self.order = list(order or [])
+        self.ready_timeout = ready_timeout
         self.current: str | None = None
         self.running: dict[str, RunningProxy | BaseException] = {}
+        # suite name -> side label -> launched, not yet waited for
+        self.pending: dict[str, dict[str, RunningProxy | BaseException]] = {}
 
     @property
     def sides(self) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -349,13 +362,12 @@ class ProxyFarm:
 
     def proxies(self, suite: Suite) -> tuple[RunningProxy, RunningProxy]:
         if self.current != suite.name:
-            self.stop_all()
+            self.stop_running()
             self.current = suite.name
+            launched = self.pending.pop(suite.name, None) or self._launch_all(suite)
             for label, kind in self.sides:
-                try:
-                    self.running[label] = self._start(suite, label, kind)
-                except ProcessStartError as exc:
-                    self.running[label] = exc
+                self.running[label] = self._await(suite, label, kind, launched[label])
+            self._prefetch_after(suite)
         out = []
         for label, _ in self.sides:
             entry = self.running[label]
@@ -364,36 +376,67 @@ class ProxyFarm:
             out.append(entry)
         return out[0], out[1]
 
-    def _start(self, suite: Suite, label: str, kind: str) -> RunningProxy:
+    def _prefetch_after(self, suite: Suite) -> None:
+        names = [s.name for s in self.order]
+        if suite.name not in names:
+            return
+        index = names.index(suite.name)
+        if index + 1 < len(self.order):
+            nxt = self.order[index + 1]
+            if nxt.name not in self.pending:
+                self.pending[nxt.name] = self._launch_all(nxt)
+
+    def _launch_all(self, suite: Suite) -> dict[str, RunningProxy | BaseException]:
+        out: dict[str, RunningProxy | BaseException] = {}
+        for label, kind in self.sides:
+            try:
+                out[label] = self._launch(suite, label, kind, attempt=0)
+            except ProcessStartError as exc:
+                out[label] = exc
+        return out
+
+    def _launch(self, suite: Suite, label: str, kind: str, attempt: int) -> RunningProxy:
         suite_dir = self.workdir / suite.name
         suite_dir.mkdir(parents=True, exist_ok=True)
         listeners = suite.listener_names()
         upstream_ports = {f"UPSTREAM:{n}": self.pool.port(n) for n in suite.upstream_names()}
-        last: ProcessStartError | None = None
-        for attempt in range(3):
-            picked = free_ports(len(listeners) + 1)
-            ports = {"ADMIN_PORT": picked[0], **upstream_ports}
-            for name, port in zip(listeners, picked[1:], strict=True):
-                ports[f"LISTENER:{name}"] = port
-            config_path = suite_dir / f"{label}.bootstrap.yaml"
-            config_path.write_text(yaml.safe_dump(render_bootstrap(suite, ports), sort_keys=False))
-            name = f"{label}-{attempt}" if attempt else label
-            starter = start_envoy if kind == "envoy" else start_ubimesh
-            listener_ports = [ports[f"LISTENER:{n}"] for n in listeners]
-            try:
-                proc = starter(
-                    config_path, ports["ADMIN_PORT"], listener_ports, suite_dir, name=name
-                )
-            except ProcessStartError as exc:
-                last = exc
-                if "in use" in str(exc).lower() or "eaddrinuse" in str(exc).lower():
-                    continue  # somebody took one of the ports between picking and binding
-                raise
-            return RunningProxy(label, kind, proc, ports, config_path)
-        assert last is not None
-        raise last
+        picked = free_ports(len(listeners) + 1)
+        ports = {"ADMIN_PORT": picked[0], **upstream_ports}
+        for name, port in zip(listeners, picked[1:], strict=True):
+            ports[f"LISTENER:{name}"] = port
+        config_path = suite_dir / f"{label}.bootstrap.yaml"
+        config_path.write_text(yaml.safe_dump(render_bootstrap(suite, ports), sort_keys=False))
+        name = f"{label}-{attempt}" if attempt else label
+        launcher = launch_envoy if kind == "envoy" else launch_ubimesh
+        proc = launcher(config_path, suite_dir, name=name)
+        return RunningProxy(label, kind, proc, ports, config_path)
 
-    def stop_all(self) -> None:
+    def _await(
+        self, suite: Suite, label: str, kind: str, launched: RunningProxy | BaseException
+    ) -> RunningProxy | BaseException:
+        attempt = 0
+        while True:
+            if isinstance(launched, BaseException):
+                return launched
+            listener_ports = [launched.listener_port(n) for n in suite.listener_names()]
+            try:
+                wait_ready(
+                    launched.proc, launched.ports["ADMIN_PORT"], listener_ports, self.ready_timeout
+                )
+                return launched
+            except ProcessStartError as exc:
+                launched.proc.stop()
+                text = str(exc).lower()
+                attempt += 1
+                if attempt >= 3 or ("in use" not in text and "eaddrinuse" not in text):
+                    return exc
+                # Somebody took one of the ports between picking and binding: new ports.
+                try:
+                    launched = self._launch(suite, label, kind, attempt)
+                except ProcessStartError as again:
+                    return again
+
+    def stop_running(self) -> None:
         for entry in self.running.values():
             if isinstance(entry, RunningProxy):
                 entry.proc.stop()
@@ -401,7 +444,12 @@ class ProxyFarm:
         self.current = None
 
     def close(self) -> None:
-        self.stop_all()
+        self.stop_running()
+        for launched in self.pending.values():
+            for entry in launched.values():
+                if isinstance(entry, RunningProxy):
+                    entry.proc.stop()
+        self.pending.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,7 +639,7 @@ def observe(
 def run_request(pool: EchoServerPool, proxy: RunningProxy, spec: RequestSpec) -> dict[str, Any]:
     cursor = pool.cursor()
     resp = send(proxy, spec)
-    records = pool.records_since(cursor, at_least=spec.await_upstreams, timeout=5.0)
+    records = pool.records_since(cursor, at_least=spec.await_upstreams, timeout=3.0)
     return observe(spec, resp, records, proxy)
 
 

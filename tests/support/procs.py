@@ -24,10 +24,13 @@ __all__ = [
     "admin_get",
     "envoy_binary",
     "free_ports",
+    "launch_envoy",
+    "launch_ubimesh",
     "port_accepts",
     "start_envoy",
     "start_ubimesh",
     "ubimesh_available",
+    "wait_ready",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -227,16 +230,10 @@ def wait_ready(
         )
 
 
-def start_envoy(
-    config_path: Path,
-    admin_port: int,
-    listener_ports: Iterable[int],
-    workdir: Path,
-    name: str = "envoy",
-    log_level: str = "warn",
-    timeout: float = 20.0,
+def launch_envoy(
+    config_path: Path, workdir: Path, name: str = "envoy", log_level: str = "warn"
 ) -> ManagedProcess:
-    """Start Envoy on ``config_path`` and wait until it serves.
+    """Start Envoy on ``config_path`` without waiting for it (see :func:`wait_ready`).
 
     ``--disable-hot-restart`` keeps Envoy off the shared memory and domain socket that hot
     restart uses, which is what lets several Envoys run side by side; the unique ``--base-id``
@@ -260,13 +257,43 @@ def start_envoy(
         "--drain-time-s",
         "0",
     ]
-    proc = ManagedProcess(name, argv, workdir / f"{name}.log", workdir)
+    return ManagedProcess(name, argv, workdir / f"{name}.log", workdir)
+
+
+def launch_ubimesh(
+    config_path: Path, workdir: Path, name: str = "ubimesh", log_level: str = "warning"
+) -> ManagedProcess:
+    """Start ``ubimesh proxy`` on ``config_path`` without waiting for it."""
+    exe = shutil.which("ubimesh")
+    if exe is None:
+        raise ProcessStartError("no ubimesh executable on PATH")
+    argv = [exe, "proxy", "-c", str(config_path), "--concurrency", "1", "-l", log_level]
+    return ManagedProcess(name, argv, workdir / f"{name}.log", workdir)
+
+
+def _start(
+    proc: ManagedProcess, admin_port: int, listener_ports: Iterable[int], timeout: float
+) -> ManagedProcess:
     try:
         wait_ready(proc, admin_port, listener_ports, timeout)
     except BaseException:
         proc.stop()
         raise
     return proc
+
+
+def start_envoy(
+    config_path: Path,
+    admin_port: int,
+    listener_ports: Iterable[int],
+    workdir: Path,
+    name: str = "envoy",
+    log_level: str = "warn",
+    timeout: float = 20.0,
+) -> ManagedProcess:
+    """Start Envoy on ``config_path`` and wait until it serves."""
+    proc = launch_envoy(config_path, workdir, name, log_level)
+    return _start(proc, admin_port, listener_ports, timeout)
 
 
 def start_ubimesh(
@@ -279,14 +306,5 @@ def start_ubimesh(
     timeout: float = 20.0,
 ) -> ManagedProcess:
     """Start ``ubimesh proxy`` on ``config_path`` and wait until it serves."""
-    exe = shutil.which("ubimesh")
-    if exe is None:
-        raise ProcessStartError("no ubimesh executable on PATH")
-    argv = [exe, "proxy", "-c", str(config_path), "--concurrency", "1", "-l", log_level]
-    proc = ManagedProcess(name, argv, workdir / f"{name}.log", workdir)
-    try:
-        wait_ready(proc, admin_port, listener_ports, timeout)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
+    proc = launch_ubimesh(config_path, workdir, name, log_level)
+    return _start(proc, admin_port, listener_ports, timeout)
