@@ -159,8 +159,14 @@ def test_echo_and_stats(run: Callable[..., Any]) -> None:
                 assert await r.readexactly(5) == b"hello"
                 w.write(b" world")
                 assert await r.readexactly(6) == b" world"
+                c = px.manager.get("echo")
+                assert c is not None
+                # An open proxied connection counts as an active request on its host.
+                assert c.hosts[0].active_requests == 1
+                assert px.protos[0].host is c.hosts[0]
                 w.close()
                 await wait_until(lambda: px.gauge("cluster.echo.upstream_cx_active") == 0)
+                assert c.hosts[0].active_requests == 0
                 assert px.counter("tcp.t.downstream_cx_total") == 1
                 assert px.counter("tcp.t.downstream_cx_rx_bytes_total") == 11
                 assert px.counter("tcp.t.downstream_cx_tx_bytes_total") == 11

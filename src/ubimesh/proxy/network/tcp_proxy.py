@@ -218,6 +218,7 @@ class TcpProxyProtocol(asyncio.Protocol):
         self._cst: ClusterStats | None = None
         self.host: Host | None = None
         """The upstream host this connection is proxied to (once connected)."""
+        self._counted_host: Host | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._pending_full = False
@@ -395,6 +396,12 @@ class TcpProxyProtocol(asyncio.Protocol):
         assert cluster is not None
         self._up = up
         cluster.stats.upstream_cx_active.value += 1
+        host = self.host
+        if host is not None:
+            # Like Envoy's TCP pool, a proxied connection is an active "request" on its host,
+            # which is what LEAST_REQUEST balances on.
+            host.active_requests += 1
+            self._counted_host = host
         _set_limits(up, cluster.spec.per_connection_buffer_limit_bytes)
         if self._down_wants_pause:
             up.pause_reading()
@@ -433,6 +440,10 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     def _upstream_lost(self, exc: Exception | None) -> None:
         self._up_closed = True
+        counted = self._counted_host
+        if counted is not None:
+            counted.active_requests -= 1
+            self._counted_host = None
         cst = self._cst
         if cst is not None:
             cst.upstream_cx_active.value -= 1

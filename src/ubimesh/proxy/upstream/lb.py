@@ -162,28 +162,38 @@ class EdfPicker:
 
 
 class P2CPicker:
-    """Least request with equal weights: best of ``choice_count`` random hosts."""
+    """Least request with equal weights: best of ``choice_count`` random hosts (with
+    replacement, as Envoy samples)."""
 
-    __slots__ = ("_extra", "_hosts", "_n", "_random", "fast")
+    __slots__ = ("_extra", "_hosts", "_n", "_nn", "_random", "fast")
 
     def __init__(self, hosts: Sequence[Host], choice_count: int, rng: random.Random) -> None:
         self._hosts = list(hosts)
         self._n = len(self._hosts)
+        self._nn = self._n * self._n
         self._extra = max(1, choice_count) - 1
         self._random = rng.random
-        self.fast: Callable[[], Host] | None = self.next_host
+        if self._extra == 1 and self._nn <= 1 << 40:
+            # One random draw gives both samples (53 random bits cover n*n outcomes evenly).
+            self.fast: Callable[[], Host] | None = self._two
+        else:
+            self.fast = self.next_host
 
     def pick(self, hash_key: int | None) -> Host:
         return self.next_host()
+
+    def _two(self) -> Host:
+        i, j = divmod(int(self._random() * self._nn), self._n)
+        hosts = self._hosts
+        a = hosts[i]
+        b = hosts[j]
+        return b if b.active_requests < a.active_requests else a
 
     def next_host(self) -> Host:
         hosts = self._hosts
         n = self._n
         rnd = self._random
         best = hosts[int(rnd() * n)]
-        if self._extra == 1:
-            other = hosts[int(rnd() * n)]
-            return other if other.active_requests < best.active_requests else best
         for _ in range(self._extra):
             other = hosts[int(rnd() * n)]
             if other.active_requests < best.active_requests:
