@@ -39,9 +39,9 @@ def test_config_errors_lists_all_and_acts_like_the_first() -> None:
     errors = ConfigErrors([first, second], source="mesh.yaml")
     assert isinstance(errors, ConfigError)
     assert errors.errors == (first, second)
-    assert (errors.path, errors.message) == ("a", "one")
+    assert (errors.path, errors.message, errors.source) == ("a", "one", "mesh.yaml")
     assert str(errors) == (
-        "mesh.yaml: 2 configuration errors:\n  a: one\n  b: " + second.message
+        "2 configuration errors:\n  a: one\n  b: " + second.message
     )
     assert str(ConfigErrors([first])) == "1 configuration error:\n  a: one"
 

@@ -241,15 +241,15 @@ def test_full_match_and_weighted_route(full: Snapshot) -> None:
     ]
 
 
-def test_full_regex_rewrite_is_a_python_template(full: Snapshot) -> None:
+def test_full_regex_rewrite(full: Snapshot) -> None:
     r = the_hcm(full).route_config.virtual_hosts[0].routes[1]
     assert r.match.kind is PathMatchKind.REGEX
     assert r.match.regex is not None and r.match.regex.fullmatch("/items/12")
     a = r.action
     assert isinstance(a, RouteAction)
     assert a.regex_rewrite is not None
-    # RE2's \1 became \g<1>: re.sub gives what Envoy's RE2 GlobalReplace gives.
-    assert a.regex_rewrite.pattern.sub(a.regex_rewrite.substitution, "/items/12") == "/v1/items/12"
+    assert a.regex_rewrite.pattern.fullmatch("/items/12")
+    assert a.regex_rewrite.substitution == "/v1/items/\\1"  # RE2's syntax, as configured
     assert a.host_rewrite_literal == "items.internal"
 
 
@@ -266,7 +266,7 @@ def test_full_other_routes(full: Snapshot) -> None:
     assert grpc.action.cluster_header == "x-target-cluster"
     assert grpc.action.timeout is None  # 0s disables the route timeout
     assert routes[4].action == RedirectAction(
-        scheme="https", host="new.example.com", port=8443, path="/new", response_code=308,
+        host="new.example.com", port=8443, path="/new", response_code=308,
         strip_query=True, https_redirect=True,
     )
     assert routes[5].action == RedirectAction(
@@ -520,6 +520,22 @@ def test_query_parameter_present_match_false_still_requires_presence() -> None:
     a, b = the_route(load_bootstrap_dict(d)).match.query_parameters
     assert (a.matcher, a.present) == (None, True)
     assert (b.matcher, b.present) == (None, True)
+
+
+def test_regex_classes_have_re2_ascii_meaning() -> None:
+    d = base()
+    route(d)["match"] = {"safe_regex": {"regex": "/v\\d+/\\w+"}}
+    regex = the_route(load_bootstrap_dict(d)).match.regex
+    assert regex is not None
+    assert regex.fullmatch("/v12/abc_9")
+    assert not regex.fullmatch("/v\u0663/abc")  # ARABIC-INDIC DIGIT THREE is not RE2's \d
+    assert not regex.fullmatch("/v1/\u00e9t\u00e9")  # nor are accented letters \w
+
+
+def test_one_error_per_problem() -> None:
+    d = base()
+    hcm(d)["http_filters"][0]["name"] = ""
+    assert errors_of(d) == [(HCM + ".http_filters[0].name", "must not be empty")]
 
 
 def test_case_insensitive_path_match_is_lower_cased() -> None:
@@ -925,6 +941,15 @@ INVALID = [
         "regex": "(a)\\1"}}), "backreferences"),
     (R0 + ".match.safe_regex.regex", lambda d: route(d).update(match={"safe_regex": {
         "regex": "a(?!b)"}}), "lookaround"),
+    (R0 + ".match.safe_regex.regex", lambda d: route(d).update(match={"safe_regex": {
+        "regex": "/a\\Z"}}), "\\Z (RE2 spells it \\z)"),
+    (R0 + ".match.safe_regex.regex", lambda d: route(d).update(match={"safe_regex": {
+        "regex": "(?>a)"}}), "atomic groups"),
+    (HCM + ".http_filters[0].name", lambda d: hcm(d)["http_filters"][0].update(name=""),
+     "must not be empty"),
+    (FC0 + ".filters[0].typed_config.cluster", lambda d: listener(d)["filter_chains"][0].update(
+        filters=[{"name": "t", "typed_config": {"@type": TCP_PROXY_TYPE, "stat_prefix": "t",
+                                                "cluster": ""}}]), "must not be empty"),
     (R0 + ".match.safe_regex.google_re2.max_program_size", lambda d: route(d).update(match={
         "safe_regex": {"regex": "a", "google_re2": {"max_program_size": 100}}}),
      "not supported by ubimesh"),

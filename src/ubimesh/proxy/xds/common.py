@@ -99,9 +99,10 @@ def _re2_gap(parsed: Any) -> str | None:
 
 def compile_pattern(ctx: Ctx, pattern: str, path: str) -> re.Pattern[str] | None:
     """Compile an RE2 pattern with Python's re, refusing what RE2 would refuse where the two
-    differ in a way that can be detected. The request path uses ``fullmatch`` for matching."""
+    differ in a way that can be detected. ``re.ASCII`` gives \\d, \\w and \\s RE2's (ASCII)
+    meaning. The request path uses ``fullmatch`` for matching, as Envoy does."""
     try:
-        compiled = re.compile(pattern)
+        compiled = re.compile(pattern, re.ASCII)
     except re.error as exc:
         ctx.error(path, f"invalid regex {pattern!r}: {exc}")
         return None
@@ -127,32 +128,23 @@ def regex_matcher(ctx: Ctx, msg: Any, path: str) -> re.Pattern[str] | None:
     return compile_pattern(ctx, msg.regex, join(path, "regex"))
 
 
-def rewrite_substitution(ctx: Ctx, pattern: re.Pattern[str], text: str, path: str) -> str:
-    """An RE2 rewrite string (``\\0``-``\\9`` groups, ``\\\\`` a backslash) as a Python
-    ``re.sub`` template. Errors that RE2 reports only when a request is rewritten (a group the
-    pattern does not have, an unknown escape) are reported here."""
-    out: list[str] = []
+def check_substitution(ctx: Ctx, pattern: re.Pattern[str], text: str, path: str) -> None:
+    """Check an RE2 rewrite string (``\\0``-``\\9`` for groups, ``\\\\`` for a backslash).
+    RE2 finds a bad one (a group the pattern does not have, another escape) only when it
+    rewrites a request, and Envoy loads such a config; ubimesh refuses it up front."""
     i = 0
     while i < len(text):
-        ch = text[i]
-        if ch != "\\":
-            out.append(ch)
+        if text[i] != "\\":
             i += 1
             continue
         nxt = text[i + 1] if i + 1 < len(text) else ""
-        if nxt == "\\":
-            out.append("\\\\")
-        elif nxt.isdigit() and nxt.isascii():
-            group = int(nxt)
-            if group > pattern.groups:
-                ctx.error(path, f"\\{group} refers to a group the pattern does not have "
-                          f"(it has {pattern.groups})")
-            out.append(f"\\g<{group}>")
-        else:
+        if nxt.isdigit() and nxt.isascii() and int(nxt) > pattern.groups:
+            ctx.error(path, f"\\{nxt} refers to a group the pattern does not have "
+                      f"(it has {pattern.groups})")
+        elif nxt != "\\" and not (nxt.isdigit() and nxt.isascii()):
             ctx.error(path, f"invalid escape '\\{nxt}' at position {i} (RE2 rewrites allow only "
                       "\\0 to \\9 and \\\\)")
         i += 2
-    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class Ctx:
     cluster_refs: list[ClusterRef] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     """Paths of the fields refused as unsupported."""
+    whitelists: dict[str, set[str]] = field(default_factory=dict)
+    """Message full name -> the fields supported in it, as met during translation (what
+    docs/envoy-compat.md must list; a test compares the two)."""
 
     def _is_quiet(self, path: str) -> bool:
         return any(is_within(path, prefix) for prefix in self.quiet)
@@ -85,6 +88,7 @@ class Ctx:
         """Refuse every set field of ``msg`` that is not in ``supported`` (``hints`` may explain
         why a field is refused, ``default_hint`` is for the others), then check Envoy's
         constraints on the supported ones."""
+        self.whitelists.setdefault(msg.DESCRIPTOR.full_name, set()).update(supported)
         for fd, _value in msg.ListFields():
             if fd.name not in supported:
                 hint = (hints or {}).get(fd.name, default_hint)

@@ -47,8 +47,9 @@ class ConfigError(Exception):
 
 class ConfigErrors(ConfigError):
     """Every error found in one configuration (at least one). ``source`` names the config (a file
-    name, or a resource name over xDS) when it is known. ``path`` and ``message`` are those of the
-    first error, so this can be handled like a single ``ConfigError``; ``str()`` lists them all."""
+    name, or a resource name over xDS) when it is known; ``str()`` leaves it out, since callers
+    usually say which file they loaded. ``path`` and ``message`` are those of the first error, so
+    this can be handled like a single ``ConfigError``; ``str()`` lists them all, one a line."""
 
     def __init__(self, errors: Iterable[ConfigError], *, source: str = "") -> None:
         self.errors: tuple[ConfigError, ...] = tuple(errors)
@@ -61,8 +62,6 @@ class ConfigErrors(ConfigError):
     def __str__(self) -> str:
         count = len(self.errors)
         head = f"{count} configuration error{'s' if count != 1 else ''}"
-        if self.source:
-            head = f"{self.source}: {head}"
         return head + ":\n" + "\n".join(f"  {error}" for error in self.errors)
 
     def __repr__(self) -> str:

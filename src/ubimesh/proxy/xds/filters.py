@@ -223,8 +223,6 @@ def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, .
         fpath = item(path, i)
         ctx.fields(flt, fpath, _HTTP_FILTER, _HTTP_FILTER_HINTS)
         tpath = join(fpath, "typed_config")
-        if not flt.name:
-            ctx.error(join(fpath, "name"), "must not be empty")
         if not flt.HasField("typed_config"):
             ctx.error(tpath, f"is required (no typed_config for filter {flt.name!r})")
             continue
@@ -266,6 +264,8 @@ def tcp_proxy(ctx: Ctx, msg: Any, path: str) -> TcpProxyConfig:
     ctx.fields(msg, path, _TCP_PROXY, _TCP_PROXY_HINTS)
     entries: list[WeightedClusterEntry] = []
     if msg.WhichOneof("cluster_specifier") == "cluster":
+        if not msg.cluster:
+            ctx.error(join(path, "cluster"), "must not be empty")
         ctx.refer_cluster(msg.cluster, join(path, "cluster"), "tcp_proxy")
     elif msg.WhichOneof("cluster_specifier") == "weighted_clusters":
         wpath = join(path, "weighted_clusters")

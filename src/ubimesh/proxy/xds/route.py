@@ -408,19 +408,17 @@ def query_parameter_matcher(ctx: Ctx, msg: Any, path: str) -> QueryParameterMatc
 
 
 def regex_match_and_substitute(ctx: Ctx, msg: Any, path: str) -> RegexRewrite | None:
-    """envoy.type.matcher.v3.RegexMatchAndSubstitute. The substitution is stored as a Python
-    ``re.sub`` template (groups as ``\\g<N>``), so ``pattern.sub(substitution, path)`` gives
-    what RE2's GlobalReplace gives in Envoy."""
+    """envoy.type.matcher.v3.RegexMatchAndSubstitute. The substitution keeps RE2's syntax
+    (``\\1`` for a group, ``\\\\`` for a backslash); the request path applies it like RE2's
+    GlobalReplace (proxy/routing/redirect.py)."""
     ctx.fields(msg, path, _REGEX_REWRITE)
     if not msg.HasField("pattern"):
         return None
     pattern = common.regex_matcher(ctx, msg.pattern, join(path, "pattern"))
     if pattern is None:
         return None
-    template = common.rewrite_substitution(
-        ctx, pattern, msg.substitution, join(path, "substitution")
-    )
-    return RegexRewrite(pattern, template)
+    common.check_substitution(ctx, pattern, msg.substitution, join(path, "substitution"))
+    return RegexRewrite(pattern, msg.substitution)
 
 
 def hash_policy(ctx: Ctx, msg: Any, path: str) -> HashPolicy | None:
@@ -470,18 +468,16 @@ def route_upgrades(ctx: Ctx, configs: Any, path: str) -> bool | None:
 
 
 def redirect_action(ctx: Ctx, msg: Any, path: str) -> RedirectAction:
-    """envoy.config.route.v3.RedirectAction. ``https_redirect`` also sets ``scheme`` to
-    "https", so the request path can look at ``scheme`` alone."""
+    """envoy.config.route.v3.RedirectAction."""
     ctx.fields(msg, path, _REDIRECT)
     regex_rewrite = None
     if msg.HasField("regex_rewrite"):
         rpath = join(path, "regex_rewrite")
         regex_rewrite = regex_match_and_substitute(ctx, msg.regex_rewrite, rpath)
-    scheme = "https" if msg.https_redirect else msg.scheme_redirect
     which_path = msg.WhichOneof("path_rewrite_specifier")
     prefix_rewrite = msg.prefix_rewrite if which_path == "prefix_rewrite" else None
     return RedirectAction(
-        scheme=scheme,
+        scheme=msg.scheme_redirect,
         host=msg.host_redirect,
         port=msg.port_redirect,
         path=msg.path_redirect,
