@@ -81,6 +81,7 @@ class UpstreamRequest:
         "cluster",
         "conn",
         "done",
+        "ended",
         "entry",
         "hcm",
         "host",
@@ -92,6 +93,7 @@ class UpstreamRequest:
         "route",
         "sent_at",
         "stream",
+        "timeout",
         "timer",
     )  # fmt: skip
 
@@ -115,6 +117,15 @@ class UpstreamRequest:
         self.done = False
         self.paused_upstream = False
         self.entry: WeightedClusterEntry | None = None
+        self.ended = False
+        self.timeout = action.timeout
+        override = stream.headers.get_first("x-envoy-upstream-rq-timeout-ms")
+        if override is not None:
+            # The router consumes this control header (edge requests never carry it: the HCM
+            # strips Envoy's internal headers from them).
+            stream.headers.remove("x-envoy-upstream-rq-timeout-ms")
+            if override.isdigit():
+                self.timeout = int(override) / 1000 or None
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -175,7 +186,9 @@ class UpstreamRequest:
         stream = self.stream
         self.conn = conn
         conn.attach(self, stream.method == _HEAD)
-        head = self.hcm.build_upstream_head(stream, self.route, self.action, self.host, self.entry)
+        head = self.hcm.build_upstream_head(
+            stream, self.route, self.action, self.host, self.entry, self.timeout
+        )
         self.sent_at = time.monotonic()
         pending = stream.take_pending_body()
         if pending:
@@ -216,14 +229,15 @@ class UpstreamRequest:
 
     def decode_end(self) -> None:
         conn = self.conn
-        if conn is None:
+        if conn is None or self.ended:
             return
+        self.ended = True
         if self.chunked:
             conn.write(LAST_CHUNK)
         if self.mirrors:
             for m in self.mirrors:
                 m.send_end()
-        timeout = self.action.timeout
+        timeout = self.timeout
         if timeout and self.timer is None and not self.done:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout)
 
@@ -423,7 +437,13 @@ class ShadowRequest:
     def send_head(self, primary_head: bytes, pending: list[bytes] | None) -> None:
         stream = self.primary.stream
         head = self.hcm.build_upstream_head(
-            stream, self.primary.route, self.primary.action, self.host, self.primary.entry, True
+            stream,
+            self.primary.route,
+            self.primary.action,
+            self.host,
+            self.primary.entry,
+            self.primary.timeout,
+            shadow=True,
         )
         self._send(head)
         if pending:

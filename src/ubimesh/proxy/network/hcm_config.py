@@ -8,8 +8,9 @@ request and response header rules that Envoy's connection manager applies
 
 from __future__ import annotations
 
-import ipaddress
+import os
 import random
+import uuid
 from typing import TYPE_CHECKING
 
 from ubimesh.proto import path as pathnorm
@@ -28,6 +29,7 @@ from ubimesh.proxy.snapshot.types import (
     WeightedClusterEntry,
 )
 from ubimesh.proxy.upstream.host import Host
+from ubimesh.runtime.netinfo import first_non_loopback_ipv4
 from ubimesh.telemetry.stats import Counter, Store
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
-     "trailer", "expect"}
+     "trailer", "expect", "http2-settings"}
 )  # fmt: skip
 _INTERNAL = frozenset(
     {
@@ -53,18 +55,42 @@ _INTERNAL = frozenset(
 
 
 LocalReply = tuple[int, bytes, str, list[tuple[str, str]] | None]
-_BAD_REQUEST: LocalReply = (400, b"", "DPE", None)
+# Codec-level refusals carry the reason phrase as their body, as Envoy's do.
+_BAD_REQUEST: LocalReply = (400, b"Bad Request", "DPE", None)
+_UPGRADE_REQUIRED: LocalReply = (426, b"Upgrade Required", "DPE", None)
+_FORBIDDEN_UPGRADE: LocalReply = (403, b"", "", [("connection", "close")])
+_STRIP_CANDIDATES = _HOP_BY_HOP | _INTERNAL | {"x-envoy-internal"}
+#: Request headers Envoy keeps as one entry (its "inline" headers): repeated ones are joined
+#: with "," in arrival order. Other repeated headers stay separate.
+_COALESCED = frozenset(
+    {"accept", "accept-encoding", "cache-control", "content-type", "user-agent", "via",
+     "x-forwarded-for", "x-forwarded-proto", "x-request-id", "origin", "referer",
+     "grpc-timeout", "grpc-accept-encoding", "access-control-request-method",
+     "access-control-request-headers", "x-forwarded-host"}
+)  # fmt: skip
 
 
-def is_internal_address(ip: str) -> bool:
-    """Envoy's default internal-address rule: RFC 1918, loopback, link-local and ULA."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return bool(addr.is_private or addr.is_loopback)
+def _coalesce(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    seen: dict[str, int] = {}
+    out: list[tuple[str, str]] = []
+    for k, v in items:
+        if k in _COALESCED:
+            i = seen.get(k)
+            if i is not None:
+                out[i] = (k, out[i][1] + "," + v)
+                continue
+            seen[k] = len(out)
+        out.append((k, v))
+    return out
+
+
+def is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
+
+
+def new_request_id() -> str:
+    """A random UUID4 string, as Envoy's x-request-id."""
+    return str(uuid.UUID(bytes=os.urandom(16), version=4))
 
 
 class ClusterStats:
@@ -128,6 +154,7 @@ class HcmRuntime:
         )
         self.server_overwrite = transformation == "OVERWRITE"
         self.cluster_not_found_code = 503
+        self.coalesce = True
         self.normalize = (
             config.normalize_path
             or config.merge_slashes
@@ -174,6 +201,8 @@ class HcmRuntime:
         """Apply the HCM's request rules in Envoy's order. Returns a local reply when the
         request must be answered by the proxy (refused, or redirected to a normalized path)."""
         config = self.config
+        if stream.http10 and not config.accept_http_10:
+            return _UPGRADE_REQUIRED
         headers = stream.headers
         items = headers.items
         target = stream.target
@@ -189,6 +218,7 @@ class HcmRuntime:
             authority = rest if slash < 0 else rest[:slash]
             target = "/" if slash < 0 else rest[slash:]
             headers.set("host", authority)
+            items = headers.items
         host = None
         host_count = 0
         strip = False
@@ -196,7 +226,7 @@ class HcmRuntime:
             if k == "host":
                 host = v
                 host_count += 1
-            elif k in _HOP_BY_HOP or (k in _INTERNAL):
+            elif k in _STRIP_CANDIDATES:
                 strip = True
         if host_count > 1:
             return _BAD_REQUEST
@@ -220,51 +250,78 @@ class HcmRuntime:
                 return 307, b"", "", [("location", result.path)]
             target = result.path
         stream.path = target
+        if stream.upgrade:
+            upgrade = (headers.get_first("upgrade") or "").lower()
+            if upgrade == "h2c":
+                # Envoy ignores h2c upgrade offers over HTTP/1.1 and forwards the request.
+                stream.upgrade = False
+            elif upgrade not in config.upgrade_types:
+                return _FORBIDDEN_UPGRADE
         if strip:
-            upgrade = stream.upgrade and "websocket" in self.config.upgrade_types
-            internal_ok = not config.use_remote_address
-            kept = []
-            for kv in items:
-                k = kv[0]
-                if k in _HOP_BY_HOP:
-                    if upgrade and k in ("connection", "upgrade"):
-                        kept.append(kv)
-                    continue
-                if k in _INTERNAL and not internal_ok:
-                    continue
-                kept.append(kv)
-            headers.items = items = kept
-        elif stream.upgrade:
-            pass
-        if stream.upgrade and "websocket" not in self.config.upgrade_types:
-            stream.upgrade = False
-        remote_ip = conn.remote[0]
-        # x-forwarded-for and internal/external classification (Envoy's use_remote_address).
+            items = headers.items = self._strip_request_headers(stream, items)
+        if self.coalesce:
+            items = headers.items = _coalesce(items)
+        # x-forwarded-for, x-forwarded-proto and the edge classification, as Envoy's
+        # ConnectionManagerUtility::mutateRequestHeaders does it. With no internal address
+        # configuration (Envoy 1.40's default), no downstream counts as internal.
         if config.use_remote_address:
-            internal = is_internal_address(remote_ip)
+            remote_ip = conn.remote[0]
+            trusted_hops = config.xff_num_trusted_hops
+            xff = headers.get("x-forwarded-for")
+            client_ip = remote_ip
+            if trusted_hops and xff:
+                entries = [e.strip() for e in xff.split(",")]
+                if len(entries) >= trusted_hops:
+                    client_ip = entries[len(entries) - trusted_hops]
             if not config.skip_xff_append:
-                xff = headers.get("x-forwarded-for")
-                headers.set("x-forwarded-for", remote_ip if xff is None else f"{xff},{remote_ip}")
-            if internal:
-                headers.set("x-envoy-internal", "true")
-            else:
-                headers.set("x-envoy-external-address", remote_ip)
-            headers.set("x-forwarded-proto", "http")
+                appended = remote_ip
+                if is_loopback(remote_ip):
+                    appended = first_non_loopback_ipv4()
+                headers.set("x-forwarded-for", appended if xff is None else f"{xff},{appended}")
+            headers.set("x-envoy-external-address", client_ip)
+            if not (trusted_hops and "x-forwarded-proto" in headers):
+                headers.set("x-forwarded-proto", "http")
+            edge = True
         else:
-            internal = True
+            edge = False
             if "x-forwarded-proto" not in headers:
                 headers.add("x-forwarded-proto", "http")
         if config.generate_request_id:
             rid = headers.get_first("x-request-id")
-            if rid is None or (
-                config.use_remote_address
-                and not internal
-                and not config.preserve_external_request_id
-            ):
-                from ubimesh.proxy.network.http_manager import new_request_id
-
+            if rid is None or (edge and not config.preserve_external_request_id):
                 headers.set("x-request-id", new_request_id())
         return None
+
+    def _strip_request_headers(
+        self, stream: ActiveStream, items: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """Drop hop-by-hop headers (and those the Connection header nominates), Envoy's
+        internal x-envoy-* headers from edge requests, and x-envoy-internal (no downstream is
+        internal without an internal address configuration)."""
+        config = self.config
+        upgrade = stream.upgrade
+        nominated: set[str] = set()
+        for k, v in items:
+            if k == "connection":
+                for token in v.split(","):
+                    t = token.strip().lower()
+                    if t and t not in ("close", "keep-alive", "upgrade", "host") and t[0] != ":":
+                        nominated.add(t)
+        kept = []
+        for kv in items:
+            k = kv[0]
+            if k in _HOP_BY_HOP:
+                if upgrade and k in ("connection", "upgrade"):
+                    kept.append(("connection", "upgrade") if k == "connection" else kv)
+                elif k == "te" and kv[1].strip().lower() == "trailers":
+                    kept.append(kv)
+                continue
+            if k == "x-envoy-internal" or k in nominated:
+                continue
+            if k in _INTERNAL and config.use_remote_address:
+                continue
+            kept.append(kv)
+        return kept
 
     def route_table_match(self, stream: ActiveStream) -> Route | None:
         found = self.table.route(stream.host_header, stream.method, stream.path, stream.headers)
@@ -318,6 +375,7 @@ class HcmRuntime:
         action: RouteAction,
         host: Host | None,
         entry: WeightedClusterEntry | None = None,
+        timeout: float | None = None,
         shadow: bool = False,
     ) -> bytes:
         """The request head as the upstream gets it: route rewrites and header rules applied.
@@ -337,9 +395,15 @@ class HcmRuntime:
         if authority is not None:
             headers.set("host", authority)
         if shadow:
+            # Envoy sends shadows through its internal async client, which marks them
+            # internal and records the proxy's own address.
             headers.set("host", shadow_host(headers.get_first("host") or ""))
-        if action.timeout:
-            headers.set("x-envoy-expected-rq-timeout-ms", str(int(action.timeout * 1000)))
+            xff = headers.get("x-forwarded-for")
+            me = first_non_loopback_ipv4()
+            headers.set("x-forwarded-for", me if xff is None else f"{xff},{me}")
+            headers.set("x-envoy-internal", "true")
+        if timeout:
+            headers.set("x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)))
         if stream.chunked:
             headers.remove("content-length")
             headers.add("transfer-encoding", "chunked")

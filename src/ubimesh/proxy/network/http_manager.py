@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
-import uuid
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -249,6 +247,9 @@ class ActiveStream:
                 if k == "content-length":
                     has_length = True
                     break
+            if head_request and not has_length and not self.http10 and status not in (204, 304):
+                # What a GET would have carried (Envoy announces chunked framing on HEAD).
+                out.append(("transfer-encoding", "chunked"))
             if not no_body and not has_length:
                 if self.http10:
                     self.response_close = True
@@ -257,7 +258,9 @@ class ActiveStream:
                     out.append(("transfer-encoding", "chunked"))
             elif end_stream and not head_request and status not in (204, 304) and not has_length:
                 out.append(("content-length", "0"))
-            if not self.keep_alive or conn.draining:
+            if not self.keep_alive or conn.draining or not self.request_complete:
+                # A response that ends before its request did: the rest of the request body
+                # cannot be told apart from a next request, so the connection closes (Envoy).
                 self.response_close = True
             if self.response_close:
                 out.append(("connection", "close"))
@@ -548,13 +551,17 @@ class HttpConnection(asyncio.Protocol):
                     s.body_expected = True
             elif k == "expect" and v.lower() == "100-continue":
                 s.expect_continue = True
+        if not s.body_expected and not s.upgrade:
+            # Nothing more to read for this request: it is complete now, which is what the
+            # router's timeout and the close-on-early-response rule look at.
+            s.request_complete = True
         self.streams.append(s)
         if self.underscore_reject:
             self.hcm.requests_rejected_with_underscores.value += 1
             s.started = True
             self.hcm.rq_total.value += 1
             self.hcm.rq_active.value += 1
-            s.send_local_reply(400, b"", DPE, close=True)
+            s.send_local_reply(400, b"Bad Request", DPE, close=True)
             return
         if len(self.streams) == 1:
             s.begin()
@@ -706,7 +713,7 @@ class HttpConnection(asyncio.Protocol):
             if s.response_started:
                 self.close_now()
                 return
-            s.send_local_reply(status, b"", DPE, close=True)
+            s.send_local_reply(status, codec.REASONS.get(status, "").encode(), DPE, close=True)
             return
         if self.streams and self.streams[0].started and not self.streams[0].done:
             # A response is in flight for an earlier request: do not interleave; just close
@@ -715,17 +722,13 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading_for_buffer()
             return
         self.hcm.count_status(status)
-        body = b""
+        body = codec.REASONS.get(status, "").encode()
         head = [
             ("content-length", str(len(body))),
+            ("content-type", "text/plain"),
             ("server", self.hcm.server_header or "envoy"),
             ("date", DATE.get()),
             ("connection", "close"),
         ]
         self.write(status_line(status) + encode_headers(head) + b"\r\n" + body)
         self.close_after_write()
-
-
-def new_request_id() -> str:
-    """A random UUID4 string, as Envoy's x-request-id."""
-    return str(uuid.UUID(bytes=os.urandom(16), version=4))

@@ -379,6 +379,9 @@ class HttpConnectionManagerConfig:
         PathWithEscapedSlashesAction.KEEP_UNCHANGED
     )
     forward_client_cert_details: ForwardClientCertDetails = ForwardClientCertDetails.SANITIZE
+    accept_http_10: bool = False
+    """http_protocol_options.accept_http_10: without it an HTTP/1.0 request gets 426."""
+    default_host_for_http_10: str = ""
     internal_address_config_unix_sockets: bool = False
     codec_type: str = "AUTO"
     """Envoy's codec_type name: "AUTO" (HTTP/1.1, or HTTP/2 when the client opens with the
