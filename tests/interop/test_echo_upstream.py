@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import select
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,6 +117,25 @@ def test_head_has_no_body_but_is_logged(pool: EchoServerPool) -> None:
     assert length > 0
     (record,) = pool.records_since(cursor, at_least=1)
     assert record.method == "HEAD"
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(1)
+        assert chunk, "connection closed before a complete response head"
+        data += chunk
+    return data
+
+
+def test_expect_100_continue_is_answered(pool: EchoServerPool) -> None:
+    with socket.create_connection(("127.0.0.1", pool.port("judge")), timeout=5) as sock:
+        sock.sendall(
+            b"POST /e HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        )
+        assert _read_head(sock) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"ok")
+        assert _read_head(sock).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 def test_http10_closes_unless_keep_alive(pool: EchoServerPool) -> None:

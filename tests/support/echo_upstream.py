@@ -271,6 +271,15 @@ class _Connection:
         if sum(1 for name, _ in fields if name.lower() == b"host") > 1:
             raise BadRequest("more than one host header")
 
+        # A client that asks for 100-continue waits for it before sending the body (RFC 9110
+        # 10.1.1); answer it as a server would, so such a request does not stall.
+        has_body = b"transfer-encoding" in by_name or any(
+            v.strip() not in (b"", b"0") for v in by_name.get(b"content-length", [])
+        )
+        if has_body and "100-continue" in _tokens(by_name.get(b"expect", [])):
+            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await self.writer.drain()
+
         # Message framing (RFC 9112 6.3): transfer-encoding wins over content-length.
         chunked = False
         body = b""
