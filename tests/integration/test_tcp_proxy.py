@@ -286,7 +286,6 @@ async def sample_max(px: Proxy, stop: asyncio.Event) -> int:
     return peak
 
 
-@pytest.mark.slow
 def test_download_50mb_slow_reader_bounded_buffer(run: Callable[..., Any]) -> None:
     async def blast(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         for i in range(BIG // 65536):
@@ -328,7 +327,6 @@ def test_download_50mb_slow_reader_bounded_buffer(run: Callable[..., Any]) -> No
     run(body, timeout=120)
 
 
-@pytest.mark.slow
 def test_upload_50mb_slow_upstream_bounded_buffer(run: Callable[..., Any]) -> None:
     got: list[tuple[int, bytes]] = []
 
