@@ -12,6 +12,7 @@ import pytest
 from ubimesh.proxy.routing.redirect import (
     RewriteError,
     compile_substitution,
+    direct_response_has_location,
     redirect_location,
     regex_replace_all,
     rewrite_authority,
@@ -142,6 +143,20 @@ def test_scheme_defaults_to_forwarded_proto() -> None:
         r, scheme="http", authority="a.com:80", path="/", forwarded_proto="https"
     )
     assert got == "https://a.com:80/x"
+
+
+def test_direct_responses_get_the_request_url() -> None:
+    # Observed with Envoy 1.40: a 201 direct response carries location http://direct.test/created
+    r = route(PREFIX, "/", DirectResponseAction(201))
+    got = redirect_location(r, scheme="http", authority="direct.test", path="/created")
+    assert got == "http://direct.test/created"
+    assert redirect_location(r, scheme="http", authority="d.test:80", path="/x?y") == (
+        "http://d.test:80/x?y"
+    )
+    assert direct_response_has_location(201)
+    assert direct_response_has_location(302)
+    assert not direct_response_has_location(200)
+    assert not direct_response_has_location(404)
 
 
 def test_redirect_location_needs_a_redirect_route() -> None:

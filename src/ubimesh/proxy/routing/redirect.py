@@ -24,6 +24,7 @@ import functools
 import re
 
 from ubimesh.proxy.snapshot.types import (
+    DirectResponseAction,
     PathMatchKind,
     RedirectAction,
     RegexRewrite,
@@ -188,6 +189,15 @@ def _redirect_host(authority: str, new_scheme: str, new_port: str, request_proto
     return authority
 
 
+_NO_REDIRECT = RedirectAction()
+
+
+def direct_response_has_location(status: int) -> bool:
+    """Whether Envoy adds a ``location`` to a direct response with this status (201 and 3xx,
+    RFC 7231 section 7.1.2)."""
+    return status == 201 or 300 <= status < 400
+
+
 def redirect_location(
     route: Route,
     *,
@@ -199,6 +209,10 @@ def redirect_location(
     """The ``location`` of the redirect of ``route`` (whose action is a RedirectAction), for a
     request with this ``:scheme``, Host and path (query included), as Envoy's
     ``Http::Utility::newUri`` builds it.
+
+    A DirectResponseAction route is accepted too: Envoy adds a ``location`` built the same way
+    with no redirect settings (the request's own URL) to a direct response whose status is 201
+    or 3xx (see :func:`direct_response_has_location`).
 
     ``forwarded_proto`` is the request's x-forwarded-proto after the HCM set it (defaults to
     ``scheme``); it is the scheme kept when the redirect does not set one, and the protocol
@@ -215,7 +229,9 @@ def redirect_location(
       came from ``path_redirect``.
     """
     action = route.action
-    if not isinstance(action, RedirectAction):
+    if isinstance(action, DirectResponseAction):
+        action = _NO_REDIRECT
+    elif not isinstance(action, RedirectAction):
         raise TypeError(f"route {route.name!r} is not a redirect")
     request_proto = forwarded_proto or scheme
     if action.scheme:
