@@ -352,6 +352,7 @@ class ProxyFarm:
         self.ready_timeout = ready_timeout
         self.current: str | None = None
         self.running: dict[str, RunningProxy | BaseException] = {}
+        self._handed_out: set[int] = set()
         # suite name -> side label -> launched, not yet waited for
         self.pending: dict[str, dict[str, RunningProxy | BaseException]] = {}
 
@@ -400,7 +401,14 @@ class ProxyFarm:
         suite_dir.mkdir(parents=True, exist_ok=True)
         listeners = suite.listener_names()
         upstream_ports = {f"UPSTREAM:{n}": self.pool.port(n) for n in suite.upstream_names()}
+        # A port handed to a process that has not bound it yet looks free, so the farm never
+        # hands out the same port twice in a session.
         picked = free_ports(len(listeners) + 1)
+        for _ in range(20):
+            if not self._handed_out & set(picked):
+                break
+            picked = free_ports(len(listeners) + 1)
+        self._handed_out.update(picked)
         ports = {"ADMIN_PORT": picked[0], **upstream_ports}
         for name, port in zip(listeners, picked[1:], strict=True):
             ports[f"LISTENER:{name}"] = port
