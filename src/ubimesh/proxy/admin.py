@@ -626,7 +626,10 @@ class _Parser:
             self._fail(413, "Payload Too Large")
 
     def on_message_complete(self) -> None:
-        url = httptools.parse_url(bytes(self.url))
+        try:
+            url = httptools.parse_url(bytes(self.url))
+        except httptools.HttpParserError:
+            self._fail(400, "Bad Request")
         path = (url.path or b"/").decode("latin-1")
         query = _parse_query(url.query.decode("latin-1")) if url.query else {}
         self.ready.append(
@@ -663,6 +666,8 @@ class _Endpoint:
 
 
 _STATS_FORMATS = ("html", "active-html", "json", "prometheus", "text")
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1024 * 1024
 
 
 class AdminServer:
@@ -913,6 +918,7 @@ class AdminServer:
             except TimeoutError:
                 if p.in_message:
                     await self._write_simple(writer, 408, "request timeout", close=True)
+                    await self._linger(reader, writer)
                 return
             if not data:
                 return
@@ -922,9 +928,8 @@ class AdminServer:
                 p.parser.feed_data(data)
             except httptools.HttpParserUpgrade:
                 upgraded = True  # answer what was asked, then close (no protocol switch)
-            except (httptools.HttpParserCallbackError, _StopParsing):
-                pass
             except httptools.HttpParserError:
+                # Our own limits are already in p.error; anything else is a malformed request.
                 if p.error is None:
                     p.error = (400, "Bad Request")
             if (
@@ -941,6 +946,7 @@ class AdminServer:
                         return
                 status, reason = p.error
                 await self._write_simple(writer, status, reason, close=True)
+                await self._linger(reader, writer)
                 return
             if p.expect_continue and not p.in_headers and p.in_message:
                 p.expect_continue = False
@@ -952,6 +958,26 @@ class AdminServer:
                     return
             if upgraded:
                 return
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After an error answer: send FIN, then read and drop what the client still sends
+        (at most ``_LINGER_BYTES`` for ``_LINGER_SECONDS``). Closing a socket with unread
+        input makes the kernel send RST, which can destroy the answer before the client has
+        read it (a client still uploading a too-large request would never see the 413)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _LINGER_SECONDS
+        received = 0
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+            while received < _LINGER_BYTES:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                data = await asyncio.wait_for(reader.read(64 * 1024), remaining)
+                if not data:
+                    break
+                received += len(data)
 
     async def _respond(
         self, writer: asyncio.StreamWriter, req: _Request, force_close: bool
