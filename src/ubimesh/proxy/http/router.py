@@ -61,7 +61,12 @@ def route_request(stream: ActiveStream, route: Route) -> None:
         stream.send_local_reply(action.response_code, b"", extra=[("location", location)])
     elif type(action) is DirectResponseAction:
         body = action.body or b""
-        stream.send_local_reply(action.status, body)
+        extra = None
+        if action.status == 201 or 300 <= action.status < 400:
+            # Envoy points a created resource or a redirect-like direct response at the
+            # request's own URL.
+            extra = [("location", f"http://{stream.host_header}{stream.path}")]
+        stream.send_local_reply(action.status, body, extra=extra)
     else:  # pragma: no cover - the translator produces only the three kinds above
         raise AssertionError(f"unknown route action {action!r}")
 
@@ -186,11 +191,15 @@ class UpstreamRequest:
         stream = self.stream
         self.conn = conn
         conn.attach(self, stream.method == _HEAD)
+        pending = stream.take_pending_body()
+        if self.mirrors:
+            # Shadows copy the request before the primary rewrites its headers in place.
+            for m in self.mirrors:
+                m.send_head(pending)
         head = self.hcm.build_upstream_head(
             stream, self.route, self.action, self.host, self.entry, self.timeout
         )
         self.sent_at = time.monotonic()
-        pending = stream.take_pending_body()
         if pending:
             if self.chunked:
                 conn.write(head + b"".join([chunk(p) for p in pending]))
@@ -199,9 +208,6 @@ class UpstreamRequest:
         else:
             conn.write(head)
         self.ready = True
-        if self.mirrors:
-            for m in self.mirrors:
-                m.send_head(head, pending)
         if stream.request_complete:
             self.decode_end()
         if conn.write_paused:
@@ -434,7 +440,7 @@ class ShadowRequest:
         timeout = primary.action.timeout or 15.0
         self.timer = asyncio.get_running_loop().call_later(timeout, self._abandon)
 
-    def send_head(self, primary_head: bytes, pending: list[bytes] | None) -> None:
+    def send_head(self, pending: list[bytes] | None) -> None:
         stream = self.primary.stream
         head = self.hcm.build_upstream_head(
             stream,
@@ -449,7 +455,6 @@ class ShadowRequest:
         if pending:
             for p in pending:
                 self.send_body(p)
-        del primary_head
 
     def send_body(self, data: bytes) -> None:
         self._send(chunk(data) if self.primary.chunked else data)

@@ -58,7 +58,8 @@ LocalReply = tuple[int, bytes, str, list[tuple[str, str]] | None]
 # Codec-level refusals carry the reason phrase as their body, as Envoy's do.
 _BAD_REQUEST: LocalReply = (400, b"Bad Request", "DPE", None)
 _UPGRADE_REQUIRED: LocalReply = (426, b"Upgrade Required", "DPE", None)
-_FORBIDDEN_UPGRADE: LocalReply = (403, b"", "", [("connection", "close")])
+_FORBIDDEN_UPGRADE: LocalReply = (403, b"", "", None)
+_PATH_REJECTED: LocalReply = (400, b"", "DPE", None)
 _STRIP_CANDIDATES = _HOP_BY_HOP | _INTERNAL | {"x-envoy-internal"}
 #: Request headers Envoy keeps as one entry (its "inline" headers): repeated ones are joined
 #: with "," in arrival order. Other repeated headers stay separate.
@@ -245,7 +246,7 @@ class HcmRuntime:
                 escaped_slashes=config.path_with_escaped_slashes_action,
             )
             if result.reject:
-                return _BAD_REQUEST
+                return _PATH_REJECTED
             if result.redirect:
                 return 307, b"", "", [("location", result.path)]
             target = result.path
@@ -298,7 +299,6 @@ class HcmRuntime:
         """Drop hop-by-hop headers (and those the Connection header nominates), Envoy's
         internal x-envoy-* headers from edge requests, and x-envoy-internal (no downstream is
         internal without an internal address configuration)."""
-        config = self.config
         upgrade = stream.upgrade
         nominated: set[str] = set()
         for k, v in items:
@@ -313,12 +313,14 @@ class HcmRuntime:
             if k in _HOP_BY_HOP:
                 if upgrade and k in ("connection", "upgrade"):
                     kept.append(("connection", "upgrade") if k == "connection" else kv)
-                elif k == "te" and kv[1].strip().lower() == "trailers":
-                    kept.append(kv)
+                elif k == "te" and "trailers" in [t.strip() for t in kv[1].lower().split(",")]:
+                    kept.append(("te", "trailers"))
                 continue
             if k == "x-envoy-internal" or k in nominated:
                 continue
-            if k in _INTERNAL and config.use_remote_address:
+            if k in _INTERNAL:
+                # No downstream is internal without an internal address configuration, and
+                # Envoy cleans these control headers from every external request.
                 continue
             kept.append(kv)
         return kept
