@@ -60,6 +60,7 @@ def translate_bootstrap(
     quiet: Iterable[str] = (),
     errors: Iterable[ConfigError] = (),
     source_name: str = "",
+    ctx: Ctx | None = None,
 ) -> Snapshot:
     """Translate an ``envoy.config.bootstrap.v3.Bootstrap`` into a Snapshot.
 
@@ -67,10 +68,13 @@ def translate_bootstrap(
     proto's JSON form is kept. ``service_node``/``service_cluster`` override ``node.id`` and
     ``node.cluster`` like Envoy's --service-node/--service-cluster. ``errors`` are problems
     already found while parsing (reported together with the translator's) and ``quiet`` the
-    paths they were about. Raises ``ConfigErrors`` (every error found) when the config is not
-    valid for ubimesh.
+    paths they were about. ``ctx``, for tools, is the context to translate in (its
+    ``whitelists`` then tell which fields were supported where). Raises ``ConfigErrors`` (every
+    error found) when the config is not valid for ubimesh.
     """
-    ctx = Ctx(quiet=frozenset(quiet))
+    if ctx is None:
+        ctx = Ctx()
+    ctx.quiet = ctx.quiet | frozenset(quiet)
     ctx.fields(bootstrap, "", _BOOTSTRAP, _BOOTSTRAP_HINTS)
 
     node = NodeInfo()
