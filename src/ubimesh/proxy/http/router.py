@@ -163,7 +163,6 @@ class UpstreamRequest:
         pool.acquire(self)
 
     def _start_mirrors(self) -> None:
-        stream = self.stream
         hcm = self.hcm
         for policy in self.action.mirror_policies:
             if policy.numerator < policy.denominator and (
@@ -180,7 +179,6 @@ class UpstreamRequest:
             if self.mirrors is None:
                 self.mirrors = []
             self.mirrors.append(shadow)
-            del stream
 
     # -- pool callbacks -------------------------------------------------------------------------
 

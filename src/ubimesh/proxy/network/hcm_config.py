@@ -392,9 +392,15 @@ class HcmRuntime:
             ctx.request_headers = headers
             for r in rules:
                 r.apply(headers, ctx)
-        path = rewrite_path(route, stream.path) or stream.path
+        path = stream.path
+        rewritten = rewrite_path(route, path)
+        if rewritten is not None:
+            # Envoy's router records what it rewrote (unless suppress_envoy_headers).
+            headers.set("x-envoy-original-path", path)
+            path = rewritten
         authority = rewrite_authority(action, host.hostname if host is not None else "")
         if authority is not None:
+            headers.set("x-envoy-original-host", stream.host_header)
             headers.set("host", authority)
         if shadow:
             # Envoy sends shadows through its internal async client, which marks them
