@@ -5,37 +5,34 @@ paths with Envoy's status codes, content types and body formats (checked against
 It knows nothing about the proxy: everything it shows or changes goes through ``AdminHooks``,
 which the proxy server implements. Every hook may be a plain method or a coroutine function.
 
-Paths (``(POST)``: any other method gets 405 ``Method GET not allowed, POST required.``; the
-others accept any method, as Envoy does, and HEAD omits the body):
+Paths. Those marked (POST) answer any other method with 405 ``Method GET not allowed, POST
+required.``; the others accept any method, as Envoy does, and HEAD omits the body.
 
-===================== =========================================================================
-``/``                 HTML page listing the paths
-``/help``             plain-text list of the paths and their parameters
-``/stats``            ``format=text|json|prometheus|html``, ``filter``, ``invert_filter``,
-                      ``usedonly``, ``type``, ``histogram_buckets`` (``ubimesh.telemetry.render``)
-``/stats/prometheus`` ``filter``, ``invert_filter``, ``usedonly``, ``histogram_buckets``
-                      (``ubimesh.telemetry.prometheus``)
-``/server_info``      the ``server_info`` hook, as pretty JSON
-``/ready``            200 ``LIVE`` or 503 with the server state
-``/config_dump``      the ``config_dump`` hook, with Envoy's ``resource``, ``mask``,
-                      ``name_regex`` and ``include_eds``
-``/clusters``         ``ClusterStatus`` list as Envoy's ``::`` text or ``format=json``; ``filter``
-``/listeners``        ``ListenerStatus`` list as ``name::address`` text or ``format=json``
-``/hot_restart_version``, ``/runtime``, ``/certs``   fixed answers (no hot restart, runtime or TLS)
-``/healthcheck/fail`` (POST) / ``/healthcheck/ok`` (POST)
-``/drain_listeners``  (POST) ``graceful``, ``inboundonly``
-``/logging``          (POST) Envoy's ``level=``, ``paths=``, ``group=``, ``<logger>=<level>``
-``/quitquitquit``     (POST) answers ``OK`` and then calls the ``quit`` hook
-===================== =========================================================================
+* ``/``: HTML page listing the paths; ``/help``: the same as plain text.
+* ``/stats``: ``format=text|json|prometheus|html``, ``filter``, ``invert_filter``,
+  ``usedonly``, ``type``, ``histogram_buckets`` (layouts in ``ubimesh.telemetry.render``).
+* ``/stats/prometheus``: ``filter``, ``invert_filter``, ``usedonly``,
+  ``histogram_buckets=cumulative|summary`` (``ubimesh.telemetry.prometheus``).
+* ``/server_info``: the ``server_info`` hook as pretty JSON; ``/hot_restart_version``: its
+  ``hot_restart_version``; ``/ready``: 200 ``LIVE`` or 503 with its ``state``.
+* ``/config_dump``: the ``config_dump`` hook with Envoy's ``resource``, ``mask``, ``name_regex``
+  and ``include_eds``.
+* ``/clusters``: ``ClusterStatus`` list as Envoy's ``::`` lines or ``format=json``; ``filter``.
+* ``/listeners``: ``ListenerStatus`` list as ``name::address`` lines or ``format=json``.
+* ``/runtime``, ``/certs``: Envoy's empty answers (ubimesh has no runtime layers, no TLS yet).
+* ``/healthcheck/fail``, ``/healthcheck/ok`` (POST); ``/drain_listeners`` (POST) with
+  ``graceful`` and ``inboundonly``; ``/logging`` (POST) with Envoy's ``level=``, ``paths=``,
+  ``group=`` and ``<logger>=<level>``; ``/quitquitquit`` (POST) answers ``OK`` and then calls the
+  ``quit`` hook.
+* Any other path: 404 with ``invalid path.`` and the help text.
 
-Any other path answers 404 with ``invalid path.`` and the help text.
-
-Robustness: the request line and headers are limited to ``max_request_header_bytes`` (431) and
+Robustness: the request line and headers are limited to ``max_request_header_bytes`` and
 ``max_headers`` (431), a body to ``max_body_bytes`` (413); a request must arrive completely
-within ``request_timeout`` of its first byte (else 408 and close), an idle keep-alive connection
-is closed after ``idle_timeout``, a response must be taken by the client within
-``write_timeout``, a hook must answer within ``handler_timeout`` (else 503), and at most
-``max_connections`` connections are served at once (more are closed on accept). A failing hook
+within ``request_timeout`` of its first byte (else 408), an idle keep-alive connection is closed
+after ``idle_timeout``, a response must be taken by the client within ``write_timeout``, a hook
+must answer within ``handler_timeout`` (else 503), and at most ``max_connections`` connections
+are served at once (more are closed on accept). After an error answer the connection is closed
+with a short bounded linger, so the client reads the answer instead of a reset. A failing hook
 gives 500 and is logged; it never takes the server down.
 """
 

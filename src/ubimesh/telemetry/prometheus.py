@@ -27,7 +27,12 @@ with ``histogram_buckets="summary"`` they are a ``summary`` family with ``quanti
 (Envoy fills those from the last flush interval, ubimesh from the cumulative buckets; see
 ``ubimesh.telemetry.render`` for how quantiles are estimated). If two stats of different types
 end up with the same metric name, the first family written wins and the other is left out, so
-the page always parses.
+the page always parses. Numbers are written as Envoy writes them (integers without a fraction,
+shortest round-trip decimals), except NaN and infinities, which use the exposition format's
+``NaN``/``+Inf`` where Envoy writes ``nan``; Prometheus reads both.
+
+The page is served as ``text/plain; version=0.0.4`` (Envoy sends ``text/plain`` without the
+version; the versioned type is what Prometheus asks for).
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ubimesh.telemetry.render import (
     SUPPORTED_PERCENTILES,
@@ -113,7 +117,7 @@ class _RegexExtractor(_Extractor):
 
 
 class _TokenExtractor(_Extractor):
-    __slots__ = ("match_index", "pattern")
+    __slots__ = ("literals", "match_index", "pattern")
 
     def __init__(self, name: str, pattern: str) -> None:
         toks = pattern.split(".")
@@ -121,8 +125,12 @@ class _TokenExtractor(_Extractor):
         super().__init__(name, "" if first in ("$", "*", "**") else first)
         self.pattern = toks
         self.match_index = toks.index("$")
+        self.literals = frozenset(t for t in toks if t not in ("*", "**", "$"))
+        """Tokens a name must contain for the pattern to match (a quick test before searching)."""
 
     def extract(self, name: str, tokens: list[str]) -> tuple[str, int, int] | None:
+        if not self.literals.issubset(tokens):
+            return None
         found: list[int] = [0, -1]  # offset in the name and index of the token "$" matched
         if not self._search(tokens, 0, 0, 0, found) or found[1] < 0:
             return None
@@ -290,16 +298,21 @@ def extract_tags(name: str) -> tuple[str, Tags]:
             cuts.append((start, end))
     if not cuts:
         return name, ()
-    keep = bytearray(b"\x01") * len(name)
-    for start, end in cuts:
-        keep[start:end] = b"\x00" * (end - start)
-    return "".join(ch for ch, k in zip(name, keep, strict=True) if k), tuple(tags)
+    pieces: list[str] = []
+    pos = 0
+    for start, end in sorted(cuts):  # cuts may overlap: keep what no cut covers
+        if start > pos:
+            pieces.append(name[pos:start])
+        pos = max(pos, end)
+    pieces.append(name[pos:])
+    return "".join(pieces), tuple(tags)
 
 
 # ---------------------------------------------------------------------------------------------
 # Formatting
 
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+_QUANTILE_LABELS = tuple(format_number(round(p / 100.0, 12)) for p in SUPPORTED_PERCENTILES)
 
 
 def sanitize_name(name: str) -> str:
@@ -317,24 +330,31 @@ def escape_label_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(tags: Tags, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    parts = [f'{sanitize_name(k)}="{escape_label_value(v)}"' for k, v in (*tags, *extra)]
-    return "{" + ",".join(parts) + "}"
+@functools.lru_cache(maxsize=1 << 16)
+def _series(stat_name: str) -> tuple[str, str, str]:
+    """(tag-extracted name, metric name, label text without braces) of one stat; cached, since
+    every scrape asks again for the same names."""
+    extracted, tags = extract_tags(stat_name)
+    labels = ",".join(f'{sanitize_name(k)}="{escape_label_value(v)}"' for k, v in tags)
+    return extracted, metric_name(extracted), labels
 
 
-@dataclass(slots=True)
-class _Series:
-    stat_name: str
-    tags: Tags
+def _with(labels: str, name: str, value: str) -> str:
+    """``{labels,name="value"}``."""
+    return "{" + labels + ("," if labels else "") + f'{name}="{value}"' + "}"
 
 
-def _families(names: list[str]) -> list[tuple[str, list[_Series]]]:
-    """Group stat names by tag-extracted name: [(extracted name, series sorted by stat name)]."""
-    groups: dict[str, list[_Series]] = {}
+def _families(names: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Group stat names by tag-extracted name, families sorted by that name and series by stat
+    name: [(metric name, [(stat name, label text), ...]), ...]."""
+    groups: dict[str, tuple[str, list[tuple[str, str]]]] = {}
     for stat_name in sorted(names):
-        extracted, tags = extract_tags(stat_name)
-        groups.setdefault(extracted, []).append(_Series(stat_name, tags))
-    return sorted(groups.items(), key=lambda kv: kv[0])
+        extracted, name, labels = _series(stat_name)
+        group = groups.get(extracted)
+        if group is None:
+            group = groups[extracted] = (name, [])
+        group[1].append((stat_name, labels))
+    return [groups[k] for k in sorted(groups)]
 
 
 def render(
@@ -356,46 +376,41 @@ def render(
     written: set[str] = set()
 
     def scalar_families(values: dict[str, int], type_name: str) -> None:
-        for extracted, series in _families(list(values)):
-            name = metric_name(extracted)
+        for name, series in _families(list(values)):
             if name in written:
                 continue
             written.add(name)
             out.append(f"# TYPE {name} {type_name}\n")
-            for s in series:
-                out.append(f"{name}{_labels(s.tags)} {values[s.stat_name]}\n")
+            out.extend(f"{name}{{{labels}}} {values[stat]}\n" for stat, labels in series)
 
     scalar_families(sel.counters, "counter")
     scalar_families(sel.gauges, "gauge")
 
-    write_histogram: Callable[[str, Tags, HistogramView], None]
+    write_histogram: Callable[[str, str, HistogramView], None]
     if histogram_buckets is HistogramBuckets.SUMMARY:
         type_name = "summary"
 
-        def write_histogram(name: str, tags: Tags, h: HistogramView) -> None:
-            for p, v in zip(SUPPORTED_PERCENTILES, h.quantiles(), strict=True):
-                q = format_number(round(p / 100.0, 12))
-                out.append(f"{name}{_labels(tags, (('quantile', q),))} {format_number(v)}\n")
-            out.append(f"{name}_sum{_labels(tags)} {format_number(h.sum)}\n")
-            out.append(f"{name}_count{_labels(tags)} {h.count}\n")
+        def write_histogram(name: str, labels: str, h: HistogramView) -> None:
+            for q, v in zip(_QUANTILE_LABELS, h.quantiles(), strict=True):
+                out.append(f"{name}{_with(labels, 'quantile', q)} {format_number(v)}\n")
+            out.append(f"{name}_sum{{{labels}}} {format_number(h.sum)}\n")
+            out.append(f"{name}_count{{{labels}}} {h.count}\n")
 
     else:
         type_name = "histogram"
 
-        def write_histogram(name: str, tags: Tags, h: HistogramView) -> None:
+        def write_histogram(name: str, labels: str, h: HistogramView) -> None:
             for bound, c in zip(h.bounds, h.cumulative(), strict=True):
-                labels = _labels(tags, (("le", format_number(bound)),))
-                out.append(f"{name}_bucket{labels} {c}\n")
-            out.append(f"{name}_bucket{_labels(tags, (('le', '+Inf'),))} {h.count}\n")
-            out.append(f"{name}_sum{_labels(tags)} {format_number(h.sum)}\n")
-            out.append(f"{name}_count{_labels(tags)} {h.count}\n")
+                out.append(f"{name}_bucket{_with(labels, 'le', format_number(bound))} {c}\n")
+            out.append(f"{name}_bucket{_with(labels, 'le', '+Inf')} {h.count}\n")
+            out.append(f"{name}_sum{{{labels}}} {format_number(h.sum)}\n")
+            out.append(f"{name}_count{{{labels}}} {h.count}\n")
 
-    for extracted, series in _families(list(sel.histograms)):
-        name = metric_name(extracted)
+    for name, series in _families(list(sel.histograms)):
         if name in written:
             continue
         written.add(name)
         out.append(f"# TYPE {name} {type_name}\n")
-        for s in series:
-            write_histogram(name, s.tags, HistogramView.of(sel.histograms[s.stat_name]))
+        for stat, labels in series:
+            write_histogram(name, labels, HistogramView.of(sel.histograms[stat]))
     return "".join(out)
