@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from google.protobuf import json_format
 
 from ubimesh.proxy.snapshot.types import (
     AppendAction,
@@ -33,7 +35,12 @@ from ubimesh.proxy.snapshot.types import (
     StringMatchKind,
     TcpProxyConfig,
 )
-from ubimesh.proxy.xds import ConfigErrors, load_bootstrap, load_bootstrap_dict
+from ubimesh.proxy.xds import (
+    ConfigErrors,
+    load_bootstrap,
+    load_bootstrap_dict,
+    translate_bootstrap,
+)
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -1114,4 +1121,49 @@ def test_errors_inside_a_refused_field_are_not_repeated() -> None:
         (R0 + ".route.retry_policy",
          "not supported by ubimesh (retries are not implemented yet); remove it, or see "
          "docs/envoy-compat.md for the supported subset"),
+    ]
+
+
+ONE_ERROR = [
+    ("missing match", lambda d: route(d).pop("match"), (R0 + ".match", "is required")),
+    ("header option without header", lambda d: route(d).update(
+        request_headers_to_add=[{"append_action": "ADD_IF_ABSENT"}]),
+     (R0 + ".request_headers_to_add[0].header", "is required")),
+    ("rewrite without pattern", lambda d: route(d)["route"].update(
+        regex_rewrite={"substitution": "x"}), (R0 + ".route.regex_rewrite.pattern", "is required")),
+    ("lb endpoint without endpoint", lambda d: cluster(d)["load_assignment"]["endpoints"][0][
+        "lb_endpoints"][0].pop("endpoint"),
+     (C0 + ".load_assignment.endpoints[0].lb_endpoints[0].endpoint", "is required")),
+    ("endpoint without address", lambda d: cluster(d)["load_assignment"]["endpoints"][0][
+        "lb_endpoints"][0]["endpoint"].pop("address"), (EP0 + ".address", "is required")),
+    ("listener without address", lambda d: listener(d).pop("address"),
+     (L0 + ".address", "is required")),
+    ("undefined enum number", lambda d: cluster(d).update(dns_lookup_family=9),
+     (C0 + ".dns_lookup_family", "9 is not a value of DnsLookupFamily")),
+    ("undefined enum number without a proto rule", lambda d: hcm(d).update(
+        path_with_escaped_slashes_action=9),
+     (HCM + ".path_with_escaped_slashes_action",
+      "9 is not a value of PathWithEscapedSlashesAction")),
+    ("undefined cluster type", lambda d: cluster(d).update(type=9),
+     (C0 + ".type", "9 is not a value of DiscoveryType")),
+]
+
+
+@pytest.mark.parametrize(("case", "mutate", "expected"), ONE_ERROR, ids=[c[0] for c in ONE_ERROR])
+def test_one_problem_one_error(case: str, mutate: Any, expected: tuple[str, str]) -> None:
+    d = base()
+    mutate(d)
+    assert errors_of(d) == [expected]
+
+
+def test_translate_a_proto_built_in_code() -> None:
+    bootstrap = json_format.ParseDict(base(), bootstrap_pb2.Bootstrap())
+    snap = translate_bootstrap(bootstrap)
+    assert snap.source["static_resources"]["clusters"][0]["name"] == "backend"
+    assert snap.version == load_bootstrap_dict(base()).version
+    bootstrap.static_resources.clusters[0].dns_lookup_family = 9  # open enum: any number fits
+    with pytest.raises(ConfigErrors) as info:
+        translate_bootstrap(bootstrap)
+    assert [(e.path, e.message) for e in info.value.errors] == [
+        (C0 + ".dns_lookup_family", "9 is not a value of DnsLookupFamily"),
     ]

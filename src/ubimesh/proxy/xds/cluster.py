@@ -156,7 +156,9 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
         dns_refresh_rate=seconds(msg.dns_refresh_rate)
         if msg.HasField("dns_refresh_rate")
         else 5.0,
-        dns_lookup_family=DnsLookupFamily(msg.dns_lookup_family),
+        dns_lookup_family=ctx.enum(
+            msg, "dns_lookup_family", path, DnsLookupFamily, DnsLookupFamily.AUTO
+        ),
         respect_dns_ttl=msg.respect_dns_ttl,
         ring_hash=ring_hash,
         least_request=least_request,
@@ -198,9 +200,12 @@ def _load_assignment(
             hpath = item(hosts_path, j)
             ctx.fields(lbe, hpath, _LB_ENDPOINT, _LB_ENDPOINT_HINTS)
             epath = join(hpath, "endpoint")
+            if not lbe.HasField("endpoint"):
+                ctx.error(epath, "is required")
+                continue
             endpoint = lbe.endpoint
             ctx.fields(endpoint, epath, _ENDPOINT, _ENDPOINT_HINTS)
-            if not lbe.HasField("endpoint") or not endpoint.HasField("address"):
+            if not endpoint.HasField("address"):
                 ctx.error(join(epath, "address"), "is required")
                 continue
             address = common.socket_address(

@@ -271,11 +271,14 @@ def header_value_option(ctx: Ctx, msg: Any, path: str) -> HeaderValueOption:
     ctx.fields(msg, path, _HEADER_VALUE_OPTION)
     header = msg.header
     hpath = join(path, "header")
-    ctx.fields(header, hpath, _HEADER_VALUE, _HEADER_VALUE_HINTS)
+    if msg.HasField("header"):  # else the constraint check reported it
+        ctx.fields(header, hpath, _HEADER_VALUE, _HEADER_VALUE_HINTS)
     key = header.key.lower()
     if key and not _modifiable(key):
         ctx.error(join(hpath, "key"), ":-prefixed or host headers may not be modified")
-    action = AppendAction(msg.append_action)
+    action = ctx.enum(
+        msg, "append_action", path, AppendAction, AppendAction.APPEND_IF_EXISTS_OR_ADD
+    )
     if msg.HasField("append"):
         if msg.append_action != 0:
             ctx.error(path, "both append and append_action are set; set only append_action")

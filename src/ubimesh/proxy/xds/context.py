@@ -10,9 +10,10 @@ only when ``ctx.errors`` stays empty.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ubimesh.proxy.xds import rules
 from ubimesh.proxy.xds.errors import ConfigError
@@ -35,6 +36,9 @@ def entry(path: str, key: str) -> str:
 def is_within(path: str, prefix: str) -> bool:
     """Whether ``path`` is ``prefix`` or a path inside it."""
     return path == prefix or path.startswith((prefix + ".", prefix + "["))
+
+
+E = TypeVar("E", bound=enum.Enum)
 
 
 @dataclass(slots=True)
@@ -68,8 +72,11 @@ class Ctx:
         return any(is_within(path, prefix) for prefix in self.refused)
 
     def error(self, path: str, message: str) -> None:
-        if not self._is_quiet(path):
-            self.errors.append(ConfigError(path, message))
+        if self._is_quiet(path):
+            return
+        error = ConfigError(path, message)
+        if not any((e.path, e.message) == (path, message) for e in self.errors[-8:]):
+            self.errors.append(error)
 
     def unsupported(self, path: str, detail: str = "") -> None:
         self.refused.append(path)
@@ -94,6 +101,17 @@ class Ctx:
                 hint = (hints or {}).get(fd.name, default_hint)
                 self.unsupported(join(path, fd.name), hint)
         rules.check_message(msg, path, supported, self.error)
+
+    def enum(self, msg: Any, name: str, path: str, cls: type[E], default: E) -> E:
+        """The snapshot enum member for the enum field ``name`` of ``msg`` (same numbers), or
+        ``default`` after an error when the number is not one of ``cls``'s."""
+        value = getattr(msg, name)
+        try:
+            return cls(value)
+        except ValueError:
+            enum_name = msg.DESCRIPTOR.fields_by_name[name].enum_type.name
+            self.error(join(path, name), f"{value} is not a value of {enum_name}")
+            return default
 
     def refer_cluster(self, name: str, path: str, what: str) -> None:
         self.cluster_refs.append(ClusterRef(name, path, what))

@@ -125,7 +125,10 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
         ctx.fields(opts, opath, _HCM_COMMON_OPTIONS, _HCM_COMMON_OPTIONS_HINTS)
         idle_timeout = timeout(opts, "idle_timeout", 3600.0)
         max_headers_count = wrapped(opts, "max_headers_count", 100)
-        underscores = HeadersWithUnderscoresAction(opts.headers_with_underscores_action)
+        underscores = ctx.enum(
+            opts, "headers_with_underscores_action", opath, HeadersWithUnderscoresAction,
+            HeadersWithUnderscoresAction.ALLOW,
+        )
 
     if msg.HasField("http_protocol_options"):
         hpath = join(path, "http_protocol_options")
@@ -137,7 +140,12 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
         ctx.fields(msg.internal_address_config, ipath, _INTERNAL_ADDRESS, _INTERNAL_ADDRESS_HINTS)
         unix_sockets = msg.internal_address_config.unix_sockets
 
-    escaped = msg.path_with_escaped_slashes_action
+    # IMPLEMENTATION_SPECIFIC_DEFAULT (0) is KEEP_UNCHANGED in Envoy.
+    escaped = PathWithEscapedSlashesAction.KEEP_UNCHANGED
+    if msg.path_with_escaped_slashes_action != 0:
+        escaped = ctx.enum(
+            msg, "path_with_escaped_slashes_action", path, PathWithEscapedSlashesAction, escaped
+        )
     drain = timeout(msg, "drain_timeout", 5.0)
     return HttpConnectionManagerConfig(
         stat_prefix=msg.stat_prefix,
@@ -163,9 +171,11 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
         upgrade_types=hcm_upgrades(ctx, msg.upgrade_configs, join(path, "upgrade_configs")),
         normalize_path=wrapped(msg, "normalize_path", False),
         merge_slashes=msg.merge_slashes,
-        # IMPLEMENTATION_SPECIFIC_DEFAULT (0) is KEEP_UNCHANGED in Envoy.
-        path_with_escaped_slashes_action=PathWithEscapedSlashesAction(escaped or 1),
-        forward_client_cert_details=ForwardClientCertDetails(msg.forward_client_cert_details),
+        path_with_escaped_slashes_action=escaped,
+        forward_client_cert_details=ctx.enum(
+            msg, "forward_client_cert_details", path, ForwardClientCertDetails,
+            ForwardClientCertDetails.SANITIZE,
+        ),
         internal_address_config_unix_sockets=unix_sockets,
         codec_type=codec,
     )

@@ -151,6 +151,19 @@ def _is_leaf(descriptor: Any) -> bool:
     )
 
 
+def _undefined_enum_number(fd: Any, raw: Any) -> int | None:
+    """A number given for an enum field that the enum does not define (protobuf's JSON parser
+    accepts any number for an open enum; the snapshot's enums have only Envoy's values)."""
+    if fd.enum_type is None:
+        return None
+    for value in raw if isinstance(raw, list) else [raw]:
+        if isinstance(value, int) and not isinstance(value, bool) and (
+            value not in fd.enum_type.values_by_number
+        ):
+            return value
+    return None
+
+
 class _Scanner:
     def __init__(self) -> None:
         self.errors: list[ConfigError] = []
@@ -251,6 +264,12 @@ class _Scanner:
         return True
 
     def _leaves(self, leaves: dict[str, Any], descriptor: Any, path: str) -> dict[str, Any]:
+        for key, (fd, raw) in list(leaves.items()):
+            bad = _undefined_enum_number(fd, raw)
+            if bad is not None:
+                self.fail(join(path, fd.name), f"{bad} is not a value of {fd.enum_type.name}",
+                          quiet=path)
+                del leaves[key]
         if not leaves:
             return {}
         cls = message_factory.GetMessageClass(descriptor)

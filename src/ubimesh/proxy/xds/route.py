@@ -182,7 +182,10 @@ class _RouteConfigScope:
     def route(self, msg: Any, path: str) -> Route:
         ctx = self.ctx
         ctx.fields(msg, path, _ROUTE, _ROUTE_HINTS)
-        match = route_match(ctx, msg.match, join(path, "match"))
+        if msg.HasField("match"):
+            match = route_match(ctx, msg.match, join(path, "match"))
+        else:
+            match = RouteMatch(PathMatchKind.PREFIX)  # the constraint check reported it
         which = msg.WhichOneof("action")
         action: RouteActionKind
         if which == "route":
