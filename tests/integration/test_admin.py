@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ class FakeHooks:
         self.quit_called = threading.Event()
         self.fail_clusters = False
         self.slow_listeners = 0.0
+        self.on_quit: Callable[[], Awaitable[None]] | None = None
 
     async def stats_snapshot(self) -> StatsSnapshot:
         return _stats()
@@ -169,8 +170,11 @@ class FakeHooks:
     async def drain_listeners(self, graceful: bool, inbound_only: bool) -> None:
         self.drains.append((graceful, inbound_only))
 
-    def quit(self) -> None:
+    def quit(self) -> Awaitable[None] | None:
+        if self.on_quit is not None:
+            return self.on_quit()
         self.quit_called.set()
+        return None
 
 
 class LoggingFakeHooks(FakeHooks):
@@ -246,7 +250,7 @@ class Harness:
 def read_all(sock: socket.socket, limit: float = WAIT) -> bytes:
     """Read until the server closes the connection (bounded by ``limit`` seconds)."""
     deadline = time.monotonic() + limit
-    chunks = []
+    chunks: list[bytes] = []
     while time.monotonic() < deadline:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
@@ -264,7 +268,7 @@ def read_all(sock: socket.socket, limit: float = WAIT) -> bytes:
 def read_responses(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
     """Read ``count`` content-length framed responses from a keep-alive connection."""
     buf = b""
-    out = []
+    out: list[tuple[int, dict[str, str], bytes]] = []
     deadline = time.monotonic() + WAIT
     while len(out) < count:
         while b"\r\n\r\n" not in buf:
@@ -581,7 +585,7 @@ def test_quit_hook_may_stop_the_admin_server(loop_kind: str) -> None:
             await h.server.stop()
             hooks.quit_called.set()
 
-        hooks.quit = stop_admin  # type: ignore[method-assign]
+        hooks.on_quit = stop_admin
         assert h.post("/quitquitquit")[2] == b"OK\n"
         assert hooks.quit_called.wait(WAIT)
         with pytest.raises(OSError):
@@ -590,8 +594,11 @@ def test_quit_hook_may_stop_the_admin_server(loop_kind: str) -> None:
 
 def test_logging_in_process() -> None:
     logger = logging.getLogger("ubimesh.proxy.admin")
-    root = logging.getLogger("ubimesh")
-    saved = (logger.level, root.level)
+    saved = {
+        name: lg.level
+        for name, lg in logging.Logger.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger) and (name == "ubimesh" or name.startswith("ubimesh."))
+    }
     try:
         with harness("asyncio") as h:
             status, _, body = h.post("/logging")
@@ -599,20 +606,24 @@ def test_logging_in_process() -> None:
             text = body.decode()
             assert text.startswith("active loggers:\n")
             assert "  ubimesh.proxy.admin: " in text
-            body = h.post("/logging?paths=ubimesh.proxy.admin:error")[2].decode()
-            assert "  ubimesh.proxy.admin: error\n" in body
+            text = h.post("/logging?paths=ubimesh.proxy.admin:error")[2].decode()
+            assert "  ubimesh.proxy.admin: error\n" in text
             assert logger.level == logging.ERROR
-            body = h.post("/logging?level=debug")[2].decode()
-            assert "  ubimesh.proxy.admin: debug\n" in body and "  ubimesh: debug\n" in body
-            body = h.post("/logging?ubimesh.proxy.admin=trace")[2].decode()
-            assert "  ubimesh.proxy.admin: trace\n" in body
+            text = h.post("/logging?level=debug")[2].decode()
+            assert "  ubimesh.proxy.admin: debug\n" in text and "  ubimesh: debug\n" in text
+            text = h.post("/logging?ubimesh.proxy.admin=trace")[2].decode()
+            assert "  ubimesh.proxy.admin: trace\n" in text
             status, _, body = h.post("/logging?level=loud")
             assert status == 400 and body.startswith(b"error: unknown logger level")
             status, _, body = h.post("/logging?paths=no.such.logger:info")
             assert status == 400 and body.startswith(b"error: unknown logger name")
     finally:
-        logger.setLevel(saved[0])
-        root.setLevel(saved[1])
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        for name, lg in logging.Logger.manager.loggerDict.items():
+            mine = name == "ubimesh" or name.startswith("ubimesh.")
+            if isinstance(lg, logging.Logger) and mine and name not in saved:
+                lg.setLevel(logging.NOTSET)
 
 
 def test_logging_through_the_hook(loop_kind: str) -> None:
