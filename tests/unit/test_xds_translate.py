@@ -44,12 +44,7 @@ from ubimesh.proxy.xds import (
 
 CONFIGS = Path(__file__).parent / "configs"
 
-HCM_TYPE = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
 TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 L0 = "static_resources.listeners[0]"
 FC0 = L0 + ".filter_chains[0]"
