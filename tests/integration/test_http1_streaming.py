@@ -25,11 +25,9 @@ GiB = 1024 * MiB
 RSS_GROWTH_LIMIT = 64 * MiB
 HOST = "bulk.test"
 
-#: The sizes run by default (slow-marked sizes run too unless ``-m "not slow"``).
-SIZES = [
-    pytest.param(256 * MiB, id="256MiB"),
-    pytest.param(1 * GiB, id="1GiB", marks=pytest.mark.slow),
-]
+#: 1 GiB takes about 5 s through ubimesh (about 1 s through Envoy), well under the 20 s that
+#: would call for a smaller default: it is marked slow but stays in the default run.
+SIZES = [pytest.param(1 * GiB, id="1GiB", marks=pytest.mark.slow)]
 
 
 class RssSampler:

@@ -1,8 +1,9 @@
 """HTTP/1.1 Upgrade (WebSocket) through the proxy.
 
 Listener ``ws`` has ``upgrade_configs: [{upgrade_type: websocket}]``, listener ``plain`` has
-none; both route to a :class:`ScriptedUpstream` whose ``/ws`` answers 101, sends a greeting
-frame and then echoes every byte.
+none; both route to a :class:`ScriptedUpstream`.  The WebSocket sessions go through listener
+``tunnel`` (websocket enabled) to an upstream of their own, whose ``/ws`` answers 101 and a
+greeting frame in one write and ``/ws-quiet`` just the 101; both then echo every byte.
 
 What Envoy 1.40 does when an upgrade is not configured was learnt by running these tests
 against it (``UBIMESH_IT_SUBJECT=envoy``): a request with ``Connection: upgrade`` and an
@@ -54,10 +55,10 @@ def ws_frame(opcode: int, payload: bytes, mask: bool = True) -> bytes:
     return bytes(head) + key + masked
 
 
-def _upgrade_request(extra: list[tuple[str, str]]) -> bytes:
+def _upgrade_request(extra: list[tuple[str, str]], target: str = "/ws") -> bytes:
     return build_request(
         "GET",
-        "/ws",
+        target,
         [
             ("Host", "ws.test"),
             *extra,
@@ -74,52 +75,116 @@ def scripted() -> Iterator[ScriptedUpstream]:
     upstream.stop()
 
 
+TUNNELS = ("frames", "greeting", "reuse")
+
+
 @pytest.fixture(scope="module")
-def proxy(module_proxy_factory: Any, scripted: ScriptedUpstream) -> Any:
+def tunnels() -> Iterator[dict[str, ScriptedUpstream]]:
+    """One upstream, cluster and listener per WebSocket test, so that a session gone wrong
+    cannot leave anything behind (say, an upgraded connection in a pool) for another test."""
+    upstreams = {name: ScriptedUpstream(f"tunnel-{name}") for name in TUNNELS}
+    yield upstreams
+    for upstream in upstreams.values():
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    module_proxy_factory: Any, scripted: ScriptedUpstream, tunnels: dict[str, ScriptedUpstream]
+) -> Any:
     b = module_proxy_factory.bootstrap()
     b.add_cluster("scripted", [scripted.port])
     routes = [{"match": {"prefix": "/"}, "route": {"cluster": "scripted"}}]
-    b.add_listener("ws", routes=routes, upgrade_configs=[{"upgrade_type": "websocket"}])
+    websocket = [{"upgrade_type": "websocket"}]
+    b.add_listener("ws", routes=routes, upgrade_configs=websocket)
     b.add_listener("plain", routes=routes)
+    for name, upstream in tunnels.items():
+        b.add_cluster(f"tunnel-{name}", [upstream.port])
+        b.add_listener(
+            f"tunnel-{name}",
+            routes=[{"match": {"prefix": "/"}, "route": {"cluster": f"tunnel-{name}"}}],
+            upgrade_configs=websocket,
+        )
     return module_proxy_factory.start(b)
 
 
 def _read_exactly(conn: Any, n: int, timeout: float = 5.0) -> bytes:
     conn.reader.deadline = time.monotonic() + timeout
-    return conn.reader.exactly(n)
+    try:
+        return conn.reader.exactly(n)
+    except (OSError, ValueError) as exc:
+        got = bytes(conn.reader.buf)
+        raise AssertionError(
+            f"wanted {n} bytes, the connection ended ({type(exc).__name__}: {exc}) after "
+            f"{len(got)}: {got[:80]!r}"
+        ) from None
 
 
-def test_websocket_upgrade_and_frames_both_ways(
-    proxy: Any, scripted: ScriptedUpstream, connect: Any
-) -> None:
-    before = len(scripted.requests)
-    conn = connect(proxy.port("ws"))
-    conn.send(_upgrade_request([("Connection", "Upgrade"), ("Upgrade", "websocket")]))
+def _open_session(
+    proxy: Any, name: str, upstream: ScriptedUpstream, connect: Any, target: str
+) -> Any:
+    """Upgrade a connection to listener tunnel-``name`` and check the 101 and what the
+    upstream saw; returns the connection."""
+    before = len(upstream.requests)
+    conn = connect(proxy.port(f"tunnel-{name}"))
+    conn.send(
+        _upgrade_request([("Connection", "Upgrade"), ("Upgrade", "websocket")], target=target)
+    )
     resp = conn.read_response("GET", timeout=5)
     assert resp.status == 101, resp
     assert (_header(resp, "upgrade") or "").lower() == "websocket", resp.headers
     assert "upgrade" in (_header(resp, "connection") or "").lower(), resp.headers
     assert _header(resp, "sec-websocket-accept") == websocket_accept(WS_KEY), resp.headers
-
-    # The upstream saw an upgrade request.
-    req = scripted.wait_requests(before + 1)[before]
+    req = upstream.wait_requests(before + 1)[before]
+    assert req.target == target
     assert (req.header("upgrade") or "").lower() == "websocket", req.headers
     assert "upgrade" in (req.header("connection") or "").lower(), req.headers
+    return conn
 
-    # Upstream -> client: the greeting the upstream sends on its own after the 101.
-    assert _read_exactly(conn, len(WS_GREETING)) == WS_GREETING
 
-    # Client -> upstream -> client: small and large frames come back byte for byte.
+def test_websocket_frames_flow_both_ways(
+    proxy: Any, tunnels: dict[str, ScriptedUpstream], connect: Any
+) -> None:
+    """Client frames reach the upstream, whose echo comes back byte for byte."""
+    conn = _open_session(proxy, "frames", tunnels["frames"], connect, "/ws-quiet")
     for payload in (b"ping 1", random.Random(7).randbytes(200_000), b"ping 3"):
         frame = ws_frame(0x2, payload)
         conn.send(frame)
         assert _read_exactly(conn, len(frame), timeout=10) == frame
-
     # Several frames in one write, then a close frame; all are echoed.
     burst = b"".join(ws_frame(0x1, f"msg {i}".encode()) for i in range(20))
     close = ws_frame(0x8, struct.pack("!H", 1000))
     conn.send(burst + close)
     assert _read_exactly(conn, len(burst) + len(close)) == burst + close
+
+
+def test_websocket_bytes_sent_with_the_101_are_delivered(
+    proxy: Any, tunnels: dict[str, ScriptedUpstream], connect: Any
+) -> None:
+    """The upstream writes its 101 and a first frame at once (one TCP segment): the frame is
+    not lost, and the session goes on."""
+    conn = _open_session(proxy, "greeting", tunnels["greeting"], connect, "/ws")
+    assert _read_exactly(conn, len(WS_GREETING)) == WS_GREETING
+    frame = ws_frame(0x1, b"after the greeting")
+    conn.send(frame)
+    assert _read_exactly(conn, len(frame)) == frame
+
+
+def test_an_upgraded_upstream_connection_is_never_reused(
+    proxy: Any, tunnels: dict[str, ScriptedUpstream], connect: Any
+) -> None:
+    """After a WebSocket session, a plain request to the same cluster gets an HTTP answer on
+    a new upstream connection (not the bytes of the finished tunnel)."""
+    upstream = tunnels["reuse"]
+    conn = _open_session(proxy, "reuse", upstream, connect, "/ws-quiet")
+    conn.close()
+    accepted = upstream.accepted
+    resp = connect(proxy.port("tunnel-reuse")).request(
+        "GET", "/plain-after-ws", [("Host", "ws.test")]
+    )
+    assert resp.status == 200, resp
+    assert resp.body == b'{"scripted": "/plain-after-ws"}', resp.body
+    assert upstream.accepted == accepted + 1, "no new upstream connection was opened"
 
 
 def test_upgrade_without_upgrade_configs_is_refused_as_envoy_does(

@@ -436,8 +436,9 @@ class ScriptedUpstream(ThreadedUpstream):
 
     * ``/delay/MS``: answers 200 ``delayed MS`` after MS milliseconds;
     * ``/truncate``: announces content-length 100000, sends 1000 bytes, closes;
-    * ``/ws``: with ``Upgrade: websocket``, answers 101 (with Sec-WebSocket-Accept), sends
-      :data:`WS_GREETING` and then echoes every byte it receives until the peer closes;
+    * ``/ws``: with ``Upgrade: websocket``, answers 101 (with Sec-WebSocket-Accept) and
+      :data:`WS_GREETING` in the same write, then echoes every byte it receives until the peer
+      closes; ``/ws-quiet`` does the same without the greeting;
     * anything else: 200 with a JSON body naming the path.
     """
 
@@ -482,7 +483,8 @@ class ScriptedUpstream(ThreadedUpstream):
                 )
                 time.sleep(0.05)
                 return
-            if req.target == "/ws" and (req.header("upgrade") or "").lower() == "websocket":
+            upgrade = (req.header("upgrade") or "").lower()
+            if req.target in ("/ws", "/ws-quiet") and upgrade == "websocket":
                 key = req.header("sec-websocket-key") or ""
                 conn.sock.sendall(
                     _response_head(
@@ -494,7 +496,7 @@ class ScriptedUpstream(ThreadedUpstream):
                             ("sec-websocket-accept", websocket_accept(key)),
                         ],
                     )
-                    + WS_GREETING
+                    + (WS_GREETING if req.target == "/ws" else b"")
                 )
                 self._echo_bytes(conn)
                 return
