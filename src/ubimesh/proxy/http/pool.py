@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import Protocol, cast
 
 import httptools
@@ -50,6 +49,8 @@ class UpstreamCallbacks(Protocol):
     def on_upstream_reset(self, reason: str) -> None: ...
     def on_upstream_upgrade(self, rest: bytes) -> None: ...
     def on_upstream_pause(self) -> None: ...
+    def on_upstream_read_begin(self) -> None: ...
+    def on_upstream_read_end(self) -> None: ...
     def on_upstream_resume(self) -> None: ...
 
 
@@ -76,12 +77,6 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         limit = self.pool.buffer_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
 
@@ -91,10 +86,12 @@ class UpstreamConnection(asyncio.Protocol):
             if cb is not None:
                 cb.on_upstream_data(data)
             return
-        if self.callbacks is None:
+        cb = self.callbacks
+        if cb is None:
             # Bytes on an idle connection: the upstream broke framing. Never reuse it.
             self.abort()
             return
+        cb.on_upstream_read_begin()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -105,6 +102,8 @@ class UpstreamConnection(asyncio.Protocol):
                 cb.on_upstream_upgrade(data[offset:])
         except httptools.HttpParserError:
             self._fail(PROTOCOL_ERROR)
+        finally:
+            cb.on_upstream_read_end()
 
     def eof_received(self) -> bool | None:
         # A close-delimited response body ends with EOF: let the parser see it through

@@ -243,7 +243,7 @@ class UpstreamRequest:
                 m.send_end()
         timeout = self.timeout
         if timeout and self.timer is None and not self.done:
-            self.timer = asyncio.get_running_loop().call_later(timeout, self._on_timeout)
+            self.timer = self.hcm.loop.call_later(timeout, self._on_timeout)
 
     def on_downstream_upgrade_bytes(self, rest: bytes) -> None:
         """Bytes after an upgrade request's head: they belong to the tunnel."""
@@ -319,6 +319,12 @@ class UpstreamRequest:
     def on_upstream_upgrade(self, rest: bytes) -> None:
         if rest:
             self.on_upstream_data(rest)
+
+    def on_upstream_read_begin(self) -> None:
+        self.stream.conn.cork()
+
+    def on_upstream_read_end(self) -> None:
+        self.stream.conn.uncork()
 
     def on_upstream_pause(self) -> None:
         self.stream.conn.pause_reading_for_upstream()
@@ -436,7 +442,7 @@ class ShadowRequest:
         self.hcm.mirror_stats.value += 1
         pool.acquire(self)
         timeout = primary.action.timeout or 15.0
-        self.timer = asyncio.get_running_loop().call_later(timeout, self._abandon)
+        self.timer = self.hcm.loop.call_later(timeout, self._abandon)
 
     def send_head(self, pending: list[bytes] | None) -> None:
         stream = self.primary.stream
@@ -514,6 +520,12 @@ class ShadowRequest:
         pass
 
     def on_upstream_resume(self) -> None:
+        pass
+
+    def on_upstream_read_begin(self) -> None:
+        pass
+
+    def on_upstream_read_end(self) -> None:
         pass
 
     def _abandon(self) -> None:

@@ -8,6 +8,7 @@ request and response header rules that Envoy's connection manager applies
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import uuid
@@ -137,6 +138,7 @@ class HcmRuntime:
         node_cluster: str = "",
     ) -> None:
         self.config = config
+        self.loop = asyncio.get_running_loop()
         self.clusters = clusters
         self.stats = stats
         self.table = RouteTable(config.route_config)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -385,6 +384,9 @@ class HttpConnection(asyncio.Protocol):
         self.upgraded_to: UpstreamRequest | None = None
         self.underscore_reject = False
         self.in_headers = False
+        self.corked: list[bytes] | None = None
+        self.last_active = 0.0
+        self.loop = hcm.loop
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -397,12 +399,6 @@ class HttpConnection(asyncio.Protocol):
         sockname = transport.get_extra_info("sockname")
         if sockname:
             self.local = (sockname[0], sockname[1])
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         transport.set_write_buffer_limits(high=self.buffer_limit, low=self.buffer_limit // 4)
         hcm = self.hcm
         hcm.cx_total.value += 1
@@ -415,9 +411,6 @@ class HttpConnection(asyncio.Protocol):
         if up is not None:
             up.decode_data(data)
             return
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -495,8 +488,7 @@ class HttpConnection(asyncio.Protocol):
         self.underscore_reject = False
         self.in_headers = True
         if self.headers_timer is None and self.hcm.request_headers_timeout:
-            loop = asyncio.get_running_loop()
-            self.headers_timer = loop.call_later(
+            self.headers_timer = self.loop.call_later(
                 self.hcm.request_headers_timeout, self._on_headers_timeout
             )
 
@@ -636,11 +628,32 @@ class HttpConnection(asyncio.Protocol):
     # -- writing and closing ------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        out = self.corked
+        if out is not None:
+            out.append(data)
+            return
         transport = self.transport
         if transport is not None and not self.closed:
             transport.write(data)
 
+    def cork(self) -> None:
+        """Collect writes until ``uncork``: a response head, its body and its last chunk that
+        come out of one upstream read leave in one write (one syscall, one TCP segment)."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        out = self.corked
+        if out is None:
+            return
+        self.corked = None
+        if out:
+            transport = self.transport
+            if transport is not None and not self.closed:
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     def close_after_write(self) -> None:
+        self.uncork()
         transport = self.transport
         if transport is not None and not self.closed:
             self.closed = True
@@ -676,16 +689,31 @@ class HttpConnection(asyncio.Protocol):
     # -- timers and errors --------------------------------------------------------------------
 
     def _arm_idle(self) -> None:
+        """Note that the connection became idle. One timer per connection checks the idle
+        time when it fires and re-arms itself for the rest, instead of a new timer for
+        every request."""
         timeout = self.hcm.idle_timeout
-        if timeout and not self.closed:
-            loop = asyncio.get_running_loop()
-            self.idle_timer = loop.call_later(timeout, self._on_idle_timeout)
+        if not timeout or self.closed:
+            return
+        self.last_active = self.loop.time()
+        if self.idle_timer is None:
+            self.idle_timer = self.loop.call_later(timeout, self._on_idle_timeout)
 
     def _on_idle_timeout(self) -> None:
         self.idle_timer = None
-        if not self.streams and self.decoding is None:
-            self.hcm.cx_idle_timeout.value += 1
-            self.close_after_write()
+        timeout = self.hcm.idle_timeout
+        if self.closed or not timeout:
+            return
+        if self.streams or self.decoding is not None:
+            # Busy: look again one full timeout after it next goes idle.
+            self.idle_timer = self.loop.call_later(timeout, self._on_idle_timeout)
+            return
+        remaining = self.last_active + timeout - self.loop.time()
+        if remaining > 0.001:
+            self.idle_timer = self.loop.call_later(remaining, self._on_idle_timeout)
+            return
+        self.hcm.cx_idle_timeout.value += 1
+        self.close_after_write()
 
     def _on_headers_timeout(self) -> None:
         self.headers_timer = None
