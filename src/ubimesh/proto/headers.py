@@ -43,10 +43,7 @@ class Headers:
         return len(self.items)
 
     def __contains__(self, name: object) -> bool:
-        for k, _ in self.items:
-            if k == name:
-                return True
-        return False
+        return any(k == name for k, _ in self.items)
 
     def __repr__(self) -> str:
         return f"Headers({self.items!r})"

@@ -188,11 +188,10 @@ class ListenerRuntime:
     async def start(self, sock: socket.socket | None = None) -> None:
         if sock is not None:
             self.sock = sock
-        if self.sock is None:
-            self.bind(reuse_port=False)
+        sock = self.sock if self.sock is not None else self.bind(reuse_port=False)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: self.protocol_factory(), sock=self.sock, backlog=4096
+            lambda: self.protocol_factory(), sock=sock, backlog=4096
         )
 
     def update(self, spec: Listener) -> None:

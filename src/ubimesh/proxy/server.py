@@ -91,14 +91,14 @@ class ProxyServer:
                 rt.drain()
                 del self.listeners[key]
         for key, spec in wanted.items():
-            rt = self.listeners.get(key)
-            if rt is not None:
-                rt.update(spec)
-            else:
-                rt = ListenerRuntime(spec, self.clusters, self.stats)
-                rt.bind(reuse_port=reuse_port)
-                await rt.start()
-                self.listeners[key] = rt
+            existing = self.listeners.get(key)
+            if existing is not None:
+                existing.update(spec)
+                continue
+            rt = ListenerRuntime(spec, self.clusters, self.stats)
+            rt.bind(reuse_port=reuse_port)
+            await rt.start()
+            self.listeners[key] = rt
         self.snapshot = snapshot
         self.stats.counter("server.config_reloads").inc()
         log.info("applied configuration version %s", snapshot.version)

@@ -58,7 +58,7 @@ class Histogram:
     ``counts[i]`` counts samples <= ``bounds[i]``, non-cumulatively; the last slot is +Inf.
     """
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...] = DEFAULT_BUCKETS_MS) -> None:
         self.bounds = bounds

@@ -86,12 +86,13 @@ class UpstreamConnection(asyncio.Protocol):
             if cb is not None:
                 cb.on_upstream_data(data)
             return
-        cb = self.callbacks
+        cb: UpstreamCallbacks | None = self.callbacks
         if cb is None:
             # Bytes on an idle connection: the upstream broke framing. Never reuse it.
             self.abort()
             return
-        cb.on_upstream_read_begin()
+        reader = cb
+        reader.on_upstream_read_begin()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -103,7 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(PROTOCOL_ERROR)
         finally:
-            cb.on_upstream_read_end()
+            reader.on_upstream_read_end()
 
     def eof_received(self) -> bool | None:
         # A close-delimited response body ends with EOF: let the parser see it through

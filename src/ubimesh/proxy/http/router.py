@@ -184,7 +184,8 @@ class UpstreamRequest:
 
     def on_pool_ready(self, conn: UpstreamConnection) -> None:
         if self.done:
-            self.pool and self.pool.release(conn)
+            if self.pool is not None:
+                self.pool.release(conn)
             return
         stream = self.stream
         self.conn = conn

@@ -15,16 +15,16 @@ from ubimesh.proxy.snapshot.types import Locality, SocketAddress
 
 class Host:
     __slots__ = (
+        "active_requests",
         "address",
+        "cluster_name",
+        "healthy",
         "hostname",
-        "weight",
-        "priority",
         "locality",
         "locality_weight",
-        "healthy",
-        "active_requests",
         "pool",
-        "cluster_name",
+        "priority",
+        "weight",
     )
 
     def __init__(
