@@ -173,10 +173,13 @@ def test_websocket_bytes_sent_with_the_101_are_delivered(
 def test_an_upgraded_upstream_connection_is_never_reused(
     proxy: Any, tunnels: dict[str, ScriptedUpstream], connect: Any
 ) -> None:
-    """After a WebSocket session, a plain request to the same cluster gets an HTTP answer on
-    a new upstream connection (not the bytes of the finished tunnel)."""
+    """After a WebSocket session that carried data, a plain request to the same cluster gets
+    an HTTP answer on a new upstream connection (not the bytes of the finished tunnel)."""
     upstream = tunnels["reuse"]
     conn = _open_session(proxy, "reuse", upstream, connect, "/ws-quiet")
+    frame = ws_frame(0x1, b"some session data")
+    conn.send(frame)
+    conn.wait_closed(0.5)  # whatever comes back; the frames test checks the echo
     conn.close()
     accepted = upstream.accepted
     resp = connect(proxy.port("tunnel-reuse")).request(
