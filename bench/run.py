@@ -60,6 +60,8 @@ REPO_DIR = BENCH_DIR.parent
 ALL_PROXIES = ("ubimesh", "envoy", "nginx", "haproxy")
 MB = 1024 * 1024
 # The proxy's admin counter of requests sent upstream (Envoy's name; ubimesh mirrors it).
+# Notes that mean someone else's work disturbed a run (see --noise-retries).
+NOISE_NOTES = ("other load on proxy core", "machine busy before run")
 UPSTREAM_RQ_COUNTER = re.compile(r"^cluster\.upstream\.upstream_rq_total:\s*(\d+)\s*$", re.M)
 
 
@@ -113,8 +115,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quiet-timeout",
         type=float,
-        default=120.0,
-        help="longest wait for a quiet machine before a run (0: do not wait)",
+        default=None,
+        help="longest wait for a quiet machine before a run, 0: do not wait [120; quick: 30]",
+    )
+    p.add_argument(
+        "--noise-retries",
+        type=int,
+        default=2,
+        help="run a load again, up to this many times, when other work disturbed it",
     )
     p.add_argument("--settle", type=float, default=1.0, help="seconds idle before idle RSS")
     p.add_argument("--subject", default="ubimesh", help="proxy whose ratios to peers are tabulated")
@@ -122,8 +130,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-workdir", action="store_true", help="keep generated configs/logs")
     args = p.parse_args(argv)
 
-    quick = {"duration": 5, "warmup": 2, "repeat": 1}
-    full = {"duration": 60, "warmup": 10, "repeat": 3}
+    quick = {"duration": 5, "warmup": 2, "repeat": 1, "quiet_timeout": 30.0}
+    full = {"duration": 60, "warmup": 10, "repeat": 3, "quiet_timeout": 120.0}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -633,7 +641,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in targets:
                 with running(ctx, name) as target:
                     for size, kind, conns, rate in steps:
-                        rec = measure(ctx, target, rep, size, kind, conns, rate)
+                        for attempt in range(1, args.noise_retries + 2):
+                            rec = measure(ctx, target, rep, size, kind, conns, rate)
+                            rec["attempt"] = attempt
+                            if not any(n.startswith(NOISE_NOTES) for n in rec["notes"]):
+                                break
+                            print(f"  (noisy, attempt {attempt}: {', '.join(rec['notes'])})")
                         runs.append(rec)
                         cpu = rec["cpu_us_per_req"]
                         print(
