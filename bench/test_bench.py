@@ -58,6 +58,7 @@ UBIMESH_ALLOWED = {
 HCM_ALLOWED = {
     "@type", "stat_prefix", "generate_request_id", "route_config",
     "route_config.virtual_hosts", "route_config.virtual_hosts[]",
+    "route_config.virtual_hosts[].name",
     "route_config.virtual_hosts[].domains", "route_config.virtual_hosts[].domains[]",
     "route_config.virtual_hosts[].routes", "route_config.virtual_hosts[].routes[]",
     "route_config.virtual_hosts[].routes[].match",

@@ -70,6 +70,8 @@ def ubimesh_bootstrap(listen_port: int, admin_port: int, upstream_port: int) -> 
         "route_config": {
             "virtual_hosts": [
                 {
+                    # Both Envoy's and ubimesh's validation reject a nameless virtual host.
+                    "name": "local",
                     "domains": ["*"],
                     "routes": [{"match": {"prefix": "/"}, "route": {"cluster": CLUSTER_NAME}}],
                 }
@@ -123,16 +125,12 @@ def envoy_bare_bootstrap(listen_port: int, admin_port: int, upstream_port: int) 
 
     Added on top of ``ubimesh_bootstrap``:
 
-    * ``virtual_hosts[].name``: Envoy's proto validation requires a non-empty name (it
-      has no effect on the data path);
     * router ``dynamic_stats: false`` (Envoy's benchmarking guidance);
     * circuit-breaker thresholds raised so that they never trip under the benchmark.
     """
     cfg = copy.deepcopy(ubimesh_bootstrap(listen_port, admin_port, upstream_port))
     listener = cfg["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    for vhost in hcm["route_config"]["virtual_hosts"]:
-        vhost.setdefault("name", "local")
     for http_filter in hcm["http_filters"]:
         if http_filter["name"] == "envoy.filters.http.router":
             http_filter["typed_config"]["dynamic_stats"] = False
