@@ -232,7 +232,11 @@ class HcmRuntime:
             elif k in _STRIP_CANDIDATES:
                 strip = True
         if host_count > 1:
-            return _BAD_REQUEST
+            # Envoy folds repeated Host headers into one "first,second" value (Host is one of
+            # its inline headers) and routes on that; no domain but "*" matches it.
+            host = ",".join(headers.get_all("host"))
+            headers.set("host", host)
+            items = headers.items
         if host is None:
             if not stream.http10:
                 return _BAD_REQUEST
