@@ -422,15 +422,6 @@ class ClientConnection:
             self.sock.close()
 
 
-def header(resp: Response, name: str) -> str | None:
-    """The first value of a response header (case-insensitive), or None."""
-    name = name.lower()
-    for n, v in resp.headers:
-        if n.lower() == name:
-            return v
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # Fixtures
 
@@ -491,19 +482,3 @@ def connect() -> Iterator[Any]:
     yield open_connection
     for conn in conns:
         conn.close()
-
-
-def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return bool(value)
-        time.sleep(interval)
-
-
-@pytest.fixture
-def poll() -> Any:
-    """``poll(predicate, timeout)``: bounded polling (tests cannot import conftest)."""
-    return wait_for

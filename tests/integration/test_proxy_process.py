@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 from tests.support.echo_upstream import EchoServerPool
-from tests.support.http_client import Response, build_request, send_raw
+from tests.support.http_client import Response, _read_response, _Reader, build_request, send_raw
 from tests.support.procs import admin_get, envoy_binary, free_ports
 from tests.support.upstreams import ScriptedUpstream
 
@@ -160,8 +160,6 @@ class LoadClient:
             self._ok("fresh", send_raw("127.0.0.1", self.port, request, "GET", timeout=5))
 
     def _kept(self) -> None:
-        from tests.support.http_client import _read_response, _Reader
-
         request = build_request("GET", "/load/kept", [HOST])
         sock: socket.socket | None = None
         reader: _Reader | None = None
