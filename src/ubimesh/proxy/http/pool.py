@@ -174,8 +174,9 @@ class UpstreamConnection(asyncio.Protocol):
             cb.on_upstream_data(body)
 
     def on_message_complete(self) -> None:
-        if not self._headers_done:
-            return  # end of an interim response
+        if not self._headers_done or self._upgraded or self.parser.get_status_code() == 101:
+            # The end of an interim response, or of a 101 head: what follows is a tunnel.
+            return
         self._finish(self.parser.should_keep_alive())
 
     # -- used by the router -----------------------------------------------------------------

@@ -243,7 +243,7 @@ class UpstreamRequest:
             for m in self.mirrors:
                 m.send_end()
         timeout = self.timeout
-        if timeout and self.timer is None and not self.done:
+        if timeout and self.timer is None and not self.done and not self.stream.upgrade:
             self.timer = self.hcm.loop.call_later(timeout, self._on_timeout)
 
     def on_downstream_upgrade_bytes(self, rest: bytes) -> None:
@@ -280,6 +280,11 @@ class UpstreamRequest:
         cs = self.hcm.cluster_stats(self.cluster.name if self.cluster else "")
         cs.count(status)
         if status == 101 and stream.upgrade:
+            # From here on the route timeout no longer applies: the tunnel lives until one
+            # side closes (or the connection idle timeout).
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
             stream.encode_headers(101, out, end_stream=False)
             stream.conn.become_tunnel(self)
             return

@@ -721,7 +721,7 @@ class HttpConnection(asyncio.Protocol):
         if self.streams and self.streams[-1] is self.decoding:
             self.close_now()
             return
-        self._local_error(408, close=True)
+        self._local_error(408, close=True, body=b"request header timeout")
 
     def _reject_headers(self, status: int) -> None:
         self._local_error(status, close=True)
@@ -732,7 +732,7 @@ class HttpConnection(asyncio.Protocol):
         self.hcm.rx_codec_error.value += 1
         self._local_error(400, close=True)
 
-    def _local_error(self, status: int, close: bool) -> None:
+    def _local_error(self, status: int, close: bool, body: bytes | None = None) -> None:
         """Answer a request that never became a stream (or a broken one), then close."""
         if self.closed:
             return
@@ -741,7 +741,9 @@ class HttpConnection(asyncio.Protocol):
             if s.response_started:
                 self.close_now()
                 return
-            s.send_local_reply(status, codec.REASONS.get(status, "").encode(), DPE, close=True)
+            if body is None:
+                body = codec.REASONS.get(status, "").encode()
+            s.send_local_reply(status, body, DPE, close=True)
             return
         if self.streams and self.streams[0].started and not self.streams[0].done:
             # A response is in flight for an earlier request: do not interleave; just close
@@ -750,7 +752,8 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading_for_buffer()
             return
         self.hcm.count_status(status)
-        body = codec.REASONS.get(status, "").encode()
+        if body is None:
+            body = codec.REASONS.get(status, "").encode()
         head = [
             ("content-length", str(len(body))),
             ("content-type", "text/plain"),
