@@ -737,7 +737,8 @@ REFUSED = [
         "filter_state": {"key": "k"}}]), ""),
     (R0 + ".route.upgrade_configs[0].upgrade_type", _set("action", upgrade_configs=[{
         "upgrade_type": "h2c"}]), "websocket"),
-    (R0 + ".route.host_rewrite_header", _set("action", host_rewrite_header="x-host"), ""),
+    (R0 + ".route.host_rewrite_path_regex", _set("action", host_rewrite_path_regex={
+        "pattern": {"regex": "x"}, "substitution": "y"}), ""),
     (R0 + ".direct_response.body.environment_variable", lambda d: route(d).update(
         {"direct_response": {"status": 200, "body": {"environment_variable": "HOME"}}},
         route=None), ""),

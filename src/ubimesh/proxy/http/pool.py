@@ -86,7 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
             if cb is not None:
                 cb.on_upstream_data(data)
             return
-        cb: UpstreamCallbacks | None = self.callbacks
+        cb = self.callbacks
         if cb is None:
             # Bytes on an idle connection: the upstream broke framing. Never reuse it.
             self.abort()

@@ -28,6 +28,7 @@ from ubimesh.proxy.http.pool import (
 )
 from ubimesh.proxy.snapshot.types import (
     DirectResponseAction,
+    MirrorPolicy,
     RedirectAction,
     Route,
     RouteAction,
@@ -142,7 +143,7 @@ class UpstreamRequest:
         cluster = hcm.clusters.get(name) if name else None
         if cluster is None:
             hcm.rq_no_cluster.value += 1
-            stream.send_local_reply(hcm.cluster_not_found_code, b"", "NC")
+            stream.send_local_reply(action.cluster_not_found_response_code, b"", "NC")
             return
         self.cluster = cluster
         hash_key = hcm.hash_key(stream, action) if action.hash_policies else None
@@ -175,7 +176,7 @@ class UpstreamRequest:
             host = cluster.choose_host(None)
             if host is None:
                 continue
-            shadow = ShadowRequest(self, host, cluster)
+            shadow = ShadowRequest(self, host, cluster, policy)
             if self.mirrors is None:
                 self.mirrors = []
             self.mirrors.append(shadow)
@@ -425,13 +426,17 @@ class ShadowRequest:
         "hcm",
         "host",
         "limit",
+        "policy",
         "pool",
         "primary",
         "timer",
     )  # fmt: skip
 
-    def __init__(self, primary: UpstreamRequest, host: Host, cluster: UpstreamCluster) -> None:
+    def __init__(
+        self, primary: UpstreamRequest, host: Host, cluster: UpstreamCluster, policy: MirrorPolicy
+    ) -> None:
         self.primary = primary
+        self.policy = policy
         self.hcm = primary.hcm
         self.host = host
         self.cluster = cluster
@@ -459,7 +464,7 @@ class ShadowRequest:
             self.host,
             self.primary.entry,
             self.primary.timeout,
-            shadow=True,
+            shadow=self.policy,
         )
         self._send(head)
         if pending:

@@ -21,9 +21,11 @@ from ubimesh.proxy.routing.formatter import FormatContext
 from ubimesh.proxy.routing.hashing import compute_hash
 from ubimesh.proxy.routing.redirect import redirect_location, rewrite_authority, rewrite_path
 from ubimesh.proxy.routing.table import RouteTable
+from ubimesh.proxy.routing.text import strip_port
 from ubimesh.proxy.routing.weighted import pick_weighted
 from ubimesh.proxy.snapshot.types import (
     HttpConnectionManagerConfig,
+    MirrorPolicy,
     Route,
     RouteAction,
     VirtualHost,
@@ -141,7 +143,12 @@ class HcmRuntime:
         self.loop = asyncio.get_running_loop()
         self.clusters = clusters
         self.stats = stats
-        self.table = RouteTable(config.route_config)
+        rc = config.route_config
+        self.table = RouteTable(
+            rc,
+            ignore_port_in_host_matching=rc.ignore_port_in_host_matching,
+            most_specific_header_mutations_wins=rc.most_specific_header_mutations_wins,
+        )
         self.route_config = config.route_config
         self.connections: set[HttpConnection] = set()
         self.router_factory = route_request
@@ -156,7 +163,6 @@ class HcmRuntime:
             None if transformation == "PASS_THROUGH" else config.server_name or "envoy"
         )
         self.server_overwrite = transformation == "OVERWRITE"
-        self.cluster_not_found_code = 503
         self.coalesce = True
         self.normalize = (
             config.normalize_path
@@ -241,6 +247,12 @@ class HcmRuntime:
             if not stream.http10:
                 return _BAD_REQUEST
             host = ""
+        if config.strip_any_host_port and host:
+            stripped = strip_port(host)
+            if stripped != host:
+                host = stripped
+                headers.set("host", host)
+                items = headers.items
         stream.host_header = host
         # Path normalization happens before routing so that what the route (and, later,
         # authorization) sees is byte for byte what is forwarded.
@@ -384,12 +396,12 @@ class HcmRuntime:
         host: Host | None,
         entry: WeightedClusterEntry | None = None,
         timeout: float | None = None,
-        shadow: bool = False,
+        shadow: MirrorPolicy | None = None,
     ) -> bytes:
         """The request head as the upstream gets it: route rewrites and header rules applied.
         The primary request mutates the stream's headers in place (they are not needed
         afterwards); a shadow works on a copy."""
-        headers = stream.headers.copy() if shadow else stream.headers
+        headers = stream.headers.copy() if shadow is not None else stream.headers
         vhost = stream.vhost
         assert isinstance(vhost, VirtualHost)
         rules = self.table.request_header_rules(vhost, route, entry)
@@ -405,13 +417,16 @@ class HcmRuntime:
             headers.set("x-envoy-original-path", path)
             path = rewritten
         authority = rewrite_authority(action, host.hostname if host is not None else "")
+        if authority is None and action.host_rewrite_header:
+            authority = headers.get_first(action.host_rewrite_header) or None
         if authority is not None:
             headers.set("x-envoy-original-host", stream.host_header)
             headers.set("host", authority)
-        if shadow:
+        if shadow is not None:
             # Envoy sends shadows through its internal async client, which marks them
             # internal and records the proxy's own address.
-            headers.set("host", shadow_host(headers.get_first("host") or ""))
+            if not shadow.disable_shadow_host_suffix_append:
+                headers.set("host", shadow_host(headers.get_first("host") or ""))
             xff = headers.get("x-forwarded-for")
             me = first_non_loopback_ipv4()
             headers.set("x-forwarded-for", me if xff is None else f"{xff},{me}")

@@ -188,6 +188,7 @@ class MirrorPolicy:
     numerator: int = 100
     denominator: int = 100
     trace_sampled: bool = True
+    disable_shadow_host_suffix_append: bool = False
 
 
 class HashPolicyKind(enum.Enum):
@@ -234,6 +235,9 @@ class RouteAction:
     0.0: disabled for this route (Envoy's explicit 0), even if the HCM sets one."""
     mirror_policies: tuple[MirrorPolicy, ...] = ()
     hash_policies: tuple[HashPolicy, ...] = ()
+    host_rewrite_header: str = ""
+    """Take the upstream Host from this request header when it is present and not empty."""
+    cluster_not_found_response_code: int = 503
     upgrade_websocket: bool | None = None
     """Per-route override of the HCM's websocket upgrade (None: follow the HCM)."""
 
@@ -296,6 +300,8 @@ class RouteConfiguration:
     virtual_hosts: tuple[VirtualHost, ...]
     headers: HeaderMutation = NO_HEADER_MUTATION
     response_headers_to_remove: tuple[str, ...] = ()
+    most_specific_header_mutations_wins: bool = False
+    ignore_port_in_host_matching: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +385,8 @@ class HttpConnectionManagerConfig:
         PathWithEscapedSlashesAction.KEEP_UNCHANGED
     )
     forward_client_cert_details: ForwardClientCertDetails = ForwardClientCertDetails.SANITIZE
+    strip_any_host_port: bool = False
+    """Remove any port from the Host before routing and forwarding (strip_any_host_port)."""
     accept_http_10: bool = False
     """http_protocol_options.accept_http_10: without it an HTTP/1.0 request gets 426."""
     default_host_for_http_10: str = ""

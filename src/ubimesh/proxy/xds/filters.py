@@ -71,6 +71,7 @@ _HCM = {
     "request_headers_timeout", "stream_idle_timeout", "drain_timeout", "upgrade_configs",
     "normalize_path", "merge_slashes", "path_with_escaped_slashes_action",
     "forward_client_cert_details", "http_protocol_options", "internal_address_config",
+    "strip_any_host_port",
 }
 _HCM_HINTS = {
     "rds": "RDS is " + _NOT_YET + "; put the RouteConfiguration inline in route_config",
@@ -177,6 +178,7 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
             ForwardClientCertDetails.SANITIZE,
         ),
         internal_address_config_unix_sockets=unix_sockets,
+        strip_any_host_port=msg.strip_any_host_port,
         codec_type=codec,
     )
 

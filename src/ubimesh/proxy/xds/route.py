@@ -31,6 +31,7 @@ _NOT_YET = "not implemented yet"
 
 _ROUTE_CONFIGURATION = {
     "name", "virtual_hosts", "validate_clusters", "max_direct_response_body_size_bytes", *HEADERS,
+    "most_specific_header_mutations_wins", "ignore_port_in_host_matching",
 }
 _ROUTE_CONFIGURATION_HINTS = {
     "vhds": "VHDS is " + _NOT_YET,
@@ -65,7 +66,8 @@ _QUERY_PARAMETER_MATCHER = {"name", "string_match", "present_match"}
 _ROUTE_ACTION = {
     "cluster", "cluster_header", "weighted_clusters", "prefix_rewrite", "regex_rewrite",
     "host_rewrite_literal", "auto_host_rewrite", "timeout", "idle_timeout",
-    "request_mirror_policies", "hash_policy", "upgrade_configs",
+    "request_mirror_policies", "hash_policy", "upgrade_configs", "host_rewrite_header",
+    "cluster_not_found_response_code",
 }
 _ROUTE_ACTION_HINTS = {
     "retry_policy": "retries are " + _NOT_YET,
@@ -80,7 +82,7 @@ _CLUSTER_WEIGHT_HINTS = {
     "typed_per_filter_config": "no supported HTTP filter takes per-route configuration",
 }
 
-_MIRROR = {"cluster", "runtime_fraction", "trace_sampled"}
+_MIRROR = {"cluster", "runtime_fraction", "trace_sampled", "disable_shadow_host_suffix_append"}
 _RUNTIME_FRACTION = {"default_value"}
 _RUNTIME_FRACTION_HINTS = {"runtime_key": "ubimesh has no runtime; use default_value alone"}
 
@@ -105,6 +107,8 @@ _DATA_SOURCE_HINTS = {"environment_variable": "use inline_string or filename"}
 _REGEX_REWRITE = {"pattern", "substitution"}
 
 _REDIRECT_CODES = {0: 301, 1: 302, 2: 303, 3: 307, 4: 308}
+#: RouteAction.ClusterNotFoundResponseCode: SERVICE_UNAVAILABLE, NOT_FOUND, INTERNAL_SERVER_ERROR.
+_CLUSTER_NOT_FOUND_CODES = {0: 503, 1: 404, 2: 500}
 _MAX_DIRECT_RESPONSE_BODY = 4096
 _UINT32_MAX = 2**32 - 1
 
@@ -125,6 +129,8 @@ def route_configuration(ctx: Ctx, msg: Any, path: str) -> RouteConfiguration:
         virtual_hosts=vhosts,
         headers=headers,
         response_headers_to_remove=headers.response_remove,
+        most_specific_header_mutations_wins=msg.most_specific_header_mutations_wins,
+        ignore_port_in_host_matching=msg.ignore_port_in_host_matching,
     )
 
 
@@ -251,6 +257,10 @@ class _RouteConfigScope:
             idle_timeout=seconds(msg.idle_timeout) if msg.HasField("idle_timeout") else None,
             mirror_policies=mirrors,
             hash_policies=hashes,
+            host_rewrite_header=msg.host_rewrite_header.lower(),
+            cluster_not_found_response_code=_CLUSTER_NOT_FOUND_CODES[
+                msg.cluster_not_found_response_code
+            ],
             upgrade_websocket=route_upgrades(
                 ctx, msg.upgrade_configs, join(path, "upgrade_configs")
             ),
@@ -307,6 +317,7 @@ class _RouteConfigScope:
             numerator=numerator,
             denominator=denominator,
             trace_sampled=wrapped(msg, "trace_sampled", True),
+            disable_shadow_host_suffix_append=msg.disable_shadow_host_suffix_append,
         )
 
     def direct_response(self, msg: Any, path: str) -> DirectResponseAction:
