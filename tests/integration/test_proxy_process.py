@@ -355,7 +355,11 @@ def test_concurrency_2_counts_every_request_and_uses_both_workers(
                 if c.raddr and c.raddr.port == echo.port("echo"):
                     owner[c.laddr.port] = w.pid
         per_worker = Counter(owner.get(int(r.peer.rsplit(":", 1)[1])) for r in records)
-        per_worker.pop(None, None)
+        unmapped = per_worker.pop(None, 0)
+        assert unmapped < total, (
+            "no upstream connection of the requests is open in a worker any more, so the "
+            "requests cannot be told apart by worker"
+        )
     print(f"\n{total} requests over 2 workers of {subject}: {dict(per_worker)}")
     assert len(per_worker) == 2 and all(v > 0 for v in per_worker.values()), (
         f"not both workers got traffic: {dict(per_worker)}"
