@@ -106,9 +106,9 @@ def test_weighted_clusters_split_90_10(
     print(f"\n{total} weighted requests through {proxy.subject} in {elapsed:.1f} s: {counts}")
     assert not failures, f"{len(failures)} failed requests, first: {failures[:3]}"
     assert sum(counts.values()) == total and set(counts) <= {"heavy", "light"}, counts
-    heavy_share = 100 * counts["heavy"] / total
-    assert abs(heavy_share - 90) <= 2, f"heavy got {heavy_share:.2f} % (weight 90): {counts}"
-    assert abs((100 - heavy_share) - 10) <= 2, counts
+    for name, weight in (("heavy", 90), ("light", 10)):
+        share = 100 * counts[name] / total
+        assert abs(share - weight) <= 2, f"{name} got {share:.2f} % (weight {weight}): {counts}"
     # The upstreams' own logs agree with what the client saw.
     records = module_echo.records_since(cursor, at_least=total, timeout=10)
     logged = Counter(r.name for r in records)
@@ -155,7 +155,8 @@ def test_a_shadow_that_never_answers_does_not_delay_the_primary(
     shadowed = silent.wait_requests(before + 5, timeout=5)[before:]
     assert len(shadowed) == 5, f"the silent shadow got {len(shadowed)} of 5 mirrored requests"
     assert all(r.header("host") == "mirror.test-shadow" for r in shadowed), shadowed
-    assert max(latencies) < 0.5, (
+    # Coupled to the shadow, the primary would wait for the route timeout (15 s).
+    assert max(latencies) < 1.0, (
         "the primary answer waited for a shadow that never answers: latencies "
         + ", ".join(f"{x * 1000:.0f} ms" for x in latencies)
     )
