@@ -29,10 +29,11 @@ log = logging.getLogger("ubimesh.proxy")
 
 
 def load_snapshot(options: ProxyOptions) -> Snapshot:
-    """Translate the bootstrap file (raises ConfigError with the field path on bad input)."""
-    from ubimesh.proxy.xds.bootstrap import load_bootstrap
+    """Translate the bootstrap file in a child process (ubimesh.proxy.xds.compile), so that
+    this process never loads protobuf. Raises ConfigError listing every error's path."""
+    from ubimesh.proxy.xds.compile import compile_in_child
 
-    return load_bootstrap(
+    return compile_in_child(
         options.config_path,
         service_node=options.service_node or None,
         service_cluster=options.service_cluster or None,
@@ -78,7 +79,12 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         if not self.workers:
             self.server = ProxyServer(self.snapshot, self.stats)
-            await self.server.start(sockets)
+            try:
+                await self.server.start(sockets)
+            except OSError as exc:
+                print(f"ubimesh proxy: cannot start the listeners: {exc}", file=sys.stderr)
+                await self.server.stop()
+                return 1
         if self.snapshot.admin is not None:
             self.admin = AdminServer(self.snapshot.admin.address, self)
             port = await self.admin.start()
@@ -326,7 +332,14 @@ def run_proxy(options: ProxyOptions) -> int:
 
     sockets: dict[tuple[str, int], socket.socket] = {}
     for spec in snapshot.listeners:
-        sock = ListenerRuntime.bind_socket(spec.address, reuse_port=True)
+        try:
+            sock = ListenerRuntime.bind_socket(spec.address, reuse_port=True)
+        except OSError as exc:
+            print(
+                f"ubimesh proxy: cannot listen on {spec.address} ({spec.name}): {exc}",
+                file=sys.stderr,
+            )
+            return 1
         sockets[listener_key(spec.address)] = sock
     for i in range(options.concurrency):
         app.workers.append(

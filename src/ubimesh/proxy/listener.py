@@ -171,8 +171,12 @@ class ListenerRuntime:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((addr.host, addr.port))
-        sock.listen(4096)
+        try:
+            sock.bind((addr.host, addr.port))
+            sock.listen(4096)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from exc
         sock.setblocking(False)
         return sock
 

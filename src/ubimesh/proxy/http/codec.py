@@ -7,7 +7,6 @@ Header names go out lower-case, as Envoy's HTTP/1 codec writes them by default.
 from __future__ import annotations
 
 import time
-from email.utils import formatdate
 
 from ubimesh.proto.headers import HOP_BY_HOP
 
@@ -54,6 +53,19 @@ def is_hop_by_hop(name: str) -> bool:
     return name in HOP_BY_HOP
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(epoch: float) -> str:
+    """IMF-fixdate (RFC 9110 section 5.6.7), e.g. "Sun, 06 Nov 1994 08:49:37 GMT"."""
+    t = time.gmtime(epoch)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
+
+
 class DateCache:
     """The RFC 9110 Date value, formatted at most once per second (Envoy's DateProvider)."""
 
@@ -67,7 +79,7 @@ class DateCache:
         now = int(time.time())
         if now != self._second:
             self._second = now
-            self._value = formatdate(now, usegmt=True)
+            self._value = http_date(now)
         return self._value
 
 

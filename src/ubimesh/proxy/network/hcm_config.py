@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import uuid
 from typing import TYPE_CHECKING
 
 from ubimesh.proto import path as pathnorm
@@ -93,8 +92,12 @@ def is_loopback(ip: str) -> bool:
 
 
 def new_request_id() -> str:
-    """A random UUID4 string, as Envoy's x-request-id."""
-    return str(uuid.UUID(bytes=os.urandom(16), version=4))
+    """A random UUID4 string (RFC 9562 section 5.4), as Envoy's x-request-id."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class ClusterStats:
