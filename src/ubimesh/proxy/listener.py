@@ -56,10 +56,10 @@ class ChainRuntime:
         else:  # pragma: no cover - the translator only produces the two terminal kinds
             raise AssertionError(f"unsupported terminal filter {terminal!r}")
 
-    def drain(self) -> None:
+    def drain(self, idle_grace: float = 0.0) -> None:
         if self.hcm is not None:
             for conn in list(self.hcm.connections):
-                conn.start_drain()
+                conn.start_drain(idle_grace)
 
 
 class ChainSelector(asyncio.Protocol):
@@ -205,7 +205,7 @@ class ListenerRuntime:
         self.spec = spec
         self._build(spec)
         for c in old:
-            c.drain()
+            c.drain(c.hcm.config.drain_timeout if c.hcm is not None else 0.0)
 
     def stop_accepting(self) -> None:
         if self.server is not None:

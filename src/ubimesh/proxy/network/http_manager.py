@@ -665,9 +665,23 @@ class HttpConnection(asyncio.Protocol):
             self.closed = True
             transport.abort()
 
-    def start_drain(self) -> None:
-        """Close when idle; busy connections close after their current response."""
+    def start_drain(self, idle_grace: float = 0.0) -> None:
+        """Drain: the next response carries ``connection: close``. An idle connection is closed
+        after ``idle_grace`` seconds if it stays idle: closing it at once would race a request
+        the client may be sending right now (on reload, connections accepted a moment ago are
+        exactly in that state)."""
         self.draining = True
+        if self.streams or self.decoding is not None:
+            return
+        if idle_grace <= 0:
+            self.close_after_write()
+            return
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = self.loop.call_later(idle_grace, self._close_if_still_idle)
+
+    def _close_if_still_idle(self) -> None:
+        self.idle_timer = None
         if not self.streams and self.decoding is None:
             self.close_after_write()
 
