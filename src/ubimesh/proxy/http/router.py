@@ -124,14 +124,9 @@ class UpstreamRequest:
         self.paused_upstream = False
         self.entry: WeightedClusterEntry | None = None
         self.ended = False
+        # Envoy's router would take x-envoy-upstream-rq-timeout-ms from internal requests;
+        # without an internal address configuration there are none (the HCM strips it).
         self.timeout = action.timeout
-        override = stream.headers.get_first("x-envoy-upstream-rq-timeout-ms")
-        if override is not None:
-            # The router consumes this control header (edge requests never carry it: the HCM
-            # strips Envoy's internal headers from them).
-            stream.headers.remove("x-envoy-upstream-rq-timeout-ms")
-            if override.isdigit():
-                self.timeout = int(override) / 1000 or None
 
     # -- start ----------------------------------------------------------------------------------
 

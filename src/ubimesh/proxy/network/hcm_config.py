@@ -23,6 +23,7 @@ from ubimesh.proxy.routing.table import RouteTable
 from ubimesh.proxy.routing.text import strip_port
 from ubimesh.proxy.routing.weighted import pick_weighted
 from ubimesh.proxy.snapshot.types import (
+    HeadersWithUnderscoresAction,
     HttpConnectionManagerConfig,
     MirrorPolicy,
     Route,
@@ -71,13 +72,49 @@ _COALESCED = frozenset(
      "grpc-timeout", "grpc-accept-encoding", "access-control-request-method",
      "access-control-request-headers", "x-forwarded-host"}
 )  # fmt: skip
+_FOLDED = _COALESCED | {"host"}
+
+
+# Request header flags, set by the codec as headers arrive (one dict lookup per header), so that
+# the request rules below never scan the header list to find out what is there.
+F_HOST = 1
+F_TRANSFER_ENCODING = 2
+F_CONTENT_LENGTH = 4
+F_EXPECT = 8
+F_STRIP = 16
+"""A hop-by-hop, internal or otherwise sanitized header is present."""
+F_FORWARDED_PROTO = 32
+F_REQUEST_ID = 64
+F_REPEATED = 128
+"""A header Envoy folds into one entry appeared more than once."""
+_ONCE_BITS = 16
+ONCE_MASK = ~((1 << _ONCE_BITS) - 1)
+"""Bits above 16 record, per foldable header name, that it was seen (to detect repeats)."""
+
+
+def _request_header_flags() -> dict[str, int]:
+    flags: dict[str, int] = {}
+    for i, name in enumerate(sorted(_COALESCED | {"host"})):
+        flags[name] = flags.get(name, 0) | (1 << (_ONCE_BITS + i))
+    for name in _STRIP_CANDIDATES:
+        flags[name] = flags.get(name, 0) | F_STRIP
+    flags["host"] |= F_HOST
+    flags["transfer-encoding"] |= F_TRANSFER_ENCODING
+    flags["content-length"] = flags.get("content-length", 0) | F_CONTENT_LENGTH
+    flags["expect"] |= F_EXPECT
+    flags["x-forwarded-proto"] |= F_FORWARDED_PROTO
+    flags["x-request-id"] |= F_REQUEST_ID
+    return flags
+
+
+REQUEST_HEADER_FLAGS = _request_header_flags()
 
 
 def _coalesce(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
     seen: dict[str, int] = {}
     out: list[tuple[str, str]] = []
     for k, v in items:
-        if k in _COALESCED:
+        if k in _FOLDED:
             i = seen.get(k)
             if i is not None:
                 out[i] = (k, out[i][1] + "," + v)
@@ -158,6 +195,9 @@ class HcmRuntime:
         self.max_header_bytes = config.max_request_headers_kb * 1024
         self.max_headers_count = config.max_headers_count
         self.underscores_action = config.headers_with_underscores_action
+        self.check_underscores = (
+            config.headers_with_underscores_action is not HeadersWithUnderscoresAction.ALLOW
+        )
         self.request_headers_timeout = config.request_headers_timeout
         self.idle_timeout = config.idle_timeout
         self.max_pipelined = 32
@@ -166,7 +206,6 @@ class HcmRuntime:
             None if transformation == "PASS_THROUGH" else config.server_name or "envoy"
         )
         self.server_overwrite = transformation == "OVERWRITE"
-        self.coalesce = True
         self.normalize = (
             config.normalize_path
             or config.merge_slashes
@@ -218,6 +257,7 @@ class HcmRuntime:
         headers = stream.headers
         items = headers.items
         target = stream.target
+        flags = stream.hflags
         # Authority: absolute-form request targets carry it (RFC 9112 section 3.2.2).
         if target[:1] != "/":
             if target == "*" and stream.method == "OPTIONS":
@@ -231,32 +271,23 @@ class HcmRuntime:
             target = "/" if slash < 0 else rest[slash:]
             headers.set("host", authority)
             items = headers.items
-        host = None
-        host_count = 0
-        strip = False
-        for k, v in items:
-            if k == "host":
-                host = v
-                host_count += 1
-            elif k in _STRIP_CANDIDATES:
-                strip = True
-        if host_count > 1:
-            # Envoy folds repeated Host headers into one "first,second" value (Host is one of
-            # its inline headers) and routes on that; no domain but "*" matches it.
-            host = ",".join(headers.get_all("host"))
-            headers.set("host", host)
-            items = headers.items
-        if host is None:
-            if not stream.http10:
-                return _BAD_REQUEST
-            host = ""
+            stream.host_header = authority
+            flags |= F_HOST
+        if flags & F_REPEATED:
+            # Envoy keeps its inline headers (Host among them) as one entry: repeats are
+            # folded into "first,second". A folded Host matches no domain but "*".
+            items = headers.items = _coalesce(items)
+            if flags & F_HOST:
+                stream.host_header = headers.get_first("host") or ""
+        if not flags & F_HOST and not stream.http10:
+            return _BAD_REQUEST
+        host = stream.host_header
         if config.strip_any_host_port and host:
             stripped = strip_port(host)
             if stripped != host:
-                host = stripped
+                host = stream.host_header = stripped
                 headers.set("host", host)
                 items = headers.items
-        stream.host_header = host
         # Path normalization happens before routing so that what the route (and, later,
         # authorization) sees is byte for byte what is forwarded.
         if self.normalize:
@@ -279,10 +310,8 @@ class HcmRuntime:
                 stream.upgrade = False
             elif upgrade not in config.upgrade_types:
                 return _FORBIDDEN_UPGRADE
-        if strip:
+        if flags & F_STRIP:
             items = headers.items = self._strip_request_headers(stream, items)
-        if self.coalesce:
-            items = headers.items = _coalesce(items)
         # x-forwarded-for, x-forwarded-proto and the edge classification, as Envoy's
         # ConnectionManagerUtility::mutateRequestHeaders does it. With no internal address
         # configuration (Envoy 1.40's default), no downstream counts as internal.
@@ -306,11 +335,12 @@ class HcmRuntime:
             edge = True
         else:
             edge = False
-            if "x-forwarded-proto" not in headers:
-                headers.add("x-forwarded-proto", "http")
+            if not flags & F_FORWARDED_PROTO:
+                headers.items.append(("x-forwarded-proto", "http"))
         if config.generate_request_id:
-            rid = headers.get_first("x-request-id")
-            if rid is None or (edge and not config.preserve_external_request_id):
+            if not flags & F_REQUEST_ID:
+                headers.items.append(("x-request-id", new_request_id()))
+            elif edge and not config.preserve_external_request_id:
                 headers.set("x-request-id", new_request_id())
         return None
 

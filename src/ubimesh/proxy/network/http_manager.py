@@ -28,6 +28,15 @@ import httptools
 from ubimesh.proto.headers import Headers
 from ubimesh.proxy.http import codec
 from ubimesh.proxy.http.codec import DATE, LAST_CHUNK, chunk, encode_headers, status_line
+from ubimesh.proxy.network.hcm_config import (
+    F_CONTENT_LENGTH,
+    F_EXPECT,
+    F_HOST,
+    F_REPEATED,
+    F_TRANSFER_ENCODING,
+    ONCE_MASK,
+    REQUEST_HEADER_FLAGS,
+)
 from ubimesh.proxy.snapshot.types import (
     HeadersWithUnderscoresAction,
     Route,
@@ -39,26 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ubimesh.http")
 
-#: Request-side hop-by-hop headers removed before forwarding (RFC 9110 section 7.6.1).
-_REQUEST_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
-     "trailer"}
-)  # fmt: skip
-_RESPONSE_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "trailer"}
-)
-#: x-envoy-* request headers Envoy removes from requests of external (untrusted) downstreams.
-_ENVOY_INTERNAL_REQUEST_HEADERS = (
-    "x-envoy-decorator-operation", "x-envoy-downstream-service-cluster",
-    "x-envoy-downstream-service-node", "x-envoy-expected-rq-timeout-ms",
-    "x-envoy-external-address", "x-envoy-force-trace", "x-envoy-hedge-on-per-try-timeout",
-    "x-envoy-internal", "x-envoy-ip-tags", "x-envoy-max-retries", "x-envoy-original-path",
-    "x-envoy-retriable-header-names", "x-envoy-retriable-status-codes", "x-envoy-retry-grpc-on",
-    "x-envoy-retry-on", "x-envoy-upstream-alt-stat-name", "x-envoy-upstream-rq-per-try-timeout-ms",
-    "x-envoy-upstream-rq-timeout-alt-response", "x-envoy-upstream-rq-timeout-ms",
-    "x-envoy-upstream-stream-duration-ms",
-)  # fmt: skip
-
 # Response flags (Envoy's short names), set where they apply.
 NR = "NR"  # no route
 NC = "NC"  # no cluster
@@ -69,8 +58,9 @@ UC = "UC"  # upstream connection termination
 UPE = "UPE"  # upstream protocol error
 DC = "DC"  # downstream connection termination
 DPE = "DPE"  # downstream protocol error
-RL = "RL"  # local rate limit (later)
-SI = "SI"  # stream idle timeout
+
+
+_FLAGS = REQUEST_HEADER_FLAGS
 
 
 class _RequestRejected(Exception):
@@ -92,6 +82,7 @@ class ActiveStream:
         "flags",
         "hcm",
         "headers",
+        "hflags",
         "host_header",
         "http10",
         "keep_alive",
@@ -150,6 +141,8 @@ class ActiveStream:
         self.request_timer: asyncio.TimerHandle | None = None
         self.expect_continue = False
         self.wall_start = 0.0
+        self.hflags = 0
+        """F_* flags of the request headers seen (ubimesh.proxy.network.hcm_config)."""
 
     # -- decode path (request) ----------------------------------------------------------------
 
@@ -510,12 +503,31 @@ class HttpConnection(asyncio.Protocol):
         if self.header_count > hcm.max_headers_count or self.header_bytes > hcm.max_header_bytes:
             self._reject_headers(431)
         key = name.decode("latin-1").lower()
-        if hcm.underscores_action is not HeadersWithUnderscoresAction.ALLOW and "_" in key:
+        if hcm.check_underscores and "_" in key:
             if hcm.underscores_action is HeadersWithUnderscoresAction.DROP_HEADER:
                 hcm.dropped_headers_with_underscores.value += 1
                 return
             self.underscore_reject = True
-        s.headers.items.append((key, value.decode("latin-1")))
+        val = value.decode("latin-1")
+        s.headers.items.append((key, val))
+        kind = _FLAGS.get(key)
+        if kind is not None:
+            # Note what the request rules and the framing need, so nothing rescans the list.
+            seen = s.hflags
+            if kind & seen & ONCE_MASK:
+                kind |= F_REPEATED
+            s.hflags = seen | kind
+            if kind & F_HOST:
+                if not s.host_header:
+                    s.host_header = val
+            elif kind & F_CONTENT_LENGTH:
+                if val != "0":
+                    s.body_expected = True
+            elif kind & F_TRANSFER_ENCODING:
+                s.chunked = True
+                s.body_expected = True
+            elif kind & F_EXPECT and val.lower() == "100-continue":
+                s.expect_continue = True
 
     def on_headers_complete(self) -> None:
         s = self.decoding
@@ -533,16 +545,6 @@ class HttpConnection(asyncio.Protocol):
         s.upgrade = parser.should_upgrade()
         s.start_time = time.monotonic()
         s.wall_start = time.time()
-        headers = s.headers.items
-        for k, v in headers:
-            if k == "transfer-encoding":
-                s.chunked = True
-                s.body_expected = True
-            elif k == "content-length":
-                if v != "0":
-                    s.body_expected = True
-            elif k == "expect" and v.lower() == "100-continue":
-                s.expect_continue = True
         if not s.body_expected and not s.upgrade:
             # Nothing more to read for this request: it is complete now, which is what the
             # router's timeout and the close-on-early-response rule look at.
