@@ -36,14 +36,31 @@ PROTOCOL_ERROR = "protocol error"
 OVERFLOW = "overflow"
 
 
+# Response header flags, collected as the headers arrive so that nobody rescans the list.
+RH_HOP_BY_HOP = 1
+RH_CONTENT_LENGTH = 2
+RH_SERVER = 4
+RESPONSE_HEADER_FLAGS: dict[str, int] = {
+    **dict.fromkeys(
+        ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+         "trailer"),
+        RH_HOP_BY_HOP,
+    ),
+    "content-length": RH_CONTENT_LENGTH,
+    "server": RH_SERVER,
+}  # fmt: skip
+
+
 class UpstreamCallbacks(Protocol):
     """What the router side of a request implements to receive the upstream's response."""
 
     def on_pool_ready(self, conn: UpstreamConnection) -> None: ...
     def on_pool_failure(self, reason: str) -> None: ...
     def on_upstream_headers(
-        self, status: int, headers: list[tuple[str, str]], keep_alive: bool
-    ) -> None: ...
+        self, status: int, headers: list[tuple[str, str]], keep_alive: bool, flags: int
+    ) -> None:
+        """``flags`` are the RH_* bits of the headers present (see RESPONSE_HEADER_FLAGS)."""
+
     def on_upstream_data(self, data: bytes) -> None: ...
     def on_upstream_end(self) -> None: ...
     def on_upstream_reset(self, reason: str) -> None: ...
@@ -68,6 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = False
         # Per-response state.
         self._headers: list[tuple[str, str]] = []
+        self._flags = 0
         self._headers_done = False
         self._expect_no_body = False
         self._upgraded = False
@@ -147,7 +165,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._headers_done:
-            self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+            key = name.decode("latin-1").lower()
+            self._headers.append((key, value.decode("latin-1")))
+            kind = RESPONSE_HEADER_FLAGS.get(key)
+            if kind is not None:
+                self._flags |= kind
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -155,13 +177,16 @@ class UpstreamConnection(asyncio.Protocol):
             # Interim responses (100 Continue, 103 Early Hints) are consumed here: the proxy
             # answers Expect: 100-continue itself, as Envoy does by default.
             self._headers = []
+            self._flags = 0
             return
         self._headers_done = True
         headers = self._headers
+        flags = self._flags
         self._headers = []
+        self._flags = 0
         cb = self.callbacks
         if cb is not None:
-            cb.on_upstream_headers(status, headers, self.parser.should_keep_alive())
+            cb.on_upstream_headers(status, headers, self.parser.should_keep_alive(), flags)
             if self._expect_no_body and status != 101:
                 # HEAD: the parser would wait for a body that never comes. Finish now and start
                 # a fresh parser for the next response on this connection.

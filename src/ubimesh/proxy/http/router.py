@@ -23,6 +23,7 @@ from ubimesh.proxy.http.pool import (
     CONNECTION_FAILURE,
     CONNECTION_TERMINATION,
     CONNECTION_TIMEOUT,
+    RH_HOP_BY_HOP,
     Http1Pool,
     UpstreamConnection,
 )
@@ -259,13 +260,15 @@ class UpstreamRequest:
     # -- upstream callbacks (response) ----------------------------------------------------------
 
     def on_upstream_headers(
-        self, status: int, headers: list[tuple[str, str]], keep_alive: bool
+        self, status: int, headers: list[tuple[str, str]], keep_alive: bool, flags: int
     ) -> None:
         if self.done:
             return
         self.response_started = True
         stream = self.stream
-        out = [kv for kv in headers if kv[0] not in _RESPONSE_HOP_BY_HOP]
+        if flags & RH_HOP_BY_HOP:
+            headers = [kv for kv in headers if kv[0] not in _RESPONSE_HOP_BY_HOP]
+        out = headers
         if status != 101:
             out.append(
                 (
@@ -284,7 +287,7 @@ class UpstreamRequest:
             stream.encode_headers(101, out, end_stream=False)
             stream.conn.become_tunnel(self)
             return
-        stream.encode_headers(status, out, end_stream=False)
+        stream.encode_headers(status, out, False, flags)
 
     def on_upstream_data(self, data: bytes) -> None:
         if self.done:
@@ -504,7 +507,7 @@ class ShadowRequest:
         self._finish()
 
     def on_upstream_headers(
-        self, status: int, headers: list[tuple[str, str]], keep_alive: bool
+        self, status: int, headers: list[tuple[str, str]], keep_alive: bool, flags: int
     ) -> None:
         pass
 

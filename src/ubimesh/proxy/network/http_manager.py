@@ -28,6 +28,7 @@ import httptools
 from ubimesh.proto.headers import Headers
 from ubimesh.proxy.http import codec
 from ubimesh.proxy.http.codec import DATE, LAST_CHUNK, chunk, encode_headers, status_line
+from ubimesh.proxy.http.pool import RESPONSE_HEADER_FLAGS, RH_CONTENT_LENGTH, RH_SERVER
 from ubimesh.proxy.network.hcm_config import (
     F_CONTENT_LENGTH,
     F_EXPECT,
@@ -204,9 +205,12 @@ class ActiveStream:
 
     # -- encode path (response) ---------------------------------------------------------------
 
-    def encode_headers(self, status: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+    def encode_headers(
+        self, status: int, headers: list[tuple[str, str]], end_stream: bool, flags: int = -1
+    ) -> None:
         """Write the response head. ``headers`` are the upstream's (hop-by-hop already
-        removed by the caller) plus the router's additions; ``end_stream`` means no body."""
+        removed by the caller) plus the router's additions; ``end_stream`` means no body.
+        ``flags`` are the RH_* bits of ``headers`` when the caller knows them (-1: look)."""
         if self.done or self.response_started:
             return
         self.response_started = True
@@ -217,15 +221,22 @@ class ActiveStream:
         route = self.route
         if route is not None:
             up = self.upstream
-            out = hcm.apply_response_mutations(self, route, out, up.entry if up else None)
+            mutated = hcm.apply_response_mutations(self, route, out, up.entry if up else None)
+            if mutated is not out:
+                out = mutated
+                flags = -1
+        if flags < 0:
+            flags = 0
+            for k, _ in out:
+                kind = RESPONSE_HEADER_FLAGS.get(k)
+                if kind is not None:
+                    flags |= kind
         server = hcm.server_header
         if server is not None:
-            replaced = False
-            if hcm.server_overwrite:
+            if not flags & RH_SERVER:
+                out.append(("server", server))
+            elif hcm.server_overwrite:
                 out = [kv for kv in out if kv[0] != "server"]
-            else:
-                replaced = any(kv[0] == "server" for kv in out)
-            if not replaced:
                 out.append(("server", server))
         out.append(("date", DATE.get()))
         if self.upgrade and status == 101:
@@ -234,11 +245,7 @@ class ActiveStream:
         else:
             head_request = self.method == "HEAD"
             no_body = end_stream or head_request or status in (204, 304)
-            has_length = False
-            for k, _ in out:
-                if k == "content-length":
-                    has_length = True
-                    break
+            has_length = flags & RH_CONTENT_LENGTH
             if head_request and not has_length and not self.http10 and status not in (204, 304):
                 # What a GET would have carried (Envoy announces chunked framing on HEAD).
                 out.append(("transfer-encoding", "chunked"))
