@@ -43,7 +43,14 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
     raise SystemExit(f"{url} did not answer within {timeout} s")
 
 
+def _stop(signum: int, frame: object) -> None:
+    # SIGTERM would end Python without running ``finally``: turn it into the Ctrl-C path so
+    # that the services and the proxy are stopped too.
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=0, help="stop after N seconds")
     args = parser.parse_args()
