@@ -59,16 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
         default="serve",
         help="validate: check the configuration and exit (as envoy --mode validate)",
     )
+    sub.add_parser(
+        "build-native",
+        help="compile the proxy's request path with mypyc (used when it matches the source)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "build-native":
+        from ubimesh import native
+
+        return native.main()
     if args.command == "proxy":
         logging.basicConfig(
             level=LOG_LEVELS[args.log_level],
             format="[%(asctime)s][%(process)d][%(levelname)s][%(name)s] %(message)s",
         )
+        if args.mode == "serve":
+            from ubimesh import native
+
+            native.enable()
         from ubimesh.proxy.server import ProxyOptions
 
         options = ProxyOptions(

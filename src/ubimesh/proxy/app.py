@@ -50,10 +50,17 @@ def install_loop() -> None:
 
 def tune_gc() -> None:
     """Configuration is long-lived: freeze it out of the collector's generations and collect
-    less often, which trims p99 pauses on the request path (the settings are in the docs)."""
+    less often, which trims p99 pauses on the request path (the settings are in the docs).
+    Then hand the heap that start-up freed back to the system (glibc keeps it otherwise)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim this way
 
 
 class ProxyApp:

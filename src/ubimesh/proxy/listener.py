@@ -19,7 +19,6 @@ from ubimesh.proto.client_hello import MAX_CLIENT_HELLO, parse_client_hello
 from ubimesh.proxy.chain_match import select_filter_chain
 from ubimesh.proxy.network.hcm_config import HcmRuntime
 from ubimesh.proxy.network.http_manager import HttpConnection
-from ubimesh.proxy.network.tcp_proxy import TcpProxyProtocol
 from ubimesh.proxy.snapshot.types import (
     FilterChain,
     HttpConnectionManagerConfig,
@@ -52,6 +51,9 @@ class ChainRuntime:
             hcm = self.hcm = HcmRuntime(terminal, clusters, stats)
             self.factory = lambda: HttpConnection(hcm, buffer_limit)
         elif isinstance(terminal, TcpProxyConfig):
+            # Loaded only for listeners that proxy TCP (it is half a megabyte resident).
+            from ubimesh.proxy.network.tcp_proxy import TcpProxyProtocol
+
             self.factory = lambda: TcpProxyProtocol(terminal, clusters, stats, buffer_limit)
         else:  # pragma: no cover - the translator only produces the two terminal kinds
             raise AssertionError(f"unsupported terminal filter {terminal!r}")

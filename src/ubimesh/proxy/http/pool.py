@@ -274,6 +274,7 @@ class Http1Pool:
         self.connecting: dict[UpstreamCallbacks, asyncio.Task[None]] = {}
         self.active = 0
         self.closed = False
+        self.loop = asyncio.get_running_loop()
         self._sweeper: asyncio.TimerHandle | None = None
         prefix = f"cluster.{cluster.name}."
         self.cx_total = stats.counter(prefix + "upstream_cx_total")
@@ -340,7 +341,7 @@ class Http1Pool:
         if len(self.idle) >= MAX_IDLE_PER_HOST:
             conn.abort()
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         conn.idle_since = loop.time()
         self.idle.append(conn)
         if self._sweeper is None and self.cluster.idle_timeout:

@@ -38,7 +38,7 @@ from ubimesh.proxy.snapshot.types import (
 from ubimesh.proxy.upstream.host import Host
 
 if TYPE_CHECKING:
-    from ubimesh.proxy.network.hcm_config import HcmRuntime
+    from ubimesh.proxy.network.hcm_config import ClusterStats, HcmRuntime
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.upstream.cluster_manager import UpstreamCluster
 
@@ -87,6 +87,7 @@ class UpstreamRequest:
         "chunked",
         "cluster",
         "conn",
+        "cstats",
         "done",
         "ended",
         "entry",
@@ -124,6 +125,7 @@ class UpstreamRequest:
         self.done = False
         self.paused_upstream = False
         self.entry: WeightedClusterEntry | None = None
+        self.cstats: ClusterStats | None = None
         self.ended = False
         # Envoy's router would take x-envoy-upstream-rq-timeout-ms from internal requests;
         # without an internal address configuration there are none (the HCM strips it).
@@ -154,7 +156,8 @@ class UpstreamRequest:
             pool = host.pool = Http1Pool(host, cluster.spec, hcm.stats)
         self.pool = pool
         host.active_requests += 1
-        hcm.cluster_stats(cluster.name).rq_total.value += 1
+        cs = self.cstats = hcm.cluster_stats(cluster.name)
+        cs.rq_total.value += 1
         if action.mirror_policies:
             self._start_mirrors()
         pool.acquire(self)
@@ -276,8 +279,9 @@ class UpstreamRequest:
                     str(int((time.monotonic() - self.sent_at) * 1000)),
                 )
             )
-        cs = self.hcm.cluster_stats(self.cluster.name if self.cluster else "")
-        cs.count(status)
+        cs = self.cstats
+        if cs is not None:
+            cs.count(status)
         if status == 101 and stream.upgrade:
             # From here on the route timeout no longer applies: the tunnel lives until one
             # side closes (or the connection idle timeout).
@@ -363,7 +367,8 @@ class UpstreamRequest:
         self.timer = None
         if self.done:
             return
-        self.hcm.cluster_stats(self.cluster.name if self.cluster else "").rq_timeout.value += 1
+        if self.cstats is not None:
+            self.cstats.rq_timeout.value += 1
         if self.response_started:
             self.stream.flags = "UT"
             self.stream.reset()
@@ -377,8 +382,8 @@ class UpstreamRequest:
     def _fail_before_response(self, reason: str, flag: str) -> None:
         if reason in (CONNECTION_FAILURE, CONNECTION_TIMEOUT):
             flag = "UF"
-        cs = self.hcm.cluster_stats(self.cluster.name if self.cluster else "")
-        cs.rq_reset.value += 1
+        if self.cstats is not None:
+            self.cstats.rq_reset.value += 1
         self.stream.send_local_reply(503, upstream_failure_body(reason), flag)
 
     def on_stream_done(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from typing import TYPE_CHECKING
 
 from ubimesh.proto import path as pathnorm
@@ -18,6 +19,7 @@ from ubimesh.proto.headers import Headers
 from ubimesh.proxy.http.router import route_request
 from ubimesh.proxy.routing.formatter import FormatContext
 from ubimesh.proxy.routing.hashing import compute_hash
+from ubimesh.proxy.routing.headers import HeaderRules
 from ubimesh.proxy.routing.redirect import redirect_location, rewrite_authority, rewrite_path
 from ubimesh.proxy.routing.table import RouteTable
 from ubimesh.proxy.routing.text import strip_port
@@ -212,6 +214,11 @@ class HcmRuntime:
             or config.path_with_escaped_slashes_action.value != 1
         )
         self._cluster_stats: dict[str, ClusterStats] = {}
+        # Keyed by object ids of the route and weighted entry: both live as long as the route
+        # table (this object), so an id cannot be reused while it is cached.
+        self._rules_cache: dict[
+            tuple[int, int], tuple[tuple[HeaderRules, ...], tuple[HeaderRules, ...]]
+        ] = {}
         p = f"http.{config.stat_prefix}."
         self.rq_total = stats.counter(p + "downstream_rq_total")
         self.rq_active = stats.gauge(p + "downstream_rq_active")
@@ -417,7 +424,7 @@ class HcmRuntime:
             protocol="HTTP/1.0" if stream.http10 else "HTTP/1.1",
             downstream_remote=conn.remote,
             downstream_local=conn.local,
-            start_time=stream.wall_start,
+            start_time=time.time() - (time.monotonic() - stream.start_time),
             response_headers=response_headers,
         )
 
@@ -437,7 +444,7 @@ class HcmRuntime:
         headers = stream.headers.copy() if shadow is not None else stream.headers
         vhost = stream.vhost
         assert isinstance(vhost, VirtualHost)
-        rules = self.table.request_header_rules(vhost, route, entry)
+        rules = self._header_rules(vhost, route, entry)[0]
         if rules:
             ctx = self.format_context(stream)
             ctx.request_headers = headers
@@ -474,6 +481,20 @@ class HcmRuntime:
             "latin-1"
         )
 
+    def _header_rules(
+        self, vhost: VirtualHost, route: Route, entry: WeightedClusterEntry | None
+    ) -> tuple[tuple[HeaderRules, ...], tuple[HeaderRules, ...]]:
+        """The request and response header rules for a route (and weighted entry), looked up
+        in the route table once per route and then cached here."""
+        key = (id(route), id(entry))
+        found = self._rules_cache.get(key)
+        if found is None:
+            found = self._rules_cache[key] = (
+                self.table.request_header_rules(vhost, route, entry),
+                self.table.response_header_rules(vhost, route, entry),
+            )
+        return found
+
     def apply_response_mutations(
         self,
         stream: ActiveStream,
@@ -485,7 +506,7 @@ class HcmRuntime:
         vhost = stream.vhost
         if not isinstance(vhost, VirtualHost):
             return headers
-        rules = self.table.response_header_rules(vhost, route, entry)
+        rules = self._header_rules(vhost, route, entry)[1]
         if not rules:
             return headers
         resp = Headers(headers)

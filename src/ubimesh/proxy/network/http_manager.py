@@ -105,7 +105,6 @@ class ActiveStream:
         "upgrade",
         "upstream",
         "vhost",
-        "wall_start",
     )  # fmt: skip
 
     def __init__(self, conn: HttpConnection) -> None:
@@ -141,7 +140,6 @@ class ActiveStream:
         self.bytes_sent = 0
         self.request_timer: asyncio.TimerHandle | None = None
         self.expect_continue = False
-        self.wall_start = 0.0
         self.hflags = 0
         """F_* flags of the request headers seen (ubimesh.proxy.network.hcm_config)."""
 
@@ -551,7 +549,6 @@ class HttpConnection(asyncio.Protocol):
         s.keep_alive = parser.should_keep_alive()
         s.upgrade = parser.should_upgrade()
         s.start_time = time.monotonic()
-        s.wall_start = time.time()
         if not s.body_expected and not s.upgrade:
             # Nothing more to read for this request: it is complete now, which is what the
             # router's timeout and the close-on-early-response rule look at.
