@@ -47,7 +47,14 @@ def select_filter_chain(
         exact_tp = [c for c in chains if c.match.transport_protocol == transport_protocol]
         chains = exact_tp or [c for c in chains if not c.match.transport_protocol]
     if chains:
-        with_alpn = [c for c in chains if set(c.match.application_protocols).intersection(alpn)]
+        # The client's preference order decides (Envoy's
+        # findFilterChainForApplicationProtocols): the first protocol it offers that some
+        # chain lists selects those chains.
+        with_alpn: list[FilterChain] = []
+        for proto in alpn:
+            with_alpn = [c for c in chains if proto in c.match.application_protocols]
+            if with_alpn:
+                break
         chains = with_alpn or [c for c in chains if not c.match.application_protocols]
     if chains:
         return chains[0]

@@ -45,7 +45,10 @@ def encode_headers(headers: list[tuple[str, str]]) -> bytes:
 
 
 def chunk(data: bytes) -> bytes:
-    """One chunk of chunked transfer coding (RFC 9112 section 7.1)."""
+    """One chunk of chunked transfer coding (RFC 9112 section 7.1). Empty data gives no bytes:
+    an empty chunk would be the last-chunk and end the body early."""
+    if not data:
+        return b""
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
