@@ -297,8 +297,10 @@ class UpstreamRequest:
         if self.done:
             return
         stream = self.stream
-        if stream.conn.upgraded_to is self:
-            stream.conn.write(data)
+        conn = stream.conn
+        if conn.upgraded_to is self:
+            conn.last_activity = conn.loop.time()
+            conn.write(data)
         else:
             stream.encode_data(data)
 

@@ -201,6 +201,8 @@ class HcmRuntime:
             config.headers_with_underscores_action is not HeadersWithUnderscoresAction.ALLOW
         )
         self.request_headers_timeout = config.request_headers_timeout
+        self.request_timeout = config.request_timeout
+        self.stream_idle_timeout = config.stream_idle_timeout
         self.idle_timeout = config.idle_timeout
         self.max_pipelined = 32
         transformation = config.server_header_transformation
@@ -229,6 +231,8 @@ class HcmRuntime:
         self.rq_no_cluster = stats.counter(p + "no_cluster")
         self.rx_codec_error = stats.counter(p + "downstream_cx_protocol_error")
         self.rx_request_timeout = stats.counter(p + "downstream_rq_header_timeout")
+        self.rq_timeout = stats.counter(p + "downstream_rq_timeout")
+        self.rq_idle_timeout = stats.counter(p + "downstream_rq_idle_timeout")
         self.mirror_stats = stats.counter(p + "rq_mirrored")
         self.dropped_headers_with_underscores = stats.counter(
             p + "dropped_headers_with_underscores"

@@ -59,6 +59,7 @@ UC = "UC"  # upstream connection termination
 UPE = "UPE"  # upstream protocol error
 DC = "DC"  # downstream connection termination
 DPE = "DPE"  # downstream protocol error
+SI = "SI"  # stream idle timeout
 
 
 _FLAGS = REQUEST_HEADER_FLAGS
@@ -168,7 +169,30 @@ class ActiveStream:
             return
         self.route = route
         del headers
+        # request_timeout: the whole request must arrive in time (most requests are complete
+        # with their headers, and then no timer is needed).
+        if hcm.request_timeout and not self.request_complete:
+            self.request_timer = conn.loop.call_later(hcm.request_timeout, self._on_request_timeout)
+        action = route.action
+        idle = getattr(action, "idle_timeout", None)
+        conn.watch_stream_idle(hcm.stream_idle_timeout if idle is None else idle)
         hcm.router_factory(self, route)
+
+    def _on_request_timeout(self) -> None:
+        self.request_timer = None
+        if self.done or self.request_complete:
+            return
+        self.hcm.rq_timeout.value += 1
+        self.send_local_reply(408, b"request timeout", "", close=True)
+
+    def on_stream_idle_timeout(self) -> None:
+        """No bytes moved either way for the stream idle timeout (flag SI)."""
+        self.hcm.rq_idle_timeout.value += 1
+        if self.response_started:
+            self.flags = SI
+            self.reset()
+            return
+        self.send_local_reply(408, b"stream timeout", SI, close=True)
 
     def on_body(self, data: bytes) -> None:
         self.bytes_received += len(data)
@@ -188,6 +212,10 @@ class ActiveStream:
 
     def on_request_complete(self) -> None:
         self.request_complete = True
+        timer = self.request_timer
+        if timer is not None:
+            timer.cancel()
+            self.request_timer = None
         up = self.upstream
         if up is not None and up.ready:
             up.decode_end()
@@ -274,6 +302,7 @@ class ActiveStream:
     def encode_data(self, data: bytes) -> None:
         if self.done or self.response_headers_only or not data:
             return
+        self.conn.last_activity = self.conn.loop.time()
         self.bytes_sent += len(data)
         if self.response_chunked:
             self.conn.write(chunk(data))
@@ -385,6 +414,10 @@ class HttpConnection(asyncio.Protocol):
         self.corked: list[bytes] | None = None
         self.last_active = 0.0
         self.loop = hcm.loop
+        self.last_activity = 0.0
+        """Loop time of the last bytes moved for the current stream (stream idle timeout)."""
+        self.stream_idle: float | None = None
+        self.stream_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -405,6 +438,7 @@ class HttpConnection(asyncio.Protocol):
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
         up = self.upgraded_to
         if up is not None:
             up.decode_data(data)
@@ -440,10 +474,10 @@ class HttpConnection(asyncio.Protocol):
         hcm = self.hcm
         hcm.cx_active.value -= 1
         hcm.connections.discard(self)
-        for t in (self.idle_timer, self.headers_timer):
+        for t in (self.idle_timer, self.headers_timer, self.stream_timer):
             if t is not None:
                 t.cancel()
-        self.idle_timer = self.headers_timer = None
+        self.idle_timer = self.headers_timer = self.stream_timer = None
         streams = self.streams
         self.streams = []
         for s in streams:
@@ -707,6 +741,34 @@ class HttpConnection(asyncio.Protocol):
         self.upgraded_to = up
 
     # -- timers and errors --------------------------------------------------------------------
+
+    def watch_stream_idle(self, timeout: float | None) -> None:
+        """Apply the stream idle timeout to the stream now starting. One timer per
+        connection checks the last activity when it fires and re-arms for the rest."""
+        previous = self.stream_idle
+        self.stream_idle = timeout
+        self.last_activity = self.loop.time()
+        if not timeout:
+            return
+        if self.stream_timer is not None and previous is not None and timeout < previous:
+            # A shorter timeout than the one the timer was armed for: arm it anew.
+            self.stream_timer.cancel()
+            self.stream_timer = None
+        if self.stream_timer is None:
+            self.stream_timer = self.loop.call_later(timeout, self._on_stream_idle)
+
+    def _on_stream_idle(self) -> None:
+        self.stream_timer = None
+        timeout = self.stream_idle
+        if self.closed or not timeout or not self.streams:
+            return
+        remaining = self.last_activity + timeout - self.loop.time()
+        if remaining > 0.001:
+            self.stream_timer = self.loop.call_later(remaining, self._on_stream_idle)
+            return
+        stream = self.streams[0]
+        if stream.started and not stream.done:
+            stream.on_stream_idle_timeout()
 
     def _arm_idle(self) -> None:
         """Note that the connection became idle. One timer per connection checks the idle
