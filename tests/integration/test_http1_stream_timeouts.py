@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from tests.support.http_client import build_request
 from tests.support.upstreams import SilentUpstream
 
