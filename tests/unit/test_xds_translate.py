@@ -232,9 +232,7 @@ def test_full_match_and_weighted_route(full: Snapshot) -> None:
     assert a.timeout == 3.0
     assert a.idle_timeout == 0.0  # explicitly disabled for this route
     (mirror,) = a.mirror_policies
-    assert (mirror.cluster, mirror.numerator, mirror.denominator, mirror.trace_sampled) == (
-        "api-shadow", 5, 10_000, False,
-    )
+    assert (mirror.cluster, mirror.numerator, mirror.denominator) == ("api-shadow", 5, 10_000)
     assert [(h.kind, h.name, h.terminal) for h in a.hash_policies] == [
         (HashPolicyKind.HEADER, "x-user", True),
         (HashPolicyKind.COOKIE, "session", False),
@@ -326,7 +324,6 @@ def test_full_dns_clusters(full: Snapshot) -> None:
     assert (v2.ring_hash.minimum_ring_size, v2.ring_hash.maximum_ring_size) == (64, 4096)
     assert v2.dns_refresh_rate == 30.0
     assert v2.dns_lookup_family is DnsLookupFamily.V4_ONLY
-    assert v2.respect_dns_ttl is True
     assert v2.max_requests_per_connection == 10
     assert v2.idle_timeout is None
     assert [e.address.host for e in v2.endpoints[0].endpoints] == [
@@ -439,7 +436,7 @@ def test_mirror_defaults_to_every_request() -> None:
     d = base()
     route(d)["route"]["request_mirror_policies"] = [{"cluster": "backend"}]
     (mirror,) = the_action(load_bootstrap_dict(d)).mirror_policies
-    assert (mirror.numerator, mirror.denominator, mirror.trace_sampled) == (100, 100, True)
+    assert (mirror.numerator, mirror.denominator) == (100, 100)
 
 
 def test_mirror_fraction_above_denominator_is_capped() -> None:
@@ -909,7 +906,11 @@ INVALID = [
     (R0 + ".route.request_mirror_policies[0].cluster", lambda d: route(d)["route"].update(
         request_mirror_policies=[{"cluster": "nope"}]), "mirror: unknown cluster 'nope'"),
     (R0 + ".route.request_mirror_policies[0].cluster", lambda d: route(d)["route"].update(
-        request_mirror_policies=[{"trace_sampled": True}]), "is required"),
+        request_mirror_policies=[{"runtime_fraction": {"default_value": {"numerator": 1}}}]),
+     "is required"),
+    (R0 + ".route.request_mirror_policies[0].trace_sampled", lambda d: route(d)["route"].update(
+        request_mirror_policies=[{"cluster": "backend", "trace_sampled": True}]), "tracing"),
+    (C0 + ".respect_dns_ttl", _set("cluster", respect_dns_ttl=True), "dns_refresh_rate"),
     (R0 + ".route.weighted_clusters.clusters[0].weight", lambda d: route(d).update(route={
         "weighted_clusters": {"clusters": [{"name": "backend"}]}}), "is required"),
     (R0 + ".route.weighted_clusters.clusters", lambda d: route(d).update(route={

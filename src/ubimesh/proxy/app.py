@@ -21,7 +21,7 @@ from typing import Any
 from ubimesh import __version__
 from ubimesh.proxy.admin import AdminServer, ClusterStatus, ListenerStatus
 from ubimesh.proxy.server import ProxyOptions, ProxyServer, listener_key
-from ubimesh.proxy.snapshot.types import Snapshot
+from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
 from ubimesh.runtime.workers import WorkerHandle, fork_worker, serve_control
 from ubimesh.telemetry.stats import StatsSnapshot, Store, merge_snapshots
 
@@ -334,26 +334,39 @@ def run_proxy(options: ProxyOptions) -> int:
     if options.concurrency <= 1:
         install_loop()
         return asyncio.run(app.run())
-    # Multi-process: bind once here so that port 0 resolves to one port for every worker.
+    # Multi-process: one SO_REUSEPORT socket per worker and listener, so the kernel spreads
+    # connections over the workers. The first is bound here so that port 0 resolves to one
+    # port for every worker.
     from ubimesh.proxy.listener import ListenerRuntime
 
-    sockets: dict[tuple[str, int], socket.socket] = {}
-    for spec in snapshot.listeners:
-        try:
-            sock = ListenerRuntime.bind_socket(spec.address, reuse_port=True)
-        except OSError as exc:
-            print(
-                f"ubimesh proxy: cannot listen on {spec.address} ({spec.name}): {exc}",
-                file=sys.stderr,
-            )
-            return 1
-        sockets[listener_key(spec.address)] = sock
-    for i in range(options.concurrency):
-        app.workers.append(
-            fork_worker(i, lambda idx, ctl: _worker_main(idx, ctl, snapshot, sockets))
-        )
-    for sock in sockets.values():
-        sock.close()
+    n = options.concurrency
+    per_worker: list[dict[tuple[str, int], socket.socket]] = [{} for _ in range(n)]
+    try:
+        for spec in snapshot.listeners:
+            first = ListenerRuntime.bind_socket(spec.address, reuse_port=True)
+            key = listener_key(spec.address)
+            per_worker[0][key] = first
+            bound = SocketAddress(spec.address.host, first.getsockname()[1])
+            for i in range(1, n):
+                per_worker[i][key] = ListenerRuntime.bind_socket(bound, reuse_port=True)
+    except OSError as exc:
+        print(f"ubimesh proxy: {exc}", file=sys.stderr)
+        return 1
+
+    def child(idx: int, ctl: socket.socket) -> int:
+        # Keep only this worker's sockets: a copy of a sibling's would keep it in the
+        # kernel's reuseport group after that sibling died.
+        for j, socks in enumerate(per_worker):
+            if j != idx:
+                for sock in socks.values():
+                    sock.close()
+        return _worker_main(idx, ctl, snapshot, per_worker[idx])
+
+    for i in range(n):
+        app.workers.append(fork_worker(i, child))
+    for socks in per_worker:
+        for sock in socks.values():
+            sock.close()
     app.stats.gauge("server.concurrency").set(options.concurrency)
     log.info("started %d workers: %s", options.concurrency, [w.pid for w in app.workers])
     install_loop()

@@ -25,6 +25,7 @@ from ubimesh.proxy.routing.table import RouteTable
 from ubimesh.proxy.routing.text import strip_port
 from ubimesh.proxy.routing.weighted import pick_weighted
 from ubimesh.proxy.snapshot.types import (
+    ForwardClientCertDetails,
     HeadersWithUnderscoresAction,
     HttpConnectionManagerConfig,
     MirrorPolicy,
@@ -65,7 +66,7 @@ _BAD_REQUEST: LocalReply = (400, b"Bad Request", "DPE", None)
 _UPGRADE_REQUIRED: LocalReply = (426, b"Upgrade Required", "DPE", None)
 _FORBIDDEN_UPGRADE: LocalReply = (403, b"", "", None)
 _PATH_REJECTED: LocalReply = (400, b"", "DPE", None)
-_STRIP_CANDIDATES = _HOP_BY_HOP | _INTERNAL | {"x-envoy-internal"}
+_STRIP_CANDIDATES = _HOP_BY_HOP | _INTERNAL | {"x-envoy-internal", "x-forwarded-client-cert"}
 #: Request headers Envoy keeps as one entry (its "inline" headers): repeated ones are joined
 #: with "," in arrival order. Other repeated headers stay separate.
 _COALESCED = frozenset(
@@ -197,6 +198,10 @@ class HcmRuntime:
         self.max_header_bytes = config.max_request_headers_kb * 1024
         self.max_headers_count = config.max_headers_count
         self.underscores_action = config.headers_with_underscores_action
+        self.forward_xfcc = config.forward_client_cert_details in (
+            ForwardClientCertDetails.FORWARD_ONLY,
+            ForwardClientCertDetails.ALWAYS_FORWARD_ONLY,
+        )
         self.check_underscores = (
             config.headers_with_underscores_action is not HeadersWithUnderscoresAction.ALLOW
         )
@@ -256,6 +261,7 @@ class HcmRuntime:
 
     def observe(self, stream: ActiveStream) -> None:
         """Per-request bookkeeping once a stream ends (access logs hook in here later)."""
+        self.rq_time.record((time.monotonic() - stream.start_time) * 1000.0)
 
     # -- request rules ------------------------------------------------------------------------
 
@@ -379,6 +385,13 @@ class HcmRuntime:
                     kept.append(("te", "trailers"))
                 continue
             if k == "x-envoy-internal" or k in nominated:
+                continue
+            if k == "x-forwarded-client-cert":
+                # There is no client certificate on a plaintext connection: every mode but
+                # the FORWARD_ONLY ones sanitizes the header (Envoy), so a client cannot
+                # claim an identity.
+                if self.forward_xfcc:
+                    kept.append(kv)
                 continue
             if k in _INTERNAL:
                 # No downstream is internal without an internal address configuration, and

@@ -187,7 +187,6 @@ class MirrorPolicy:
     cluster: str
     numerator: int = 100
     denominator: int = 100
-    trace_sampled: bool = True
     disable_shadow_host_suffix_append: bool = False
 
 
@@ -540,7 +539,6 @@ class Cluster:
     per_connection_buffer_limit_bytes: int = 1024 * 1024
     dns_refresh_rate: float = 5.0
     dns_lookup_family: DnsLookupFamily = DnsLookupFamily.AUTO
-    respect_dns_ttl: bool = False
     ring_hash: RingHashConfig = field(default_factory=RingHashConfig)
     least_request: LeastRequestConfig = field(default_factory=LeastRequestConfig)
     transport_socket: Any = None

@@ -21,12 +21,22 @@ from ubimesh.proxy.xds.context import Ctx, entry, item, join, seconds, timeout, 
 _NOT_YET = "not implemented yet"
 
 _CLUSTER = {
-    "name", "type", "connect_timeout", "lb_policy", "ring_hash_lb_config",
-    "least_request_lb_config", "load_assignment", "dns_refresh_rate", "dns_lookup_family",
-    "respect_dns_ttl", "per_connection_buffer_limit_bytes", "typed_extension_protocol_options",
-    "max_requests_per_connection", "common_http_protocol_options",
+    "name",
+    "type",
+    "connect_timeout",
+    "lb_policy",
+    "ring_hash_lb_config",
+    "least_request_lb_config",
+    "load_assignment",
+    "dns_refresh_rate",
+    "dns_lookup_family",
+    "per_connection_buffer_limit_bytes",
+    "typed_extension_protocol_options",
+    "max_requests_per_connection",
+    "common_http_protocol_options",
 }
 _CLUSTER_HINTS = {
+    "respect_dns_ttl": "the resolver (getaddrinfo) reports no TTLs; use dns_refresh_rate",
     "circuit_breakers": "circuit breakers are " + _NOT_YET,
     "health_checks": "active health checking is " + _NOT_YET,
     "outlier_detection": "outlier detection is " + _NOT_YET,
@@ -44,7 +54,10 @@ _CLUSTER_HINTS = {
 _TYPES = {0: DiscoveryType.STATIC, 1: DiscoveryType.STRICT_DNS, 2: DiscoveryType.LOGICAL_DNS}
 _TYPE_HINTS = {3: "type EDS: EDS is " + _NOT_YET, 4: "type ORIGINAL_DST is " + _NOT_YET}
 _LB_POLICIES = {
-    0: LbPolicy.ROUND_ROBIN, 1: LbPolicy.LEAST_REQUEST, 2: LbPolicy.RING_HASH, 3: LbPolicy.RANDOM,
+    0: LbPolicy.ROUND_ROBIN,
+    1: LbPolicy.LEAST_REQUEST,
+    2: LbPolicy.RING_HASH,
+    3: LbPolicy.RANDOM,
 }
 _LB_POLICY_NAMES = {5: "MAGLEV", 6: "CLUSTER_PROVIDED", 7: "LOAD_BALANCING_POLICY_CONFIG"}
 
@@ -115,18 +128,17 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
     if msg.HasField("ring_hash_lb_config"):
         ring_hash = _ring_hash(ctx, msg.ring_hash_lb_config, join(path, "ring_hash_lb_config"))
         if lb_policy is not LbPolicy.RING_HASH:
-            ctx.error(join(path, "ring_hash_lb_config"), "needs lb_policy RING_HASH (Envoy "
-                      "ignores it with another policy)")
+            ctx.error(
+                join(path, "ring_hash_lb_config"),
+                "needs lb_policy RING_HASH (Envoy ignores it with another policy)",
+            )
     least_request = LeastRequestConfig()
     if msg.HasField("least_request_lb_config"):
         lpath = join(path, "least_request_lb_config")
         ctx.fields(msg.least_request_lb_config, lpath, _LEAST_REQUEST, _LEAST_REQUEST_HINTS)
-        least_request = LeastRequestConfig(
-            wrapped(msg.least_request_lb_config, "choice_count", 2)
-        )
+        least_request = LeastRequestConfig(wrapped(msg.least_request_lb_config, "choice_count", 2))
         if lb_policy is not LbPolicy.LEAST_REQUEST:
-            ctx.error(lpath, "needs lb_policy LEAST_REQUEST (Envoy ignores it with another "
-                      "policy)")
+            ctx.error(lpath, "needs lb_policy LEAST_REQUEST (Envoy ignores it with another policy)")
 
     endpoints: tuple[LocalityEndpoints, ...] = ()
     overprovisioning = 140
@@ -137,8 +149,10 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
     if kind is DiscoveryType.LOGICAL_DNS and (
         len(endpoints) != 1 or len(endpoints[0].endpoints) != 1
     ):
-        ctx.error(join(path, "load_assignment"), "LOGICAL_DNS clusters must have a single "
-                  "locality_lb_endpoint and a single lb_endpoint")
+        ctx.error(
+            join(path, "load_assignment"),
+            "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
+        )
 
     idle_timeout, max_requests = _protocol_options(ctx, msg, path)
     return Cluster(
@@ -153,13 +167,10 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
         per_connection_buffer_limit_bytes=wrapped(
             msg, "per_connection_buffer_limit_bytes", 1024 * 1024
         ),
-        dns_refresh_rate=seconds(msg.dns_refresh_rate)
-        if msg.HasField("dns_refresh_rate")
-        else 5.0,
+        dns_refresh_rate=seconds(msg.dns_refresh_rate) if msg.HasField("dns_refresh_rate") else 5.0,
         dns_lookup_family=ctx.enum(
             msg, "dns_lookup_family", path, DnsLookupFamily, DnsLookupFamily.AUTO
         ),
-        respect_dns_ttl=msg.respect_dns_ttl,
         ring_hash=ring_hash,
         least_request=least_request,
     )
@@ -240,8 +251,10 @@ def _protocol_options(ctx: Ctx, msg: Any, path: str) -> tuple[float | None, int 
         kpath = entry(options_path, key)
         packed = msg.typed_extension_protocol_options[key]
         if key != extensions.UPSTREAM_HTTP_OPTIONS_TYPE:
-            ctx.unsupported(kpath, f"protocol options for {key}; only "
-                            f"{extensions.UPSTREAM_HTTP_OPTIONS_TYPE} is")
+            ctx.unsupported(
+                kpath,
+                f"protocol options for {key}; only {extensions.UPSTREAM_HTTP_OPTIONS_TYPE} is",
+            )
             continue
         options = extensions.unpack(
             ctx, packed, kpath, extensions.CLUSTER_PROTOCOL_OPTIONS, f"under the key {key}"
@@ -254,8 +267,12 @@ def _protocol_options(ctx: Ctx, msg: Any, path: str) -> tuple[float | None, int 
             explicit = options.explicit_http_config
             ctx.fields(explicit, xpath, _EXPLICIT_HTTP, _EXPLICIT_HTTP_HINTS)
             if explicit.HasField("http_protocol_options"):
-                ctx.fields(explicit.http_protocol_options, join(xpath, "http_protocol_options"),
-                           (), default_hint=_HTTP1_OPTIONS_HINT)
+                ctx.fields(
+                    explicit.http_protocol_options,
+                    join(xpath, "http_protocol_options"),
+                    (),
+                    default_hint=_HTTP1_OPTIONS_HINT,
+                )
         if options.HasField("common_http_protocol_options"):
             common_opts = options.common_http_protocol_options
             common_path = join(kpath, "common_http_protocol_options")
@@ -263,8 +280,11 @@ def _protocol_options(ctx: Ctx, msg: Any, path: str) -> tuple[float | None, int 
     if msg.HasField("common_http_protocol_options"):
         legacy_path = join(path, "common_http_protocol_options")
         if common_opts is not None:
-            ctx.error(legacy_path, "set common_http_protocol_options in one place: in the typed "
-                      "HttpProtocolOptions (this cluster field is deprecated)")
+            ctx.error(
+                legacy_path,
+                "set common_http_protocol_options in one place: in the typed "
+                "HttpProtocolOptions (this cluster field is deprecated)",
+            )
         else:
             common_opts, common_path = msg.common_http_protocol_options, legacy_path
 
@@ -276,8 +296,11 @@ def _protocol_options(ctx: Ctx, msg: Any, path: str) -> tuple[float | None, int 
         max_requests = wrapped(common_opts, "max_requests_per_connection", None)
     if msg.HasField("max_requests_per_connection"):
         if max_requests is not None:
-            ctx.error(join(path, "max_requests_per_connection"), "only one of "
-                      "max_requests_per_connection from Cluster or HttpProtocolOptions can be "
-                      "specified")
+            ctx.error(
+                join(path, "max_requests_per_connection"),
+                "only one of "
+                "max_requests_per_connection from Cluster or HttpProtocolOptions can be "
+                "specified",
+            )
         max_requests = msg.max_requests_per_connection.value
     return idle_timeout, (max_requests or None)

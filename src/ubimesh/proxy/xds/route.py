@@ -30,8 +30,13 @@ HEADERS = common.HEADER_MUTATION_FIELDS
 _NOT_YET = "not implemented yet"
 
 _ROUTE_CONFIGURATION = {
-    "name", "virtual_hosts", "validate_clusters", "max_direct_response_body_size_bytes", *HEADERS,
-    "most_specific_header_mutations_wins", "ignore_port_in_host_matching",
+    "name",
+    "virtual_hosts",
+    "validate_clusters",
+    "max_direct_response_body_size_bytes",
+    *HEADERS,
+    "most_specific_header_mutations_wins",
+    "ignore_port_in_host_matching",
 }
 _ROUTE_CONFIGURATION_HINTS = {
     "vhds": "VHDS is " + _NOT_YET,
@@ -56,17 +61,33 @@ _ROUTE_HINTS = {
 }
 
 _ROUTE_MATCH = {
-    "prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive", "headers",
-    "query_parameters", "grpc",
+    "prefix",
+    "path",
+    "safe_regex",
+    "path_separated_prefix",
+    "case_sensitive",
+    "headers",
+    "query_parameters",
+    "grpc",
 }
 _ROUTE_MATCH_HINTS = {"runtime_fraction": "ubimesh has no runtime"}
 
 _QUERY_PARAMETER_MATCHER = {"name", "string_match", "present_match"}
 
 _ROUTE_ACTION = {
-    "cluster", "cluster_header", "weighted_clusters", "prefix_rewrite", "regex_rewrite",
-    "host_rewrite_literal", "auto_host_rewrite", "timeout", "idle_timeout",
-    "request_mirror_policies", "hash_policy", "upgrade_configs", "host_rewrite_header",
+    "cluster",
+    "cluster_header",
+    "weighted_clusters",
+    "prefix_rewrite",
+    "regex_rewrite",
+    "host_rewrite_literal",
+    "auto_host_rewrite",
+    "timeout",
+    "idle_timeout",
+    "request_mirror_policies",
+    "hash_policy",
+    "upgrade_configs",
+    "host_rewrite_header",
     "cluster_not_found_response_code",
 }
 _ROUTE_ACTION_HINTS = {
@@ -82,15 +103,18 @@ _CLUSTER_WEIGHT_HINTS = {
     "typed_per_filter_config": "no supported HTTP filter takes per-route configuration",
 }
 
-_MIRROR = {"cluster", "runtime_fraction", "trace_sampled", "disable_shadow_host_suffix_append"}
+_MIRROR = {"cluster", "runtime_fraction", "disable_shadow_host_suffix_append"}
 _RUNTIME_FRACTION = {"default_value"}
 _RUNTIME_FRACTION_HINTS = {"runtime_key": "ubimesh has no runtime; use default_value alone"}
 
 _HASH_POLICY = {"header", "cookie", "connection_properties", "query_parameter", "terminal"}
 _HASH_HEADER = {"header_name"}
 _HASH_COOKIE = {"name"}
-_HASH_COOKIE_HINTS = {"ttl": "generating the cookie is " + _NOT_YET, "path": "needs ttl",
-                      "attributes": "needs ttl"}
+_HASH_COOKIE_HINTS = {
+    "ttl": "generating the cookie is " + _NOT_YET,
+    "path": "needs ttl",
+    "attributes": "needs ttl",
+}
 _HASH_CONNECTION = {"source_ip"}
 _HASH_QUERY = {"name"}
 
@@ -98,8 +122,15 @@ _UPGRADE = {"upgrade_type", "enabled"}
 _UPGRADE_HINTS = {"connect_config": "CONNECT is " + _NOT_YET}
 
 _REDIRECT = {
-    "scheme_redirect", "https_redirect", "host_redirect", "port_redirect", "path_redirect",
-    "prefix_rewrite", "regex_rewrite", "response_code", "strip_query",
+    "scheme_redirect",
+    "https_redirect",
+    "host_redirect",
+    "port_redirect",
+    "path_redirect",
+    "prefix_rewrite",
+    "regex_rewrite",
+    "response_code",
+    "strip_query",
 }
 _DIRECT_RESPONSE = {"status", "body"}
 _DATA_SOURCE = {"filename", "inline_bytes", "inline_string"}
@@ -161,17 +192,26 @@ class _RouteConfigScope:
             lowered = domain.lower()
             domains.append(lowered)
             if not _valid_wildcard(lowered):
-                ctx.error(dpath, f"invalid domain {domain!r}: a wildcard must be a single '*' at "
-                          "the start or the end of the domain, or '*' alone (Envoy would take it "
-                          "literally, and it could never match)")
+                ctx.error(
+                    dpath,
+                    f"invalid domain {domain!r}: a wildcard must be a single '*' at "
+                    "the start or the end of the domain, or '*' alone (Envoy would take it "
+                    "literally, and it could never match)",
+                )
             previous = self.domains.get(lowered)
             if previous is not None:
                 if lowered == "*":
-                    ctx.error(dpath, "only a single wildcard domain '*' is permitted in route "
-                              f"configuration {self.name!r} (also at {previous})")
+                    ctx.error(
+                        dpath,
+                        "only a single wildcard domain '*' is permitted in route "
+                        f"configuration {self.name!r} (also at {previous})",
+                    )
                 else:
-                    ctx.error(dpath, f"duplicate domain {lowered!r}: domains must be unique "
-                              f"across route configuration {self.name!r} (also at {previous})")
+                    ctx.error(
+                        dpath,
+                        f"duplicate domain {lowered!r}: domains must be unique "
+                        f"across route configuration {self.name!r} (also at {previous})",
+                    )
             else:
                 self.domains[lowered] = dpath
         routes_path = join(path, "routes")
@@ -301,7 +341,12 @@ class _RouteConfigScope:
 
     def mirror_policy(self, msg: Any, path: str) -> MirrorPolicy:
         ctx = self.ctx
-        ctx.fields(msg, path, _MIRROR, {"cluster_header": "use cluster"})
+        ctx.fields(
+            msg,
+            path,
+            _MIRROR,
+            {"cluster_header": "use cluster", "trace_sampled": "tracing is " + _NOT_YET},
+        )
         if not msg.cluster:
             ctx.error(join(path, "cluster"), "is required")
         self.refer(msg.cluster, join(path, "cluster"), "mirror")
@@ -316,7 +361,6 @@ class _RouteConfigScope:
             msg.cluster,
             numerator=numerator,
             denominator=denominator,
-            trace_sampled=wrapped(msg, "trace_sampled", True),
             disable_shadow_host_suffix_append=msg.disable_shadow_host_suffix_append,
         )
 
@@ -328,8 +372,11 @@ class _RouteConfigScope:
             bpath = join(path, "body")
             body = data_source(ctx, msg.body, bpath)
             if body is not None and len(body) > self.max_body:
-                ctx.error(bpath, f"response body size is {len(body)} bytes; the maximum is "
-                          f"{self.max_body} (max_direct_response_body_size_bytes)")
+                ctx.error(
+                    bpath,
+                    f"response body size is {len(body)} bytes; the maximum is "
+                    f"{self.max_body} (max_direct_response_body_size_bytes)",
+                )
         return DirectResponseAction(msg.status, body)
 
 
@@ -378,8 +425,11 @@ def route_match(ctx: Ctx, msg: Any, path: str) -> RouteMatch:
         value = msg.safe_regex.regex
         regex = common.regex_matcher(ctx, msg.safe_regex, join(path, "safe_regex"))
         if not case_sensitive:
-            ctx.error(join(path, "case_sensitive"), "does not apply to safe_regex (Envoy ignores "
-                      "it); remove it and write (?i) in the regex for a case-insensitive match")
+            ctx.error(
+                join(path, "case_sensitive"),
+                "does not apply to safe_regex (Envoy ignores "
+                "it); remove it and write (?i) in the regex for a case-insensitive match",
+            )
             case_sensitive = True
     elif which in ("prefix", "path", "path_separated_prefix"):
         kind = PathMatchKind(which)
@@ -474,8 +524,10 @@ def route_upgrades(ctx: Ctx, configs: Any, path: str) -> bool | None:
         seen.add(kind)
         if kind != "websocket":
             if kind:
-                ctx.unsupported(join(upath, "upgrade_type"),
-                                f"upgrade type {config.upgrade_type!r}; only websocket is")
+                ctx.unsupported(
+                    join(upath, "upgrade_type"),
+                    f"upgrade type {config.upgrade_type!r}; only websocket is",
+                )
             continue
         result = wrapped(config, "enabled", True)
     return result
@@ -501,4 +553,3 @@ def redirect_action(ctx: Ctx, msg: Any, path: str) -> RedirectAction:
         strip_query=msg.strip_query,
         https_redirect=msg.https_redirect,
     )
-
