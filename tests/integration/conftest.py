@@ -36,6 +36,7 @@ from tests.support.procs import (
     free_ports,
     wait_ready,
 )
+from tests.support.upstreams import ScriptedUpstream, SilentUpstream
 
 SUBJECT = os.environ.get("UBIMESH_IT_SUBJECT", "ubimesh").strip().lower()
 if SUBJECT not in ("ubimesh", "envoy"):
@@ -482,3 +483,19 @@ def connect() -> Iterator[Any]:
     yield open_connection
     for conn in conns:
         conn.close()
+
+
+@pytest.fixture(scope="module")
+def silent() -> Iterator[SilentUpstream]:
+    """An upstream that accepts and reads requests but never answers."""
+    upstream = SilentUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedUpstream]:
+    """An upstream whose answers the request path scripts (slow, truncated, WebSocket)."""
+    upstream = ScriptedUpstream()
+    yield upstream
+    upstream.stop()

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,12 +17,6 @@ from tests.support.upstreams import SilentUpstream
 
 HOST = ("Host", "stream-timeouts.test")
 
-
-@pytest.fixture(scope="module")
-def silent() -> Iterator[SilentUpstream]:
-    upstream = SilentUpstream()
-    yield upstream
-    upstream.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import select
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,18 +30,6 @@ def _header(resp: Response, name: str) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def silent() -> Iterator[SilentUpstream]:
-    upstream = SilentUpstream()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    upstream = ScriptedUpstream()
-    yield upstream
-    upstream.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,12 +31,6 @@ def _header(resp: Response, name: str) -> str | None:
             return v
     return None
 
-
-@pytest.fixture(scope="module")
-def silent() -> Iterator[SilentUpstream]:
-    upstream = SilentUpstream()
-    yield upstream
-    upstream.stop()
 
 
 @pytest.fixture(scope="module")

@@ -68,12 +68,6 @@ def _upgrade_request(extra: list[tuple[str, str]], target: str = "/ws") -> bytes
     )
 
 
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[ScriptedUpstream]:
-    upstream = ScriptedUpstream()
-    yield upstream
-    upstream.stop()
-
 
 TUNNELS = ("frames", "greeting", "reuse")
 
