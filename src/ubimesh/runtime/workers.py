@@ -54,13 +54,17 @@ class WorkerHandle:
         self._pending: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
         self._next_id = 0
         self._closed_reason = ""
+        self._open_lock = asyncio.Lock()
 
     async def _ensure_open(self) -> asyncio.StreamWriter:
-        if self._writer is None:
-            reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
-            loop = asyncio.get_running_loop()
-            self._reader_task = loop.create_task(self._read_replies(reader))
-        return self._writer
+        # Calls may start together: only the first opens the stream (a second reader on the
+        # same socket would steal half of the replies).
+        async with self._open_lock:
+            if self._writer is None:
+                reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
+                loop = asyncio.get_running_loop()
+                self._reader_task = loop.create_task(self._read_replies(reader))
+            return self._writer
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
