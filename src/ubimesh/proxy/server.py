@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ubimesh.proxy.admin import ClusterStatus, HostStatus, ListenerStatus
 from ubimesh.proxy.listener import ListenerRuntime
@@ -34,7 +34,6 @@ class ProxyOptions:
     service_cluster: str = ""
     log_level: str = "info"
     drain_time_s: float = 5.0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def listener_key(addr: SocketAddress) -> tuple[str, int]:

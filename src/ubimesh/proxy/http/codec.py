@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 
-from ubimesh.proto.headers import HOP_BY_HOP
-
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -50,10 +48,6 @@ def chunk(data: bytes) -> bytes:
     if not data:
         return b""
     return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def is_hop_by_hop(name: str) -> bool:
-    return name in HOP_BY_HOP
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

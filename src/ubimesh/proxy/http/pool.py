@@ -40,12 +40,12 @@ OVERFLOW = "overflow"
 RH_HOP_BY_HOP = 1
 RH_CONTENT_LENGTH = 2
 RH_SERVER = 4
+#: Response headers that describe only the upstream hop and are not relayed (Envoy's list).
+RESPONSE_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "trailer"}
+)
 RESPONSE_HEADER_FLAGS: dict[str, int] = {
-    **dict.fromkeys(
-        ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
-         "trailer"),
-        RH_HOP_BY_HOP,
-    ),
+    **dict.fromkeys(RESPONSE_HOP_BY_HOP, RH_HOP_BY_HOP),
     "content-length": RH_CONTENT_LENGTH,
     "server": RH_SERVER,
 }  # fmt: skip

@@ -23,6 +23,7 @@ from ubimesh.proxy.http.pool import (
     CONNECTION_FAILURE,
     CONNECTION_TERMINATION,
     CONNECTION_TIMEOUT,
+    RESPONSE_HOP_BY_HOP,
     RH_HOP_BY_HOP,
     Http1Pool,
     UpstreamConnection,
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.upstream.cluster_manager import UpstreamCluster
 
-_RESPONSE_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "trailer"}
-)
 _HEAD = "HEAD"
 
 _rand = random.random
@@ -270,7 +268,7 @@ class UpstreamRequest:
         self.response_started = True
         stream = self.stream
         if flags & RH_HOP_BY_HOP:
-            headers = [kv for kv in headers if kv[0] not in _RESPONSE_HOP_BY_HOP]
+            headers = [kv for kv in headers if kv[0] not in RESPONSE_HOP_BY_HOP]
         out = headers
         if status != 101:
             out.append(

@@ -79,7 +79,6 @@ class ActiveStream:
         "chunked",
         "conn",
         "done",
-        "ended",
         "expect_continue",
         "flags",
         "hcm",
@@ -135,7 +134,6 @@ class ActiveStream:
         self.status = 0
         self.flags = ""
         self.done = False
-        self.ended = False
         self.host_header = ""
         self.bytes_received = 0
         self.bytes_sent = 0

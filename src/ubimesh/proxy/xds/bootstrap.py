@@ -48,7 +48,9 @@ def load_bootstrap_text(
     except ConfigError as exc:
         raise ConfigErrors([exc], source=source_name) from None
     return load_bootstrap_dict(
-        source, source_name=source_name, service_node=service_node,
+        source,
+        source_name=source_name,
+        service_node=service_node,
         service_cluster=service_cluster,
     )
 

@@ -139,11 +139,16 @@ def check_substitution(ctx: Ctx, pattern: re.Pattern[str], text: str, path: str)
             continue
         nxt = text[i + 1] if i + 1 < len(text) else ""
         if nxt.isdigit() and nxt.isascii() and int(nxt) > pattern.groups:
-            ctx.error(path, f"\\{nxt} refers to a group the pattern does not have "
-                      f"(it has {pattern.groups})")
+            ctx.error(
+                path,
+                f"\\{nxt} refers to a group the pattern does not have (it has {pattern.groups})",
+            )
         elif nxt != "\\" and not (nxt.isdigit() and nxt.isascii()):
-            ctx.error(path, f"invalid escape '\\{nxt}' at position {i} (RE2 rewrites allow only "
-                      "\\0 to \\9 and \\\\)")
+            ctx.error(
+                path,
+                f"invalid escape '\\{nxt}' at position {i} (RE2 rewrites allow only "
+                "\\0 to \\9 and \\\\)",
+            )
         i += 2
 
 
@@ -176,8 +181,16 @@ def string_matcher(ctx: Ctx, msg: Any, path: str) -> StringMatcher | None:
 
 
 _HEADER_MATCHER = {
-    "name", "exact_match", "safe_regex_match", "present_match", "prefix_match", "suffix_match",
-    "contains_match", "string_match", "invert_match", "treat_missing_header_as_empty",
+    "name",
+    "exact_match",
+    "safe_regex_match",
+    "present_match",
+    "prefix_match",
+    "suffix_match",
+    "contains_match",
+    "string_match",
+    "invert_match",
+    "treat_missing_header_as_empty",
 }
 _HEADER_MATCHER_HINTS = {"range_match": "integer range matching is not implemented"}
 _HEADER_KINDS = {
@@ -252,8 +265,10 @@ def format_error(value: str) -> str | None:
             continue
         match = _FORMAT_COMMAND.match(value, j)
         if match is None:
-            return (f"invalid format string {value!r}: no valid %COMMAND% at position {j} "
-                    "(write %% for a literal %)")
+            return (
+                f"invalid format string {value!r}: no valid %COMMAND% at position {j} "
+                "(write %% for a literal %)"
+            )
         i = match.end()
 
 

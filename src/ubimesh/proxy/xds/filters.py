@@ -33,8 +33,11 @@ def network_filters(ctx: Ctx, filters: Any, path: str) -> tuple[NetworkFilterCon
     """A filter chain's ``filters``. Both supported filters are terminal, so a chain holds
     exactly one of them, last."""
     if not filters:
-        ctx.error(path, "a filter chain needs a terminal network filter (HttpConnectionManager or "
-                  "TcpProxy); Envoy would accept an empty chain and close every connection")
+        ctx.error(
+            path,
+            "a filter chain needs a terminal network filter (HttpConnectionManager or "
+            "TcpProxy); Envoy would accept an empty chain and close every connection",
+        )
         return ()
     out: list[NetworkFilterConfig] = []
     last = len(filters) - 1
@@ -51,8 +54,11 @@ def network_filters(ctx: Ctx, filters: Any, path: str) -> tuple[NetworkFilterCon
         if config is None:
             continue
         if i != last:
-            ctx.error(fpath, f"terminal filter {flt.name!r} ({config.DESCRIPTOR.full_name}) must "
-                      "be the last filter in a network filter chain")
+            ctx.error(
+                fpath,
+                f"terminal filter {flt.name!r} ({config.DESCRIPTOR.full_name}) must "
+                "be the last filter in a network filter chain",
+            )
         if config.DESCRIPTOR.full_name == extensions.HCM_TYPE:
             out.append(http_connection_manager(ctx, config, tpath))
         else:
@@ -64,13 +70,30 @@ def network_filters(ctx: Ctx, filters: Any, path: str) -> tuple[NetworkFilterCon
 # HTTP connection manager
 
 _HCM = {
-    "codec_type", "stat_prefix", "route_config", "http_filters", "generate_request_id",
-    "preserve_external_request_id", "use_remote_address", "xff_num_trusted_hops",
-    "skip_xff_append", "server_name", "server_header_transformation",
-    "common_http_protocol_options", "max_request_headers_kb", "request_timeout",
-    "request_headers_timeout", "stream_idle_timeout", "drain_timeout", "upgrade_configs",
-    "normalize_path", "merge_slashes", "path_with_escaped_slashes_action",
-    "forward_client_cert_details", "http_protocol_options", "internal_address_config",
+    "codec_type",
+    "stat_prefix",
+    "route_config",
+    "http_filters",
+    "generate_request_id",
+    "preserve_external_request_id",
+    "use_remote_address",
+    "xff_num_trusted_hops",
+    "skip_xff_append",
+    "server_name",
+    "server_header_transformation",
+    "common_http_protocol_options",
+    "max_request_headers_kb",
+    "request_timeout",
+    "request_headers_timeout",
+    "stream_idle_timeout",
+    "drain_timeout",
+    "upgrade_configs",
+    "normalize_path",
+    "merge_slashes",
+    "path_with_escaped_slashes_action",
+    "forward_client_cert_details",
+    "http_protocol_options",
+    "internal_address_config",
     "strip_any_host_port",
 }
 _HCM_HINTS = {
@@ -127,7 +150,10 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
         idle_timeout = timeout(opts, "idle_timeout", 3600.0)
         max_headers_count = wrapped(opts, "max_headers_count", 100)
         underscores = ctx.enum(
-            opts, "headers_with_underscores_action", opath, HeadersWithUnderscoresAction,
+            opts,
+            "headers_with_underscores_action",
+            opath,
+            HeadersWithUnderscoresAction,
             HeadersWithUnderscoresAction.ALLOW,
         )
 
@@ -174,7 +200,10 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
         merge_slashes=msg.merge_slashes,
         path_with_escaped_slashes_action=escaped,
         forward_client_cert_details=ctx.enum(
-            msg, "forward_client_cert_details", path, ForwardClientCertDetails,
+            msg,
+            "forward_client_cert_details",
+            path,
+            ForwardClientCertDetails,
             ForwardClientCertDetails.SANITIZE,
         ),
         internal_address_config_unix_sockets=unix_sockets,
@@ -192,13 +221,17 @@ def hcm_upgrades(ctx: Ctx, configs: Any, path: str) -> frozenset[str]:
         ctx.fields(config, upath, _HCM_UPGRADE, _HCM_UPGRADE_HINTS)
         kind = config.upgrade_type.lower()
         if kind in seen:
-            ctx.error(join(upath, "upgrade_type"),
-                      f"multiple upgrade configs with the same name: {config.upgrade_type!r}")
+            ctx.error(
+                join(upath, "upgrade_type"),
+                f"multiple upgrade configs with the same name: {config.upgrade_type!r}",
+            )
         seen.add(kind)
         if kind != "websocket":
             if kind:
-                ctx.unsupported(join(upath, "upgrade_type"),
-                                f"upgrade type {config.upgrade_type!r}; only websocket is")
+                ctx.unsupported(
+                    join(upath, "upgrade_type"),
+                    f"upgrade type {config.upgrade_type!r}; only websocket is",
+                )
             continue
         if wrapped(config, "enabled", True):
             enabled.add(kind)
@@ -225,9 +258,12 @@ _ROUTER_HINTS = {
 def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, ...]:
     """HttpConnectionManager.http_filters: for now the router alone, which must be last."""
     if not filters:
-        ctx.error(path, "the HTTP filter chain must end with the router filter "
-                  f"({extensions.ROUTER_TYPE}); Envoy would accept an empty list and answer no "
-                  "request")
+        ctx.error(
+            path,
+            "the HTTP filter chain must end with the router filter "
+            f"({extensions.ROUTER_TYPE}); Envoy would accept an empty list and answer no "
+            "request",
+        )
         return ()
     out: list[HttpFilterConfig] = []
     last = len(filters) - 1
@@ -246,8 +282,11 @@ def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, .
         type_name = config.DESCRIPTOR.full_name
         if type_name == extensions.ROUTER_TYPE:
             if i != last:
-                ctx.error(fpath, f"terminal filter {flt.name!r} ({type_name}) must be the last "
-                          "filter in an HTTP filter chain")
+                ctx.error(
+                    fpath,
+                    f"terminal filter {flt.name!r} ({type_name}) must be the last "
+                    "filter in an HTTP filter chain",
+                )
             ctx.fields(config, tpath, _ROUTER, _ROUTER_HINTS)
             compiled = RouterConfig(
                 dynamic_stats=wrapped(config, "dynamic_stats", True),
@@ -260,8 +299,7 @@ def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, .
 # ---------------------------------------------------------------------------------------------
 # TCP proxy
 
-_TCP_PROXY = {"stat_prefix", "cluster", "weighted_clusters", "idle_timeout",
-              "max_connect_attempts"}
+_TCP_PROXY = {"stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "max_connect_attempts"}
 _TCP_PROXY_HINTS = {
     "access_log": "access logs are " + _NOT_YET,
     "tunneling_config": "tunneling is " + _NOT_YET,

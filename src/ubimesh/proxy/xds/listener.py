@@ -13,8 +13,12 @@ from ubimesh.proxy.xds.filters import network_filters
 _NOT_YET = "not implemented yet"
 
 _LISTENER = {
-    "name", "address", "filter_chains", "default_filter_chain",
-    "per_connection_buffer_limit_bytes", "listener_filters",
+    "name",
+    "address",
+    "filter_chains",
+    "default_filter_chain",
+    "per_connection_buffer_limit_bytes",
+    "listener_filters",
 }
 _LISTENER_HINTS = {
     "additional_addresses": "one address per listener; add another listener",
@@ -32,7 +36,10 @@ _FILTER_CHAIN_HINTS = {
     "transport_socket_connect_timeout": "downstream TLS is " + _NOT_YET,
 }
 _FILTER_CHAIN_MATCH = {
-    "destination_port", "server_names", "transport_protocol", "application_protocols",
+    "destination_port",
+    "server_names",
+    "transport_protocol",
+    "application_protocols",
 }
 _FILTER_CHAIN_MATCH_HINTS = {
     "prefix_ranges": "matching on the destination IP is " + _NOT_YET,
@@ -76,13 +83,17 @@ def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
     if msg.HasField("default_filter_chain"):
         dpath = join(path, "default_filter_chain")
         if msg.default_filter_chain.HasField("filter_chain_match"):
-            ctx.error(join(dpath, "filter_chain_match"), "the default filter chain takes every "
-                      "connection that no other chain matches; Envoy ignores its "
-                      "filter_chain_match, remove it")
+            ctx.error(
+                join(dpath, "filter_chain_match"),
+                "the default filter chain takes every "
+                "connection that no other chain matches; Envoy ignores its "
+                "filter_chain_match, remove it",
+            )
         default = filter_chain(ctx, msg.default_filter_chain, dpath)
     if not chains and default is None:
-        ctx.error(chains_path, "no filter chains specified (set filter_chains or "
-                  "default_filter_chain)")
+        ctx.error(
+            chains_path, "no filter chains specified (set filter_chains or default_filter_chain)"
+        )
 
     needs_inspector = inspector or any(
         _needs_inspection(chain.match) for chain in (*chains, *([default] if default else []))
@@ -136,8 +147,11 @@ def filter_chain_match(ctx: Ctx, msg: Any, path: str) -> FilterChainMatch:
     for i, name in enumerate(msg.server_names):
         lowered = name.lower()
         if "*" in lowered and not lowered.startswith("*."):
-            ctx.error(item(names_path, i), f"partial wildcards are not supported in server_names: "
-                      f"{name!r} (a wildcard is a leading '*.')")
+            ctx.error(
+                item(names_path, i),
+                f"partial wildcards are not supported in server_names: "
+                f"{name!r} (a wildcard is a leading '*.')",
+            )
         names.append(lowered)
     return FilterChainMatch(
         destination_port=wrapped(msg, "destination_port", None),
@@ -166,6 +180,9 @@ def _check_overlaps(ctx: Ctx, chains: tuple[FilterChain, ...], path: str) -> Non
             if previous != i and clash is None:
                 clash = previous
         if clash is not None:
-            ctx.error(join(item(path, i), "filter_chain_match"), "multiple filter chains with "
-                      f"the same or overlapping matching rules: {item(path, clash)} matches the "
-                      "same connections")
+            ctx.error(
+                join(item(path, i), "filter_chain_match"),
+                "multiple filter chains with "
+                f"the same or overlapping matching rules: {item(path, clash)} matches the "
+                "same connections",
+            )

@@ -59,8 +59,8 @@ _Loader.yaml_implicit_resolvers = {
     first: [
         (tag, regexp)
         for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:int",
-                       "tag:yaml.org,2002:float")
+        if tag
+        not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
     ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
@@ -96,7 +96,7 @@ def parse_text(text: str) -> dict[str, Any]:
         try:
             value = json.loads(text, object_pairs_hook=_no_duplicates)
         except json.JSONDecodeError as exc:
-            json_problem = (f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+            json_problem = f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         except ValueError as exc:
             raise ConfigError("", f"invalid JSON: {exc}") from None
         else:
@@ -161,8 +161,10 @@ def _undefined_enum_number(fd: Any, raw: Any) -> int | None:
     if fd.enum_type is None:
         return None
     for value in raw if isinstance(raw, list) else [raw]:
-        if isinstance(value, int) and not isinstance(value, bool) and (
-            value not in fd.enum_type.values_by_number
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and (value not in fd.enum_type.values_by_number)
         ):
             return value
     return None
@@ -208,8 +210,12 @@ class _Scanner:
             oneof = fd.containing_oneof
             if oneof is not None:
                 if oneof.name in oneofs:
-                    self.fail(fpath, f"only one of {', '.join(f.name for f in oneof.fields)} may "
-                              f"be set, and {oneofs[oneof.name]} is set too", quiet=path)
+                    self.fail(
+                        fpath,
+                        f"only one of {', '.join(f.name for f in oneof.fields)} may "
+                        f"be set, and {oneofs[oneof.name]} is set too",
+                        quiet=path,
+                    )
                     continue
                 oneofs[oneof.name] = fd.name
             if fd.type != _FD_MESSAGE or _is_leaf(fd.message_type):
@@ -271,8 +277,9 @@ class _Scanner:
         for key, (fd, raw) in list(leaves.items()):
             bad = _undefined_enum_number(fd, raw)
             if bad is not None:
-                self.fail(join(path, fd.name), f"{bad} is not a value of {fd.enum_type.name}",
-                          quiet=path)
+                self.fail(
+                    join(path, fd.name), f"{bad} is not a value of {fd.enum_type.name}", quiet=path
+                )
                 del leaves[key]
         if not leaves:
             return {}

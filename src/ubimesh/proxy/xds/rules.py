@@ -28,8 +28,20 @@ _HEADER_NAME_STRICT = re.compile(r"^:?[0-9a-zA-Z!#$%&'*+\-.^_|~`]+$")
 _HEADER_VALUE_STRICT = re.compile(r"^[^\x00-\x08\x0a-\x1f\x7f]*$")
 _HEADER_LOOSE = re.compile(r"^[^\x00\x0a\x0d]*$")
 
-_NUMERIC_RULES = ("float", "double", "int32", "int64", "uint32", "uint64", "sint32", "sint64",
-                  "fixed32", "fixed64", "sfixed32", "sfixed64")
+_NUMERIC_RULES = (
+    "float",
+    "double",
+    "int32",
+    "int64",
+    "uint32",
+    "uint64",
+    "sint32",
+    "sint64",
+    "fixed32",
+    "fixed64",
+    "sfixed32",
+    "sfixed64",
+)
 
 Report = Callable[[str, str], None]
 
@@ -106,8 +118,9 @@ def _check_field(msg: Any, field: Any, rules: Any, path: str, report: Report) ->
     _check_scalar(value, kind, getattr(rules, kind) if kind else None, field, path, report)
 
 
-def _check_scalar(value: Any, kind: str | None, rules: Any, field: Any, path: str,
-                  report: Report) -> None:
+def _check_scalar(
+    value: Any, kind: str | None, rules: Any, field: Any, path: str, report: Report
+) -> None:
     if kind is None or rules is None:
         return
     if kind == "string":
@@ -137,8 +150,12 @@ def _check_string(value: str, rules: Any, path: str, report: Report) -> None:
         report(path, f"must be at most {rules.max_len} characters long")
     size = len(value.encode("utf-8"))
     if rules.HasField("min_bytes") and size < rules.min_bytes:
-        report(path, "must not be empty" if rules.min_bytes == 1 else
-               f"must be at least {rules.min_bytes} bytes long")
+        report(
+            path,
+            "must not be empty"
+            if rules.min_bytes == 1
+            else f"must be at least {rules.min_bytes} bytes long",
+        )
     if rules.HasField("max_bytes") and size > rules.max_bytes:
         report(path, f"must be at most {rules.max_bytes} bytes long")
     if rules.HasField("pattern") and re.search(rules.pattern, value) is None:
@@ -173,8 +190,9 @@ def _bounds(rules: Any, convert: Callable[[Any], Any] = lambda v: v) -> dict[str
     return {n: convert(getattr(rules, n)) for n in ("gt", "gte", "lt", "lte") if rules.HasField(n)}
 
 
-def _check_bounds(value: Any, bounds: dict[str, Any], path: str, report: Report,
-                  fmt: Callable[[Any], str] = str) -> None:
+def _check_bounds(
+    value: Any, bounds: dict[str, Any], path: str, report: Report, fmt: Callable[[Any], str] = str
+) -> None:
     """protoc-gen-validate's gt/gte/lt/lte: both a lower and an upper bound make a range, which is
     exclusive (the value must lie outside it) when the upper bound is below the lower one."""
     lower = bounds.get("gte", bounds.get("gt"))
@@ -215,19 +233,24 @@ def _check_enum(value: int, rules: Any, field: Any, path: str, report: Report) -
         report(path, f"must be {names[rules.const].name if rules.const in names else rules.const}")
     allowed = list(getattr(rules, "in"))
     if allowed and value not in allowed:
-        report(path, "must be one of " + ", ".join(
-            names[v].name if v in names else str(v) for v in allowed))
+        report(
+            path,
+            "must be one of " + ", ".join(names[v].name if v in names else str(v) for v in allowed),
+        )
     if value in rules.not_in:
         report(path, f"must not be {names[value].name if value in names else value}")
 
 
-def _check_repeated(values: list[Any], rules: Any, field: Any, path: str,
-                    report: Report) -> None:
+def _check_repeated(values: list[Any], rules: Any, field: Any, path: str, report: Report) -> None:
     if rules.ignore_empty and not values:
         return
     if rules.HasField("min_items") and len(values) < rules.min_items:
-        report(path, "must not be empty" if rules.min_items == 1 else
-               f"must have at least {rules.min_items} items")
+        report(
+            path,
+            "must not be empty"
+            if rules.min_items == 1
+            else f"must have at least {rules.min_items} items",
+        )
     if rules.HasField("max_items") and len(values) > rules.max_items:
         report(path, f"must have at most {rules.max_items} items")
     if rules.unique and field.type != _FD.TYPE_MESSAGE:
@@ -251,16 +274,19 @@ def _check_repeated(values: list[Any], rules: Any, field: Any, path: str,
             elif kind and full_name.startswith("google.protobuf.") and full_name.endswith("Value"):
                 _check_scalar(value.value, kind, getattr(items, kind), None, ipath, report)
         else:
-            _check_scalar(value, kind, getattr(items, kind) if kind else None, field, ipath,
-                          report)
+            _check_scalar(value, kind, getattr(items, kind) if kind else None, field, ipath, report)
 
 
 def _check_map(value: Any, rules: Any, path: str, report: Report) -> None:
     if rules.ignore_empty and not value:
         return
     if rules.HasField("min_pairs") and len(value) < rules.min_pairs:
-        report(path, "must not be empty" if rules.min_pairs == 1 else
-               f"must have at least {rules.min_pairs} entries")
+        report(
+            path,
+            "must not be empty"
+            if rules.min_pairs == 1
+            else f"must have at least {rules.min_pairs} entries",
+        )
     if rules.HasField("max_pairs") and len(value) > rules.max_pairs:
         report(path, f"must have at most {rules.max_pairs} entries")
     if rules.HasField("keys") and rules.keys.WhichOneof("type") == "string":

@@ -46,8 +46,8 @@ _ACCESS_LOG = {"name", "typed_config"}
 _ACCESS_LOG_HINTS = {"filter": "access log filters are " + _NOT_YET}
 _FILE_ACCESS_LOG = {"path"}
 _FILE_ACCESS_LOG_HINTS = {
-    name: "the admin access log format is fixed" for name in
-    ("format", "json_format", "typed_json_format", "log_format")
+    name: "the admin access log format is fixed"
+    for name in ("format", "json_format", "typed_json_format", "log_format")
 }
 
 
@@ -133,15 +133,20 @@ def _listeners(ctx: Ctx, msgs: Any, path: str) -> list[Listener]:
         translated = translate_listener(ctx, msg, lpath)
         if msg.name:
             if msg.name in names:
-                ctx.error(join(lpath, "name"), f"duplicate listener name {msg.name!r} (also at "
-                          f"{names[msg.name]})")
+                ctx.error(
+                    join(lpath, "name"),
+                    f"duplicate listener name {msg.name!r} (also at {names[msg.name]})",
+                )
             names.setdefault(msg.name, lpath)
         address = translated.address
         if address.port != 0 and address.host:
             key = (_normal_ip(address.host), address.port)
             if key in addresses:
-                ctx.error(join(lpath, "address"), f"listener {translated.name!r} has duplicate "
-                          f"address {address} as the listener at {addresses[key]}")
+                ctx.error(
+                    join(lpath, "address"),
+                    f"listener {translated.name!r} has duplicate "
+                    f"address {address} as the listener at {addresses[key]}",
+                )
             addresses.setdefault(key, lpath)
         out.append(translated)
     return out
@@ -158,8 +163,9 @@ def _clusters(ctx: Ctx, msgs: Any, path: str) -> dict[str, Cluster]:
         cpath = item(path, i)
         translated = translate_cluster(ctx, msg, cpath)
         if msg.name in out:
-            ctx.error(join(cpath, "name"), f"duplicate cluster {msg.name!r} (also at "
-                      f"{where[msg.name]})")
+            ctx.error(
+                join(cpath, "name"), f"duplicate cluster {msg.name!r} (also at {where[msg.name]})"
+            )
             continue
         out[msg.name] = translated
         where[msg.name] = cpath
