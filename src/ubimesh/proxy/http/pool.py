@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from ubimesh.proxy.snapshot.types import Cluster
 from ubimesh.proxy.upstream.host import Host
-from ubimesh.telemetry.stats import Store
+
+if TYPE_CHECKING:
+    from ubimesh.proxy.upstream.cluster import UpstreamCluster
 
 log = logging.getLogger("ubimesh.upstream")
 
@@ -99,17 +100,15 @@ class UpstreamConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=limit, low=limit // 4)
 
     def data_received(self, data: bytes) -> None:
-        if self._upgraded:
-            cb = self.callbacks
-            if cb is not None:
-                cb.on_upstream_data(data)
-            return
-        cb = self.callbacks
-        if cb is None:
-            # Bytes on an idle connection: the upstream broke framing. Never reuse it.
+        reader = self.callbacks
+        if reader is None:
+            # Bytes on an idle connection (the upstream broke framing) or after a tunnel
+            # ended: never reuse the connection.
             self.abort()
             return
-        reader = cb
+        if self._upgraded:
+            reader.on_upstream_data(data)
+            return
         reader.on_upstream_read_begin()
         try:
             self.parser.feed_data(data)
@@ -262,27 +261,32 @@ class UpstreamConnection(asyncio.Protocol):
             cb.on_upstream_reset(reason)
 
 
+def pool_for(host: Host, cluster: UpstreamCluster) -> Http1Pool:
+    """The host's connection pool, made on first use."""
+    pool: Http1Pool | None = host.pool
+    if pool is None:
+        pool = host.pool = Http1Pool(host, cluster)
+    return pool
+
+
 class Http1Pool:
     """Keep-alive connections to one host."""
 
-    def __init__(self, host: Host, cluster: Cluster, stats: Store) -> None:
+    def __init__(self, host: Host, cluster: UpstreamCluster) -> None:
         self.host = host
-        self.cluster = cluster
-        self.buffer_limit = cluster.per_connection_buffer_limit_bytes
-        self.max_requests = cluster.max_requests_per_connection or 0
+        spec = self.cluster = cluster.spec
+        self.buffer_limit = spec.per_connection_buffer_limit_bytes
+        self.max_requests = spec.max_requests_per_connection or 0
         self.idle: list[UpstreamConnection] = []
-        self.connecting: dict[UpstreamCallbacks, asyncio.Task[None]] = {}
+        self.waiting: set[UpstreamCallbacks] = set()
+        """Acquires whose connection is being made (cancel() removes one)."""
+        self._tasks: set[asyncio.Task[None]] = set()
         self.active = 0
         self.closed = False
         self.loop = asyncio.get_running_loop()
         self._sweeper: asyncio.TimerHandle | None = None
-        prefix = f"cluster.{cluster.name}."
-        self.cx_total = stats.counter(prefix + "upstream_cx_total")
-        self.cx_active = stats.gauge(prefix + "upstream_cx_active")
-        self.cx_connect_fail = stats.counter(prefix + "upstream_cx_connect_fail")
-        self.cx_connect_timeout = stats.counter(prefix + "upstream_cx_connect_timeout")
-        self.cx_idle_timeout = stats.counter(prefix + "upstream_cx_idle_timeout")
-        self.cx_max_requests = stats.counter(prefix + "upstream_cx_max_requests")
+        # The cluster's connection stats (the same objects tcp_proxy and /clusters use).
+        self.stats = cluster.stats
 
     def acquire(self, cb: UpstreamCallbacks) -> None:
         idle = self.idle
@@ -291,54 +295,59 @@ class Http1Pool:
             if not conn.closed:
                 cb.on_pool_ready(conn)
                 return
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._connect(cb))
-        self.connecting[cb] = task
+        self.waiting.add(cb)
+        task = self.loop.create_task(self._connect(cb))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def cancel(self, cb: UpstreamCallbacks) -> None:
         """Forget a pending acquire; a connection that arrives later goes idle."""
-        self.connecting.pop(cb, None)
+        self.waiting.discard(cb)
 
     async def _connect(self, cb: UpstreamCallbacks) -> None:
-        loop = asyncio.get_running_loop()
         addr = self.host.address
-        self.cx_total.value += 1
+        stats = self.stats
+        stats.upstream_cx_total.value += 1
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), addr.host, addr.port),
+                self.loop.create_connection(lambda: UpstreamConnection(self), addr.host, addr.port),
                 timeout=self.cluster.connect_timeout,
             )
         except TimeoutError:
-            self.cx_connect_timeout.value += 1
-            self.cx_connect_fail.value += 1
-            if self.connecting.pop(cb, None) is not None:
-                cb.on_pool_failure(CONNECTION_TIMEOUT)
+            stats.upstream_cx_connect_timeout.value += 1
+            self._failed(cb, CONNECTION_TIMEOUT)
             return
         except OSError as exc:
             log.debug("connect to %s failed: %s", addr, exc)
-            self.cx_connect_fail.value += 1
-            if self.connecting.pop(cb, None) is not None:
-                cb.on_pool_failure(CONNECTION_FAILURE)
+            self._failed(cb, CONNECTION_FAILURE)
             return
-        self.cx_active.value += 1
+        stats.upstream_cx_active.value += 1
         self.active += 1
         if self.closed:
             proto.abort()
-            if self.connecting.pop(cb, None) is not None:
+            if cb in self.waiting:
+                self.waiting.discard(cb)
                 cb.on_pool_failure(CONNECTION_TERMINATION)
             return
-        if self.connecting.pop(cb, None) is not None:
+        if cb in self.waiting:
+            self.waiting.discard(cb)
             cb.on_pool_ready(proto)
         else:
             self.release(proto)
 
+    def _failed(self, cb: UpstreamCallbacks, reason: str) -> None:
+        self.stats.upstream_cx_connect_fail.value += 1
+        if cb in self.waiting:
+            self.waiting.discard(cb)
+            cb.on_pool_failure(reason)
+
     def release(self, conn: UpstreamConnection) -> None:
-        if self.closed or (self.max_requests and conn.requests >= self.max_requests):
-            if self.max_requests and conn.requests >= self.max_requests:
-                self.cx_max_requests.value += 1
+        max_requests = self.max_requests
+        if max_requests and conn.requests >= max_requests:
+            self.stats.upstream_cx_max_requests.value += 1
             conn.abort()
             return
-        if len(self.idle) >= MAX_IDLE_PER_HOST:
+        if self.closed or len(self.idle) >= MAX_IDLE_PER_HOST:
             conn.abort()
             return
         loop = self.loop
@@ -349,7 +358,7 @@ class Http1Pool:
 
     def on_closed(self, conn: UpstreamConnection) -> None:
         self.active -= 1
-        self.cx_active.value -= 1
+        self.stats.upstream_cx_active.value -= 1
         try:
             self.idle.remove(conn)
         except ValueError:
@@ -374,12 +383,12 @@ class Http1Pool:
         timeout = self.cluster.idle_timeout
         if not timeout:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline = loop.time() - timeout
         keep = []
         for conn in self.idle:
             if conn.idle_since <= deadline:
-                self.cx_idle_timeout.value += 1
+                self.stats.upstream_cx_idle_timeout.value += 1
                 conn.abort()
             else:
                 keep.append(conn)

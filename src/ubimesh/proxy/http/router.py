@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING
 
 from ubimesh.proxy.http.codec import LAST_CHUNK, chunk, encode_headers
 from ubimesh.proxy.http.pool import (
-    CONNECTION_FAILURE,
     CONNECTION_TERMINATION,
-    CONNECTION_TIMEOUT,
     RESPONSE_HOP_BY_HOP,
     RH_HOP_BY_HOP,
     Http1Pool,
     UpstreamConnection,
+    pool_for,
 )
 from ubimesh.proxy.snapshot.types import (
     DirectResponseAction,
@@ -39,7 +38,7 @@ from ubimesh.proxy.snapshot.types import (
 from ubimesh.proxy.upstream.host import Host
 
 if TYPE_CHECKING:
-    from ubimesh.proxy.network.hcm_config import ClusterStats, HcmRuntime
+    from ubimesh.proxy.network.hcm_config import HcmRuntime, RequestStats
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.upstream.cluster_manager import UpstreamCluster
 
@@ -85,7 +84,6 @@ class UpstreamRequest:
         "chunked",
         "cluster",
         "conn",
-        "cstats",
         "done",
         "ended",
         "entry",
@@ -97,6 +95,7 @@ class UpstreamRequest:
         "ready",
         "response_started",
         "route",
+        "rstats",
         "sent_at",
         "stream",
         "timeout",
@@ -123,7 +122,7 @@ class UpstreamRequest:
         self.done = False
         self.paused_upstream = False
         self.entry: WeightedClusterEntry | None = None
-        self.cstats: ClusterStats | None = None
+        self.rstats: RequestStats | None = None
         self.ended = False
         # Envoy's router would take x-envoy-upstream-rq-timeout-ms from internal requests;
         # without an internal address configuration there are none (the HCM strips it).
@@ -145,17 +144,14 @@ class UpstreamRequest:
         hash_key = hcm.hash_key(stream, action) if action.hash_policies else None
         host = cluster.choose_host(hash_key)
         if host is None:
-            hcm.cluster_stats(cluster.name).no_healthy.value += 1
+            cluster.stats.upstream_cx_none_healthy.value += 1
             stream.send_local_reply(503, b"no healthy upstream", "UH")
             return
         self.host = host
-        pool = host.pool
-        if pool is None:
-            pool = host.pool = Http1Pool(host, cluster.spec, hcm.stats)
-        self.pool = pool
+        pool = self.pool = pool_for(host, cluster)
         host.active_requests += 1
-        cs = self.cstats = hcm.cluster_stats(cluster.name)
-        cs.rq_total.value += 1
+        rs = self.rstats = hcm.request_stats(cluster.name)
+        rs.rq_total.value += 1
         if action.mirror_policies:
             self._start_mirrors()
         pool.acquire(self)
@@ -209,12 +205,17 @@ class UpstreamRequest:
             self.decode_end()
         if conn.write_paused:
             self.on_upstream_pause()
+        if stream.conn.write_paused:
+            # A pipelined request starting while the client is still behind on the previous
+            # response: do not read this response faster than the client takes it.
+            self.pause_upstream_reading()
 
     def on_pool_failure(self, reason: str) -> None:
         if self.done:
             return
-        flag = "UF"
-        self._fail_before_response(reason, flag)
+        if self.rstats is not None:
+            self.rstats.rq_pending_failure.value += 1
+        self._fail_before_response(reason, "UF")
 
     # -- decode path (request body) -------------------------------------------------------------
 
@@ -277,9 +278,9 @@ class UpstreamRequest:
                     str(int((time.monotonic() - self.sent_at) * 1000)),
                 )
             )
-        cs = self.cstats
-        if cs is not None:
-            cs.count(status)
+        rs = self.rstats
+        if rs is not None:
+            rs.count(status)
         if status == 101 and stream.upgrade:
             # From here on the route timeout no longer applies: the tunnel lives until one
             # side closes (or the connection idle timeout).
@@ -303,7 +304,6 @@ class UpstreamRequest:
             stream.encode_data(data)
 
     def on_upstream_end(self) -> None:
-        conn = self.conn
         self.conn = None
         if self.done:
             return
@@ -312,13 +312,14 @@ class UpstreamRequest:
             stream.conn.close_after_write()
             self._cleanup()
             return
-        del conn
         stream.encode_end()
 
     def on_upstream_reset(self, reason: str) -> None:
         self.conn = None
         if self.done:
             return
+        if self.rstats is not None:
+            self.rstats.rq_rx_reset.value += 1
         if self.response_started:
             self.stream.flags = "UC"
             self.stream.reset()
@@ -367,8 +368,8 @@ class UpstreamRequest:
         self.timer = None
         if self.done:
             return
-        if self.cstats is not None:
-            self.cstats.rq_timeout.value += 1
+        if self.rstats is not None:
+            self.rstats.rq_timeout.value += 1
         if self.response_started:
             self.stream.flags = "UT"
             self.stream.reset()
@@ -380,10 +381,6 @@ class UpstreamRequest:
         self.stream.send_local_reply(504, b"upstream request timeout", "UT")
 
     def _fail_before_response(self, reason: str, flag: str) -> None:
-        if reason in (CONNECTION_FAILURE, CONNECTION_TIMEOUT):
-            flag = "UF"
-        if self.cstats is not None:
-            self.cstats.rq_reset.value += 1
         self.stream.send_local_reply(503, upstream_failure_body(reason), flag)
 
     def on_stream_done(self) -> None:
@@ -408,8 +405,6 @@ class UpstreamRequest:
         host = self.host
         if host is not None:
             host.active_requests -= 1
-        if self.paused_upstream:
-            self.paused_upstream = False
         stream = self.stream
         if stream.conn.read_paused_flow:
             stream.conn.resume_reading_for_upstream()
@@ -422,10 +417,9 @@ class ShadowRequest:
 
     __slots__ = (
         "buffered",
-        "cluster",
+        "buffered_bytes",
         "conn",
         "dead",
-        "ended",
         "hcm",
         "host",
         "limit",
@@ -442,21 +436,16 @@ class ShadowRequest:
         self.policy = policy
         self.hcm = primary.hcm
         self.host = host
-        self.cluster = cluster
         self.conn: UpstreamConnection | None = None
         self.buffered: list[bytes] = []
+        self.buffered_bytes = 0
         self.dead = False
-        self.ended = False
-        self.timer: asyncio.TimerHandle | None = None
         self.limit = cluster.spec.per_connection_buffer_limit_bytes
-        pool = host.pool
-        if pool is None:
-            pool = host.pool = Http1Pool(host, cluster.spec, primary.hcm.stats)
-        self.pool = pool
+        pool = self.pool = pool_for(host, cluster)
         self.hcm.mirror_stats.value += 1
         pool.acquire(self)
-        timeout = primary.action.timeout or 15.0
-        self.timer = self.hcm.loop.call_later(timeout, self._abandon)
+        timeout = primary.timeout or 15.0
+        self.timer: asyncio.TimerHandle | None = self.hcm.loop.call_later(timeout, self._on_timeout)
 
     def send_head(self, pending: list[bytes] | None) -> None:
         stream = self.primary.stream
@@ -480,7 +469,6 @@ class ShadowRequest:
     def send_end(self) -> None:
         if self.primary.chunked:
             self._send(LAST_CHUNK)
-        self.ended = True
 
     def _send(self, data: bytes) -> None:
         if self.dead:
@@ -488,7 +476,8 @@ class ShadowRequest:
         conn = self.conn
         if conn is None:
             self.buffered.append(data)
-            if sum(map(len, self.buffered)) > self.limit:
+            self.buffered_bytes += len(data)
+            if self.buffered_bytes > self.limit:
                 self._abandon()
             return
         if conn.write_paused:
@@ -542,8 +531,11 @@ class ShadowRequest:
     def on_upstream_read_end(self) -> None:
         pass
 
-    def _abandon(self) -> None:
+    def _on_timeout(self) -> None:
         self.timer = None
+        self._abandon()
+
+    def _abandon(self) -> None:
         if self.dead:
             return
         conn = self.conn
@@ -555,6 +547,7 @@ class ShadowRequest:
     def _finish(self) -> None:
         self.dead = True
         self.buffered = []
+        self.buffered_bytes = 0
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

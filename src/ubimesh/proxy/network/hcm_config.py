@@ -66,7 +66,7 @@ _BAD_REQUEST: LocalReply = (400, b"Bad Request", "DPE", None)
 _UPGRADE_REQUIRED: LocalReply = (426, b"Upgrade Required", "DPE", None)
 _FORBIDDEN_UPGRADE: LocalReply = (403, b"", "", None)
 _PATH_REJECTED: LocalReply = (400, b"", "DPE", None)
-_STRIP_CANDIDATES = _HOP_BY_HOP | _INTERNAL | {"x-envoy-internal", "x-forwarded-client-cert"}
+_STRIP_CANDIDATES = _HOP_BY_HOP | _INTERNAL | {"x-forwarded-client-cert"}
 #: Request headers Envoy keeps as one entry (its "inline" headers): repeated ones are joined
 #: with "," in arrival order. Other repeated headers stay separate.
 _COALESCED = frozenset(
@@ -140,27 +140,20 @@ def new_request_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-class ClusterStats:
-    """The per-cluster request counters the router bumps."""
+class RequestStats:
+    """A cluster's HTTP request counters (``cluster.<name>.upstream_rq_*``), which the router
+    bumps. The cluster's connection and membership stats live on its UpstreamCluster."""
 
-    __slots__ = (
-        "by_class",
-        "by_code",
-        "no_healthy",
-        "prefix",
-        "rq_reset",
-        "rq_timeout",
-        "rq_total",
-        "store",
-    )  # fmt: skip
+    __slots__ = ("by_class", "by_code", "prefix", "rq_pending_failure", "rq_rx_reset",
+                 "rq_timeout", "rq_total", "store")  # fmt: skip
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
         self.prefix = p = f"cluster.{name}."
         self.rq_total = store.counter(p + "upstream_rq_total")
         self.rq_timeout = store.counter(p + "upstream_rq_timeout")
-        self.rq_reset = store.counter(p + "upstream_rq_pending_failure_eject")
-        self.no_healthy = store.counter(p + "upstream_cx_none_healthy")
+        self.rq_pending_failure = store.counter(p + "upstream_rq_pending_failure_eject")
+        self.rq_rx_reset = store.counter(p + "upstream_rq_rx_reset")
         self.by_class = [store.counter(f"{p}upstream_rq_{c}xx") for c in range(6)]
         self.by_code: dict[int, Counter] = {}
 
@@ -180,7 +173,6 @@ class HcmRuntime:
         config: HttpConnectionManagerConfig,
         clusters: ClusterManager,
         stats: Store,
-        node_cluster: str = "",
     ) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
@@ -192,7 +184,6 @@ class HcmRuntime:
             ignore_port_in_host_matching=rc.ignore_port_in_host_matching,
             most_specific_header_mutations_wins=rc.most_specific_header_mutations_wins,
         )
-        self.route_config = config.route_config
         self.connections: set[HttpConnection] = set()
         self.router_factory = route_request
         self.max_header_bytes = config.max_request_headers_kb * 1024
@@ -220,7 +211,7 @@ class HcmRuntime:
             or config.merge_slashes
             or config.path_with_escaped_slashes_action.value != 1
         )
-        self._cluster_stats: dict[str, ClusterStats] = {}
+        self._request_stats: dict[str, RequestStats] = {}
         # Keyed by object ids of the route and weighted entry: both live as long as the route
         # table (this object), so an id cannot be reused while it is cached.
         self._rules_cache: dict[
@@ -253,11 +244,11 @@ class HcmRuntime:
     def count_status(self, status: int) -> None:
         self.by_class[min(status // 100, 5)].value += 1
 
-    def cluster_stats(self, name: str) -> ClusterStats:
-        cs = self._cluster_stats.get(name)
-        if cs is None:
-            cs = self._cluster_stats[name] = ClusterStats(self.stats, name)
-        return cs
+    def request_stats(self, name: str) -> RequestStats:
+        rs = self._request_stats.get(name)
+        if rs is None:
+            rs = self._request_stats[name] = RequestStats(self.stats, name)
+        return rs
 
     def observe(self, stream: ActiveStream) -> None:
         """Per-request bookkeeping once a stream ends (access logs hook in here later)."""
@@ -365,8 +356,8 @@ class HcmRuntime:
         self, stream: ActiveStream, items: list[tuple[str, str]]
     ) -> list[tuple[str, str]]:
         """Drop hop-by-hop headers (and those the Connection header nominates), Envoy's
-        internal x-envoy-* headers from edge requests, and x-envoy-internal (no downstream is
-        internal without an internal address configuration)."""
+        internal x-envoy-* headers (x-envoy-internal among them: no downstream is internal
+        without an internal address configuration) and a client-sent certificate header."""
         upgrade = stream.upgrade
         nominated: set[str] = set()
         for k, v in items:
@@ -384,7 +375,7 @@ class HcmRuntime:
                 elif k == "te" and "trailers" in [t.strip() for t in kv[1].lower().split(",")]:
                     kept.append(("te", "trailers"))
                 continue
-            if k == "x-envoy-internal" or k in nominated:
+            if k in nominated:
                 continue
             if k == "x-forwarded-client-cert":
                 # There is no client certificate on a plaintext connection: every mode but
@@ -460,7 +451,7 @@ class HcmRuntime:
         afterwards); a shadow works on a copy."""
         headers = stream.headers.copy() if shadow is not None else stream.headers
         vhost = stream.vhost
-        assert isinstance(vhost, VirtualHost)
+        assert vhost is not None  # set by route_table_match before the router runs
         rules = self._header_rules(vhost, route, entry)[0]
         if rules:
             ctx = self.format_context(stream)
@@ -521,7 +512,7 @@ class HcmRuntime:
     ) -> list[tuple[str, str]]:
         """Apply the response header rules of the route's levels; returns the header list."""
         vhost = stream.vhost
-        if not isinstance(vhost, VirtualHost):
+        if vhost is None:
             return headers
         rules = self._header_rules(vhost, route, entry)[1]
         if not rules:

@@ -41,6 +41,8 @@ from ubimesh.proxy.network.hcm_config import (
 from ubimesh.proxy.snapshot.types import (
     HeadersWithUnderscoresAction,
     Route,
+    RouteAction,
+    VirtualHost,
 )
 
 if TYPE_CHECKING:
@@ -49,14 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ubimesh.http")
 
-# Response flags (Envoy's short names), set where they apply.
+# Response flags (Envoy's short names) the connection manager sets; the router sets its own.
 NR = "NR"  # no route
-NC = "NC"  # no cluster
-UH = "UH"  # no healthy upstream
-UF = "UF"  # upstream connection failure
-UT = "UT"  # upstream request timeout
-UC = "UC"  # upstream connection termination
-UPE = "UPE"  # upstream protocol error
 DC = "DC"  # downstream connection termination
 DPE = "DPE"  # downstream protocol error
 SI = "SI"  # stream idle timeout
@@ -121,7 +117,7 @@ class ActiveStream:
         self.request_complete = False
         self.upgrade = False
         self.route: Route | None = None
-        self.vhost: object = None
+        self.vhost: VirtualHost | None = None
         self.upstream: UpstreamRequest | None = None
         self.started = False
         self.start_time = 0.0
@@ -154,7 +150,6 @@ class ActiveStream:
         hcm.rq_active.value += 1
         if self.expect_continue and not self.request_complete:
             conn.write(codec.CONTINUE_100)
-        headers = self.headers
         rejection = hcm.prepare_request(self, conn)
         if rejection is not None:
             status, body, flag, extra = rejection
@@ -166,13 +161,12 @@ class ActiveStream:
             self.send_local_reply(404, b"", NR)
             return
         self.route = route
-        del headers
         # request_timeout: the whole request must arrive in time (most requests are complete
         # with their headers, and then no timer is needed).
         if hcm.request_timeout and not self.request_complete:
             self.request_timer = conn.loop.call_later(hcm.request_timeout, self._on_request_timeout)
         action = route.action
-        idle = getattr(action, "idle_timeout", None)
+        idle = action.idle_timeout if type(action) is RouteAction else None
         conn.watch_stream_idle(hcm.stream_idle_timeout if idle is None else idle)
         hcm.router_factory(self, route)
 
@@ -410,10 +404,10 @@ class HttpConnection(asyncio.Protocol):
         self.underscore_reject = False
         self.in_headers = False
         self.corked: list[bytes] | None = None
-        self.last_active = 0.0
         self.loop = hcm.loop
         self.last_activity = 0.0
-        """Loop time of the last bytes moved for the current stream (stream idle timeout)."""
+        """Loop time of the last bytes moved, or of the moment the connection went idle: what
+        both the connection idle timeout and the stream idle timeout measure from."""
         self.stream_idle: float | None = None
         self.stream_timer: asyncio.TimerHandle | None = None
 
@@ -439,7 +433,7 @@ class HttpConnection(asyncio.Protocol):
         self.last_activity = self.loop.time()
         up = self.upgraded_to
         if up is not None:
-            up.decode_data(data)
+            up.decode_data_raw(data)
             return
         try:
             self.parser.feed_data(data)
@@ -619,13 +613,9 @@ class HttpConnection(asyncio.Protocol):
             streams.remove(s)
         if self.closed:
             return
+        # response_close also covers a response that started before its request ended
+        # (encode_headers): the rest of that body cannot be told apart from a next request.
         if s.response_close or not s.keep_alive or (self.draining and not streams):
-            self.close_after_write()
-            return
-        if not s.request_complete:
-            # The response finished before the request body did (a local reply or an upstream
-            # that answered early). Reusing the connection would mean reading the rest of the
-            # body as a new request: close instead, as Envoy does.
             self.close_after_write()
             return
         if streams:
@@ -775,7 +765,7 @@ class HttpConnection(asyncio.Protocol):
         timeout = self.hcm.idle_timeout
         if not timeout or self.closed:
             return
-        self.last_active = self.loop.time()
+        self.last_activity = self.loop.time()
         if self.idle_timer is None:
             self.idle_timer = self.loop.call_later(timeout, self._on_idle_timeout)
 
@@ -788,7 +778,7 @@ class HttpConnection(asyncio.Protocol):
             # Busy: look again one full timeout after it next goes idle.
             self.idle_timer = self.loop.call_later(timeout, self._on_idle_timeout)
             return
-        remaining = self.last_active + timeout - self.loop.time()
+        remaining = self.last_activity + timeout - self.loop.time()
         if remaining > 0.001:
             self.idle_timer = self.loop.call_later(remaining, self._on_idle_timeout)
             return
@@ -816,13 +806,13 @@ class HttpConnection(asyncio.Protocol):
         """Answer a request that never became a stream (or a broken one), then close."""
         if self.closed:
             return
+        if body is None:
+            body = codec.REASONS.get(status, "").encode()
         s = self.decoding
         if s is not None and s.started:
             if s.response_started:
                 self.close_now()
                 return
-            if body is None:
-                body = codec.REASONS.get(status, "").encode()
             s.send_local_reply(status, body, DPE, close=True)
             return
         if self.streams and self.streams[0].started and not self.streams[0].done:
@@ -832,8 +822,6 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading_for_buffer()
             return
         self.hcm.count_status(status)
-        if body is None:
-            body = codec.REASONS.get(status, "").encode()
         head = [
             ("content-length", str(len(body))),
             ("content-type", "text/plain"),

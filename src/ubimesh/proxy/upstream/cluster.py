@@ -102,6 +102,8 @@ class ClusterStats:
         "upstream_cx_destroy",
         "upstream_cx_destroy_local",
         "upstream_cx_destroy_remote",
+        "upstream_cx_idle_timeout",
+        "upstream_cx_max_requests",
         "upstream_cx_none_healthy",
         "upstream_cx_rx_bytes_total",
         "upstream_cx_total",
@@ -132,6 +134,8 @@ class ClusterStats:
             p + "upstream_cx_connect_attempts_exceeded"
         )
         self.upstream_cx_none_healthy: Counter = c(p + "upstream_cx_none_healthy")
+        self.upstream_cx_idle_timeout: Counter = c(p + "upstream_cx_idle_timeout")
+        self.upstream_cx_max_requests: Counter = c(p + "upstream_cx_max_requests")
         self.upstream_cx_destroy: Counter = c(p + "upstream_cx_destroy")
         self.upstream_cx_destroy_local: Counter = c(p + "upstream_cx_destroy_local")
         self.upstream_cx_destroy_remote: Counter = c(p + "upstream_cx_destroy_remote")
