@@ -74,7 +74,7 @@ def test_workload_references() -> None:
         "w.yaml#1 Workload payments/w: spec.sidecar.inboundPorts.grpc: 'grpc' is not a port of "
         "the service; expected a port name of Service payments/ledger: http, db",
         "w.yaml#1 Workload payments/w: spec.sidecar.upstreams[0].service: 'nope' does not "
-        "exist; expected the name of a Service of namespace 'payments'",
+        "exist; expected the name of a Service or ExternalService of namespace 'payments'",
         "w.yaml#1 Workload payments/w: spec.sidecar.upstreams[1].port: 'db' is not a port of "
         "the service; expected a port of Service payments/ledger-v2: http (8080/http)",
         "w.yaml#1 Workload payments/w: spec.sidecar.upstreams[2].port: 8081 is not a port of "

@@ -93,9 +93,24 @@ class _Checks:
                         fail(child(field, name), name, expected, "is not a port of the service")
         for i, upstream in enumerate(sidecar.get("upstreams", [])):
             path = f"spec.sidecar.upstreams[{i}]"
-            target = self.lookup(fail, f"{path}.service", upstream["namespace"],
-                                  upstream["service"])
-            if target is not None and "port" in upstream:
+            namespace, name = upstream["namespace"], upstream["service"]
+            # A Service first, else an ExternalService (how a workload reaches, for example,
+            # a database outside the mesh over TCP); the compiler resolves it the same way.
+            external = self.index.get("ExternalService", namespace, name)
+            if external is not None and self.index.get("Service", namespace, name) is None:
+                if "port" in upstream and upstream["port"] not in (
+                    external.spec["port"], str(external.spec["port"])
+                ):
+                    fail(f"{path}.port", upstream["port"],
+                         f"the port of {external.key}: {external.spec['port']}",
+                         "is not the external service's port")
+                continue
+            target = self.index.get("Service", namespace, name)
+            if target is None:
+                fail(f"{path}.service", name,
+                     f"the name of a Service or ExternalService of namespace {namespace!r}",
+                     "does not exist")
+            elif "port" in upstream:
                 self.port(fail, f"{path}.port", target, upstream["port"])
 
     def port(
