@@ -281,3 +281,51 @@ def test_compile_all_names_sidecars_and_gateways_only() -> None:
             "edge", annotations={"ubimesh.io/site": "east"}),
     ]
     assert sorted(compile_all(resources)) == ["client-1.default", "in.edge"]
+
+
+def test_a_gateway_backend_naming_a_split_root_is_split_over_its_backends() -> None:
+    """SMI: every client, ingress included, splits traffic for the root service; two
+    backendRefs keep their own weights (1:1 here) and each root's split is scaled within."""
+    resources = [
+        http_service("ledger"),
+        http_service("ledger-v1"),
+        http_service("ledger-v2"),
+        http_service("web"),
+        res(
+            "TrafficSplit",
+            "canary",
+            {
+                "service": "ledger",
+                "backends": [
+                    {"service": "ledger-v1", "weight": 90},
+                    {"service": "ledger-v2", "weight": 10},
+                ],
+            },
+        ),
+        res("Gateway", "edge", {"listeners": [{"name": "web", "port": 8000, "protocol": "HTTP"}]}),
+        res(
+            "HTTPRoute",
+            "r",
+            {
+                "parentRefs": [{"kind": "Gateway", "name": "edge", "namespace": "default"}],
+                "rules": [
+                    {
+                        "backendRefs": [
+                            {"name": "ledger", "port": 8080, "weight": 1},
+                            {"name": "web", "port": 8080, "weight": 1},
+                        ]
+                    }
+                ],
+            },
+        ),
+    ]
+    xds = compile_proxy(resources, ProxyRef("edge.default", "gateway", "edge", "default"))
+    (config,) = xds.resources[ROUTE_TYPE].values()
+    (route,) = config.virtual_hosts[0].routes
+    weights = {c.name: c.weight.value for c in route.route.weighted_clusters.clusters}
+    assert weights == {
+        "outbound|8080||ledger-v1.default": 90,
+        "outbound|8080||ledger-v2.default": 10,
+        "outbound|8080||web.default": 100,
+    }
+    assert "outbound|8080||ledger-v1.default" in xds.resources[CLUSTER_TYPE]

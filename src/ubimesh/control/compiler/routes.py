@@ -14,12 +14,13 @@ Routing of a service port, seen from a client (sidecar outbound, sidecar upstrea
 Route timeouts: an HTTPRoute rule's ``timeouts`` (the smaller of ``request`` and
 ``backendRequest`` when both are set, since there are no retries), else the largest
 ``requestTimeout`` of the rule's backend services, else the Mesh ``defaults.requestTimeout``.
-HTTPRoute backendRefs name exactly the clusters they name: a TrafficSplit of a backendRef's
-service is not applied on top.
+An HTTPRoute backendRef naming the root service of a TrafficSplit (one without ``matches``)
+is split over the split's backends, as SMI asks of every client, gateways included.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -209,7 +210,11 @@ class RouteBuilder:
     def _backend_targets(
         self, refs: Sequence[Mapping[str, Any]], namespace: str
     ) -> tuple[Targets, list[Service]]:
-        weights: dict[str, int] = {}
+        """The weighted clusters of a rule's backendRefs. A backendRef naming the root of a
+        TrafficSplit (one without ``matches``) is split over that split's backends, as SMI
+        asks of every client, ingress included: each backend gets the ref's weight times its
+        share, in integers (each ref's shares are scaled to a common denominator)."""
+        shares: list[tuple[int, Targets]] = []
         services: list[Service] = []
         for ref in refs:
             weight = int(ref.get("weight", 1))
@@ -217,9 +222,20 @@ class RouteBuilder:
             if resolved is None or weight <= 0:
                 continue
             name, service = resolved
-            weights[name] = weights.get(name, 0) + weight
+            targets: Targets = ((name, 1),)
             if service is not None:
                 services.append(service)
+                split = self.index.splits_of.get((service.namespace, service.name))
+                port = service.find_port(ref.get("port"))
+                if split is not None and not split.matches and port is not None:
+                    targets = self.split_targets(service, port)
+            shares.append((weight, targets))
+        denominator = math.lcm(*(sum(w for _, w in t) for _, t in shares)) if shares else 1
+        weights: dict[str, int] = {}
+        for weight, targets in shares:
+            scale = denominator // sum(w for _, w in targets)
+            for name, share in targets:
+                weights[name] = weights.get(name, 0) + weight * share * scale
         return tuple(sorted(weights.items())), services
 
     def backend_cluster(
