@@ -7,6 +7,7 @@ import logging
 import sys
 
 from ubimesh import __version__
+from ubimesh.cli import control_cmds
 
 #: Envoy's -l levels mapped onto Python logging levels.
 LOG_LEVELS = {
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long connections may take to finish on shutdown or drain (seconds)",
     )
     proxy.add_argument(
+        "--xds-cache-dir",
+        default="",
+        help="with ADS: where the last applied resources are cached, served at start when the "
+        "control plane cannot be reached (default: $XDG_CACHE_HOME or ~/.cache, "
+        "+ /ubimesh/xds/<node id>)",
+    )
+    proxy.add_argument(
         "--mode",
         choices=["serve", "validate"],
         default="serve",
@@ -63,11 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         "build-native",
         help="compile the proxy's request path with mypyc (used when it matches the source)",
     )
+    control_cmds.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = control_cmds.run(args)
+    if code is not None:
+        return code
     if args.command == "build-native":
         from ubimesh import native
 
@@ -90,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             service_cluster=args.service_cluster,
             log_level=args.log_level,
             drain_time_s=args.drain_time_s,
+            xds_cache_dir=args.xds_cache_dir,
         )
         if args.mode == "validate":
             from ubimesh.proxy.app import load_snapshot

@@ -4,6 +4,11 @@ With ``--concurrency 1`` everything runs in one process (lowest memory, no IPC).
 main process binds the listeners, forks N workers that serve traffic, and keeps the admin
 interface and stats aggregation; SIGHUP reloads the bootstrap in every worker. A configuration
 that fails to load on reload is logged and changes nothing (the last good one keeps serving).
+
+With ``dynamic_resources.ads_config`` the configuration comes from a control plane: an ADS
+client runs in a child process (``xds/ads_link.py``, ``xds/ads_client.py``) and every snapshot
+it sends is applied like a reload. Until the first one (from the control plane or its disk
+cache) no listener is open and /ready answers 503 (state INITIALIZING, as Envoy's).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ubimesh import __version__
 from ubimesh.proxy.admin import AdminServer, ClusterStatus, ListenerStatus
 from ubimesh.proxy.server import ProxyOptions, ProxyServer, listener_key
 from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
+from ubimesh.proxy.xds.ads_link import AdsChild
 from ubimesh.runtime.workers import WorkerHandle, fork_worker, serve_control
 from ubimesh.telemetry.stats import StatsSnapshot, Store, merge_snapshots
 
@@ -31,13 +37,34 @@ log = logging.getLogger("ubimesh.proxy")
 def load_snapshot(options: ProxyOptions) -> Snapshot:
     """Translate the bootstrap file in a child process (ubimesh.proxy.xds.compile), so that
     this process never loads protobuf. Raises ConfigError listing every error's path."""
-    from ubimesh.proxy.xds.compile import compile_in_child
+    return _compile(options)[0]
 
-    return compile_in_child(
+
+def _compile(options: ProxyOptions) -> tuple[Snapshot, bool]:
+    """``load_snapshot``, and whether the bootstrap asks for ADS (the snapshot is then its
+    static part alone)."""
+    from ubimesh.proxy.xds.compile import compile_bootstrap
+
+    compiled = compile_bootstrap(
         options.config_path,
         service_node=options.service_node or None,
         service_cluster=options.service_cluster or None,
     )
+    return compiled.snapshot, compiled.ads
+
+
+def ads_child_args(options: ProxyOptions) -> list[str]:
+    """The ADS client child's options after the config path."""
+    args = ["--log-level", options.log_level if options.log_level != "trace" else "debug"]
+    if options.log_level in ("warn", "off"):
+        args[1] = "warning" if options.log_level == "warn" else "critical"
+    if options.service_node:
+        args += ["--service-node", options.service_node]
+    if options.service_cluster:
+        args += ["--service-cluster", options.service_cluster]
+    if options.xds_cache_dir:
+        args += ["--cache-dir", options.xds_cache_dir]
+    return args
 
 
 def install_loop() -> None:
@@ -66,15 +93,21 @@ def tune_gc() -> None:
 class ProxyApp:
     """The main process. Implements the admin hooks over one in-process server or workers."""
 
-    def __init__(self, options: ProxyOptions, snapshot: Snapshot) -> None:
+    def __init__(self, options: ProxyOptions, snapshot: Snapshot, *, ads: bool = False) -> None:
         self.options = options
         self.snapshot = snapshot
+        self.ads: AdsChild | None = None
+        if ads:
+            self.ads = AdsChild(options.config_path, ads_child_args(options), self.apply_from_ads)
+        self._ads_task: asyncio.Task[None] | None = None
         self.started_at = time.time()
         self.server: ProxyServer | None = None
         self.workers: list[WorkerHandle] = []
         self.admin: AdminServer | None = None
         self.stats = Store()
         self.state = "PRE_INITIALIZING"
+        self.dynamic: dict[str, Any] = {}
+        """What the ADS client sent with the applied snapshot (for /config_dump)."""
         self.healthcheck_failed = False
         self._quit = asyncio.Event()
         self.reloads = self.stats.counter("server.config_reload_total")
@@ -96,7 +129,11 @@ class ProxyApp:
             self.admin = AdminServer(self.snapshot.admin.address, self)
             port = await self.admin.start()
             log.info("admin listening on %s:%d", self.snapshot.admin.address.host, port)
-        self.state = "LIVE"
+        if self.ads is not None:
+            self.state = "INITIALIZING"
+            self._ads_task = loop.create_task(self.ads.run())
+        else:
+            self.state = "LIVE"
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self._quit.set)
         loop.add_signal_handler(signal.SIGINT, self._quit.set)
@@ -107,6 +144,10 @@ class ProxyApp:
 
     async def shutdown(self) -> None:
         self.state = "DRAINING"
+        if self.ads is not None:
+            await self.ads.stop()
+        if self._ads_task is not None:
+            self._ads_task.cancel()
         timeout = self.options.drain_time_s
         if self.server is not None:
             await self.server.stop(drain_timeout=timeout)
@@ -128,6 +169,12 @@ class ProxyApp:
 
     async def reload(self) -> None:
         """SIGHUP: load the bootstrap again; apply it only if it is valid."""
+        if self.ads is not None:
+            log.warning(
+                "SIGHUP ignored: the configuration comes from the control plane (ADS); "
+                "restart the proxy to change the bootstrap"
+            )
+            return
         try:
             snapshot = load_snapshot(self.options)
         except Exception as exc:
@@ -135,14 +182,41 @@ class ProxyApp:
             log.error("reload refused, keeping the last good configuration: %s", exc)
             return
         self.reloads.inc()
+        await self._apply(snapshot)
+
+    async def _apply(self, snapshot: Snapshot) -> str:
+        """Swap ``snapshot`` in, here and in every worker; returns "" or what went wrong."""
+        problems = []
         if self.server is not None:
-            await self.server.apply(snapshot)
+            try:
+                await self.server.apply(snapshot)
+            except OSError as exc:
+                problems.append(f"cannot open a listener: {exc}")
         for w in self.workers:
             try:
                 await w.call("apply", snapshot)
             except Exception as exc:
                 log.error("worker %d failed to apply the configuration: %s", w.index, exc)
+                problems.append(f"worker {w.index}: {exc}")
         self.snapshot = snapshot
+        return "; ".join(problems)
+
+    async def apply_from_ads(self, snapshot: Snapshot, info: dict[str, Any]) -> str:
+        """A snapshot from the ADS client: applied as a reload; the first one makes the proxy
+        LIVE. Returns "" or the reason it could not be applied (the client NACKs with it)."""
+        if self.state == "DRAINING":
+            return "the proxy is shutting down"
+        problem = await self._apply(snapshot)
+        if problem:
+            self.reload_failures.inc()
+            log.error("configuration from %s not fully applied: %s", info.get("origin"), problem)
+            return problem
+        self.reloads.inc()
+        self.dynamic = info
+        if self.state == "INITIALIZING":
+            self.state = "LIVE"
+            log.info("initialized from %s: LIVE", info.get("origin", "xds"))
+        return ""
 
     # -- admin hooks --------------------------------------------------------------------------
 
@@ -178,6 +252,12 @@ class ProxyApp:
         }
 
     def config_dump(self) -> dict[str, Any]:
+        dump = self._static_config_dump()
+        if self.dynamic:
+            add_dynamic(dump, self.dynamic)
+        return dump
+
+    def _static_config_dump(self) -> dict[str, Any]:
         return {
             "configs": [
                 {
@@ -246,6 +326,38 @@ class ProxyApp:
 
     def quit(self) -> None:
         self._quit.set()
+
+
+#: Type URL -> (the config dump's @type, its list of dynamic resources, the resource key).
+_DYNAMIC_DUMP = {
+    "type.googleapis.com/envoy.config.listener.v3.Listener": (
+        "ListenersConfigDump", "dynamic_listeners", "listener"),
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster": (
+        "ClustersConfigDump", "dynamic_active_clusters", "cluster"),
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": (
+        "RoutesConfigDump", "dynamic_route_configs", "route_config"),
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": (
+        "EndpointsConfigDump", "dynamic_endpoint_configs", "endpoint_config"),
+}  # fmt: skip
+
+
+def add_dynamic(dump: dict[str, Any], info: dict[str, Any]) -> None:
+    """Add the resources the ADS client delivered to a config dump, in Envoy's shape."""
+    configs: list[dict[str, Any]] = dump["configs"]
+    by_type = {c["@type"].rsplit(".", 1)[-1]: c for c in configs}
+    for type_url, (dump_type, key, field) in _DYNAMIC_DUMP.items():
+        section = by_type.get(dump_type)
+        if section is None:
+            section = {"@type": f"type.googleapis.com/envoy.admin.v3.{dump_type}"}
+            configs.append(section)
+        version = info.get("versions", {}).get(type_url, "")
+        entries = []
+        for name, resource in info.get("resources", {}).get(type_url, []):
+            entry = {"version_info": version, field: resource}
+            if key == "dynamic_listeners":
+                entry = {"name": name, "active_state": entry}
+            entries.append(entry)
+        section[key] = entries
 
 
 def merge_cluster_views(views: list[list[ClusterStatus]]) -> list[ClusterStatus]:
@@ -320,7 +432,7 @@ def run_proxy(options: ProxyOptions) -> int:
     from ubimesh.proxy.xds.errors import ConfigError
 
     try:
-        snapshot = load_snapshot(options)
+        snapshot, ads = _compile(options)
     except ConfigError as exc:
         print(
             f"ubimesh proxy: invalid configuration in {options.config_path}:\n{exc}",
@@ -330,7 +442,11 @@ def run_proxy(options: ProxyOptions) -> int:
     except OSError as exc:
         print(f"ubimesh proxy: cannot read {options.config_path}: {exc}", file=sys.stderr)
         return 1
-    app = ProxyApp(options, snapshot)
+    if ads:
+        # Listeners open with the first configuration from the control plane (or its cache),
+        # static ones included, as in Envoy; until then the proxy only runs its admin.
+        snapshot = dataclasses.replace(snapshot, listeners=())
+    app = ProxyApp(options, snapshot, ads=ads)
     if options.concurrency <= 1:
         install_loop()
         return asyncio.run(app.run())

@@ -34,6 +34,9 @@ class ProxyOptions:
     service_cluster: str = ""
     log_level: str = "info"
     drain_time_s: float = 5.0
+    xds_cache_dir: str = ""
+    """Where the ADS client caches the last applied resources ("" = the default,
+    ``$XDG_CACHE_HOME/ubimesh/xds/<node id>``)."""
 
 
 def listener_key(addr: SocketAddress) -> tuple[str, int]:

@@ -15,7 +15,7 @@ from ubimesh.proxy.snapshot.types import (
     LocalityEndpoints,
     RingHashConfig,
 )
-from ubimesh.proxy.xds import common, extensions
+from ubimesh.proxy.xds import common, dynamic, extensions
 from ubimesh.proxy.xds.context import Ctx, entry, item, join, seconds, timeout, wrapped
 
 _NOT_YET = "not implemented yet"
@@ -34,6 +34,7 @@ _CLUSTER = {
     "typed_extension_protocol_options",
     "max_requests_per_connection",
     "common_http_protocol_options",
+    "eds_cluster_config",
 }
 _CLUSTER_HINTS = {
     "respect_dns_ttl": "the resolver (getaddrinfo) reports no TTLs; use dns_refresh_rate",
@@ -42,7 +43,6 @@ _CLUSTER_HINTS = {
     "outlier_detection": "outlier detection is " + _NOT_YET,
     "transport_socket": "upstream TLS is " + _NOT_YET,
     "transport_socket_matches": "upstream TLS is " + _NOT_YET,
-    "eds_cluster_config": "EDS is " + _NOT_YET,
     "cluster_type": "custom cluster types are not implemented",
     "http_protocol_options": "put explicit_http_config.http_protocol_options in "
     "typed_extension_protocol_options' envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -51,8 +51,18 @@ _CLUSTER_HINTS = {
     "load_balancing_policy": "use lb_policy",
     "upstream_connection_options": "upstream socket options are " + _NOT_YET,
 }
-_TYPES = {0: DiscoveryType.STATIC, 1: DiscoveryType.STRICT_DNS, 2: DiscoveryType.LOGICAL_DNS}
-_TYPE_HINTS = {3: "type EDS: EDS is " + _NOT_YET, 4: "type ORIGINAL_DST is " + _NOT_YET}
+_TYPES = {
+    0: DiscoveryType.STATIC,
+    1: DiscoveryType.STRICT_DNS,
+    2: DiscoveryType.LOGICAL_DNS,
+    3: DiscoveryType.EDS,
+}
+_TYPE_HINTS = {4: "type ORIGINAL_DST is " + _NOT_YET}
+_EDS_CLUSTER_CONFIG = {"eds_config", "service_name"}
+_HTTP2_OPTIONS_HINT = (
+    "HTTP/2 protocol options are " + _NOT_YET + "; only an empty http2_protocol_options is "
+    "accepted, on the ADS cluster"
+)
 _LB_POLICIES = {
     0: LbPolicy.ROUND_ROBIN,
     1: LbPolicy.LEAST_REQUEST,
@@ -93,7 +103,8 @@ _UPSTREAM_HTTP_OPTIONS_HINTS = {
 }
 _EXPLICIT_HTTP = {"http_protocol_options"}
 _EXPLICIT_HTTP_HINTS = {
-    "http2_protocol_options": "HTTP/2 upstreams are " + _NOT_YET,
+    "http2_protocol_options": "HTTP/2 upstreams are " + _NOT_YET + "; only the cluster that "
+    "dynamic_resources.ads_config names may set it",
     "http3_protocol_options": "HTTP/3 is not implemented",
 }
 _HTTP1_OPTIONS_HINT = (
@@ -142,10 +153,21 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
 
     endpoints: tuple[LocalityEndpoints, ...] = ()
     overprovisioning = 140
+    if kind is DiscoveryType.EDS:
+        endpoints, overprovisioning = _eds(ctx, msg, path)
+    elif msg.HasField("eds_cluster_config"):
+        ctx.error(join(path, "eds_cluster_config"), "needs type EDS")
     if msg.HasField("load_assignment"):
-        endpoints, overprovisioning = _load_assignment(
-            ctx, msg.load_assignment, join(path, "load_assignment"), kind
-        )
+        if kind is DiscoveryType.EDS:
+            ctx.error(
+                join(path, "load_assignment"),
+                "an EDS cluster takes its endpoints from its ClusterLoadAssignment over ADS; "
+                "remove load_assignment",
+            )
+        else:
+            endpoints, overprovisioning = _load_assignment(
+                ctx, msg.load_assignment, join(path, "load_assignment"), kind
+            )
     if kind is DiscoveryType.LOGICAL_DNS and (
         len(endpoints) != 1 or len(endpoints[0].endpoints) != 1
     ):
@@ -176,6 +198,46 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
     )
 
 
+def eds_name(msg: Any) -> str:
+    """The name of the ClusterLoadAssignment an EDS cluster waits for: its
+    ``eds_cluster_config.service_name``, or else the cluster's name."""
+    name: str = msg.eds_cluster_config.service_name or msg.name
+    return name
+
+
+def _eds(ctx: Ctx, msg: Any, path: str) -> tuple[tuple[LocalityEndpoints, ...], int]:
+    """A cluster of type EDS: its endpoints come from the ClusterLoadAssignment the ADS stream
+    delivered (none yet when a bootstrap is translated alone)."""
+    epath = join(path, "eds_cluster_config")
+    if ctx.ads_cluster is None:
+        ctx.unsupported(
+            join(path, "type"),
+            "type EDS without dynamic_resources.ads_config; ubimesh takes EDS over ADS only",
+        )
+        if msg.HasField("eds_cluster_config"):
+            ctx.unsupported(epath, "EDS needs the ADS stream of dynamic_resources.ads_config")
+        return (), 140
+    if not msg.HasField("eds_cluster_config"):
+        ctx.error(epath, "is required with type EDS: {eds_config: {ads: {}}}")
+        return (), 140
+    config = msg.eds_cluster_config
+    ctx.fields(config, epath, _EDS_CLUSTER_CONFIG)
+    cpath = join(epath, "eds_config")
+    if config.HasField("eds_config"):
+        dynamic.config_source(ctx, config.eds_config, cpath)
+    else:
+        ctx.error(cpath, "is required: {ads: {}, resource_api_version: V3}")
+    if ctx.dynamic is None:
+        return (), 140
+    name = eds_name(msg)
+    found = ctx.dynamic.of(dynamic.ENDPOINT_TYPE).get(name)
+    if found is None:
+        ctx.error(epath, f"ClusterLoadAssignment {name!r} has not been received over ADS")
+        return (), 140
+    lpath = dynamic.resource_path(dynamic.ENDPOINT_TYPE, name)
+    return _load_assignment(ctx, found, lpath, DiscoveryType.EDS)
+
+
 def _ring_hash(ctx: Ctx, msg: Any, path: str) -> RingHashConfig:
     ctx.fields(msg, path, _RING_HASH, _RING_HASH_HINTS)
     minimum = wrapped(msg, "minimum_ring_size", 1024)
@@ -195,7 +257,11 @@ def _load_assignment(
         ppath = join(path, "policy")
         ctx.fields(msg.policy, ppath, _POLICY)
         overprovisioning = wrapped(msg.policy, "overprovisioning_factor", 140)
-    ip_only = _STATIC_IP_ONLY if kind is DiscoveryType.STATIC else ""
+    ip_only = ""
+    if kind is DiscoveryType.STATIC:
+        ip_only = _STATIC_IP_ONLY
+    elif kind is DiscoveryType.EDS:
+        ip_only = "EDS endpoints must be IP addresses"
     out = []
     endpoints_path = join(path, "endpoints")
     for i, lle in enumerate(msg.endpoints):
@@ -265,7 +331,21 @@ def _protocol_options(ctx: Ctx, msg: Any, path: str) -> tuple[float | None, int 
         if options.HasField("explicit_http_config"):
             xpath = join(kpath, "explicit_http_config")
             explicit = options.explicit_http_config
-            ctx.fields(explicit, xpath, _EXPLICIT_HTTP, _EXPLICIT_HTTP_HINTS)
+            supported = _EXPLICIT_HTTP
+            if (
+                explicit.HasField("http2_protocol_options")
+                and ctx.ads_cluster
+                and msg.name == ctx.ads_cluster
+            ):
+                # The ADS cluster carries the gRPC stream of the ADS client, which speaks
+                # HTTP/2 itself; translate.py refuses it again if traffic is routed to it.
+                h2path = join(xpath, "http2_protocol_options")
+                ctx.fields(
+                    explicit.http2_protocol_options, h2path, (), default_hint=_HTTP2_OPTIONS_HINT
+                )
+                ctx.http2_clusters[msg.name] = h2path
+                supported = _EXPLICIT_HTTP | {"http2_protocol_options"}
+            ctx.fields(explicit, xpath, supported, _EXPLICIT_HTTP_HINTS)
             if explicit.HasField("http_protocol_options"):
                 ctx.fields(
                     explicit.http_protocol_options,

@@ -3,7 +3,7 @@
 The serving process never imports protobuf or the generated Envoy classes (about 8 MB of
 resident memory that the request path does not need). It runs this module as a short-lived
 child instead, which translates the file and writes one pickled answer to stdout:
-``("ok", Snapshot)`` or ``("error", message)``. The child also isolates the parser: whatever
+``("ok", Snapshot, ads)`` or ``("error", message)``. The child also isolates the parser: whatever
 a hostile or broken file does to it, the serving process keeps its last good snapshot.
 """
 
@@ -13,6 +13,7 @@ import argparse
 import pickle
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from ubimesh.proxy.snapshot.types import Snapshot
@@ -32,10 +33,27 @@ class CompileError(ConfigError):
         return self.message
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """A translated bootstrap. ``ads`` is true when it has ``dynamic_resources.ads_config``:
+    then ``snapshot`` is its static part alone, and an ADS client (``ads_link.AdsChild``) must
+    run to get the rest."""
+
+    snapshot: Snapshot
+    ads: bool
+
+
 def compile_in_child(
     path: str, service_node: str | None = None, service_cluster: str | None = None
 ) -> Snapshot:
     """Translate ``path`` in a child process; raises CompileError with the child's message."""
+    return compile_bootstrap(path, service_node, service_cluster).snapshot
+
+
+def compile_bootstrap(
+    path: str, service_node: str | None = None, service_cluster: str | None = None
+) -> Compiled:
+    """``compile_in_child``, also telling whether the bootstrap asks for ADS."""
     argv = [sys.executable, "-m", "ubimesh.proxy.xds.compile", path]
     if service_node:
         argv += ["--service-node", service_node]
@@ -49,11 +67,18 @@ def compile_in_child(
         detail = proc.stderr.decode(errors="replace").strip()
         raise CompileError(detail or f"the translator exited with code {proc.returncode}")
     # The child is our own code run from our own interpreter: its pickle is trusted.
-    kind, payload = pickle.loads(proc.stdout)
+    kind, payload, *rest = pickle.loads(proc.stdout)
     if kind != "ok":
         raise CompileError(str(payload))
     assert isinstance(payload, Snapshot)
-    return payload
+    return Compiled(payload, bool(rest and rest[0]))
+
+
+def _has_ads(source: dict[str, Any]) -> bool:
+    """Whether a (valid) bootstrap's raw dict has dynamic_resources.ads_config, in either
+    spelling (snake_case or JSON camelCase)."""
+    dynamic = source.get("dynamic_resources", source.get("dynamicResources")) or {}
+    return isinstance(dynamic, dict) and bool(dynamic.get("ads_config", dynamic.get("adsConfig")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,14 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ubimesh.proxy.xds.bootstrap import load_bootstrap
 
-    answer: tuple[str, Any]
+    answer: tuple[Any, ...]
     try:
-        answer = (
-            "ok",
-            load_bootstrap(
-                args.path, service_node=args.service_node, service_cluster=args.service_cluster
-            ),
+        snapshot = load_bootstrap(
+            args.path, service_node=args.service_node, service_cluster=args.service_cluster
         )
+        answer = ("ok", snapshot, _has_ads(snapshot.source))
     except ConfigError as exc:
         answer = ("error", str(exc))
     except OSError as exc:

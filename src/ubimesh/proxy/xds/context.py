@@ -48,6 +48,10 @@ class ClusterRef:
     name: str
     path: str
     what: str
+    checked: bool = True
+    """False for a reference Envoy does not check (a route of an RDS route configuration
+    without validate_clusters); still recorded, so that the ADS-only HTTP/2 cluster cannot
+    carry traffic."""
 
 
 @dataclass
@@ -63,6 +67,16 @@ class Ctx:
     whitelists: dict[str, set[str]] = field(default_factory=dict)
     """Message full name -> the fields supported in it, as met during translation (what
     docs/envoy-compat.md must list; a test compares the two)."""
+    ads_cluster: str | None = None
+    """The static cluster that ``dynamic_resources.ads_config`` names, once known: the only
+    cluster allowed HTTP/2 options (it carries the gRPC stream, never proxied traffic)."""
+    dynamic: Any = None
+    """The resources an ADS stream delivered (``dynamic.Resources``), or None when translating
+    a bootstrap alone: then RDS and EDS references are only checked, not resolved."""
+    http2_clusters: dict[str, str] = field(default_factory=dict)
+    """Cluster name -> path of its accepted ``http2_protocol_options``."""
+    route_cache: dict[str, Any] = field(default_factory=dict)
+    """RDS name -> its translated RouteConfiguration (each is translated, and reported, once)."""
 
     def _is_quiet(self, path: str) -> bool:
         return any(is_within(path, prefix) for prefix in self.quiet)
@@ -113,8 +127,8 @@ class Ctx:
             self.error(join(path, name), f"{value} is not a value of {enum_name}")
             return default
 
-    def refer_cluster(self, name: str, path: str, what: str) -> None:
-        self.cluster_refs.append(ClusterRef(name, path, what))
+    def refer_cluster(self, name: str, path: str, what: str, *, checked: bool = True) -> None:
+        self.cluster_refs.append(ClusterRef(name, path, what, checked))
 
 
 def seconds(value: Any) -> float:

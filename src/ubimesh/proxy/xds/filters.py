@@ -16,7 +16,7 @@ from ubimesh.proxy.snapshot.types import (
     TcpProxyConfig,
     WeightedClusterEntry,
 )
-from ubimesh.proxy.xds import extensions
+from ubimesh.proxy.xds import dynamic, extensions
 from ubimesh.proxy.xds.context import Ctx, item, join, timeout, wrapped
 from ubimesh.proxy.xds.route import route_configuration
 
@@ -96,8 +96,12 @@ _HCM = {
     "internal_address_config",
     "strip_any_host_port",
 }
+#: With an ADS stream (dynamic_resources.ads_config), the route configuration may also come
+#: over RDS; without one, rds is refused.
+_HCM_WITH_ADS = _HCM | {"rds"}
 _HCM_HINTS = {
-    "rds": "RDS is " + _NOT_YET + "; put the RouteConfiguration inline in route_config",
+    "rds": "RDS without dynamic_resources.ads_config; ubimesh takes RDS over ADS only, or put "
+    "the RouteConfiguration inline in route_config",
     "scoped_routes": "scoped routes are " + _NOT_YET + "; use route_config",
     "access_log": "access logs are " + _NOT_YET,
     "tracing": "tracing is " + _NOT_YET,
@@ -128,7 +132,7 @@ _SERVER_HEADER = {0: "OVERWRITE", 1: "APPEND_IF_ABSENT", 2: "PASS_THROUGH"}
 
 def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionManagerConfig:
     """envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager."""
-    ctx.fields(msg, path, _HCM, _HCM_HINTS)
+    ctx.fields(msg, path, _HCM if ctx.ads_cluster is None else _HCM_WITH_ADS, _HCM_HINTS)
     codec = _CODECS.get(msg.codec_type)
     if codec is None:
         name = _CODEC_NAMES.get(msg.codec_type, str(msg.codec_type))
@@ -137,6 +141,8 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
 
     if msg.HasField("route_config"):
         route_config = route_configuration(ctx, msg.route_config, join(path, "route_config"))
+    elif msg.HasField("rds"):
+        route_config = rds(ctx, msg.rds, join(path, "rds"))
     else:
         route_config = RouteConfiguration("", ())
 
@@ -210,6 +216,40 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
         strip_any_host_port=msg.strip_any_host_port,
         codec_type=codec,
     )
+
+
+_RDS = {"config_source", "route_config_name"}
+
+
+def rds(ctx: Ctx, msg: Any, path: str) -> RouteConfiguration:
+    """HttpConnectionManager.rds: the RouteConfiguration named ``route_config_name``, from the
+    resources the ADS stream delivered (``ctx.dynamic``). Translating a bootstrap alone (no
+    stream yet) checks the reference and gives an empty route configuration."""
+    ctx.fields(msg, path, _RDS)
+    cpath = join(path, "config_source")
+    if msg.HasField("config_source"):
+        dynamic.config_source(ctx, msg.config_source, cpath)
+    else:
+        ctx.error(cpath, "is required: {ads: {}, resource_api_version: V3}")
+    name = msg.route_config_name
+    npath = join(path, "route_config_name")
+    if not name:
+        ctx.error(npath, "is required")
+        return RouteConfiguration("", ())
+    if ctx.dynamic is None:
+        return RouteConfiguration(name, ())
+    cached = ctx.route_cache.get(name)
+    if cached is not None:
+        assert isinstance(cached, RouteConfiguration)
+        return cached
+    found = ctx.dynamic.of(dynamic.ROUTE_TYPE).get(name)
+    if found is None:
+        ctx.error(npath, f"RouteConfiguration {name!r} has not been received over ADS")
+        return RouteConfiguration(name, ())
+    rpath = dynamic.resource_path(dynamic.ROUTE_TYPE, name)
+    translated = route_configuration(ctx, found, rpath, dynamic=True)
+    ctx.route_cache[name] = translated
+    return translated
 
 
 def hcm_upgrades(ctx: Ctx, configs: Any, path: str) -> frozenset[str]:

@@ -144,10 +144,13 @@ _MAX_DIRECT_RESPONSE_BODY = 4096
 _UINT32_MAX = 2**32 - 1
 
 
-def route_configuration(ctx: Ctx, msg: Any, path: str) -> RouteConfiguration:
-    """envoy.config.route.v3.RouteConfiguration (inline in an HCM)."""
+def route_configuration(
+    ctx: Ctx, msg: Any, path: str, *, dynamic: bool = False
+) -> RouteConfiguration:
+    """envoy.config.route.v3.RouteConfiguration, inline in an HCM or (``dynamic``) from RDS.
+    As in Envoy, ``validate_clusters`` defaults to true inline and to false over RDS."""
     ctx.fields(msg, path, _ROUTE_CONFIGURATION, _ROUTE_CONFIGURATION_HINTS)
-    validate_clusters = wrapped(msg, "validate_clusters", True)
+    validate_clusters = wrapped(msg, "validate_clusters", not dynamic)
     max_body = wrapped(msg, "max_direct_response_body_size_bytes", _MAX_DIRECT_RESPONSE_BODY)
     rc = _RouteConfigScope(ctx, msg.name, validate_clusters, max_body)
     vhosts_path = join(path, "virtual_hosts")
@@ -177,8 +180,8 @@ class _RouteConfigScope:
         self.domains: dict[str, str] = {}
 
     def refer(self, cluster: str, path: str, what: str) -> None:
-        if cluster and self.validate_clusters:
-            self.ctx.refer_cluster(cluster, path, what)
+        if cluster:
+            self.ctx.refer_cluster(cluster, path, what, checked=self.validate_clusters)
 
     # -- virtual hosts -------------------------------------------------------------------------
 

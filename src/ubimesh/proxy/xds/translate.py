@@ -2,7 +2,9 @@
 
 ``translate_bootstrap`` walks the supported part of the Bootstrap, checks what spans several
 resources (cluster references, duplicate names and addresses), and returns a Snapshot, or
-raises ``ConfigErrors`` with every problem it found.
+raises ``ConfigErrors`` with every problem it found. Given the resources an ADS stream
+delivered (``dynamic``), it builds the Snapshot from the bootstrap's static part plus those
+(paths ``lds[name]``, ``rds[name]``, ``cds[name]``, ``eds[name]``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from ubimesh.proxy.snapshot.types import Admin, Cluster, Listener, NodeInfo, Snapshot
-from ubimesh.proxy.xds import common, extensions
+from ubimesh.proxy.xds import common, dynamic, extensions
 from ubimesh.proxy.xds.cluster import cluster as translate_cluster
 from ubimesh.proxy.xds.context import Ctx, item, join
 from ubimesh.proxy.xds.errors import ConfigError, ConfigErrors
@@ -24,9 +26,8 @@ from ubimesh.proxy.xds.listener import listener as translate_listener
 
 _NOT_YET = "not implemented yet"
 
-_BOOTSTRAP = {"node", "static_resources", "admin"}
+_BOOTSTRAP = {"node", "static_resources", "admin", "dynamic_resources"}
 _BOOTSTRAP_HINTS = {
-    "dynamic_resources": "ADS is " + _NOT_YET + "; put listeners and clusters in static_resources",
     "layered_runtime": "ubimesh has no runtime",
     "stats_sinks": "stats sinks are " + _NOT_YET + "; scrape /stats/prometheus",
     "stats_config": "stats tag configuration is " + _NOT_YET,
@@ -36,9 +37,11 @@ _BOOTSTRAP_HINTS = {
 }
 _STATIC_RESOURCES = {"listeners", "clusters"}
 _STATIC_RESOURCES_HINTS = {"secrets": "SDS secrets and TLS are " + _NOT_YET}
-_NODE = {"id", "cluster"}
+_NODE = {"id", "cluster", "metadata"}
+_NODE_STATIC = {"id", "cluster"}
 _NODE_HINTS = {
-    "metadata": "node metadata is " + _NOT_YET,
+    "metadata": "node metadata is sent to the control plane: it needs "
+    "dynamic_resources.ads_config",
     "locality": "node locality is " + _NOT_YET,
 }
 _ADMIN = {"address", "access_log_path", "access_log"}
@@ -61,6 +64,7 @@ def translate_bootstrap(
     errors: Iterable[ConfigError] = (),
     source_name: str = "",
     ctx: Ctx | None = None,
+    dynamic_resources: dynamic.Resources | None = None,
 ) -> Snapshot:
     """Translate an ``envoy.config.bootstrap.v3.Bootstrap`` into a Snapshot.
 
@@ -69,17 +73,26 @@ def translate_bootstrap(
     ``node.cluster`` like Envoy's --service-node/--service-cluster. ``errors`` are problems
     already found while parsing (reported together with the translator's) and ``quiet`` the
     paths they were about. ``ctx``, for tools, is the context to translate in (its
-    ``whitelists`` then tell which fields were supported where). Raises ``ConfigErrors`` (every
-    error found) when the config is not valid for ubimesh.
+    ``whitelists`` then tell which fields were supported where). ``dynamic_resources`` are the
+    resources an ADS stream delivered; without them a bootstrap with ``dynamic_resources`` gives
+    its static part alone (RDS and EDS references checked, not resolved). Raises
+    ``ConfigErrors`` (every error found) when the config is not valid for ubimesh.
     """
     if ctx is None:
         ctx = Ctx()
     ctx.quiet = ctx.quiet | frozenset(quiet)
     ctx.fields(bootstrap, "", _BOOTSTRAP, _BOOTSTRAP_HINTS)
+    if bootstrap.HasField("dynamic_resources"):
+        dynamic.ads_settings(ctx, bootstrap.dynamic_resources, "dynamic_resources")
+    elif dynamic_resources is not None:
+        ctx.error("dynamic_resources", "is required to take resources from an ADS stream")
+    ctx.dynamic = dynamic_resources
 
     node = NodeInfo()
     if bootstrap.HasField("node"):
-        ctx.fields(bootstrap.node, "node", _NODE, _NODE_HINTS)
+        # The metadata is for the control plane: without an ADS stream nothing would read it.
+        with_ads = ctx.ads_cluster is not None
+        ctx.fields(bootstrap.node, "node", _NODE if with_ads else _NODE_STATIC, _NODE_HINTS)
         node = NodeInfo(bootstrap.node.id, bootstrap.node.cluster)
     if service_node is not None or service_cluster is not None:
         node = NodeInfo(
@@ -87,19 +100,35 @@ def translate_bootstrap(
             service_cluster if service_cluster is not None else node.cluster,
         )
 
-    listeners: list[Listener] = []
-    clusters: dict[str, Cluster] = {}
+    listener_msgs: list[tuple[str, Any]] = []
+    cluster_msgs: list[tuple[str, Any]] = []
     if bootstrap.HasField("static_resources"):
         static = bootstrap.static_resources
         ctx.fields(static, "static_resources", _STATIC_RESOURCES, _STATIC_RESOURCES_HINTS)
-        listeners = _listeners(ctx, static.listeners, "static_resources.listeners")
-        clusters = _clusters(ctx, static.clusters, "static_resources.clusters")
+        listener_msgs = _indexed(static.listeners, "static_resources.listeners")
+        cluster_msgs = _indexed(static.clusters, "static_resources.clusters")
+    n_static_clusters = len(cluster_msgs)
+    if dynamic_resources is not None:
+        listener_msgs += _delivered(ctx, dynamic_resources, dynamic.LISTENER_TYPE)
+        cluster_msgs += _delivered(ctx, dynamic_resources, dynamic.CLUSTER_TYPE)
+    clusters = _clusters(ctx, cluster_msgs)
+    listeners = _listeners(ctx, listener_msgs)
 
     admin = _admin(ctx, bootstrap.admin, "admin") if bootstrap.HasField("admin") else None
 
     for ref in ctx.cluster_refs:
-        if ref.name and ref.name not in clusters:
+        if ref.name and ref.checked and ref.name not in clusters:
             ctx.error(ref.path, f"{ref.what}: unknown cluster {ref.name!r}")
+        h2path = ctx.http2_clusters.get(ref.name)
+        if h2path is not None:
+            ctx.unsupported(
+                h2path,
+                "HTTP/2 upstreams are " + _NOT_YET + f": {ref.path} sends traffic to "
+                f"{ref.name!r}, so it cannot use HTTP/2; http2_protocol_options is accepted "
+                "only on a cluster used solely as the ADS cluster",
+            )
+    if ctx.ads_cluster:
+        _check_ads_cluster(ctx, ctx.ads_cluster, cluster_msgs[:n_static_clusters], clusters)
 
     # A parse error inside a field that is refused anyway (say, an unknown field inside a
     # retry_policy) adds nothing to the refusal.
@@ -108,8 +137,12 @@ def translate_bootstrap(
         raise ConfigErrors(found, source=source_name)
 
     canonical = json_format.MessageToDict(bootstrap, preserving_proto_field_name=True)
+    versioned: dict[str, Any] = canonical
+    if dynamic_resources is not None:
+        xds = dict(sorted(dynamic_resources.versions.items()))
+        versioned = {"bootstrap": canonical, "xds": xds}
     return Snapshot(
-        version=config_version(canonical),
+        version=config_version(versioned),
         node=node,
         listeners=tuple(listeners),
         clusters=clusters,
@@ -124,12 +157,54 @@ def config_version(canonical: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def _listeners(ctx: Ctx, msgs: Any, path: str) -> list[Listener]:
+def _indexed(msgs: Any, path: str) -> list[tuple[str, Any]]:
+    """(path, message) for each message of a repeated field."""
+    return [(item(path, i), msg) for i, msg in enumerate(msgs)]
+
+
+def _delivered(ctx: Ctx, resources: dynamic.Resources, type_url: str) -> list[tuple[str, Any]]:
+    """(path, message) for each delivered resource of ``type_url``, by name; a resource must
+    carry the name it was delivered under."""
+    out = []
+    for name, msg in sorted(resources.of(type_url).items()):
+        path = dynamic.resource_path(type_url, name)
+        if msg.name != name:
+            ctx.error(join(path, "name"), f"{msg.name!r} differs from the resource name {name!r}")
+        out.append((path, msg))
+    return out
+
+
+def _check_ads_cluster(
+    ctx: Ctx, name: str, static: list[tuple[str, Any]], clusters: dict[str, Cluster]
+) -> None:
+    """The ADS cluster must be a static cluster with a fixed address or a DNS name."""
+    where = "dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name"
+    found = [(path, msg) for path, msg in static if msg.name == name]
+    if not found:
+        ctx.error(where, f"unknown cluster {name!r}: it must be a cluster of static_resources")
+        return
+    path, _msg = found[0]
+    cluster = clusters.get(name)
+    if cluster is None:
+        return
+    if cluster.type.name not in ("STATIC", "STRICT_DNS", "LOGICAL_DNS"):
+        ctx.error(
+            join(path, "type"),
+            f"the ADS cluster {name!r} must be STATIC, STRICT_DNS or LOGICAL_DNS, "
+            f"not {cluster.type.name}",
+        )
+    elif not any(le.endpoints for le in cluster.endpoints):
+        ctx.error(
+            join(path, "load_assignment"),
+            f"the ADS cluster {name!r} needs an endpoint (the xDS server's address)",
+        )
+
+
+def _listeners(ctx: Ctx, msgs: list[tuple[str, Any]]) -> list[Listener]:
     out: list[Listener] = []
     names: dict[str, str] = {}
     addresses: dict[tuple[str, int], str] = {}
-    for i, msg in enumerate(msgs):
-        lpath = item(path, i)
+    for lpath, msg in msgs:
         translated = translate_listener(ctx, msg, lpath)
         if msg.name:
             if msg.name in names:
@@ -156,11 +231,10 @@ def _normal_ip(host: str) -> str:
     return str(ipaddress.ip_address(host)) if common.is_ip(host) else host
 
 
-def _clusters(ctx: Ctx, msgs: Any, path: str) -> dict[str, Cluster]:
+def _clusters(ctx: Ctx, msgs: list[tuple[str, Any]]) -> dict[str, Cluster]:
     out: dict[str, Cluster] = {}
     where: dict[str, str] = {}
-    for i, msg in enumerate(msgs):
-        cpath = item(path, i)
+    for cpath, msg in msgs:
         translated = translate_cluster(ctx, msg, cpath)
         if msg.name in out:
             ctx.error(
