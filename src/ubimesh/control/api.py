@@ -1,0 +1,479 @@
+"""The control plane's HTTP/JSON API over the store (aiohttp).
+
+Every ``/api/`` path needs ``Authorization: Bearer <admin token>`` (401 otherwise; compared in
+constant time). Errors are JSON ``{"error": str, "details": [...]}``; a validation error's
+details carry ``message``, ``source``, ``resource``, ``field``, ``value`` and ``expected``.
+
+- ``POST /api/v1/apply[?dryRun=true][&source=NAME]``: YAML/JSON documents (or, with content
+  type :data:`FILES_TYPE`, several named files, so errors name each file). Validated alone and
+  against the store (a change is refused only for the errors it introduces, so one old broken
+  resource does not block every apply). ``metadata.resourceVersion`` makes the apply
+  conditional (409 on mismatch). Answers ``{"dryRun", "results": [{kind, namespace, name,
+  action: created|updated|unchanged, resourceVersion}]}``.
+- ``POST /api/v1/diff[?source=NAME]``: as a dry run, each result with a unified ``diff`` of the
+  YAML, and ``changed``.
+- ``GET /api/v1/resources/{kind}[?namespace=]``: ``{"kind": "List", "items": [...]}``.
+- ``GET|DELETE /api/v1/resources/{kind}/{namespace}/{name}``: one resource (404 when missing);
+  ``_`` is the namespace of cluster-scoped kinds (Mesh). A delete that would leave dangling
+  references is refused (400) naming them; ``POST /api/v1/delete`` ``{"keys": [...]}`` deletes
+  several together (so a whole file can go at once).
+- ``GET /api/v1/watch[?kind=][&since=REV]``: newline-delimited JSON events
+  ``{"type", "revision", "resource"}``, streaming; ``{"type": "BOOKMARK"}`` lines keep idle
+  streams alive.
+- ``GET /api/v1/proxies``: the proxies connected to this replica.
+- ``GET /healthz``: no token needed.
+
+Request bodies are bounded (:data:`MAX_BODY`, 413 beyond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from ubimesh.control.client import FILES_TYPE, NO_NAMESPACE
+from ubimesh.control.resources import (
+    KINDS,
+    Key,
+    Resource,
+    ResourceErrors,
+    parse_documents,
+    resolve_kind,
+    validate_set,
+)
+from ubimesh.control.resources.errors import MISSING
+from ubimesh.control.store import ConflictError, Store, WatchEvent
+
+log = logging.getLogger("ubimesh.control.api")
+
+MAX_BODY = 8 * 1024 * 1024
+#: How long an idle watch stream waits before sending a BOOKMARK line.
+WATCH_BOOKMARK_S = 15.0
+#: Events buffered per watch stream between the store and a slow client.
+WATCH_QUEUE = 256
+
+ProxyLister = Callable[[], Sequence[dict[str, Any]]]
+
+STORE_KEY: web.AppKey[Store] = web.AppKey("store", Store)
+TOKEN_KEY = web.AppKey("token", bytes)
+PROXIES_KEY = web.AppKey("proxies", object)
+LOCK_KEY = web.AppKey("lock", asyncio.Lock)
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, a one-line ``error`` and a list of ``details``."""
+
+    def __init__(self, status: int, error: str, details: Sequence[Any] = ()) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.details = list(details)
+
+
+def error_details(errors: ResourceErrors) -> list[dict[str, Any]]:
+    """The validator's errors as JSON objects (every field the contract names)."""
+    out: list[dict[str, Any]] = []
+    for err in errors.errors:
+        key = getattr(err, "key", None)
+        out.append(
+            {
+                "message": str(err),
+                "source": getattr(err, "source", "") or "",
+                "resource": str(key) if key is not None else "",
+                "field": getattr(err, "path", "") or "",
+                "value": _jsonable(getattr(err, "value", None)),
+                "expected": _jsonable(getattr(err, "expected", None)),
+            }
+        )
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if value is MISSING:
+        return None
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=str))
+
+
+def _error(status: int, error: str, details: Sequence[Any] = ()) -> web.Response:
+    return _json({"error": error, "details": list(details)}, status)
+
+
+def _kind(text: str) -> str:
+    try:
+        return resolve_kind(text)
+    except ValueError as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+def _key(kind_text: str, namespace: str, name: str) -> Key:
+    kind = _kind(kind_text)
+    if not KINDS[kind].namespaced or namespace == NO_NAMESPACE:
+        namespace = ""
+    return Key(kind, namespace, name)
+
+
+def _key_dict(key: Key) -> dict[str, str]:
+    return {"kind": key.kind, "namespace": key.namespace, "name": key.name}
+
+
+def _summary(resource: Resource) -> dict[str, str]:
+    return {"kind": resource.kind, "namespace": resource.namespace, "name": resource.name}
+
+
+def _yaml(resource: Resource | None) -> str:
+    if resource is None:
+        return ""
+    return yaml.safe_dump(resource.with_version("").to_dict(), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What applying ``resource`` does to the store."""
+
+    resource: Resource
+    current: Resource | None
+    action: str  # "created" | "updated" | "unchanged"
+
+    def result(self, version: str) -> dict[str, Any]:
+        return {**_summary(self.resource), "action": self.action, "resourceVersion": version}
+
+    def diff(self) -> str:
+        name = f"{self.resource.key}"
+        return "".join(
+            difflib.unified_diff(
+                _yaml(self.current).splitlines(keepends=True),
+                _yaml(self.resource).splitlines(keepends=True),
+                fromfile=f"{name} (stored)" if self.current else "/dev/null",
+                tofile=f"{name} (applied)",
+            )
+        )
+
+
+def _error_strings(resources: Iterable[Resource]) -> set[str]:
+    try:
+        validate_set(list(resources))
+    except ResourceErrors as exc:
+        return {str(e) for e in exc.errors}
+    return set()
+
+
+async def check_change(
+    store: Store, upserts: Sequence[Resource], deletes: Sequence[Key] = ()
+) -> None:
+    """Refuse (ResourceErrors) a change for the cross-reference errors it would introduce.
+
+    Errors the store already had are not this change's fault and do not block it.
+    """
+    stored = {r.key: r for r in await store.list()}
+    merged = dict(stored)
+    for key in deletes:
+        merged.pop(key, None)
+    for resource in upserts:
+        merged[resource.key] = resource
+    try:
+        validate_set(list(merged.values()))
+    except ResourceErrors as exc:
+        before = _error_strings(stored.values())
+        new = [e for e in exc.errors if str(e) not in before]
+        if new:
+            raise ResourceErrors(new) from None
+
+
+async def plan(store: Store, resources: Sequence[Resource]) -> list[Change]:
+    """Validate ``resources`` against the store and say what applying them changes.
+
+    Raises ResourceErrors (validation) or ConflictError (a resourceVersion that does not
+    match what is stored).
+    """
+    await check_change(store, resources)
+    changes: list[Change] = []
+    for resource in resources:
+        current = await store.get(resource.key)
+        expected = resource.resource_version
+        if expected and (current is None or current.resource_version != expected):
+            raise ConflictError(
+                resource.key, expected, None if current is None else current.resource_version
+            )
+        if current is None:
+            action = "created"
+        elif current.same_content(resource):
+            action = "unchanged"
+        else:
+            action = "updated"
+        changes.append(Change(resource, current, action))
+    return changes
+
+
+async def _documents(request: web.Request) -> list[Resource]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError(413, f"request body is {request.content_length} bytes; at most {MAX_BODY}")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body is larger than {MAX_BODY} bytes") from None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"request body is not UTF-8: {exc}") from None
+    source = request.query.get("source", "request")
+    if request.content_type == FILES_TYPE:
+        resources = _files(text)
+    else:
+        resources = parse_documents(text, source)
+    if not resources:
+        raise ApiError(400, f"{source}: no resources in the request body")
+    return resources
+
+
+def _files(text: str) -> list[Resource]:
+    """A FILES_TYPE body: every file parsed with its own name as the source (for errors)."""
+    try:
+        files = [(str(f["name"]), str(f["text"])) for f in json.loads(text)["files"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ApiError(
+            400, f'body: expected {{"files": [{{"name": str, "text": str}}, ...]}} ({exc})'
+        ) from None
+    resources: list[Resource] = []
+    errors = []
+    for name, file_text in files:
+        try:
+            resources.extend(parse_documents(file_text, name))
+        except ResourceErrors as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ResourceErrors(errors)
+    return resources
+
+
+def _dry_run(request: web.Request) -> bool:
+    value = request.query.get("dryRun", "false").lower()
+    if value not in ("true", "false", "1", "0", ""):
+        raise ApiError(400, f"dryRun: {value!r} is not a boolean; expected true or false")
+    return value in ("true", "1")
+
+
+async def apply_handler(request: web.Request) -> web.Response:
+    store = request.app[STORE_KEY]
+    dry_run = _dry_run(request)
+    resources = await _documents(request)
+    async with request.app[LOCK_KEY]:
+        changes = await plan(store, resources)
+        results = []
+        for change in changes:
+            if dry_run or change.action == "unchanged":
+                version = change.current.resource_version if change.current else ""
+            else:
+                expected = change.resource.resource_version or None
+                stored = await store.apply(
+                    change.resource.with_version(""), expected_version=expected
+                )
+                version = stored.resource_version
+                log.info("%s %s", change.action, change.resource.key)
+            results.append(change.result(version))
+    return _json({"dryRun": dry_run, "results": results})
+
+
+async def diff_handler(request: web.Request) -> web.Response:
+    resources = await _documents(request)
+    changes = await plan(request.app[STORE_KEY], resources)
+    results = [
+        {**change.result(change.current.resource_version if change.current else ""),
+         "diff": change.diff()}
+        for change in changes
+    ]
+    changed = any(c.action != "unchanged" for c in changes)
+    return _json({"changed": changed, "results": results})
+
+
+async def list_handler(request: web.Request) -> web.Response:
+    kind = _kind(request.match_info["kind"])
+    namespace = request.query.get("namespace") or None
+    if not KINDS[kind].namespaced:
+        namespace = None
+    items = await request.app[STORE_KEY].list(kind, namespace)
+    items.sort(key=lambda r: (r.namespace, r.name))
+    return _json({"kind": "List", "items": [r.to_dict() for r in items]})
+
+
+async def get_handler(request: web.Request) -> web.Response:
+    info = request.match_info
+    key = _key(info["kind"], info["namespace"], info["name"])
+    resource = await request.app[STORE_KEY].get(key)
+    if resource is None:
+        raise ApiError(404, f"{key} not found")
+    return _json(resource.to_dict())
+
+
+async def delete_keys(app: web.Application, keys: Sequence[Key], version: str | None) -> list[Key]:
+    """Delete ``keys`` together (after checking the rest stays consistent); the deleted ones."""
+    store = app[STORE_KEY]
+    async with app[LOCK_KEY]:
+        await check_change(store, (), keys)
+        deleted = []
+        for key in keys:
+            if await store.delete(key, expected_version=version):
+                log.info("deleted %s", key)
+                deleted.append(key)
+    return deleted
+
+
+async def delete_handler(request: web.Request) -> web.Response:
+    info = request.match_info
+    key = _key(info["kind"], info["namespace"], info["name"])
+    version = request.query.get("resourceVersion") or None
+    if not await delete_keys(request.app, [key], version):
+        raise ApiError(404, f"{key} not found")
+    return _json({"deleted": [_key_dict(key)]})
+
+
+async def delete_many_handler(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+        keys = [
+            _key(str(k["kind"]), str(k.get("namespace") or NO_NAMESPACE), str(k["name"]))
+            for k in body["keys"]
+        ]
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body is larger than {MAX_BODY} bytes") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ApiError(
+            400, f'body: expected {{"keys": [{{"kind", "namespace", "name"}}, ...]}} ({exc})'
+        ) from None
+    deleted = await delete_keys(request.app, keys, None)
+    missing = [str(k) for k in keys if k not in deleted]
+    return _json(
+        {
+            "deleted": [_key_dict(k) for k in deleted],
+            "missing": missing,
+        }
+    )
+
+
+async def _pump(
+    events: AsyncIterator[WatchEvent], queue: asyncio.Queue[WatchEvent | str]
+) -> None:
+    # A separate task reads the store's watch: cancelling a wait on the iterator itself would
+    # close it, and the handler must be able to wake up for bookmarks. A failure (the store
+    # closed, history compacted) is passed on as a string and ends the stream.
+    try:
+        async for event in events:
+            await queue.put(event)
+        await queue.put("the store closed the watch")
+    except Exception as exc:
+        await queue.put(f"watch failed: {exc}")
+
+
+async def watch_handler(request: web.Request) -> web.StreamResponse:
+    kind_text = request.query.get("kind")
+    kind = _kind(kind_text) if kind_text else None
+    since_text = request.query.get("since")
+    try:
+        since = int(since_text) if since_text else None
+    except ValueError:
+        raise ApiError(
+            400, f"since: {since_text!r} is not a revision; expected an integer"
+        ) from None
+    store = request.app[STORE_KEY]
+    queue: asyncio.Queue[WatchEvent | str] = asyncio.Queue(WATCH_QUEUE)
+    loop = asyncio.get_running_loop()
+    pump = loop.create_task(_pump(store.watch(kind=kind, since=since), queue))
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), WATCH_BOOKMARK_S)
+            except TimeoutError:
+                line: dict[str, Any] = {"type": "BOOKMARK", "revision": await store.revision()}
+            else:
+                if isinstance(item, str):
+                    await response.write(json.dumps({"type": "ERROR", "error": item}).encode()
+                                         + b"\n")
+                    break
+                line = {
+                    "type": item.type,
+                    "revision": item.revision,
+                    "resource": item.resource.to_dict(),
+                }
+            await response.write(json.dumps(line).encode() + b"\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pump
+    return response
+
+
+async def proxies_handler(request: web.Request) -> web.Response:
+    lister = request.app[PROXIES_KEY]
+    items = list(lister()) if callable(lister) else []
+    return _json({"items": items})
+
+
+async def healthz_handler(request: web.Request) -> web.Response:
+    return _json({"status": "ok", "revision": await request.app[STORE_KEY].revision()})
+
+
+@web.middleware
+async def _middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            presented.strip().encode(), request.app[TOKEN_KEY]
+        ):
+            return _error(401, "missing or wrong admin token (Authorization: Bearer <token>)")
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _error(exc.status, exc.error, exc.details)
+    except ResourceErrors as exc:
+        return _error(400, f"{len(exc.errors)} validation error(s)", error_details(exc))
+    except ConflictError as exc:
+        return _error(409, str(exc))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return _error(exc.status, exc.reason)
+        raise
+
+
+def make_app(store: Store, *, token: str, proxies: ProxyLister | None = None) -> web.Application:
+    """The API application over ``store``; ``proxies`` lists connected proxies."""
+    if not token:
+        raise ValueError("token: the admin token must not be empty")
+    app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
+    app[STORE_KEY] = store
+    app[TOKEN_KEY] = token.encode()
+    app[PROXIES_KEY] = proxies if proxies is not None else (lambda: [])
+    app[LOCK_KEY] = asyncio.Lock()
+    app.router.add_get("/healthz", healthz_handler)
+    app.router.add_post("/api/v1/apply", apply_handler)
+    app.router.add_post("/api/v1/diff", diff_handler)
+    app.router.add_post("/api/v1/delete", delete_many_handler)
+    app.router.add_get("/api/v1/resources/{kind}", list_handler)
+    app.router.add_get("/api/v1/resources/{kind}/{namespace}/{name}", get_handler)
+    app.router.add_delete("/api/v1/resources/{kind}/{namespace}/{name}", delete_handler)
+    app.router.add_get("/api/v1/watch", watch_handler)
+    app.router.add_get("/api/v1/proxies", proxies_handler)
+    return app

@@ -1,0 +1,132 @@
+"""Envoy v3 bootstraps for proxies that take their configuration from the control plane.
+
+One bootstrap serves a ubimesh proxy and an Envoy alike (docs/control-plane.md, section 5): the
+node (id, cluster, metadata ``ubimesh.role`` and, for a proxy that registers its own workload,
+``ubimesh.workload``), the admin interface, and ADS over one static cluster ``ubimesh-xds``
+that reaches the control plane's xDS address(es) over HTTP/2. Listeners and clusters then come
+over ADS. Pure functions: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: The static cluster the ADS stream uses.
+XDS_CLUSTER = "ubimesh-xds"
+ROLES = ("sidecar", "gateway")
+_HTTP_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HTTP_OPTIONS_TYPE = "type.googleapis.com/" + _HTTP_OPTIONS_KEY
+
+
+def parse_address(text: str, *, what: str = "address") -> tuple[str, int]:
+    """``"127.0.0.1:15010"`` -> ``("127.0.0.1", 15010)``; ``[::1]:15010`` for IPv6.
+
+    Raises ValueError naming ``what``, the value and the expected form.
+    """
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{what}: {text!r} is not HOST:PORT; expected e.g. 127.0.0.1:15010")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(
+            f"{what}: {text!r} has no numeric port; expected e.g. 127.0.0.1:15010"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what}: port {port} in {text!r} is out of range; expected 0..65535")
+    return host, port
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def build_bootstrap(
+    *,
+    node_id: str,
+    xds: Sequence[tuple[str, int]],
+    role: str = "sidecar",
+    cluster: str = "",
+    admin_port: int | None = None,
+    admin_address: str = "127.0.0.1",
+    workload: Mapping[str, Any] | None = None,
+    connect_timeout: str = "1s",
+) -> dict[str, Any]:
+    """A bootstrap dict (Envoy v3 JSON form) for the proxy ``node_id``.
+
+    ``node_id`` is ``<workload>.<namespace>`` for a sidecar and ``<gateway>.<namespace>`` for a
+    gateway; ``xds`` lists the control plane replicas (IP, port); ``workload`` is a Workload
+    spec the control plane registers while this proxy is connected; ``admin_port`` None means
+    no admin interface. Raises ValueError on a bad argument, naming it.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role: {role!r} is not a proxy role; expected one of: {', '.join(ROLES)}")
+    if "." not in node_id.strip(".") or node_id.startswith(".") or node_id.endswith("."):
+        raise ValueError(
+            f"node id: {node_id!r} is not NAME.NAMESPACE; expected e.g. web-dc.default"
+        )
+    if not xds:
+        raise ValueError("xds: at least one control plane address is needed (HOST:PORT)")
+    for host, port in xds:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f"xds: {host!r} is not an IP address; expected the control plane's IP "
+                "(the xDS cluster is STATIC)"
+            ) from None
+        if not 0 < port <= 65535:
+            raise ValueError(f"xds: port {port} of {host} is out of range; expected 1..65535")
+    if workload is not None and role != "sidecar":
+        raise ValueError("workload: only a sidecar registers a workload")
+    metadata: dict[str, Any] = {"ubimesh.role": role}
+    if workload is not None:
+        metadata["ubimesh.workload"] = dict(workload)
+    bootstrap: dict[str, Any] = {
+        "node": {
+            "id": node_id,
+            "cluster": cluster or node_id.rsplit(".", 1)[0],
+            "metadata": metadata,
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+            },
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": XDS_CLUSTER,
+                    "type": "STATIC",
+                    "connect_timeout": connect_timeout,
+                    "typed_extension_protocol_options": {
+                        _HTTP_OPTIONS_KEY: {
+                            "@type": _HTTP_OPTIONS_TYPE,
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": XDS_CLUSTER,
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {"endpoint": {"address": _socket_address(host, port)}}
+                                    for host, port in xds
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ]
+        },
+    }
+    if admin_port is not None:
+        bootstrap["admin"] = {"address": _socket_address(admin_address, admin_port)}
+    return bootstrap

@@ -1,0 +1,293 @@
+"""``ubimesh control``: the store, the API, the compiler, the ADS server and the registry.
+
+One replica is stateless apart from its store: it watches the store, recompiles everything
+(``compile_all``, debounced, one compilation at a time in one task) and hands each proxy its
+new XdsSet, so a change to one resource reaches every connected proxy. Several replicas may
+share one etcd store; each watches and compiles on its own.
+
+After binding, the replica writes ``<data dir>/control.json`` (``api``, ``xds``, ``pid``,
+``replica``): ports given as 0 are resolved there, which is how tests and ``ubimesh up`` find
+a replica they started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ubimesh.control.ads import AdsServer, NodeInfo, SnapshotCache
+from ubimesh.control.api import make_app
+from ubimesh.control.compiler import XdsSet, compile_all, compile_proxy, empty_set, proxy_ref
+from ubimesh.control.registry import DEFAULT_GRACE_S, Registry
+from ubimesh.control.resources import Resource
+from ubimesh.control.store import Store, open_store
+
+log = logging.getLogger("ubimesh.control")
+
+ADDRESSES_FILE = "control.json"
+TOKEN_FILE = "admin-token"
+DEFAULT_API = "127.0.0.1:15000"
+DEFAULT_XDS = "127.0.0.1:15010"
+#: Changes closer together than this are compiled once.
+DEBOUNCE_S = 0.05
+#: Watch events buffered between the store and the compile task (beyond: the pump waits).
+EVENT_QUEUE = 1024
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "ubimesh"
+
+
+@dataclass(frozen=True)
+class ControlOptions:
+    data_dir: Path
+    store_url: str = ""  # "" = sqlite:///<data_dir>/ubimesh.db
+    api_address: tuple[str, int] = ("127.0.0.1", 15000)
+    xds_address: tuple[str, int] = ("127.0.0.1", 15010)
+    token_file: Path | None = None
+    grace: float = DEFAULT_GRACE_S
+    debounce: float = DEBOUNCE_S
+    #: Print the generated admin token (once, when it is created).
+    announce: bool = True
+
+
+def load_or_create_token(data_dir: Path, token_file: Path | None) -> tuple[str, bool]:
+    """The admin token, and whether it was just created (then it is shown once).
+
+    ``token_file`` given: read from it (it must exist and not be empty). Otherwise
+    ``<data dir>/admin-token``, created mode 0600 with a random token at first start.
+    """
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"--token-file: cannot read {token_file}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"--token-file: {token_file} is empty; expected the admin token")
+        return token, False
+    path = data_dir / TOKEN_FILE
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token, False
+        path.unlink()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token, True
+
+
+class ControlPlane:
+    """One replica. ``await start()`` binds everything; ``await stop()`` undoes it."""
+
+    def __init__(self, options: ControlOptions) -> None:
+        self.options = options
+        self.cache = SnapshotCache()
+        self.store: Store | None = None
+        self.registry: Registry | None = None
+        self.ads: AdsServer | None = None
+        self.runner: web.AppRunner | None = None
+        self.api_url = ""
+        self.xds_address = ("", 0)
+        self.token = ""
+        self.token_created = False
+        self.compiles = 0
+        self.last_error = ""
+        self._connected: dict[str, NodeInfo] = {}
+        self._compiled: set[str] = set()
+        self._resources: list[Resource] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        opts = self.options
+        opts.data_dir.mkdir(parents=True, exist_ok=True)
+        self.token, self.token_created = load_or_create_token(opts.data_dir, opts.token_file)
+        store_url = opts.store_url or f"sqlite:///{opts.data_dir / 'ubimesh.db'}"
+        self.store = store = open_store(store_url)
+        self.registry = Registry(store, grace=opts.grace)
+        revision = await store.revision()
+        await self._compile()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[None] = asyncio.Queue(EVENT_QUEUE)
+        self._tasks.append(loop.create_task(self._pump(store, revision, events), name="watch"))
+        self._tasks.append(loop.create_task(self._compile_loop(events), name="compile"))
+        self.ads = AdsServer(self.cache, on_connect=self._on_connect,
+                             on_disconnect=self._on_disconnect)
+        xds_port = await self.ads.start(*opts.xds_address)
+        self.xds_address = (opts.xds_address[0], xds_port)
+        app = make_app(store, token=self.token, proxies=self.registry.proxies)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, *opts.api_address)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.api_url = f"http://{_url_host(host)}:{port}"
+        self._write_addresses(store_url)
+
+    def _write_addresses(self, store_url: str) -> None:
+        data = {
+            "api": self.api_url,
+            "xds": f"{self.xds_address[0]}:{self.xds_address[1]}",
+            "pid": os.getpid(),
+            "replica": self.registry.replica if self.registry else "",
+            "store": store_url,
+        }
+        path = self.options.data_dir / ADDRESSES_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a file
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.ads is not None:
+            await self.ads.stop(1.0)
+        if self.registry is not None:
+            await self.registry.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.store is not None:
+            await self.store.close()
+        with contextlib.suppress(OSError):
+            (self.options.data_dir / ADDRESSES_FILE).unlink()
+
+    async def _pump(self, store: Store, revision: int, events: asyncio.Queue[None]) -> None:
+        """Turn store events into wake-ups of the compile task; watch again if the watch ends.
+
+        After a failure (history compacted, fell behind) the watch restarts from the current
+        revision and a compile is forced: compiling lists everything, so nothing is missed.
+        """
+        since = revision
+        while True:
+            try:
+                async for event in store.watch(since=since):
+                    since = event.revision
+                    if events.empty():  # one pending wake-up is enough
+                        events.put_nowait(None)
+                log.warning("the store ended the watch; watching again in 1 s")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("store watch failed (%s); watching again in 1 s", exc)
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                since = await store.revision()
+            if events.empty():
+                events.put_nowait(None)
+
+    async def _compile_loop(self, events: asyncio.Queue[None]) -> None:
+        while True:
+            await events.get()
+            await asyncio.sleep(self.options.debounce)
+            while not events.empty():
+                events.get_nowait()
+            await self._compile()
+
+    async def _compile(self) -> None:
+        """Compile every proxy from the store's content and update the cache.
+
+        A failure keeps the last good snapshots serving and is logged (the store was
+        validated on the way in, so this is a compiler bug or a partial registration).
+        """
+        assert self.store is not None
+        started = time.monotonic()
+        try:
+            resources = await self.store.list()
+            loop = asyncio.get_running_loop()
+            # A pure CPU job: off the loop so the API and ADS streams stay responsive.
+            compiled = await loop.run_in_executor(None, compile_all, resources)
+            for node_id, info in self._connected.items():
+                if node_id not in compiled:
+                    compiled[node_id] = await loop.run_in_executor(
+                        None, compile_proxy, resources, proxy_ref(node_id, info.metadata)
+                    )
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("compiling the mesh failed; the last good configuration stays")
+            return
+        self._resources = resources
+        for node_id, xds in compiled.items():
+            self._set(node_id, xds)
+        for gone in self._compiled - set(compiled):
+            # A proxy the resources no longer name: an empty set removes its listeners.
+            self._set(gone, empty_set())
+        self._compiled = set(compiled)
+        self.compiles += 1
+        self.last_error = ""
+        log.debug("compiled %d proxies from %d resources in %.1f ms", len(compiled),
+                  len(resources), (time.monotonic() - started) * 1000)
+
+    def _set(self, node_id: str, xds: XdsSet) -> None:
+        try:
+            self.cache.set(node_id, xds)
+        except (TypeError, ValueError) as exc:
+            log.error("proxy %s: snapshot refused by the ADS cache: %s", node_id, exc)
+
+    async def _on_connect(self, info: NodeInfo) -> None:
+        self._connected[info.id] = info
+        if self.registry is not None:
+            await self.registry.on_connect(info)
+        if self.cache.get(info.id) is None:
+            # Not named by the resources (yet): compile it alone so it gets what applies.
+            try:
+                xds = compile_proxy(self._resources, proxy_ref(info.id, info.metadata))
+            except Exception as exc:
+                log.warning("proxy %s: cannot compile its configuration: %s", info.id, exc)
+                return
+            self._set(info.id, xds)
+
+    async def _on_disconnect(self, info: NodeInfo) -> None:
+        if self.registry is not None:
+            await self.registry.on_disconnect(info)
+            still = any(p["id"] == info.id for p in self.registry.proxies())
+        else:
+            still = False
+        if not still:
+            self._connected.pop(info.id, None)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve(options: ControlOptions, *, out: Any = None) -> int:
+    """Run a replica until SIGINT or SIGTERM. Returns the exit code."""
+    out = out if out is not None else sys.stdout
+    plane = ControlPlane(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await plane.start()
+    except BaseException:
+        await plane.stop()
+        raise
+    print(f"ubimesh control: API {plane.api_url}  xDS {plane.xds_address[0]}:"
+          f"{plane.xds_address[1]}  data {options.data_dir}", file=out, flush=True)
+    if plane.token_created:
+        print(f"admin token (shown once; kept in {options.data_dir / TOKEN_FILE}): "
+              f"{plane.token}", file=out, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await plane.stop()
+    return 0

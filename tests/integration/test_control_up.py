@@ -1,0 +1,153 @@
+"""``ubimesh up`` end to end: a gateway, two sidecar'd apps, a live change, a clean stop."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from tests.support.procs import free_ports
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "examples" / "mesh" / "app.py"
+
+MESH = """\
+apiVersion: ubimesh.io/v1alpha1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  address: 127.0.0.1
+  adminPort: %(gw_admin)d
+  listeners: [{name: web, port: %(gw)d, protocol: HTTP}]
+---
+apiVersion: ubimesh.io/v1alpha1
+kind: Service
+metadata: {name: web}
+spec:
+  ports: [{name: http, port: 80, protocol: http}]
+---
+apiVersion: ubimesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-dc}
+spec:
+  service: web
+  address: 127.0.0.1
+  site: dc
+  ports: {http: %(app1)d}
+  sidecar: {inboundPorts: {http: %(in1)d}, adminPort: %(admin1)d}
+  command: [python, %(app)s]
+---
+apiVersion: ubimesh.io/v1alpha1
+kind: Workload
+metadata: {name: web-cloud}
+spec:
+  service: web
+  address: 127.0.0.1
+  site: cloud
+  ports: {http: %(app2)d}
+  sidecar: {inboundPorts: {http: %(in2)d}, adminPort: %(admin2)d}
+  command: [python, %(app)s]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: edge}
+spec:
+  parentRefs: [{name: edge}]
+  rules:
+    - backendRefs: [{name: web, port: 80}]
+%(filters)s"""
+
+HEADER_FILTER = """\
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-change, value: applied}]}
+"""
+
+
+def get(port: int, path: str = "/") -> tuple[int, dict[str, object]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, json.loads(body) if response.status == 200 else {}
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_up_serves_applies_live_and_stops(tmp_path: Path) -> None:
+    ports = dict(zip(["gw", "gw_admin", "app1", "in1", "admin1", "app2", "in2", "admin2", "api",
+                      "xds"], free_ports(10), strict=True))
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(MESH % {**ports, "app": APP, "filters": ""})
+    data = tmp_path / "data"
+    out = open(tmp_path / "up.out", "wb")  # noqa: SIM115 - closed below
+    up = subprocess.Popen(
+        [sys.executable, "-m", "ubimesh.cli.main", "up", "-f", str(mesh), "--data-dir", str(data),
+         "--api-address", f"127.0.0.1:{ports['api']}", "--xds-address",
+         f"127.0.0.1:{ports['xds']}", "--ready-timeout", "40"],
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 45
+        while b"the mesh is ready" not in (tmp_path / "up.out").read_bytes():
+            assert up.poll() is None, (tmp_path / "up.out").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "up.out").read_text()
+            time.sleep(0.1)
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 5  # control, 3 proxies, 2 apps (and their workers)
+
+        sites = set()
+        for _ in range(20):
+            status, body = get(ports["gw"])
+            assert status == 200, body
+            sites.add(body["site"])
+        assert sites == {"dc", "cloud"}
+
+        # A change applied while requests flow: none fails, and the new route shows.
+        changed = tmp_path / "changed.yaml"
+        changed.write_text(MESH % {**ports, "app": APP, "filters": HEADER_FILTER})
+        env = dict(os.environ, UBIMESH_SERVER=f"http://127.0.0.1:{ports['api']}",
+                   UBIMESH_TOKEN_FILE=str(data / "admin-token"))
+        applier = subprocess.Popen(
+            [sys.executable, "-m", "ubimesh.cli.main", "apply", "-f", str(changed)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        failures, seen_change = [], False
+        loop_deadline = time.monotonic() + 20
+        for _ in range(2000):
+            status, body = get(ports["gw"])
+            if status != 200:
+                failures.append(status)
+            elif body["headers"].get("x-change") == "applied":  # type: ignore[union-attr]
+                seen_change = True
+                if applier.poll() is not None:
+                    break
+            if time.monotonic() > loop_deadline:
+                break
+        applied = applier.communicate(timeout=30)[0].decode()
+        assert applier.returncode == 0, applied
+        assert "httproute/edge -n default updated" in applied
+        assert failures == []
+        assert seen_change
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(30)
+        finally:
+            if up.poll() is None:
+                up.kill()
+            out.close()
+    assert code == 0, (tmp_path / "up.out").read_text()
+    assert "ubimesh up: stopped" in (tmp_path / "up.out").read_text()
+    _gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], f"children left running: {alive}"
