@@ -693,3 +693,34 @@ def test_a_stream_may_not_subscribe_to_unbounded_types() -> None:
             await client.close()
 
     run(body)
+
+
+def test_requests_sent_back_to_back_are_all_answered() -> None:
+    """A client that queues its CDS and LDS requests before the stream starts (as the ubimesh
+    proxy and Envoy do) gets both answered: the second must not wait for a later wake-up."""
+
+    async def body() -> None:
+        cache = SnapshotCache()
+        cache.set("n1.default", full_set())
+        async with serving(cache) as (_server, port):
+            node = base_pb2.Node(id="n1.default", cluster="c")
+            done = asyncio.Event()
+
+            async def requests() -> AsyncIterator[Any]:
+                yield discovery_pb2.DiscoveryRequest(node=node, type_url=CDS)
+                yield discovery_pb2.DiscoveryRequest(type_url=LDS)
+                await done.wait()
+
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+                call = stub.StreamAggregatedResources(requests())
+                got = set()
+                for _ in range(2):
+                    resp = await asyncio.wait_for(call.read(), STEP)
+                    got.add(resp.type_url)
+                assert got == {CDS, LDS}
+                done.set()
+                call.cancel()
+
+    for _ in range(5):
+        run(body)

@@ -226,7 +226,11 @@ class AdsServer:
             while True:
                 if self._closing:
                     return
-                await wake.wait()
+                # Requests may already be queued with the event cleared: a client that sends
+                # its CDS and LDS requests back to back has both read before the first one
+                # was taken (``_first_request`` clears the event). Wait only when idle.
+                if inbox.queue.empty() and not inbox.ended:
+                    await wake.wait()
                 wake.clear()
                 while not inbox.queue.empty():
                     await self._handle(state, inbox.queue.get_nowait(), node, context)
