@@ -160,3 +160,15 @@ def test_upstream_closing_mid_body_resets_the_downstream(
     )
     assert len(body) == ScriptedUpstream.TRUNCATE_SENT, len(body)
     assert elapsed < 3.0, f"the downstream connection ended only after {elapsed:.1f} s"
+
+
+def test_trailing_whitespace_of_a_padded_response_header_value_is_dropped(
+    proxy: Any, connect: Any
+) -> None:
+    """RFC 9110 5.5, and Envoy: OWS around a field value is not part of it (raw bytes: the
+    test client's parser would strip it on its own)."""
+    conn = connect(proxy.port())
+    conn.send(build_request("GET", "/padded", [HOST]))
+    head = conn.read_head(timeout=5)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"\r\nx-padded: value\r\n" in head, head

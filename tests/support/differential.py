@@ -769,3 +769,40 @@ def describe_difference(
         lines.append("    unified diff of the whole observation:")
         lines.extend("      " + x for x in diff)
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Case lists without a bootstrap (the control-plane differential: routes come over ADS)
+
+
+def load_request_cases(path: Path) -> list[Case]:
+    """The cases of a file holding only ``doc``, ``defaults`` and ``cases`` (the same request
+    format as a suite's), for proxies configured some other way than by a bootstrap template.
+
+    The cases belong to a Suite with an empty bootstrap named after the file; requests name
+    their listener (``main`` by default), which the caller's RunningProxy must have as
+    ``LISTENER:<name>``.  Raises ValueError naming the file and case on a malformed entry.
+    """
+    data = yaml.safe_load(path.read_text())
+    where = path.name
+    unknown = set(data) - {"doc", "defaults", "cases"}
+    if unknown:
+        raise ValueError(f"{where}: unknown top-level keys {sorted(unknown)}; expected doc, "
+                         "defaults, cases (a request list has no bootstrap)")
+    suite = Suite(
+        name=path.stem, path=path, doc=str(data.get("doc", "")).strip(), bootstrap={},
+        echo_clusters={},
+    )
+    defaults = data.get("defaults") or {}
+    seen: set[str] = set()
+    for raw_case in data["cases"]:
+        name = raw_case["name"]
+        if name in seen:
+            raise ValueError(f"{where}: duplicate case {name}")
+        seen.add(name)
+        requests = [
+            _request_spec(r, defaults, f"{where}:{name}[{i}]")
+            for i, r in enumerate(raw_case["requests"])
+        ]
+        suite.cases.append(Case(suite, name, str(raw_case.get("doc", "")).strip(), requests))
+    return suite.cases

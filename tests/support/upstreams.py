@@ -436,6 +436,7 @@ class ScriptedUpstream(ThreadedUpstream):
 
     * ``/delay/MS``: answers 200 ``delayed MS`` after MS milliseconds;
     * ``/truncate``: announces content-length 100000, sends 1000 bytes, closes;
+    * ``/padded``: 200 with the header ``x-padded`` whose value has trailing spaces and tabs;
     * ``/ws``: with ``Upgrade: websocket``, answers 101 (with Sec-WebSocket-Accept) and
       :data:`WS_GREETING` in the same write, then echoes every byte it receives until the peer
       closes; ``/ws-quiet`` does the same without the greeting;
@@ -467,6 +468,11 @@ class ScriptedUpstream(ThreadedUpstream):
                         [("content-type", "text/plain"), ("content-length", str(len(body)))],
                     )
                     + body
+                )
+                continue
+            if req.target == "/padded":
+                conn.sock.sendall(
+                    b"HTTP/1.1 200 OK\r\nx-padded: value \t \r\ncontent-length: 0\r\n\r\n"
                 )
                 continue
             if req.target == "/truncate":

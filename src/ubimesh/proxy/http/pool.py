@@ -165,7 +165,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._headers_done:
             key = name.decode("latin-1").lower()
-            self._headers.append((key, value.decode("latin-1")))
+            # Surrounding whitespace is not part of a field value (RFC 9110 5.5); httptools
+            # drops the leading part only. Envoy's codec strips both.
+            self._headers.append((key, value.rstrip(b" \t").decode("latin-1")))
             kind = RESPONSE_HEADER_FLAGS.get(key)
             if kind is not None:
                 self._flags |= kind

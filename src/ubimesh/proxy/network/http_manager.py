@@ -539,7 +539,10 @@ class HttpConnection(asyncio.Protocol):
                 hcm.dropped_headers_with_underscores.value += 1
                 return
             self.underscore_reject = True
-        val = value.decode("latin-1")
+        # RFC 9110 5.5: a field value has no leading or trailing whitespace. llhttp drops the
+        # leading OWS but keeps the trailing; Envoy's codec drops both, so matches and
+        # forwarded values see "blue" for "x:  blue  ".
+        val = value.rstrip(b" \t").decode("latin-1")
         s.headers.items.append((key, val))
         kind = _FLAGS.get(key)
         if kind is not None:
