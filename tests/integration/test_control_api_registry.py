@@ -61,6 +61,9 @@ def test_joining_proxy_registers_its_workload(tmp_path: Path, plane: ControlRepl
             for w in plane.call("GET", "/api/v1/resources/workloads")["items"]))
         workload = plane.call("GET", "/api/v1/resources/workloads/default/joiner")
         assert workload["metadata"]["annotations"]["ubimesh.io/registered-by"] == "joiner.default"
+        # The two proxies connect independently: the gateway may come after the joiner.
+        wait_for("both proxies connected", lambda: {"edge.default", "joiner.default"} <= {
+            p["id"] for p in plane.call("GET", "/api/v1/proxies")["items"]})
         proxies = {p["id"]: p for p in plane.call("GET", "/api/v1/proxies")["items"]}
         assert proxies["joiner.default"]["registered"] == "Workload default/joiner"
         assert proxies["edge.default"]["role"] == "gateway"
