@@ -271,6 +271,54 @@ def test_sighup_serves_a_request_sent_on_a_connection_opened_before(
     )
 
 
+def _release_bootstrap(factory: Any, echo: EchoServerPool, release: str, clusters: int) -> Any:
+    """One listener whose route adds ``x-release``; ``clusters`` spare clusters besides echo."""
+    b = factory.bootstrap()
+    b.add_cluster("echo", [echo.port("echo")])
+    for i in range(clusters):
+        b.add_cluster(f"spare-{i}", [echo.port("echo")])
+    route = {
+        "match": {"prefix": "/"},
+        "route": {"cluster": "echo"},
+        "response_headers_to_add": [{"header": {"key": "x-release", "value": release}}],
+    }
+    b.add_listener("main", routes=[route])
+    return b
+
+
+@pytest.mark.ubimesh_only
+@pytest.mark.parametrize("change", ["routes", "clusters"])
+def test_a_reload_that_changes_routes_or_clusters_only_keeps_connections(
+    proxy_factory: Any, echo: EchoServerPool, connect: Any, change: str
+) -> None:
+    """Only a changed listener drains its connections. A reload that changes routes (what an
+    RDS update is) or clusters (CDS, EDS) keeps keep-alive connections open, and their next
+    request is routed by the new configuration, as Envoy does for RDS, CDS and EDS."""
+    proxy = proxy_factory.start(_release_bootstrap(proxy_factory, echo, "old", 0))
+    conn = connect(proxy.port())
+    first = conn.request("GET", "/before", [HOST])
+    assert first.status == 200 and _header(first, "x-release") == "old", first
+    new = "new" if change == "routes" else "old"
+    spare = 1 if change == "clusters" else 0
+    proxy.write_config(_release_bootstrap(proxy_factory, echo, new, spare))
+    proxy.send_signal(signal.SIGHUP)
+
+    def applied() -> bool:
+        if change == "clusters":
+            return b"spare-0" in proxy.admin("/clusters")[1]
+        return _header(_get(proxy.port(), "/probe"), "x-release") == "new"
+
+    deadline = time.monotonic() + 5
+    while not applied():
+        assert time.monotonic() < deadline, "the new config is not served 5 s after SIGHUP"
+        time.sleep(0.05)
+    for i in range(3):
+        resp = conn.request("GET", f"/after-{i}", [HOST], timeout=5)
+        assert resp.status == 200 and resp.error is None, resp
+        assert _header(resp, "x-release") == new, resp
+        assert _header(resp, "connection") != "close", f"drained by a {change} change: {resp}"
+
+
 @pytest.mark.ubimesh_only
 @pytest.mark.parametrize("breakage", ["yaml-syntax", "unknown-cluster"])
 def test_invalid_config_on_sighup_keeps_the_old_one(

@@ -10,6 +10,7 @@ bounded in size and time), selects the chain and hands the transport over.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from ubimesh.proxy.snapshot.types import (
     FilterChain,
     HttpConnectionManagerConfig,
     Listener,
+    RouteConfiguration,
     SocketAddress,
     TcpProxyConfig,
 )
@@ -57,6 +59,14 @@ class ChainRuntime:
             self.factory = lambda: TcpProxyProtocol(terminal, clusters, stats, buffer_limit)
         else:  # pragma: no cover - the translator only produces the two terminal kinds
             raise AssertionError(f"unsupported terminal filter {terminal!r}")
+
+    def take_routes(self, chain: FilterChain) -> None:
+        """Serve ``chain``, which differs from the current one in route configuration only."""
+        self.chain = chain
+        if self.hcm is not None:
+            terminal = chain.filters[-1]
+            assert isinstance(terminal, HttpConnectionManagerConfig)
+            self.hcm.take_routes(terminal)
 
     def drain(self, idle_grace: float = 0.0) -> None:
         if self.hcm is not None:
@@ -144,9 +154,7 @@ class ListenerRuntime:
             if spec.default_filter_chain is not None
             else None
         )
-        self._by_chain = {id(c.chain): c for c in self.chains}
-        if self.default_chain is not None:
-            self._by_chain[id(self.default_chain.chain)] = self.default_chain
+        self._index_chains()
         direct = (
             len(self.chains) == 1
             and not spec.needs_tls_inspector
@@ -158,6 +166,11 @@ class ListenerRuntime:
         self.protocol_factory: Callable[[], asyncio.Protocol] = (
             self.chains[0].factory if direct else (lambda: ChainSelector(self))
         )
+
+    def _index_chains(self) -> None:
+        self._by_chain = {id(c.chain): c for c in self.chains}
+        if self.default_chain is not None:
+            self._by_chain[id(self.default_chain.chain)] = self.default_chain
 
     def select(
         self, port: int, sni: str, transport_protocol: str, alpn: tuple[str, ...]
@@ -201,9 +214,26 @@ class ListenerRuntime:
         )
 
     def update(self, spec: Listener) -> None:
-        """Serve a new snapshot's version of this listener (same address). Connections made
-        under the old chains drain: they close after their current response."""
+        """Serve a new snapshot's version of this listener (same address).
+
+        - Nothing of the listener changed (an update of clusters or endpoints only): nothing
+          happens here; the cluster manager has already taken the change.
+        - Only route configurations changed (what an RDS update is): the chains stay and take
+          the new routes, so open connections route their next request with them, as Envoy
+          applies RDS without draining.
+        - Anything else: new chains serve new connections; connections made under the old
+          chains drain (they close after their current response).
+        """
+        if spec == self.spec:
+            return
         old = [*self.chains, *([self.default_chain] if self.default_chain else [])]
+        if _routes_only_differ(self.spec, spec):
+            default = [spec.default_filter_chain] if spec.default_filter_chain else []
+            for runtime, chain in zip(old, [*spec.filter_chains, *default], strict=True):
+                runtime.take_routes(chain)
+            self.spec = spec
+            self._index_chains()
+            return
         self.spec = spec
         self._build(spec)
         for c in old:
@@ -224,3 +254,32 @@ class ListenerRuntime:
             if c.hcm is not None:
                 n += len(c.hcm.connections)
         return n
+
+
+def _without_routes(chain: FilterChain | None) -> FilterChain | None:
+    if chain is None:
+        return None
+    terminal = chain.filters[-1]
+    if not isinstance(terminal, HttpConnectionManagerConfig):
+        return chain
+    bare = dataclasses.replace(terminal, route_config=_NO_ROUTES)
+    return dataclasses.replace(chain, filters=(*chain.filters[:-1], bare))
+
+
+def _routes_only_differ(old: Listener, new: Listener) -> bool:
+    """Whether ``new`` is ``old`` with other route configurations and nothing else changed."""
+    if len(old.filter_chains) != len(new.filter_chains) or (
+        (old.default_filter_chain is None) != (new.default_filter_chain is None)
+    ):
+        return False
+    if dataclasses.replace(old, filter_chains=(), default_filter_chain=None) != (
+        dataclasses.replace(new, filter_chains=(), default_filter_chain=None)
+    ):
+        return False
+    pairs = [*zip(old.filter_chains, new.filter_chains, strict=True),
+             (old.default_filter_chain, new.default_filter_chain)]
+    return all(_without_routes(a) == _without_routes(b) for a, b in pairs)
+
+
+#: Stands in for every route configuration when chains are compared without their routes.
+_NO_ROUTES = RouteConfiguration(name="", virtual_hosts=())

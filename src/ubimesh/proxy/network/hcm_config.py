@@ -31,6 +31,7 @@ from ubimesh.proxy.snapshot.types import (
     MirrorPolicy,
     Route,
     RouteAction,
+    RouteConfiguration,
     VirtualHost,
     WeightedClusterEntry,
 )
@@ -178,12 +179,7 @@ class HcmRuntime:
         self.loop = asyncio.get_running_loop()
         self.clusters = clusters
         self.stats = stats
-        rc = config.route_config
-        self.table = RouteTable(
-            rc,
-            ignore_port_in_host_matching=rc.ignore_port_in_host_matching,
-            most_specific_header_mutations_wins=rc.most_specific_header_mutations_wins,
-        )
+        self.table = _route_table(config.route_config)
         self.connections: set[HttpConnection] = set()
         self.router_factory = route_request
         self.max_header_bytes = config.max_request_headers_kb * 1024
@@ -238,6 +234,13 @@ class HcmRuntime:
         )
         self.by_class = [stats.counter(f"{p}downstream_rq_{c}xx") for c in range(6)]
         self.rq_time = stats.histogram(p + "downstream_rq_time")
+
+    def take_routes(self, config: HttpConnectionManagerConfig) -> None:
+        """Route with ``config.route_config`` from the next request on (an RDS update):
+        ``config`` differs from the current one in its route configuration only."""
+        self.config = config
+        self.table = _route_table(config.route_config)
+        self._rules_cache.clear()  # keyed by ids of the old table's routes
 
     # -- stats ----------------------------------------------------------------------------------
 
@@ -542,3 +545,11 @@ def shadow_host(host: str) -> str:
     if colon > 0:
         return host[:colon] + "-shadow" + host[colon:]
     return host + "-shadow"
+
+
+def _route_table(rc: RouteConfiguration) -> RouteTable:
+    return RouteTable(
+        rc,
+        ignore_port_in_host_matching=rc.ignore_port_in_host_matching,
+        most_specific_header_mutations_wins=rc.most_specific_header_mutations_wins,
+    )
