@@ -1,4 +1,5 @@
-"""``ubimesh up`` end to end: a gateway, two sidecar'd apps, a live change, a clean stop."""
+"""``ubimesh up`` end to end: a gateway, two sidecar'd apps, a live change, the control plane
+killed and started again without a failed request, a clean stop."""
 
 from __future__ import annotations
 
@@ -139,6 +140,39 @@ def test_up_serves_applies_live_and_stops(tmp_path: Path) -> None:
         assert "httproute/edge -n default updated" in applied
         assert failures == []
         assert seen_change
+
+        # The control plane dies: traffic goes on, `up` starts it again, changes flow again.
+        control = json.loads((data / "control.json").read_text())
+        os.kill(control["pid"], signal.SIGKILL)
+        restarted_deadline = time.monotonic() + 30
+        failures, restarted = [], False
+        for _ in range(3000):
+            status, _body = get(ports["gw"])
+            if status != 200:
+                failures.append(status)
+            try:
+                now = json.loads((data / "control.json").read_text())
+            except (OSError, ValueError):
+                now = control  # being rewritten
+            if now["pid"] != control["pid"]:
+                restarted = True
+                break
+            assert time.monotonic() < restarted_deadline, (tmp_path / "up.out").read_text()
+        assert restarted and failures == []
+        assert b"starting the control plane again" in (tmp_path / "up.out").read_bytes()
+        reverted = subprocess.run(
+            [sys.executable, "-m", "ubimesh.cli.main", "apply", "-f", str(mesh)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30, check=False,
+        )
+        assert reverted.returncode == 0, reverted.stdout.decode()
+        change_deadline = time.monotonic() + 15
+        while True:
+            status, body = get(ports["gw"])
+            assert status == 200, body
+            if "x-change" not in body["headers"]:  # type: ignore[operator]
+                break
+            assert time.monotonic() < change_deadline, "the restarted control plane's change"
+            time.sleep(0.05)
     finally:
         up.send_signal(signal.SIGINT)
         try:

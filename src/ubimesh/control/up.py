@@ -11,7 +11,8 @@
 4. Wait (bounded) until every proxy's admin ``/ready`` is 200 and every app's port accepts,
    print where to send traffic, and run until SIGINT/SIGTERM (or ``--seconds``).
 5. Stop: SIGTERM to every child's process group, SIGKILL after a bounded grace. A child that
-   dies unexpectedly is reported with its log's path; the control plane dying ends ``up``.
+   dies unexpectedly is reported with its log's path; a control plane that dies is started
+   again on the same addresses (the proxies keep serving meanwhile), a few times at most.
 
 Every child logs to ``<data dir>/logs/<name>.log``.
 """
@@ -44,6 +45,9 @@ from ubimesh.control.server import ADDRESSES_FILE, TOKEN_FILE
 
 STOP_GRACE_S = 5.0
 POLL_S = 0.1
+#: A control plane that dies is started again, at most this many times per window.
+CONTROL_RESTARTS = 5
+CONTROL_RESTART_WINDOW_S = 60.0
 
 
 class UpError(Exception):
@@ -128,6 +132,10 @@ class Up:
         self.logs = self.data_dir / "logs"
         self.children: list[Child] = []
         self.control: Child | None = None
+        #: The control plane's bound API and xDS addresses: a restart binds the same ones, so
+        #: the proxies (which list that xDS address) find it again.
+        self.control_addresses: tuple[str, str] = ("", "")
+        self.control_restarts: list[float] = []
         self.stopping = False
         self.out = sys.stdout
 
@@ -143,15 +151,8 @@ class Up:
         addresses.unlink(missing_ok=True)
         parse_address(self.args.api_address, what="--api-address")
         parse_address(self.args.xds_address, what="--xds-address")
-        self.control = Child(
-            "control",
-            _ubimesh("control", "--data-dir", str(self.data_dir),
-                     "--api-address", self.args.api_address,
-                     "--xds-address", self.args.xds_address),
-            self.logs / "control.log",
-        )
-        self.control.start()
-        self.children.append(self.control)
+        self._spawn_control(self.args.api_address, self.args.xds_address)
+        assert self.control is not None
         while not addresses.exists():
             if not self.control.alive:
                 raise UpError(f"the control plane exited; see {self.control.log_path}\n"
@@ -161,7 +162,38 @@ class Up:
             time.sleep(POLL_S)
         data = json.loads(addresses.read_text())
         token = (self.data_dir / TOKEN_FILE).read_text().strip()
+        api_host_port = str(data["api"]).split("://", 1)[-1]
+        self.control_addresses = (api_host_port, str(data["xds"]))
         return str(data["api"]), str(data["xds"]), token
+
+    def _spawn_control(self, api_address: str, xds_address: str) -> None:
+        if self.control is not None:
+            self.children.remove(self.control)
+            self.control.close_log()
+        self.control = Child(
+            "control",
+            _ubimesh("control", "--data-dir", str(self.data_dir),
+                     "--api-address", api_address, "--xds-address", xds_address),
+            self.logs / "control.log",
+        )
+        self.control.start()
+        self.children.append(self.control)
+
+    def restart_control(self) -> None:
+        """Start the control plane again on the addresses it had (its store is the SQLite
+        file in the data dir, so nothing is lost). Meanwhile the proxies keep serving their
+        last configuration and reconnect on their own. Gives up (UpError) when it keeps
+        dying: more than CONTROL_RESTARTS times within CONTROL_RESTART_WINDOW_S."""
+        now = time.monotonic()
+        self.control_restarts = [t for t in self.control_restarts
+                                 if now - t < CONTROL_RESTART_WINDOW_S]
+        if len(self.control_restarts) >= CONTROL_RESTARTS:
+            raise UpError(f"the control plane died {CONTROL_RESTARTS + 1} times within "
+                          f"{CONTROL_RESTART_WINDOW_S:.0f} s; stopping the mesh")
+        self.control_restarts.append(now)
+        self.say("ubimesh up: proxies keep serving their last configuration; "
+                 "starting the control plane again")
+        self._spawn_control(*self.control_addresses)
 
     def start_proxy(self, node_id: str, role: str, admin_port: int | None, xds: str,
                     listen_ports: Sequence[int] = ()) -> Child:
@@ -239,7 +271,8 @@ class Up:
             print(f"ubimesh up: {child.name} exited unexpectedly with code "
                   f"{child.popen.returncode}; log {child.log_path}", file=sys.stderr, flush=True)
             if child is self.control:
-                raise UpError("the control plane is gone; stopping the mesh")
+                self.restart_control()
+                return
 
     def stop(self) -> None:
         """SIGTERM everyone (apps and proxies first, the control plane last), then SIGKILL."""
