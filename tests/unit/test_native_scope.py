@@ -1,0 +1,57 @@
+"""The compiled hot path's build key leaves out packages the proxy never imports; keep it so."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from ubimesh import native
+
+PACKAGE = Path(native.__file__).resolve().parent
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def test_nothing_in_the_proxy_imports_the_packages_left_out_of_the_build_key() -> None:
+    outside = tuple(f"ubimesh.{name}" for name in native.OUTSIDE_THE_PROXY)
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] in native.OUTSIDE_THE_PROXY:
+            continue
+        bad = sorted(m for m in _imports(path) if m == outside or m.startswith(outside))
+        if bad:
+            offenders.append(f"{rel}: {', '.join(bad)}")
+    assert not offenders, (
+        "these modules import a package that native.source_hash leaves out; either move the "
+        "code or drop the package from native.OUTSIDE_THE_PROXY:\n" + "\n".join(offenders)
+    )
+
+
+def test_an_edit_outside_the_proxy_keeps_the_build_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "src" / "ubimesh"
+    (tree / "proxy").mkdir(parents=True)
+    (tree / "control").mkdir()
+    (tree / "proxy" / "a.py").write_text("x = 1\n")
+    (tree / "control" / "b.py").write_text("y = 1\n")
+    monkeypatch.setattr(native, "_PACKAGE_ROOT", tree)
+    monkeypatch.setattr(native, "_SRC_ROOT", tree.parent)
+    before = native.source_hash()
+    (tree / "control" / "b.py").write_text("y = 2\n")
+    assert native.source_hash() == before
+    (tree / "proxy" / "a.py").write_text("x = 2\n")
+    assert native.source_hash() != before
