@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,35 @@ def test_an_edit_outside_the_proxy_keeps_the_build_key(
     assert native.source_hash() == before
     (tree / "proxy" / "a.py").write_text("x = 2\n")
     assert native.source_hash() != before
+
+
+#: Modules the serving proxy process must not load (each costs memory against the 30 MB idle
+#: budget, and none is needed to serve): protobuf and grpc live in the translator child,
+#: urllib.request/http.client/email come with the CLI's API client, yaml and aiohttp with the
+#: control plane.
+NOT_IN_THE_PROXY = (
+    "google.protobuf",
+    "grpc",
+    "urllib.request",
+    "http.client",
+    "email",
+    "yaml",
+    "aiohttp",
+    "ubimesh.control.resources",
+    "ubimesh.control.store",
+    "ubimesh.control.compiler",
+    "ubimesh.control.ads",
+    "ubimesh.control.server",
+)
+
+
+def test_the_serving_process_does_not_load_what_it_does_not_need() -> None:
+    code = (
+        "import sys, ubimesh.cli.main, ubimesh.proxy.app, ubimesh.proxy.server, "
+        "ubimesh.proxy.admin; print('\\n'.join(sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    loaded = sorted(m for m in out if m.startswith(NOT_IN_THE_PROXY))
+    assert not loaded, f"the proxy's serving modules load {loaded}; import them lazily"
