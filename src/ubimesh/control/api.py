@@ -22,6 +22,13 @@ details carry ``message``, ``source``, ``resource``, ``field``, ``value`` and ``
   streams alive.
 - ``GET /api/v1/proxies``: the proxies connected to this replica.
 - ``GET /healthz``: no token needed.
+- Identity (docs/identity.md section 2; present when the server passes ``identity``):
+  ``POST /api/v1/identity/tokens`` (admin) makes a join token; ``POST /api/v1/identity/sign``
+  and ``GET /api/v1/identity/bundle`` need no admin token (a workload authenticates with a
+  join token or a proof of its current certificate; the bundle is public);
+  ``GET /api/v1/identity/status`` (admin) lists the CA's certificates and the leaves issued.
+  Sign requests are bounded in size (:data:`MAX_SIGN_BODY`) and rate (:data:`SIGN_RATE`,
+  503 with Retry-After beyond).
 
 Request bodies are bounded (:data:`MAX_BODY`, 413 beyond).
 """
@@ -30,12 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import difflib
 import hmac
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -52,7 +61,14 @@ from ubimesh.control.resources import (
     validate_set,
 )
 from ubimesh.control.resources.errors import MISSING
+from ubimesh.control.resources.scalars import parse_duration
 from ubimesh.control.store import ConflictError, Store, WatchEvent
+from ubimesh.identity.ca import CaError, CertificateAuthority
+from ubimesh.identity.csr import ProofError, requested_uris, verify_proof
+from ubimesh.identity.issued import IssuedLeaves
+from ubimesh.identity.spiffe_id import SpiffeId, SpiffeIdError
+from ubimesh.identity.svid import SvidError, load_certificates, verify_svid
+from ubimesh.identity.tokens import JoinTokens, TokenError
 
 log = logging.getLogger("ubimesh.control.api")
 
@@ -68,6 +84,14 @@ STORE_KEY: web.AppKey[Store] = web.AppKey("store", Store)
 TOKEN_KEY = web.AppKey("token", bytes)
 PROXIES_KEY = web.AppKey("proxies", object)
 LOCK_KEY = web.AppKey("lock", asyncio.Lock)
+
+#: Largest sign request body (a CSR plus a chain and a proof are a few KB).
+MAX_SIGN_BODY = 64 * 1024
+#: Sign requests per second (token bucket; bursts up to SIGN_BURST) before 503 + Retry-After.
+SIGN_RATE = 500.0
+SIGN_BURST = 1000.0
+#: Paths under /api/ that need no admin token (their own authentication is in the handler).
+PUBLIC_PATHS = frozenset({"/api/v1/identity/sign", "/api/v1/identity/bundle"})
 
 
 class ApiError(Exception):
@@ -433,11 +457,192 @@ async def healthz_handler(request: web.Request) -> web.Response:
     return _json({"status": "ok", "revision": await request.app[STORE_KEY].revision()})
 
 
+class _Bucket:
+    """A token bucket: ``take()`` is True while under ``rate`` per second (burst ``burst``)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.level, self.at = burst, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.level = min(self.burst, self.level + (now - self.at) * self.rate)
+        self.at = now
+        if self.level < 1.0:
+            return False
+        self.level -= 1.0
+        return True
+
+
+@dataclass
+class Identity:
+    """The control plane's identity state, shared by the identity handlers."""
+
+    ca: CertificateAuthority
+    tokens: JoinTokens
+    issued: IssuedLeaves
+    leaf_ttl: dt.timedelta = dt.timedelta(hours=24)
+    bucket: _Bucket = field(default_factory=lambda: _Bucket(SIGN_RATE, SIGN_BURST))
+
+
+IDENTITY_KEY = web.AppKey("identity", Identity)
+
+
+def _identity(request: web.Request) -> Identity:
+    state = request.app.get(IDENTITY_KEY)
+    if state is None:
+        raise ApiError(404, "this control plane has no CA (identity is not enabled)")
+    return state
+
+
+def _ttl(value: Any, field_name: str, default: dt.timedelta) -> dt.timedelta:
+    if value is None or value == "":
+        return default
+    try:
+        seconds = float(value) if isinstance(value, int | float) else parse_duration(str(value))
+    except ValueError:
+        raise ApiError(400, f"{field_name}: {value!r} is not a duration; expected e.g. 1h, "
+                       "30m or 90s") from None
+    if seconds <= 0:
+        raise ApiError(400, f"{field_name}: {value!r} must be more than 0")
+    return dt.timedelta(seconds=seconds)
+
+
+async def _json_body(request: web.Request, limit: int) -> dict[str, Any]:
+    if request.content_length is None:
+        raise ApiError(411, "a Content-Length is required")
+    if request.content_length > limit:
+        raise ApiError(413, f"request body is {request.content_length} bytes; at most {limit}")
+    try:
+        body = json.loads(await request.read())
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body: expected a JSON object")
+    return body
+
+
+def _str_field(body: dict[str, Any], name: str, required: bool = True) -> str:
+    value = body.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise ApiError(400, f"{name}: expected a non-empty string, got {value!r}")
+    return value
+
+
+async def token_create_handler(request: web.Request) -> web.Response:
+    state = _identity(request)
+    body = await _json_body(request, MAX_SIGN_BODY)
+    text = _str_field(body, "identity")
+    try:
+        identity = SpiffeId.parse(text)
+    except SpiffeIdError as exc:
+        raise ApiError(400, f"identity: {exc}") from None
+    if identity.trust_domain != state.ca.trust_domain:
+        raise ApiError(400, f"identity: {identity} is not in this CA's trust domain "
+                       f"{state.ca.trust_domain!r}")
+    ttl = _ttl(body.get("ttl"), "ttl", dt.timedelta(hours=1))
+    try:
+        token = state.tokens.create(identity, ttl)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    expires = dt.datetime.now(dt.UTC) + ttl
+    log.info("join token created for %s (expires %s)", identity, expires.isoformat())
+    return _json({"token": token, "identity": str(identity),
+                  "expires": expires.isoformat(timespec="seconds")})
+
+
+def _check_requested(csr_pem: bytes, identity: SpiffeId) -> None:
+    try:
+        uris = requested_uris(csr_pem)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    if uris and uris != [str(identity)]:
+        raise ApiError(403, f"csr: asks for {', '.join(uris)}; this request may only get "
+                       f"{identity}")
+
+
+def _sign(state: Identity, csr_pem: bytes, identity: SpiffeId, ttl: dt.timedelta) -> bytes:
+    try:
+        return state.ca.sign(csr_pem, identity, min(ttl, state.leaf_ttl))
+    except CaError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+async def sign_handler(request: web.Request) -> web.Response:
+    state = _identity(request)
+    if not state.bucket.take():
+        return web.json_response(
+            {"error": "the CA is busy (sign request rate limit); try again shortly",
+             "details": []}, status=503, headers={"Retry-After": "1"})
+    body = await _json_body(request, MAX_SIGN_BODY)
+    csr_pem = _str_field(body, "csr").encode()
+    token = _str_field(body, "token", required=False)
+    chain = _str_field(body, "chain", required=False)
+    ttl = _ttl(body.get("ttl"), "ttl", state.leaf_ttl)
+    if token and chain:
+        raise ApiError(400, "give either token (first certificate) or chain + proof (renewal), "
+                       "not both")
+    if token:
+        try:
+            identity = state.tokens.peek(token)
+        except TokenError as exc:
+            raise ApiError(403, str(exc)) from None
+        _check_requested(csr_pem, identity)
+        issued = _sign(state, csr_pem, identity, ttl)
+        try:
+            # Only now, after the CSR was found good: a bad request does not burn the token.
+            # Two racing requests both get here; the one whose redeem fails gets nothing.
+            state.tokens.redeem(token)
+        except TokenError as exc:
+            raise ApiError(403, str(exc)) from None
+        how = "join token"
+    elif chain:
+        proof = _str_field(body, "proof")
+        try:
+            identity = verify_svid(chain, state.ca.bundles())
+            verify_proof(load_certificates(chain)[0], csr_pem, proof)
+        except (SvidError, ProofError) as exc:
+            raise ApiError(403, f"renewal refused: {exc}") from None
+        _check_requested(csr_pem, identity)
+        issued = _sign(state, csr_pem, identity, ttl)
+        how = "renewal"
+    else:
+        raise ApiError(401, "authenticate with token (a join token) or chain + proof (the "
+                       "current certificate and a signature of the CSR by its key)")
+    leaf = load_certificates(issued)[0]
+    node = body.get("node")
+    state.issued.record(str(identity), node if isinstance(node, str) else "",
+                        format(leaf.serial_number, "x"), leaf.not_valid_before_utc.timestamp(),
+                        leaf.not_valid_after_utc.timestamp())
+    log.info("issued %s (%s), serial %x", identity, how, leaf.serial_number)
+    return _json({"chain": issued.decode(), "bundle": state.ca.bundle_pem().decode(),
+                  "identity": str(identity),
+                  "not_after": leaf.not_valid_after_utc.isoformat(timespec="seconds")})
+
+
+async def bundle_handler(request: web.Request) -> web.Response:
+    return web.Response(body=_identity(request).ca.bundle_pem(),
+                        content_type="application/x-pem-file")
+
+
+async def identity_status_handler(request: web.Request) -> web.Response:
+    state = _identity(request)
+    leaves = [
+        {**row,
+         "not_before": dt.datetime.fromtimestamp(row["not_before"], dt.UTC).isoformat(),
+         "not_after": dt.datetime.fromtimestamp(row["not_after"], dt.UTC).isoformat()}
+        for row in state.issued.list()
+    ]
+    return _json({**state.ca.status(), "leaves": leaves})
+
+
 @web.middleware
 async def _middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.path.startswith("/api/"):
+    if request.path.startswith("/api/") and request.path not in PUBLIC_PATHS:
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -458,8 +663,15 @@ async def _middleware(
         raise
 
 
-def make_app(store: Store, *, token: str, proxies: ProxyLister | None = None) -> web.Application:
-    """The API application over ``store``; ``proxies`` lists connected proxies."""
+def make_app(
+    store: Store,
+    *,
+    token: str,
+    proxies: ProxyLister | None = None,
+    identity: Identity | None = None,
+) -> web.Application:
+    """The API application over ``store``; ``proxies`` lists connected proxies; ``identity``
+    (the CA and join tokens) enables the identity routes."""
     if not token:
         raise ValueError("token: the admin token must not be empty")
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
@@ -476,4 +688,10 @@ def make_app(store: Store, *, token: str, proxies: ProxyLister | None = None) ->
     app.router.add_delete("/api/v1/resources/{kind}/{namespace}/{name}", delete_handler)
     app.router.add_get("/api/v1/watch", watch_handler)
     app.router.add_get("/api/v1/proxies", proxies_handler)
+    if identity is not None:
+        app[IDENTITY_KEY] = identity
+    app.router.add_post("/api/v1/identity/tokens", token_create_handler)
+    app.router.add_post("/api/v1/identity/sign", sign_handler)
+    app.router.add_get("/api/v1/identity/bundle", bundle_handler)
+    app.router.add_get("/api/v1/identity/status", identity_status_handler)
     return app
