@@ -31,6 +31,8 @@ from ubimesh.proxy.snapshot.types import (
 from ubimesh.telemetry.stats import Store
 
 if TYPE_CHECKING:
+    from ubimesh.proxy.tls.downstream import TlsStats
+    from ubimesh.proxy.tls.manager import TlsEndpoint
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
 
 log = logging.getLogger("ubimesh.listener")
@@ -40,13 +42,26 @@ INSPECT_TIMEOUT = 15.0
 
 
 class ChainRuntime:
-    """One filter chain's compiled form: a factory of per-connection protocols."""
+    """One filter chain's compiled form: a factory of per-connection protocols, and its TLS
+    endpoint when the chain has a DownstreamTlsContext."""
 
     def __init__(
-        self, chain: FilterChain, clusters: ClusterManager, stats: Store, buffer_limit: int
+        self,
+        chain: FilterChain,
+        clusters: ClusterManager,
+        stats: Store,
+        buffer_limit: int,
+        tls_stats_prefix: str = "",
     ) -> None:
         self.chain = chain
         self.hcm: HcmRuntime | None = None
+        self.tls: TlsEndpoint | None = None
+        self.tls_stats: TlsStats | None = None
+        if chain.transport_socket is not None:
+            from ubimesh.proxy.tls.downstream import TlsStats
+
+            self.tls = clusters.tls.endpoint(chain.transport_socket)
+            self.tls_stats = TlsStats(stats.counter, tls_stats_prefix)
         terminal = chain.filters[-1]
         self.factory: Callable[[], asyncio.Protocol]
         if isinstance(terminal, HttpConnectionManagerConfig):
@@ -123,6 +138,20 @@ class ChainSelector(asyncio.Protocol):
             transport.abort()
             return
         proto = runtime.factory()
+        if runtime.tls is not None:
+            from ubimesh.proxy.tls.downstream import start_server_tls
+
+            assert runtime.tls_stats is not None
+            data, self.buffer = self.buffer, b""
+            start_server_tls(
+                transport,
+                proto,
+                runtime.tls,
+                data,
+                runtime.chain.transport_socket_connect_timeout,
+                runtime.tls_stats,
+            )
+            return
         transport.set_protocol(proto)
         proto.connection_made(transport)
         if self.buffer:
@@ -146,11 +175,12 @@ class ListenerRuntime:
 
     def _build(self, spec: Listener) -> None:
         limit = spec.per_connection_buffer_limit_bytes
+        prefix = f"listener.{spec.address}."
         self.chains = [
-            ChainRuntime(c, self.clusters, self.stats, limit) for c in spec.filter_chains
+            ChainRuntime(c, self.clusters, self.stats, limit, prefix) for c in spec.filter_chains
         ]
         self.default_chain = (
-            ChainRuntime(spec.default_filter_chain, self.clusters, self.stats, limit)
+            ChainRuntime(spec.default_filter_chain, self.clusters, self.stats, limit, prefix)
             if spec.default_filter_chain is not None
             else None
         )
@@ -162,6 +192,7 @@ class ListenerRuntime:
             and not self.chains[0].chain.match.server_names
             and self.chains[0].chain.match.transport_protocol in ("", "raw_buffer")
             and not self.chains[0].chain.match.application_protocols
+            and self.chains[0].tls is None
         )
         self.protocol_factory: Callable[[], asyncio.Protocol] = (
             self.chains[0].factory if direct else (lambda: ChainSelector(self))

@@ -22,6 +22,9 @@ import httptools
 from ubimesh.proxy.upstream.host import Host
 
 if TYPE_CHECKING:
+    from ubimesh.proxy.tls.downstream import TlsStats
+    from ubimesh.proxy.tls.manager import TlsEndpoint
+    from ubimesh.proxy.tls.verify import PeerVerifier
     from ubimesh.proxy.upstream.cluster import UpstreamCluster
 
 log = logging.getLogger("ubimesh.upstream")
@@ -289,6 +292,11 @@ class Http1Pool:
         self._sweeper: asyncio.TimerHandle | None = None
         # The cluster's connection stats (the same objects tcp_proxy and /clusters use).
         self.stats = cluster.stats
+        # The cluster's TLS endpoint (UpstreamTlsContext), None for plaintext. A pool serves
+        # one cluster version: a change of transport socket makes new hosts and pools, so TLS
+        # and plaintext connections never share a pool.
+        self.tls: TlsEndpoint | None = cluster.tls
+        self.tls_stats: TlsStats | None = cluster.tls_stats
 
     def acquire(self, cb: UpstreamCallbacks) -> None:
         idle = self.idle
@@ -310,21 +318,48 @@ class Http1Pool:
         addr = self.host.address
         stats = self.stats
         stats.upstream_cx_total.value += 1
+        tls = self.tls
+        verifier = None
         try:
-            _, proto = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamConnection(self), addr.host, addr.port),
-                timeout=self.cluster.connect_timeout,
-            )
+            if tls is None:
+                _, proto = await asyncio.wait_for(
+                    self.loop.create_connection(
+                        lambda: UpstreamConnection(self), addr.host, addr.port
+                    ),
+                    timeout=self.cluster.connect_timeout,
+                )
+            else:
+                # Raises TlsUnavailable (a ValueError) when a secret is missing; the handshake
+                # is part of the connect timeout.
+                context, verifier = tls.current()
+                _, proto = await asyncio.wait_for(
+                    self.loop.create_connection(
+                        lambda: UpstreamConnection(self),
+                        addr.host,
+                        addr.port,
+                        ssl=context,
+                        server_hostname=tls.sni,
+                        ssl_handshake_timeout=self.cluster.connect_timeout,
+                    ),
+                    timeout=self.cluster.connect_timeout,
+                )
         except TimeoutError:
             stats.upstream_cx_connect_timeout.value += 1
             self._failed(cb, CONNECTION_TIMEOUT)
             return
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # ssl.SSLError (a failed handshake) is an OSError.
             log.debug("connect to %s failed: %s", addr, exc)
+            if tls is not None and self.tls_stats is not None:
+                self.tls_stats.connection_error.value += 1
             self._failed(cb, CONNECTION_FAILURE)
             return
         stats.upstream_cx_active.value += 1
         self.active += 1
+        if verifier is not None and not self._verified(proto, verifier):
+            proto.abort()
+            self._failed(cb, CONNECTION_FAILURE)
+            return
         if self.closed:
             proto.abort()
             if cb in self.waiting:
@@ -336,6 +371,25 @@ class Http1Pool:
             cb.on_pool_ready(proto)
         else:
             self.release(proto)
+
+    def _verified(self, proto: UpstreamConnection, verifier: PeerVerifier) -> bool:
+        """Whether the server of a new TLS connection passes the SAN and SVID checks."""
+        from ubimesh.proxy.tls.verify import PeerRejected
+
+        transport = proto.transport
+        tls_stats = self.tls_stats
+        try:
+            verifier.verify(
+                transport.get_extra_info("ssl_object") if transport is not None else None
+            )
+        except PeerRejected as exc:
+            if tls_stats is not None:
+                tls_stats.fail_verify.value += 1
+            log.info("upstream %s refused: %s", self.host.address, exc)
+            return False
+        if tls_stats is not None:
+            tls_stats.handshake.value += 1
+        return True
 
     def _failed(self, cb: UpstreamCallbacks, reason: str) -> None:
         self.stats.upstream_cx_connect_fail.value += 1

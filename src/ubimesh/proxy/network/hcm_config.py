@@ -185,9 +185,19 @@ class HcmRuntime:
         self.max_header_bytes = config.max_request_headers_kb * 1024
         self.max_headers_count = config.max_headers_count
         self.underscores_action = config.headers_with_underscores_action
-        self.forward_xfcc = config.forward_client_cert_details in (
+        mode = config.forward_client_cert_details
+        # x-forwarded-client-cert, as Envoy's mutateXfccRequestHeader: a client-sent header is
+        # kept with ALWAYS_FORWARD_ONLY, and on mutual TLS with FORWARD_ONLY and
+        # APPEND_FORWARD; APPEND_FORWARD and SANITIZE_SET add this hop's element on mutual TLS.
+        self.xfcc_always = mode is ForwardClientCertDetails.ALWAYS_FORWARD_ONLY
+        self.xfcc_keep_on_mtls = mode in (
             ForwardClientCertDetails.FORWARD_ONLY,
-            ForwardClientCertDetails.ALWAYS_FORWARD_ONLY,
+            ForwardClientCertDetails.APPEND_FORWARD,
+        )
+        self.xfcc_append = mode is ForwardClientCertDetails.APPEND_FORWARD
+        self.xfcc_set = mode in (
+            ForwardClientCertDetails.APPEND_FORWARD,
+            ForwardClientCertDetails.SANITIZE_SET,
         )
         self.check_underscores = (
             config.headers_with_underscores_action is not HeadersWithUnderscoresAction.ALLOW
@@ -323,6 +333,16 @@ class HcmRuntime:
                 return _FORBIDDEN_UPGRADE
         if flags & F_STRIP:
             items = headers.items = self._strip_request_headers(stream, items)
+        if self.xfcc_set:
+            tls = conn.tls
+            if tls is not None and tls.presented:
+                element = tls.xfcc(config.set_current_client_cert_details)
+                previous = headers.get("x-forwarded-client-cert") if self.xfcc_append else None
+                headers.set(
+                    "x-forwarded-client-cert",
+                    element if previous is None else f"{previous},{element}",
+                )
+                items = headers.items
         # x-forwarded-for, x-forwarded-proto and the edge classification, as Envoy's
         # ConnectionManagerUtility::mutateRequestHeaders does it. With no internal address
         # configuration (Envoy 1.40's default), no downstream counts as internal.
@@ -342,12 +362,14 @@ class HcmRuntime:
                 headers.set("x-forwarded-for", appended if xff is None else f"{xff},{appended}")
             headers.set("x-envoy-external-address", client_ip)
             if not (trusted_hops and "x-forwarded-proto" in headers):
-                headers.set("x-forwarded-proto", "http")
+                headers.set("x-forwarded-proto", "http" if conn.tls is None else "https")
             edge = True
         else:
             edge = False
             if not flags & F_FORWARDED_PROTO:
-                headers.items.append(("x-forwarded-proto", "http"))
+                headers.items.append(
+                    ("x-forwarded-proto", "http" if conn.tls is None else "https")
+                )
         if config.generate_request_id:
             if not flags & F_REQUEST_ID:
                 headers.items.append(("x-request-id", new_request_id()))
@@ -362,6 +384,8 @@ class HcmRuntime:
         internal x-envoy-* headers (x-envoy-internal among them: no downstream is internal
         without an internal address configuration) and a client-sent certificate header."""
         upgrade = stream.upgrade
+        tls = stream.conn.tls
+        mtls = tls is not None and tls.presented
         nominated: set[str] = set()
         for k, v in items:
             if k == "connection":
@@ -381,10 +405,10 @@ class HcmRuntime:
             if k in nominated:
                 continue
             if k == "x-forwarded-client-cert":
-                # There is no client certificate on a plaintext connection: every mode but
-                # the FORWARD_ONLY ones sanitizes the header (Envoy), so a client cannot
-                # claim an identity.
-                if self.forward_xfcc:
+                # Only a peer that proved its certificate may pass the header on (and only in
+                # the forwarding modes); otherwise it is removed, so that a client cannot
+                # claim an identity (Envoy's rules).
+                if self.xfcc_always or (self.xfcc_keep_on_mtls and mtls):
                     kept.append(kv)
                 continue
             if k in _INTERNAL:

@@ -48,6 +48,7 @@ from ubimesh.proxy.snapshot.types import (
 if TYPE_CHECKING:
     from ubimesh.proxy.http.router import UpstreamRequest
     from ubimesh.proxy.network.hcm_config import HcmRuntime
+    from ubimesh.proxy.tls.peer import PeerInfo
 
 log = logging.getLogger("ubimesh.http")
 
@@ -386,6 +387,10 @@ class HttpConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.remote = ("", 0)
         self.local = ("", 0)
+        self.tls: PeerInfo | None = None
+        """The TLS side of the connection once verified (None: plaintext): the peer's SPIFFE
+        ID and certificate hash, for the HTTP filters and x-forwarded-client-cert. Set by
+        the TLS gate before ``connection_made``."""
         self.closed = False
         self.draining = False
         # The stream being parsed, and the queue of streams awaiting their turn; the head of

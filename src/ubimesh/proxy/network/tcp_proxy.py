@@ -60,7 +60,7 @@ import logging
 import random
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ubimesh.proxy.snapshot.types import TcpProxyConfig
 from ubimesh.proxy.upstream.host import Host
@@ -196,6 +196,22 @@ class _UpstreamProtocol(asyncio.Protocol):
             proxy._upstream_resume_writing()
 
 
+def _upstream_verified(cluster: UpstreamCluster, up: asyncio.Transport, verifier: Any) -> bool:
+    """Whether a new TLS upstream passes the SAN and SVID checks (before any byte is sent)."""
+    from ubimesh.proxy.tls.verify import PeerRejected
+
+    try:
+        verifier.verify(up.get_extra_info("ssl_object"))
+    except PeerRejected as exc:
+        if cluster.tls_stats is not None:
+            cluster.tls_stats.fail_verify.value += 1
+        log.info("tcp_proxy: upstream %s refused: %s", up.get_extra_info("peername"), exc)
+        return False
+    if cluster.tls_stats is not None:
+        cluster.tls_stats.handshake.value += 1
+    return True
+
+
 class TcpProxyProtocol(asyncio.Protocol):
     """One downstream connection of a tcp_proxy filter chain (see the module docstring)."""
 
@@ -215,6 +231,8 @@ class TcpProxyProtocol(asyncio.Protocol):
         self._down: asyncio.Transport | None = None
         self._up: asyncio.Transport | None = None
         self._cluster: UpstreamCluster | None = None
+        self._tls_verifier: Any = None
+        """The verifier of the upstream's certificate while a TLS connection is being made."""
         self._cst: ClusterStats | None = None
         self.host: Host | None = None
         """The upstream host this connection is proxied to (once connected)."""
@@ -369,20 +387,39 @@ class TcpProxyProtocol(asyncio.Protocol):
             cst.upstream_cx_total.value += 1
             self.host = host
             addr = host.address
+            tls = cluster.tls
             try:
                 async with asyncio.timeout(timeout):
-                    await loop.create_connection(
-                        lambda: _UpstreamProtocol(self), addr.host, addr.port
-                    )
+                    if tls is None:
+                        await loop.create_connection(
+                            lambda: _UpstreamProtocol(self), addr.host, addr.port
+                        )
+                    else:
+                        context, self._tls_verifier = tls.current()
+                        await loop.create_connection(
+                            lambda: _UpstreamProtocol(self),
+                            addr.host,
+                            addr.port,
+                            ssl=context,
+                            server_hostname=tls.sni,
+                            ssl_handshake_timeout=timeout,
+                        )
             except TimeoutError:
                 cst.upstream_cx_connect_timeout.value += 1
                 cst.upstream_cx_connect_fail.value += 1
                 log.debug("tcp_proxy: connect to %s timed out", addr)
-            except OSError as e:
+            except (OSError, ValueError) as e:
+                # ssl.SSLError is an OSError; a missing TLS secret a ValueError.
                 cst.upstream_cx_connect_fail.value += 1
+                if tls is not None and cluster.tls_stats is not None:
+                    cluster.tls_stats.connection_error.value += 1
                 log.debug("tcp_proxy: connect to %s failed: %s", addr, e)
             else:
-                return True
+                if self._up is not None or self._down_closed:
+                    return True
+                cst.upstream_cx_connect_fail.value += 1  # the upstream's certificate failed
+            finally:
+                self._tls_verifier = None
             if self._down_closed:
                 return False
         self.host = None
@@ -394,6 +431,10 @@ class TcpProxyProtocol(asyncio.Protocol):
             return False
         cluster = self._cluster
         assert cluster is not None
+        if self._tls_verifier is not None and not _upstream_verified(
+            cluster, up, self._tls_verifier
+        ):
+            return False
         self._up = up
         cluster.stats.upstream_cx_active.value += 1
         host = self.host

@@ -328,6 +328,14 @@ class ForwardClientCertDetails(enum.Enum):
     ALWAYS_FORWARD_ONLY = 4
 
 
+class ClientCertDetail(enum.Enum):
+    """One item of set_current_client_cert_details, in Envoy's order of emission."""
+
+    SUBJECT = "Subject"
+    URI = "URI"
+    DNS = "DNS"
+
+
 @dataclass(frozen=True, slots=True)
 class HttpFilterConfig:
     """One entry of http_filters: its name and compiled config. ``type_name`` is the short
@@ -384,6 +392,8 @@ class HttpConnectionManagerConfig:
         PathWithEscapedSlashesAction.KEEP_UNCHANGED
     )
     forward_client_cert_details: ForwardClientCertDetails = ForwardClientCertDetails.SANITIZE
+    set_current_client_cert_details: tuple[ClientCertDetail, ...] = ()
+    """What APPEND_FORWARD and SANITIZE_SET add after ``By`` and ``Hash``, in Envoy's order."""
     strip_any_host_port: bool = False
     """Remove any port from the Host before routing and forwarding (strip_any_host_port)."""
     accept_http_10: bool = False
@@ -416,6 +426,95 @@ NetworkFilterConfig = HttpConnectionManagerConfig | TcpProxyConfig
 
 
 # ---------------------------------------------------------------------------------------------
+# TLS (envoy.extensions.transport_sockets.tls.v3)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsCertificate:
+    """A certificate chain (leaf first) and its private key, PEM, read when the config was
+    loaded. ``source`` says where they came from (file names or "inline"), for messages."""
+
+    certificate_chain: bytes
+    private_key: bytes = field(repr=False)
+    source: str = ""
+
+
+class SanType(enum.Enum):
+    """envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher.SanType (the supported
+    ones)."""
+
+    DNS = 2
+    URI = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SanMatcher:
+    """A peer certificate is accepted when one of its SANs of ``san_type`` matches."""
+
+    san_type: SanType
+    matcher: StringMatcher
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateValidation:
+    """CertificateValidationContext: the roots (PEM; empty = no verification) and the SAN
+    matchers (empty = any SAN). A combined validation context is the merge of its default part
+    and its SDS secret (see ``merged``)."""
+
+    trusted_ca: bytes = b""
+    san_matchers: tuple[SanMatcher, ...] = ()
+
+    def merged(self, dynamic: CertificateValidation) -> CertificateValidation:
+        """Envoy's combined_validation_context: the SDS secret is merged into the default
+        context (protobuf MergeFrom): its trusted_ca wins when set, SAN matchers add up."""
+        return CertificateValidation(
+            trusted_ca=dynamic.trusted_ca or self.trusted_ca,
+            san_matchers=self.san_matchers + dynamic.san_matchers,
+        )
+
+
+Secret = TlsCertificate | CertificateValidation
+"""An SDS secret's content (static_resources.secrets, or delivered over ADS)."""
+
+
+class TlsVersion(enum.IntEnum):
+    """TlsParameters.TlsProtocol (the versions ubimesh speaks)."""
+
+    TLSv1_2 = 3
+    TLSv1_3 = 4
+
+
+@dataclass(frozen=True, slots=True)
+class TlsContext:
+    """A DownstreamTlsContext (``server``) or an UpstreamTlsContext.
+
+    Certificates and the validation context are given inline (``certificates``,
+    ``validation``) or by SDS secret name (``certificate_secrets``, ``validation_secret``),
+    resolved at run time against ``Snapshot.secrets``, so that a secret can change (rotation)
+    without changing the listener or cluster that names it. With both ``validation`` and
+    ``validation_secret`` set (combined_validation_context), ``validation`` is the default
+    part the secret is merged into. ``sni`` is the upstream's SNI ("" sends none).
+    """
+
+    server: bool
+    certificates: tuple[TlsCertificate, ...] = ()
+    certificate_secrets: tuple[str, ...] = ()
+    validation: CertificateValidation | None = None
+    validation_secret: str = ""
+    alpn_protocols: tuple[str, ...] = ()
+    min_version: TlsVersion = TlsVersion.TLSv1_2
+    max_version: TlsVersion = TlsVersion.TLSv1_3
+    require_client_certificate: bool = False
+    sni: str = ""
+
+    @property
+    def secret_names(self) -> tuple[str, ...]:
+        """Every SDS secret this context needs."""
+        extra = (self.validation_secret,) if self.validation_secret else ()
+        return self.certificate_secrets + extra
+
+
+# ---------------------------------------------------------------------------------------------
 # Listeners
 
 
@@ -436,8 +535,10 @@ class FilterChain:
     match: FilterChainMatch
     filters: tuple[NetworkFilterConfig, ...]
     """Network filters in order; the last one is terminal (HCM or tcp_proxy)."""
-    transport_socket: Any = None
-    """Downstream TLS context (later issue); None is plaintext."""
+    transport_socket: TlsContext | None = None
+    """The DownstreamTlsContext (``server`` true); None is plaintext."""
+    transport_socket_connect_timeout: float = 10.0
+    """How long the TLS handshake may take before the connection is closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,8 +642,8 @@ class Cluster:
     dns_lookup_family: DnsLookupFamily = DnsLookupFamily.AUTO
     ring_hash: RingHashConfig = field(default_factory=RingHashConfig)
     least_request: LeastRequestConfig = field(default_factory=LeastRequestConfig)
-    transport_socket: Any = None
-    """Upstream TLS context (later issue); None is plaintext."""
+    transport_socket: TlsContext | None = None
+    """The UpstreamTlsContext (``server`` false); None is plaintext."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,3 +667,6 @@ class Snapshot:
     clusters: dict[str, Cluster]
     admin: Admin | None = None
     source: dict[str, Any] = field(default_factory=dict, compare=False)
+    secrets: dict[str, Secret] = field(default_factory=dict)
+    """SDS secrets by name (static_resources.secrets and those delivered over ADS), what the
+    TLS contexts' ``certificate_secrets`` and ``validation_secret`` name."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ubimesh.proxy.snapshot.types import (
     Cluster,
@@ -160,6 +161,10 @@ class UpstreamCluster:
     ) -> None:
         self.name = spec.name
         self.spec = spec
+        self.tls: Any = None
+        """The ``TlsEndpoint`` of the cluster's UpstreamTlsContext (set by the cluster
+        manager); None for plaintext."""
+        self.tls_stats: Any = None
         self.stats = ClusterStats(stats, spec.name)
         self.hosts: list[Host] = []
         self.priority_load = PriorityLoad((), ())

@@ -41,6 +41,7 @@ from ubimesh.proxy.snapshot.types import (
     LocalityEndpoints,
     SocketAddress,
 )
+from ubimesh.proxy.tls.manager import TlsManager
 from ubimesh.proxy.upstream.cluster import (
     ClusterStats,
     UpstreamCluster,
@@ -265,7 +266,11 @@ class ClusterManager:
         *,
         dns_timeout: float = 5.0,
         rng: random.Random | None = None,
+        tls: TlsManager | None = None,
     ) -> None:
+        self.tls = tls if tls is not None else TlsManager()
+        """The process's TLS state (secrets, contexts): clusters with an UpstreamTlsContext
+        and listeners' TLS filter chains take their endpoints from it."""
         self.dns_timeout = dns_timeout
         """Bound on one DNS resolution, and on how long ``start()`` waits for the first ones."""
         self._store = stats
@@ -391,6 +396,7 @@ class ClusterManager:
         rng = random.Random(self._rng.random()) if self._rng is not None else None
         if spec.type in _DNS_TYPES:
             cluster = UpstreamCluster(spec, self._store, rng=rng)
+            self._attach_tls(cluster)
             driver = _DnsDriver(self, cluster, old_driver)
             if driver.resolved_once:
                 driver._apply()
@@ -401,7 +407,18 @@ class ClusterManager:
                 driver.start(self._loop)
             return cluster
         hosts, degraded = self._static_hosts(spec, previous)
-        return UpstreamCluster(spec, self._store, hosts, degraded=degraded, rng=rng)
+        cluster = UpstreamCluster(spec, self._store, hosts, degraded=degraded, rng=rng)
+        self._attach_tls(cluster)
+        return cluster
+
+    def _attach_tls(self, cluster: UpstreamCluster) -> None:
+        """Give a cluster with an UpstreamTlsContext its TLS endpoint and ssl stats."""
+        context = cluster.spec.transport_socket
+        if context is not None:
+            from ubimesh.proxy.tls.downstream import TlsStats
+
+            cluster.tls = self.tls.endpoint(context)
+            cluster.tls_stats = TlsStats(self._store.counter, f"cluster.{cluster.name}.")
 
     @staticmethod
     def _static_hosts(

@@ -15,7 +15,7 @@ from ubimesh.proxy.snapshot.types import (
     LocalityEndpoints,
     RingHashConfig,
 )
-from ubimesh.proxy.xds import common, dynamic, extensions
+from ubimesh.proxy.xds import common, dynamic, extensions, tls
 from ubimesh.proxy.xds.context import Ctx, entry, item, join, seconds, timeout, wrapped
 
 _NOT_YET = "not implemented yet"
@@ -35,14 +35,15 @@ _CLUSTER = {
     "max_requests_per_connection",
     "common_http_protocol_options",
     "eds_cluster_config",
+    "transport_socket",
 }
 _CLUSTER_HINTS = {
     "respect_dns_ttl": "the resolver (getaddrinfo) reports no TTLs; use dns_refresh_rate",
     "circuit_breakers": "circuit breakers are " + _NOT_YET,
     "health_checks": "active health checking is " + _NOT_YET,
     "outlier_detection": "outlier detection is " + _NOT_YET,
-    "transport_socket": "upstream TLS is " + _NOT_YET,
-    "transport_socket_matches": "upstream TLS is " + _NOT_YET,
+    "transport_socket_matches": "transport socket matches are " + _NOT_YET + "; use "
+    "transport_socket",
     "cluster_type": "custom cluster types are not implemented",
     "http_protocol_options": "put explicit_http_config.http_protocol_options in "
     "typed_extension_protocol_options' envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -95,8 +96,8 @@ _ENDPOINT_HINTS = {
 
 _UPSTREAM_HTTP_OPTIONS = {"common_http_protocol_options", "explicit_http_config"}
 _UPSTREAM_HTTP_OPTIONS_HINTS = {
-    "upstream_http_protocol_options": "auto SNI and SAN validation need upstream TLS, which is "
-    + _NOT_YET,
+    "upstream_http_protocol_options": "auto SNI and SAN validation are " + _NOT_YET + "; set "
+    "the UpstreamTlsContext's sni and SAN matchers",
     "use_downstream_protocol_config": "use explicit_http_config with http_protocol_options",
     "auto_config": "use explicit_http_config with http_protocol_options",
     "http_filters": "upstream HTTP filters are " + _NOT_YET,
@@ -177,6 +178,11 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
         )
 
     idle_timeout, max_requests = _protocol_options(ctx, msg, path)
+    context = None
+    if msg.HasField("transport_socket"):
+        context = tls.transport_socket(
+            ctx, msg.transport_socket, join(path, "transport_socket"), server=False
+        )
     return Cluster(
         name=msg.name,
         type=kind,
@@ -195,6 +201,7 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
         ),
         ring_hash=ring_hash,
         least_request=least_request,
+        transport_socket=context,
     )
 
 

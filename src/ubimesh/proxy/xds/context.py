@@ -77,6 +77,11 @@ class Ctx:
     """Cluster name -> path of its accepted ``http2_protocol_options``."""
     route_cache: dict[str, Any] = field(default_factory=dict)
     """RDS name -> its translated RouteConfiguration (each is translated, and reported, once)."""
+    static_secrets: dict[str, Any] = field(default_factory=dict)
+    """static_resources.secrets by name (translated ``Secret`` contents), for SDS references
+    without ``sds_config``."""
+    sds_secrets: dict[str, Any] = field(default_factory=dict)
+    """Secrets delivered over ADS that a TLS context names, translated once each."""
 
     def _is_quiet(self, path: str) -> bool:
         return any(is_within(path, prefix) for prefix in self.quiet)

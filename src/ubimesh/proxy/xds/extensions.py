@@ -18,6 +18,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import symbol_database
 
@@ -30,6 +31,8 @@ Router = router_pb2.Router
 TlsInspector = tls_inspector_pb2.TlsInspector
 UpstreamHttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
 FileAccessLog = file_pb2.FileAccessLog
+DownstreamTlsContext = tls_pb2.DownstreamTlsContext
+UpstreamTlsContext = tls_pb2.UpstreamTlsContext
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 
@@ -39,12 +42,16 @@ ROUTER_TYPE = Router.DESCRIPTOR.full_name
 TLS_INSPECTOR_TYPE = TlsInspector.DESCRIPTOR.full_name
 UPSTREAM_HTTP_OPTIONS_TYPE = UpstreamHttpProtocolOptions.DESCRIPTOR.full_name
 FILE_ACCESS_LOG_TYPE = FileAccessLog.DESCRIPTOR.full_name
+DOWNSTREAM_TLS_TYPE = DownstreamTlsContext.DESCRIPTOR.full_name
+UPSTREAM_TLS_TYPE = UpstreamTlsContext.DESCRIPTOR.full_name
 
 #: Message types (by full name) that may appear in a typed_config, per place.
 NETWORK_FILTERS: Mapping[str, Any] = {HCM_TYPE: HttpConnectionManager, TCP_PROXY_TYPE: TcpProxy}
 HTTP_FILTERS: Mapping[str, Any] = {ROUTER_TYPE: Router}
 LISTENER_FILTERS: Mapping[str, Any] = {TLS_INSPECTOR_TYPE: TlsInspector}
 ACCESS_LOGGERS: Mapping[str, Any] = {FILE_ACCESS_LOG_TYPE: FileAccessLog}
+DOWNSTREAM_TRANSPORT_SOCKETS: Mapping[str, Any] = {DOWNSTREAM_TLS_TYPE: DownstreamTlsContext}
+UPSTREAM_TRANSPORT_SOCKETS: Mapping[str, Any] = {UPSTREAM_TLS_TYPE: UpstreamTlsContext}
 CLUSTER_PROTOCOL_OPTIONS: Mapping[str, Any] = {
     UPSTREAM_HTTP_OPTIONS_TYPE: UpstreamHttpProtocolOptions
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ubimesh.proxy.snapshot.types import (
+    ClientCertDetail,
     ForwardClientCertDetails,
     HeadersWithUnderscoresAction,
     HttpConnectionManagerConfig,
@@ -92,6 +93,7 @@ _HCM = {
     "merge_slashes",
     "path_with_escaped_slashes_action",
     "forward_client_cert_details",
+    "set_current_client_cert_details",
     "http_protocol_options",
     "internal_address_config",
     "strip_any_host_port",
@@ -107,7 +109,6 @@ _HCM_HINTS = {
     "tracing": "tracing is " + _NOT_YET,
     "http2_protocol_options": "HTTP/2 is " + _NOT_YET,
     "http3_protocol_options": "HTTP/3 is not implemented",
-    "set_current_client_cert_details": "downstream TLS is " + _NOT_YET,
     "delayed_close_timeout": "the delayed close timeout is " + _NOT_YET,
     "request_id_extension": "the UUID request ID is the only one implemented",
 }
@@ -212,10 +213,39 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
             ForwardClientCertDetails,
             ForwardClientCertDetails.SANITIZE,
         ),
+        set_current_client_cert_details=_cert_details(
+            ctx, msg, join(path, "set_current_client_cert_details")
+        ),
         internal_address_config_unix_sockets=unix_sockets,
         strip_any_host_port=msg.strip_any_host_port,
         codec_type=codec,
     )
+
+
+_CERT_DETAILS = {"subject", "uri", "dns"}
+_CERT_DETAILS_HINTS = {
+    "cert": "forwarding the client certificate's PEM is " + _NOT_YET + "; Hash, Subject, URI "
+    "and DNS are",
+    "chain": "forwarding the client certificate chain's PEM is " + _NOT_YET + "; Hash, "
+    "Subject, URI and DNS are",
+}
+
+
+def _cert_details(ctx: Ctx, msg: Any, path: str) -> tuple[ClientCertDetail, ...]:
+    """HttpConnectionManager.SetCurrentClientCertDetails, as the ordered details Envoy emits
+    after By and Hash (Subject, URI, DNS; Cert and Chain come first in Envoy, refused here)."""
+    if not msg.HasField("set_current_client_cert_details"):
+        return ()
+    details = msg.set_current_client_cert_details
+    ctx.fields(details, path, _CERT_DETAILS, _CERT_DETAILS_HINTS)
+    out = []
+    if wrapped(details, "subject", False):
+        out.append(ClientCertDetail.SUBJECT)
+    if details.uri:
+        out.append(ClientCertDetail.URI)
+    if details.dns:
+        out.append(ClientCertDetail.DNS)
+    return tuple(out)
 
 
 _RDS = {"config_source", "route_config_name"}

@@ -6,7 +6,7 @@ import itertools
 from typing import Any
 
 from ubimesh.proxy.snapshot.types import FilterChain, FilterChainMatch, Listener, SocketAddress
-from ubimesh.proxy.xds import common, extensions
+from ubimesh.proxy.xds import common, extensions, tls
 from ubimesh.proxy.xds.context import Ctx, item, join, wrapped
 from ubimesh.proxy.xds.filters import network_filters
 
@@ -30,10 +30,12 @@ _LISTENER_HINTS = {
     "api_listener": "API listeners are not implemented",
     "udp_listener_config": "UDP is not implemented",
 }
-_FILTER_CHAIN = {"name", "filter_chain_match", "filters"}
-_FILTER_CHAIN_HINTS = {
-    "transport_socket": "downstream TLS is " + _NOT_YET,
-    "transport_socket_connect_timeout": "downstream TLS is " + _NOT_YET,
+_FILTER_CHAIN = {
+    "name",
+    "filter_chain_match",
+    "filters",
+    "transport_socket",
+    "transport_socket_connect_timeout",
 }
 _FILTER_CHAIN_MATCH = {
     "destination_port",
@@ -132,12 +134,33 @@ def _listener_filter(ctx: Ctx, msg: Any, path: str) -> bool:
 
 
 def filter_chain(ctx: Ctx, msg: Any, path: str) -> FilterChain:
-    ctx.fields(msg, path, _FILTER_CHAIN, _FILTER_CHAIN_HINTS)
+    ctx.fields(msg, path, _FILTER_CHAIN)
     match = FilterChainMatch()
     if msg.HasField("filter_chain_match"):
         match = filter_chain_match(ctx, msg.filter_chain_match, join(path, "filter_chain_match"))
     filters = network_filters(ctx, msg.filters, join(path, "filters"))
-    return FilterChain(name=msg.name, match=match, filters=filters)
+    context = None
+    if msg.HasField("transport_socket"):
+        context = tls.transport_socket(
+            ctx, msg.transport_socket, join(path, "transport_socket"), server=True
+        )
+    elif msg.HasField("transport_socket_connect_timeout"):
+        ctx.error(
+            join(path, "transport_socket_connect_timeout"),
+            "has no effect without a transport_socket (TLS)",
+        )
+    if context is not None and match.transport_protocol == "raw_buffer":
+        ctx.error(
+            join(join(path, "filter_chain_match"), "transport_protocol"),
+            "raw_buffer (plaintext) cannot match a chain with a TLS transport_socket; use tls",
+        )
+    return FilterChain(
+        name=msg.name,
+        match=match,
+        filters=filters,
+        transport_socket=context,
+        transport_socket_connect_timeout=tls.handshake_timeout(msg),
+    )
 
 
 def filter_chain_match(ctx: Ctx, msg: Any, path: str) -> FilterChainMatch:

@@ -18,7 +18,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from ubimesh.proxy.snapshot.types import Admin, Cluster, Listener, NodeInfo, Snapshot
-from ubimesh.proxy.xds import common, dynamic, extensions
+from ubimesh.proxy.xds import common, dynamic, extensions, tls
 from ubimesh.proxy.xds.cluster import cluster as translate_cluster
 from ubimesh.proxy.xds.context import Ctx, item, join
 from ubimesh.proxy.xds.errors import ConfigError, ConfigErrors
@@ -35,8 +35,7 @@ _BOOTSTRAP_HINTS = {
     "overload_manager": "the overload manager is " + _NOT_YET,
     "cluster_manager": "cluster manager options are " + _NOT_YET,
 }
-_STATIC_RESOURCES = {"listeners", "clusters"}
-_STATIC_RESOURCES_HINTS = {"secrets": "SDS secrets and TLS are " + _NOT_YET}
+_STATIC_RESOURCES = {"listeners", "clusters", "secrets"}
 _NODE = {"id", "cluster", "metadata"}
 _NODE_STATIC = {"id", "cluster"}
 _NODE_HINTS = {
@@ -104,7 +103,10 @@ def translate_bootstrap(
     cluster_msgs: list[tuple[str, Any]] = []
     if bootstrap.HasField("static_resources"):
         static = bootstrap.static_resources
-        ctx.fields(static, "static_resources", _STATIC_RESOURCES, _STATIC_RESOURCES_HINTS)
+        ctx.fields(static, "static_resources", _STATIC_RESOURCES)
+        ctx.static_secrets = tls.static_secrets(
+            ctx, static.secrets, "static_resources.secrets"
+        )
         listener_msgs = _indexed(static.listeners, "static_resources.listeners")
         cluster_msgs = _indexed(static.clusters, "static_resources.clusters")
     n_static_clusters = len(cluster_msgs)
@@ -148,6 +150,7 @@ def translate_bootstrap(
         clusters=clusters,
         admin=admin,
         source=source if source is not None else canonical,
+        secrets={**ctx.static_secrets, **ctx.sds_secrets},
     )
 
 
@@ -192,6 +195,11 @@ def _check_ads_cluster(
             join(path, "type"),
             f"the ADS cluster {name!r} must be STATIC, STRICT_DNS or LOGICAL_DNS, "
             f"not {cluster.type.name}",
+        )
+    elif cluster.transport_socket is not None:
+        ctx.unsupported(
+            join(path, "transport_socket"),
+            f"TLS to the control plane is {_NOT_YET}: the ADS cluster {name!r} is plaintext",
         )
     elif not any(le.endpoints for le in cluster.endpoints):
         ctx.error(
