@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ubimesh import __version__
-from ubimesh.cli import control_cmds
+from ubimesh.cli import agent_cmds, control_cmds, identity_cmds
 
 #: Envoy's -l levels mapped onto Python logging levels.
 LOG_LEVELS = {
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "+ /ubimesh/xds/<node id>)",
     )
     proxy.add_argument(
+        "--join-token-file",
+        default="",
+        help="with node metadata ubimesh.identity: a one-time join token for the proxy's first "
+        "certificate (the key stays in memory: a restarted proxy needs a new token)",
+    )
+    proxy.add_argument(
         "--mode",
         choices=["serve", "validate"],
         default="serve",
@@ -72,12 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the proxy's request path with mypyc (used when it matches the source)",
     )
     control_cmds.add_commands(sub)
+    agent_cmds.add_commands(sub)
+    identity_cmds.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     code = control_cmds.run(args)
+    if code is None:
+        code = agent_cmds.run(args)
+    if code is None:
+        code = identity_cmds.run(args)
     if code is not None:
         return code
     if args.command == "build-native":
@@ -103,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             log_level=args.log_level,
             drain_time_s=args.drain_time_s,
             xds_cache_dir=args.xds_cache_dir,
+            join_token_file=args.join_token_file,
         )
         if args.mode == "validate":
             from ubimesh.proxy.app import load_snapshot

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,8 +28,9 @@ from typing import Any
 
 from aiohttp import web
 
-from ubimesh.control.ads import AdsServer, NodeInfo, SnapshotCache
-from ubimesh.control.api import make_app
+from ubimesh.control.ads import SDS, AdsServer, NodeInfo, SnapshotCache
+from ubimesh.control.ads.secrets import ROOTCA, secrets_version, trust_bundle_secret
+from ubimesh.control.api import Identity, make_app
 from ubimesh.control.compiler import XdsSet, compile_all, compile_proxy, empty_set, proxy_ref
 from ubimesh.control.registry import DEFAULT_GRACE_S, Registry
 from ubimesh.control.resources import Resource
@@ -37,6 +39,11 @@ from ubimesh.control.store import Store, open_store
 log = logging.getLogger("ubimesh.control")
 
 ADDRESSES_FILE = "control.json"
+#: The CA's directory and the join token / issued-leaf databases, under the data dir.
+CA_DIR = "ca"
+TOKENS_DB = "tokens.db"
+ISSUED_DB = "issued.db"
+DEFAULT_TRUST_DOMAIN = "cluster.local"
 TOKEN_FILE = "admin-token"
 DEFAULT_API = "127.0.0.1:15000"
 DEFAULT_XDS = "127.0.0.1:15010"
@@ -62,6 +69,12 @@ class ControlOptions:
     debounce: float = DEBOUNCE_S
     #: Print the generated admin token (once, when it is created).
     announce: bool = True
+    #: Trust domain of a CA created at first start ("": the Mesh's trustDomain, else
+    #: cluster.local). An existing CA keeps its own.
+    trust_domain: str = ""
+    #: How often the CA's files are checked (a root rotation done on disk, an intermediate
+    #: past half-life).
+    identity_check_s: float = 10.0
 
 
 def load_or_create_token(data_dir: Path, token_file: Path | None) -> tuple[str, bool]:
@@ -111,6 +124,9 @@ class ControlPlane:
         self._compiled: set[str] = set()
         self._resources: list[Resource] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.identity: Identity | None = None
+        self._trust: dict[str, Any] = {}  # SDS secrets every proxy gets: ROOTCA
+        self._trust_version = ""
 
     async def start(self) -> None:
         opts = self.options
@@ -120,6 +136,8 @@ class ControlPlane:
         self.store = store = open_store(store_url)
         self.registry = Registry(store, grace=opts.grace)
         revision = await store.revision()
+        self.identity = await self._open_identity(store)
+        self.set_trust_bundle(self.identity.ca.bundle_pem())
         await self._compile()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[None] = asyncio.Queue(EVENT_QUEUE)
@@ -129,7 +147,9 @@ class ControlPlane:
                              on_disconnect=self._on_disconnect)
         xds_port = await self.ads.start(*opts.xds_address)
         self.xds_address = (opts.xds_address[0], xds_port)
-        app = make_app(store, token=self.token, proxies=self.registry.proxies)
+        app = make_app(store, token=self.token, proxies=self.registry.proxies,
+                       identity=self.identity)
+        self._tasks.append(loop.create_task(self._identity_loop(), name="identity"))
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, *opts.api_address)
@@ -137,6 +157,55 @@ class ControlPlane:
         host, port = self.runner.addresses[0][:2]
         self.api_url = f"http://{_url_host(host)}:{port}"
         self._write_addresses(store_url)
+
+    async def _open_identity(self, store: Store) -> Identity:
+        """Open the CA in ``<data dir>/ca`` (creating one at first start) and the tokens."""
+        from ubimesh.identity.ca import CertificateAuthority
+        from ubimesh.identity.issued import IssuedLeaves
+        from ubimesh.identity.tokens import JoinTokens
+
+        wanted = self.options.trust_domain
+        if not wanted:
+            meshes = await store.list("Mesh")
+            wanted = next((str(m.spec["trustDomain"]) for m in meshes
+                           if m.spec.get("trustDomain")), DEFAULT_TRUST_DOMAIN)
+        data_dir = self.options.data_dir
+        ca, created = CertificateAuthority.open_or_init(data_dir / CA_DIR, wanted)
+        if created:
+            log.info("created a CA for trust domain %s in %s", wanted, data_dir / CA_DIR)
+        elif ca.trust_domain != wanted:
+            if self.options.trust_domain:
+                raise ValueError(f"--trust-domain {wanted}: the CA in {data_dir / CA_DIR} is for "
+                                 f"{ca.trust_domain}; use that, or another --data-dir")
+            log.warning("the CA is for trust domain %s but the Mesh says %s; identities are "
+                        "issued for %s", ca.trust_domain, wanted, ca.trust_domain)
+        ca.renew_intermediate_if_due()
+        return Identity(ca, JoinTokens(data_dir / TOKENS_DB), IssuedLeaves(data_dir / ISSUED_DB))
+
+    async def _identity_loop(self) -> None:
+        """Renew the intermediate at half-life; pick up CA changes made on disk (``ubimesh ca``
+        or a root rotation) and push a changed bundle to every proxy."""
+        from ubimesh.identity.ca import BUNDLE_FILE, INT_CERT, CaError, CertificateAuthority
+
+        assert self.identity is not None
+        directory = self.identity.ca.directory
+
+        def stamp() -> tuple[float, ...]:
+            return tuple(_mtime(directory / name) for name in (BUNDLE_FILE, INT_CERT))
+
+        seen = stamp()
+        while True:
+            await asyncio.sleep(self.options.identity_check_s)
+            try:
+                if self.identity.ca.renew_intermediate_if_due():
+                    log.info("renewed the CA's intermediate certificate")
+                elif stamp() != seen:
+                    self.identity.ca = CertificateAuthority.load(directory)
+                    log.info("reloaded the CA from %s", directory)
+                seen = stamp()
+                self.set_trust_bundle(self.identity.ca.bundle_pem())
+            except (CaError, OSError, ValueError) as exc:
+                log.warning("CA check failed (%s); the loaded CA stays in use", exc)
 
     def _write_addresses(self, store_url: str) -> None:
         data = {
@@ -165,6 +234,9 @@ class ControlPlane:
                 await task
         if self.store is not None:
             await self.store.close()
+        if self.identity is not None:
+            self.identity.tokens.close()
+            self.identity.issued.close()
         with contextlib.suppress(OSError):
             (self.options.data_dir / ADDRESSES_FILE).unlink()
 
@@ -236,9 +308,39 @@ class ControlPlane:
 
     def _set(self, node_id: str, xds: XdsSet) -> None:
         try:
-            self.cache.set(node_id, xds)
+            self.cache.set(node_id, self._with_trust(xds))
         except (TypeError, ValueError) as exc:
             log.error("proxy %s: snapshot refused by the ADS cache: %s", node_id, exc)
+
+    # -- the trust bundle: SDS secret ROOTCA ---------------------------------------------
+
+    def set_trust_bundle(self, bundle_pem: bytes) -> None:
+        """Serve ``bundle_pem`` (the CA's bundle, every trusted root) to every proxy as the SDS
+        secret ``ROOTCA`` (``validation_context.trusted_ca``), with its own SDS version.
+
+        Call it once the CA is loaded and again whenever its bundle changes (root rotation):
+        every snapshot is set again, so connected proxies get the new bundle pushed (SDS goes
+        out after CDS/EDS and before LDS).  Raises ValueError for a bundle with no certificate.
+        """
+        secret = trust_bundle_secret(bundle_pem)
+        if self._trust.get(ROOTCA) == secret:
+            return
+        self._trust = {ROOTCA: secret}
+        self._trust_version = secrets_version(self._trust)
+        for node_id in self.cache.nodes():
+            current = self.cache.get(node_id)
+            if isinstance(current, XdsSet):
+                self._set(node_id, current)
+
+    def _with_trust(self, xds: XdsSet) -> XdsSet:
+        """``xds`` plus the trust secrets (replacing any SDS resources it had)."""
+        if not self._trust:
+            return xds
+        return dataclasses.replace(
+            xds,
+            resources={**xds.resources, SDS: self._trust},
+            versions={**xds.versions, SDS: self._trust_version},
+        )
 
     async def _on_connect(self, info: NodeInfo) -> None:
         self._connected[info.id] = info
@@ -261,6 +363,13 @@ class ControlPlane:
             still = False
         if not still:
             self._connected.pop(info.id, None)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _url_host(host: str) -> str:

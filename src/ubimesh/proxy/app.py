@@ -64,6 +64,8 @@ def ads_child_args(options: ProxyOptions) -> list[str]:
         args += ["--service-cluster", options.service_cluster]
     if options.xds_cache_dir:
         args += ["--cache-dir", options.xds_cache_dir]
+    if options.join_token_file:
+        args += ["--join-token-file", options.join_token_file]
     return args
 
 

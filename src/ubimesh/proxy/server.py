@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ubimesh.proxy.admin import ClusterStatus, HostStatus, ListenerStatus
 from ubimesh.proxy.listener import ListenerRuntime
 from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
+from ubimesh.proxy.tls.manager import TlsManager
 from ubimesh.proxy.upstream.cluster_manager import ClusterManager
 from ubimesh.telemetry.stats import Store
 
@@ -37,6 +38,9 @@ class ProxyOptions:
     xds_cache_dir: str = ""
     """Where the ADS client caches the last applied resources ("" = the default,
     ``$XDG_CACHE_HOME/ubimesh/xds/<node id>``)."""
+    join_token_file: str = ""
+    """With node metadata ``ubimesh.identity``: the join token for the proxy's first
+    certificate (passed to the ADS child, which holds the key)."""
 
 
 def listener_key(addr: SocketAddress) -> tuple[str, int]:
@@ -49,7 +53,9 @@ class ProxyServer:
     def __init__(self, snapshot: Snapshot, stats: Store | None = None) -> None:
         self.snapshot = snapshot
         self.stats = stats or Store()
-        self.clusters = ClusterManager(snapshot.clusters, self.stats)
+        tls = TlsManager()
+        tls.set_secrets(snapshot.secrets)
+        self.clusters = ClusterManager(snapshot.clusters, self.stats, tls=tls)
         self.listeners: dict[tuple[str, int], ListenerRuntime] = {}
         self.started_at = time.time()
         self.state = "PRE_INITIALIZING"
@@ -84,7 +90,9 @@ class ProxyServer:
         )
 
     async def apply(self, snapshot: Snapshot, reuse_port: bool = False) -> None:
-        """Hot reload: swap in a new snapshot without dropping requests."""
+        """Hot reload: swap in a new snapshot without dropping requests. New secrets apply to
+        the next handshakes (the TLS endpoints rebuild their contexts)."""
+        self.clusters.tls.set_secrets(snapshot.secrets)
         self.clusters.update(snapshot.clusters)
         wanted = {listener_key(spec.address): spec for spec in snapshot.listeners}
         for key, rt in list(self.listeners.items()):

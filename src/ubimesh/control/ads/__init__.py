@@ -7,7 +7,7 @@ proxies and Envoys alike.
 
 from ubimesh.control.ads.cache import EMPTY_VERSION, Snapshot, SnapshotCache
 from ubimesh.control.ads.server import AdsServer, NodeInfo
-from ubimesh.control.ads.types import CDS, EDS, LDS, PUSH_ORDER, RDS, XdsLike
+from ubimesh.control.ads.types import CDS, EDS, LDS, PUSH_ORDER, RDS, SDS, XdsLike
 
 __all__ = [
     "CDS",
@@ -16,6 +16,7 @@ __all__ = [
     "LDS",
     "PUSH_ORDER",
     "RDS",
+    "SDS",
     "AdsServer",
     "NodeInfo",
     "Snapshot",

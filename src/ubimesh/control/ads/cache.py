@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from ubimesh.control.ads.types import CDS, EDS, LDS, RDS, TYPE_PREFIX, XdsLike
+from ubimesh.control.ads.types import CDS, EDS, LDS, RDS, SDS, TYPE_PREFIX, XdsLike
 
 __all__ = ["EMPTY_VERSION", "Snapshot", "SnapshotCache"]
 
@@ -26,7 +26,7 @@ __all__ = ["EMPTY_VERSION", "Snapshot", "SnapshotCache"]
 EMPTY_VERSION = "empty"
 
 # The field that carries a resource's own name, for the types whose name we check.
-_NAME_FIELD = {LDS: "name", CDS: "name", RDS: "name", EDS: "cluster_name"}
+_NAME_FIELD = {LDS: "name", CDS: "name", RDS: "name", EDS: "cluster_name", SDS: "name"}
 
 
 class Snapshot:

@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import json_format
 
 from ubimesh.control.ads.cache import SnapshotCache
@@ -38,6 +41,10 @@ KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 RECENT_NACKS = 32
 DEFAULT_IDENTIFIER = "ubimesh-control"
+#: The gRPC services an :class:`AdsServer` can serve: ADS, and SDS
+#: (``SecretDiscoveryService/StreamSecrets``, the same state machine for the Secret type alone,
+#: as ``ubimesh agent`` serves it to an Envoy on the same host).
+SERVICES = frozenset({"ads", "sds"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,10 @@ class AdsServer:
     anything is sent; if it raises, the stream ends (status UNAVAILABLE) and ``on_disconnect``
     is not called.  Otherwise ``on_disconnect(node)`` is awaited when the stream ends, for any
     reason (client gone, error, server stop).  Delta xDS is refused with UNIMPLEMENTED.
+
+    ``services`` chooses the gRPC services: ``"ads"`` (AggregatedDiscoveryService) and/or
+    ``"sds"`` (SecretDiscoveryService, whose ``StreamSecrets`` runs the same state of the world
+    machine; requests must then name the Secret type URL).
     """
 
     def __init__(
@@ -123,6 +134,7 @@ class AdsServer:
         identifier: str = DEFAULT_IDENTIFIER,
         max_streams: int = 10_000,
         first_request_timeout: float = 30.0,
+        services: Collection[str] = ("ads",),
     ) -> None:
         if max_streams < 1:
             raise ValueError(f"max_streams is {max_streams}; expected at least 1")
@@ -130,6 +142,12 @@ class AdsServer:
             raise ValueError(
                 f"first_request_timeout is {first_request_timeout}; expected seconds > 0"
             )
+        unknown = set(services) - SERVICES
+        if unknown or not services:
+            raise ValueError(
+                f"services {sorted(services)}: expected one or more of {sorted(SERVICES)}"
+            )
+        self._services = frozenset(services)
         self.cache = cache
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -145,10 +163,31 @@ class AdsServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0 = any free port); returns the bound port."""
-        if self._server is not None:
-            raise RuntimeError("AdsServer.start: already started")
         if not 0 <= port <= 65535:
             raise ValueError(f"ADS port {port}: expected 0..65535")
+        bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6
+        return await self._start(f"{bracketed}:{port}")
+
+    async def start_unix(self, path: str, mode: int = 0o600) -> None:
+        """Listen on the Unix socket ``path`` (a stale socket there is replaced), made with
+        ``mode`` (default 0600: only this user may talk to the server)."""
+        try:
+            if os.path.exists(path) and not _is_socket(path):
+                raise OSError(f"{path} exists and is not a socket; choose another --socket path")
+        except OSError as exc:
+            raise OSError(f"server cannot listen on unix:{path}: {exc}") from None
+        # The socket is created with the umask's mode: make it private from the start, so
+        # there is no moment where another user could connect.
+        old = os.umask(0o777 & ~mode)
+        try:
+            await self._start(f"unix:{path}")
+        finally:
+            os.umask(old)
+        os.chmod(path, mode)
+
+    async def _start(self, address: str) -> int:
+        if self._server is not None:
+            raise RuntimeError("AdsServer.start: already started")
         server = grpc.aio.server(
             maximum_concurrent_rpcs=self._max_streams,
             options=[
@@ -158,19 +197,21 @@ class AdsServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
-        bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host  # IPv6
-        address = f"{bracketed}:{port}"
+        if "ads" in self._services:
+            ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
+        if "sds" in self._services:
+            sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_SdsServicer(self), server)
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"ADS server cannot listen on {address}: {exc}") from exc
-        if bound == 0:
+        if bound == 0 and not address.startswith("unix:"):
             raise OSError(f"ADS server cannot listen on {address} (in use or not local?)")
         await server.start()
         self._server = server
         self._closing = False
-        log.info("ADS server listening on %s:%d", host, bound)
+        log.info("%s server listening on %s (port %d)", "/".join(sorted(self._services)).upper(),
+                 address, bound)
         return int(bound)
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -351,6 +392,10 @@ class AdsServer:
             )
 
 
+def _is_socket(path: str) -> bool:
+    return stat.S_ISSOCK(os.stat(path).st_mode)
+
+
 class _Servicer:
     """The two ADS methods, as ``add_AggregatedDiscoveryServiceServicer_to_server`` wants."""
 
@@ -374,3 +419,38 @@ class _Servicer:
             "ubimesh serves state-of-the-world ADS only (StreamAggregatedResources); configure "
             "the client with ads_config.api_type: GRPC, not DELTA_GRPC",
         )
+
+
+class _SdsServicer:
+    """``SecretDiscoveryService``: ``StreamSecrets`` is a state of the world stream like ADS."""
+
+    def __init__(self, server: AdsServer) -> None:
+        self._server = server
+
+    async def StreamSecrets(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._server._stream(request_iterator, context)
+
+    async def DeltaSecrets(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "ubimesh serves state-of-the-world SDS only (StreamSecrets); configure the SDS "
+            "api_config_source with api_type: GRPC, not DELTA_GRPC",
+        )
+
+    async def FetchSecrets(
+        self, request: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext
+    ) -> discovery_pb2.DiscoveryResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "ubimesh serves SDS as a stream (StreamSecrets); REST-style FetchSecrets is not "
+            "served",
+        )
+        raise AssertionError("unreachable: abort raises")

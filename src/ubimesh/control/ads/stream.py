@@ -9,7 +9,7 @@ the node's newest snapshot, :meth:`StreamState.responses` decides what to send:
   from the one last NACKed (a NACKed version is never sent again; a new version is);
 * at most one response per type is out at a time: the next waits for the client's ACK or NACK,
   so a client that falls behind gets the newest state once, not every state in between;
-* make before break: a change is pushed type by type in the order CDS, EDS, LDS, RDS (others
+* make before break: a change is pushed type by type in the order CDS, EDS, SDS, LDS, RDS (others
   after), and the push of a type waits until every earlier type has no response in flight, that
   is until the client has applied (ACKed) or refused the clusters and endpoints that the new
   listeners and routes may use.  Envoy warms a new cluster only once its endpoints arrive, and

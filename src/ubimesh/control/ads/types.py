@@ -17,6 +17,7 @@ __all__ = [
     "LDS",
     "PUSH_ORDER",
     "RDS",
+    "SDS",
     "TYPE_PREFIX",
     "XdsLike",
     "ordered_types",
@@ -28,10 +29,14 @@ LDS = TYPE_PREFIX + "envoy.config.listener.v3.Listener"
 RDS = TYPE_PREFIX + "envoy.config.route.v3.RouteConfiguration"
 CDS = TYPE_PREFIX + "envoy.config.cluster.v3.Cluster"
 EDS = TYPE_PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+#: Secrets (SDS over ADS): requested by name, as EDS is; the control plane serves ``ROOTCA``.
+SDS = TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
 
-# Make-before-break (specs.md 4.4): clusters, then their endpoints, then the listeners, then the
-# routes that refer to the clusters.  Any other type follows, in name order.
-PUSH_ORDER: tuple[str, ...] = (CDS, EDS, LDS, RDS)
+# Make-before-break (specs.md 4.4): clusters, then their endpoints, then the secrets that the
+# clusters' and listeners' TLS contexts name (a changed trust bundle is in place before a
+# listener or cluster that relies on it), then the listeners, then the routes that refer to the
+# clusters.  Any other type follows, in name order.
+PUSH_ORDER: tuple[str, ...] = (CDS, EDS, SDS, LDS, RDS)
 _RANK = {type_url: rank for rank, type_url in enumerate(PUSH_ORDER)}
 
 # Types whose every response is the complete set: a resource left out is deleted by the client.
@@ -54,7 +59,7 @@ class XdsLike(Protocol):
 
 
 def ordered_types(type_urls: Iterable[str]) -> list[str]:
-    """``type_urls`` in push order: CDS, EDS, LDS, RDS, then the others by name."""
+    """``type_urls`` in push order: CDS, EDS, SDS, LDS, RDS, then the others by name."""
     return sorted(type_urls, key=lambda t: (_RANK.get(t, len(_RANK)), t))
 
 

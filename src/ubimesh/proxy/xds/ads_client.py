@@ -4,12 +4,14 @@ A long-lived child of ``ubimesh proxy`` (decision 0001; ``ads_link.AdsChild`` ru
 holds one state-of-the-world ADS stream (../shared/docs/specs.md 4.3-4.4) to the static cluster
 that ``dynamic_resources.ads_config`` names:
 
-1. subscribe to CDS and LDS (wildcard), then to EDS for the EDS clusters and to RDS for the
-   route configurations the listeners name (the subscriptions follow every change);
+1. subscribe to CDS and LDS (wildcard), then to EDS for the EDS clusters, to RDS for the
+   route configurations the listeners name and to SDS for the secrets the TLS contexts of the
+   listeners and clusters name with ``sds_config: {ads: {}}`` (``ROOTCA``), except the local
+   ``default`` (the subscriptions follow every change);
 2. when the set is complete (the first CDS and LDS responses arrived, every EDS cluster has its
-   ClusterLoadAssignment and every RDS name its RouteConfiguration: Envoy's warming), translate
-   the bootstrap plus the resources into one Snapshot and send it to the parent, which applies
-   it as a reload;
+   ClusterLoadAssignment, every RDS name its RouteConfiguration and every secret its Secret:
+   Envoy's warming), translate the bootstrap plus the resources into one Snapshot and send it
+   to the parent, which applies it as a reload;
 3. ACK each response behind it (``version_info`` = its version, ``response_nonce`` = its nonce)
    once the parent applied it, or NACK (``error_detail`` code 3 INVALID_ARGUMENT with the
    errors' text, ``version_info`` = the last applied version) when it does not translate or
@@ -18,7 +20,15 @@ that ``dynamic_resources.ads_config`` names:
    control plane cannot be reached within ``--initial-timeout`` seconds at start, apply the
    cache and keep trying;
 5. when the stream breaks, reconnect with exponential backoff and jitter (0.25 s to 10 s); the
-   first requests of a new stream carry the last applied versions.
+   first requests of a new stream carry the last applied versions;
+6. the proxy's own identity (docs/identity.md): when the node metadata has ``ubimesh.identity``
+   (a SPIFFE ID) and ``ubimesh.control_api`` (the control plane's API URL) and a join token is
+   given (``--join-token-file``, or node metadata ``ubimesh.join_token_file``), make a key and
+   get the certificate (``ubimesh.identity.workload``), renew it at half-life with jitter, and
+   on every new certificate translate again with the new ``default`` secret and send the
+   snapshot: new handshakes use it, open connections are not touched by the child.  The key
+   is held in this process's memory only and never cached on disk: a restarted child (or
+   proxy) needs a fresh join token, as tokens are single-use.
 
 Logs go to stderr; stdout and stdin carry the link to the parent (``ads_link``).
 """
@@ -43,6 +53,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2, json_format
 
@@ -55,9 +66,12 @@ from ubimesh.proxy.xds.dynamic import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
     LISTENER_TYPE,
+    LOCAL_CERTIFICATE,
     ROUTE_TYPE,
+    SECRET_TYPE,
     TYPE_URLS,
     Resources,
+    certificate_secret,
 )
 from ubimesh.proxy.xds.errors import ConfigError, ConfigErrors
 from ubimesh.proxy.xds.parse import parse_message, parse_text
@@ -70,7 +84,14 @@ MESSAGES: dict[str, Any] = {
     ROUTE_TYPE: route_pb2.RouteConfiguration,
     CLUSTER_TYPE: cluster_pb2.Cluster,
     ENDPOINT_TYPE: endpoint_pb2.ClusterLoadAssignment,
+    SECRET_TYPE: secret_pb2.Secret,
 }
+#: The types subscribed to by name (EDS, SDS, RDS), in make-before-break order.
+NAMED_TYPES = (ENDPOINT_TYPE, SECRET_TYPE, ROUTE_TYPE)
+#: The key of the local secrets' version among the versions the translator hashes.
+LOCAL_VERSION = "local:" + SECRET_TYPE
+DOWNSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+UPSTREAM_TLS = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 #: Reconnect delays: exponential from the first to the last, each drawn in [50%, 100%].
 BACKOFF = (0.25, 10.0)
 INITIAL_TIMEOUT = 2.0
@@ -119,6 +140,58 @@ def route_names(listeners: Iterable[Any]) -> set[str]:
 def endpoint_names(clusters: Iterable[Any]) -> set[str]:
     """The ClusterLoadAssignment names the EDS clusters wait for."""
     return {eds_name(c) for c in clusters if c.type == cluster_pb2.Cluster.EDS}
+
+
+def _tls_contexts(listeners: Iterable[Any], clusters: Iterable[Any]) -> Iterable[Any]:
+    """The Downstream/UpstreamTlsContexts of the listeners' filter chains and the clusters."""
+    sockets = []
+    for listener in listeners:
+        chains = list(listener.filter_chains)
+        if listener.HasField("default_filter_chain"):
+            chains.append(listener.default_filter_chain)
+        sockets += [c.transport_socket for c in chains if c.HasField("transport_socket")]
+    for cluster in clusters:
+        if cluster.HasField("transport_socket"):
+            sockets.append(cluster.transport_socket)
+        sockets += [m.transport_socket for m in cluster.transport_socket_matches]
+    for socket in sockets:
+        if not socket.HasField("typed_config"):
+            continue
+        name = extensions.type_name(socket.typed_config.type_url)
+        context: Any
+        if name == DOWNSTREAM_TLS:
+            context = tls_pb2.DownstreamTlsContext()
+        elif name == UPSTREAM_TLS:
+            context = tls_pb2.UpstreamTlsContext()
+        else:
+            continue
+        if socket.typed_config.Unpack(context):
+            yield context
+
+
+def secret_names(listeners: Iterable[Any], clusters: Iterable[Any]) -> set[str]:
+    """The SDS secrets the TLS contexts take over ADS (``sds_config: {ads: {}}``): their
+    certificates, validation contexts (plain or combined) and session ticket keys."""
+    out: set[str] = set()
+    for context in _tls_contexts(listeners, clusters):
+        common = context.common_tls_context
+        configs = list(common.tls_certificate_sds_secret_configs)
+        if common.HasField("validation_context_sds_secret_config"):
+            configs.append(common.validation_context_sds_secret_config)
+        if common.HasField("combined_validation_context"):
+            combined = common.combined_validation_context
+            if combined.HasField("validation_context_sds_secret_config"):
+                configs.append(combined.validation_context_sds_secret_config)
+        if isinstance(context, tls_pb2.DownstreamTlsContext) and context.HasField(
+            "session_ticket_keys_sds_secret_config"
+        ):
+            configs.append(context.session_ticket_keys_sds_secret_config)
+        out.update(
+            c.name
+            for c in configs
+            if c.name and c.HasField("sds_config") and c.sds_config.HasField("ads")
+        )
+    return out
 
 
 def resource_name(type_url: str, msg: Any) -> str:
@@ -225,7 +298,11 @@ class AdsClient:
         link: ParentLink,
         *,
         initial_timeout: float = INITIAL_TIMEOUT,
+        local_secrets: Iterable[str] = (),
     ) -> None:
+        """``local_secrets`` are the secret names this process makes itself (``default`` when
+        the proxy has its own identity): never asked of the control plane; the configuration
+        waits for them as it waits for resources over ADS."""
         self.bootstrap = bootstrap
         self.source = source
         self.node = node
@@ -243,6 +320,11 @@ class AdsClient:
         static = bootstrap.static_resources
         self.static_eds = endpoint_names(static.clusters)
         self.static_rds = route_names(static.listeners)
+        self.static_sds = secret_names(static.listeners, static.clusters)
+        self.local_names = frozenset(local_secrets)
+        self.local: dict[str, Any] = {}
+        """Name -> Secret made here (the certificate and key of the proxy's identity)."""
+        self.local_version = ""
         self.accepted = Resources()
         self.received = Resources()
         self.got: set[str] = set()
@@ -284,16 +366,24 @@ class AdsClient:
             self.queue.put_nowait(req)
 
     def _names(self, type_url: str) -> frozenset[str]:
-        """The names the received resources need for RDS or EDS."""
+        """The names the received resources need for RDS, EDS or SDS (the local secrets are
+        not asked for)."""
         if type_url == ENDPOINT_TYPE:
             clusters = self.received.of(CLUSTER_TYPE).values()
             return frozenset(self.static_eds | endpoint_names(clusters))
+        if type_url == SECRET_TYPE:
+            return self._secrets_referenced() - self.local_names
         listeners = self.received.of(LISTENER_TYPE).values()
         return frozenset(self.static_rds | route_names(listeners))
 
+    def _secrets_referenced(self) -> frozenset[str]:
+        listeners = self.received.of(LISTENER_TYPE).values()
+        clusters = self.received.of(CLUSTER_TYPE).values()
+        return frozenset(self.static_sds | secret_names(listeners, clusters))
+
     def _resubscribe(self) -> None:
-        """Follow the EDS and RDS names the received clusters and listeners need."""
-        for type_url in (ENDPOINT_TYPE, ROUTE_TYPE):
+        """Follow the EDS, SDS and RDS names the received clusters and listeners need."""
+        for type_url in NAMED_TYPES:
             names = self._names(type_url)
             if names != self.subscribed.get(type_url, frozenset()):
                 self.subscribed[type_url] = names
@@ -437,16 +527,17 @@ class AdsClient:
     def _warm(self) -> bool:
         if not self.applied_once and not all(t in self.got for t in self.wildcard):
             return False
-        for type_url in (ENDPOINT_TYPE, ROUTE_TYPE):
+        for type_url in NAMED_TYPES:
             have = self.received.of(type_url)
             if any(name not in have for name in self._names(type_url)):
                 return False
-        return True
+        # A local secret (the proxy's certificate) that is referred to must have been made.
+        return all(n in self.local for n in self._secrets_referenced() & self.local_names)
 
     def _candidate(self) -> Resources:
-        """The received resources, RDS and EDS cut down to what is still referred to."""
+        """The received resources, RDS, EDS and SDS cut down to what is still referred to."""
         out = self.received.copy()
-        for type_url in (ENDPOINT_TYPE, ROUTE_TYPE):
+        for type_url in NAMED_TYPES:
             names = self._names(type_url)
             out.by_type[type_url] = {
                 n: m for n, m in out.of(type_url).items() if n in names
@@ -454,6 +545,13 @@ class AdsClient:
         return out
 
     def _translate(self, resources: Resources) -> Snapshot:
+        """The bootstrap plus ``resources`` plus the local secrets (which ``resources``, what is
+        cached and reported, never hold) as one Snapshot."""
+        if self.local:
+            resources = resources.copy()
+            resources.of(SECRET_TYPE).update(self.local)
+            # A new certificate is a new configuration version.
+            resources.versions[LOCAL_VERSION] = self.local_version
         return translate_bootstrap(
             self.bootstrap,
             self.source,
@@ -461,6 +559,31 @@ class AdsClient:
             service_cluster=self.node.cluster,
             dynamic_resources=resources,
         )
+
+    async def set_local_secret(self, secret: Any, version: str) -> None:
+        """Take a new local secret (a new certificate) and serve it: once the configuration is
+        warm, translate again and send the snapshot, so new handshakes use it.  Before that,
+        it is used by the first configuration applied.  A snapshot that fails to translate or
+        apply is logged; the previous certificate keeps serving until it expires."""
+        async with self.lock:
+            self.local[secret.name] = secret
+            self.local_version = version
+            if self.pending:
+                await self._try_apply()  # it may have waited for this secret
+                return
+            if not self.applied_once:
+                return
+            try:
+                snapshot = self._translate(self.accepted)
+            except ConfigErrors as exc:
+                log.error("the configuration does not translate with the new certificate: %s",
+                          exc)
+                return
+            reason = await self.link.apply(snapshot, dump_info(self.accepted, "xds"))
+            if reason:
+                log.error("the proxy could not apply the new certificate: %s", reason)
+            else:
+                log.info("new certificate (%s) applied", version)
 
     async def _try_apply(self) -> None:
         if not self.pending or not self._warm():
@@ -522,6 +645,65 @@ def _node(bootstrap: Any, service_node: str, service_cluster: str) -> Any:
     return node
 
 
+# ---------------------------------------------------------------------------------------------
+# The proxy's own identity
+
+#: Node metadata keys (docs/identity.md; the bootstraps ``ubimesh bootstrap`` makes carry them).
+IDENTITY_KEY = "ubimesh.identity"
+CONTROL_API_KEY = "ubimesh.control_api"
+TOKEN_FILE_KEY = "ubimesh.join_token_file"
+#: Optional: the certificate lifetime to ask for ("24h"); the CA grants at most what it allows.
+CERT_TTL_KEY = "ubimesh.cert_ttl"
+
+
+def identity_settings(node: Any, token_file: str) -> dict[str, str]:
+    """The identity settings of the node metadata (plus ``token_file``, the flag, which wins
+    over ``ubimesh.join_token_file``); {} when the node has no ``ubimesh.identity``."""
+    metadata = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+    identity = metadata.get(IDENTITY_KEY)
+    if not identity:
+        return {}
+    return {
+        "identity": str(identity),
+        "control_api": str(metadata.get(CONTROL_API_KEY) or ""),
+        "token_file": token_file or str(metadata.get(TOKEN_FILE_KEY) or ""),
+        "ttl": str(metadata.get(CERT_TTL_KEY) or ""),
+    }
+
+
+async def run_identity(client: AdsClient, settings: dict[str, str]) -> None:
+    """Get the proxy's certificate and renew it forever, handing each to ``client`` as the
+    local ``default`` secret.  Problems that retrying cannot fix are logged and end the task:
+    the proxy keeps serving what it has (listeners that need ``default`` wait or NACK)."""
+    from ubimesh.identity.workload import IdentityError, WorkloadIdentity, read_token_file
+
+    identity = settings["identity"]
+    try:
+        if not settings["control_api"]:
+            raise IdentityError(
+                f"node metadata {IDENTITY_KEY} is {identity!r} but {CONTROL_API_KEY} is not "
+                "set; add the control plane's API URL (http://HOST:PORT) to the node metadata"
+            )
+        if not settings["token_file"]:
+            raise IdentityError(
+                f"node metadata {IDENTITY_KEY} is {identity!r} but no join token was given; "
+                f"pass --join-token-file FILE (or node metadata {TOKEN_FILE_KEY}) with a token "
+                f"from `ubimesh token create --identity {identity}`"
+            )
+        token = read_token_file(settings["token_file"])
+        workload = WorkloadIdentity(
+            settings["control_api"], identity, token, ttl=settings["ttl"]
+        )
+
+        async def on_certificate(cert: Any) -> None:
+            secret = certificate_secret(LOCAL_CERTIFICATE, cert.chain_pem, cert.key_pem)
+            await client.set_local_secret(secret, f"{cert.serial:x}")
+
+        await workload.run(on_certificate)
+    except IdentityError as exc:
+        log.error("no certificate for %s: %s", identity, exc)
+
+
 def _targets(snapshot: Snapshot, cluster: str) -> list[str]:
     spec = snapshot.clusters[cluster]
     out = []
@@ -562,6 +744,7 @@ async def _main_async(args: argparse.Namespace) -> int:
         return fatal(f"{args.path} has no dynamic_resources.ads_config")
     node = _node(bootstrap, args.service_node, args.service_cluster)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(node.id)
+    identity = identity_settings(node, args.join_token_file)
     client = AdsClient(
         bootstrap,
         source,
@@ -570,8 +753,10 @@ async def _main_async(args: argparse.Namespace) -> int:
         cache_dir,
         link,
         initial_timeout=args.initial_timeout,
+        local_secrets=(LOCAL_CERTIFICATE,) if identity else (),
     )
     run = loop.create_task(client.run())
+    certificates = loop.create_task(run_identity(client, identity)) if identity else None
     # The parent closing our stdin (it exited) ends this process; nothing else is read from
     # stdin outside ParentLink.apply, which holds the same reader.
     while not run.done():
@@ -579,6 +764,8 @@ async def _main_async(args: argparse.Namespace) -> int:
             break
         await asyncio.sleep(0.5)
     run.cancel()
+    if certificates is not None:
+        certificates.cancel()
     return 0
 
 
@@ -589,6 +776,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-cluster", default="")
     parser.add_argument("--cache-dir", default="")
     parser.add_argument("--initial-timeout", type=float, default=INITIAL_TIMEOUT)
+    parser.add_argument(
+        "--join-token-file",
+        default="",
+        help="a one-time join token for the proxy's first certificate (with node metadata "
+        "ubimesh.identity)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -21,10 +21,21 @@ LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
-#: The four types an ADS client subscribes to, in make-before-break order.
-TYPE_URLS = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+#: The types an ADS client subscribes to, in make-before-break order (secrets before the
+#: listeners whose TLS contexts name them).
+TYPE_URLS = (CLUSTER_TYPE, ENDPOINT_TYPE, SECRET_TYPE, LISTENER_TYPE, ROUTE_TYPE)
 #: Type URL -> the short name used in error paths (``lds[name]...``) and logs.
-SHORT_NAMES = {LISTENER_TYPE: "lds", ROUTE_TYPE: "rds", CLUSTER_TYPE: "cds", ENDPOINT_TYPE: "eds"}
+SHORT_NAMES = {
+    LISTENER_TYPE: "lds",
+    ROUTE_TYPE: "rds",
+    CLUSTER_TYPE: "cds",
+    ENDPOINT_TYPE: "eds",
+    SECRET_TYPE: "sds",
+}
+#: The SDS secret of the proxy's own certificate and key: never asked of the control plane,
+#: made by the ADS child itself (docs/identity.md) and put among the secrets it translates.
+LOCAL_CERTIFICATE = "default"
 
 
 def resource_path(type_url: str, name: str) -> str:
@@ -35,7 +46,12 @@ def resource_path(type_url: str, name: str) -> str:
 @dataclass
 class Resources:
     """The resources an ADS stream delivered: type URL -> resource name -> protobuf message,
-    and the version of each type (``version_info`` of its last accepted response)."""
+    and the version of each type (``version_info`` of its last accepted response).
+
+    Secrets (``SECRET_TYPE``) are those delivered over ADS (``ROOTCA``) plus, when the proxy has
+    its own identity, the local ``default`` (see :func:`certificate_secret`); SDS references
+    with ``sds_config: {ads: {}}`` resolve against them.
+    """
 
     by_type: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {t: {} for t in TYPE_URLS}
@@ -185,3 +201,22 @@ def config_source(ctx: Ctx, msg: Any, path: str) -> None:
             join(path, "ads"),
             "needs an ADS stream: configure dynamic_resources.ads_config in the bootstrap",
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Local secrets
+
+
+def certificate_secret(name: str, chain_pem: bytes, key_pem: bytes) -> Any:
+    """An SDS ``Secret`` with ``tls_certificate``: the chain (leaf first) and the private key,
+    both inline.  Held in memory only: never cached on disk, never sent to the control plane."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
+
+    return secret_pb2.Secret(
+        name=name,
+        tls_certificate=common_pb2.TlsCertificate(
+            certificate_chain=base_pb2.DataSource(inline_bytes=chain_pem),
+            private_key=base_pb2.DataSource(inline_bytes=key_pem),
+        ),
+    )
