@@ -185,3 +185,77 @@ def test_up_serves_applies_live_and_stops(tmp_path: Path) -> None:
     assert "ubimesh up: stopped" in (tmp_path / "up.out").read_text()
     _gone, alive = psutil.wait_procs(children, timeout=5)
     assert alive == [], f"children left running: {alive}"
+
+
+STRICT_MESH = """\
+apiVersion: ubimesh.io/v1alpha1
+kind: Mesh
+metadata: {name: default}
+spec:
+  mtls: {mode: STRICT}
+---
+"""
+
+
+def raw_get(port: int, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/", headers=headers)
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, json.loads(body) if response.status == 200 else {}
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_up_strict_mesh_is_mtls_on_every_hop_with_no_certificate_step(tmp_path: Path) -> None:
+    """Mesh mtls STRICT: `up` makes the CA and a join token per proxy; the gateway calls the
+    sidecars over mTLS (the app sees the gateway's SPIFFE ID in x-forwarded-client-cert, never
+    a client-supplied one), and a plaintext caller is refused by a sidecar."""
+    ports = dict(zip(["gw", "gw_admin", "app1", "in1", "admin1", "app2", "in2", "admin2", "api",
+                      "xds"], free_ports(10), strict=True))
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(STRICT_MESH + MESH % {**ports, "app": APP, "filters": ""})
+    data = tmp_path / "data"
+    out = open(tmp_path / "up.out", "wb")  # noqa: SIM115 - closed below
+    up = subprocess.Popen(
+        [sys.executable, "-m", "ubimesh.cli.main", "up", "-f", str(mesh), "--data-dir", str(data),
+         "--api-address", f"127.0.0.1:{ports['api']}", "--xds-address",
+         f"127.0.0.1:{ports['xds']}", "--ready-timeout", "40"],
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 45
+        while b"the mesh is ready" not in (tmp_path / "up.out").read_bytes():
+            assert up.poll() is None, (tmp_path / "up.out").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "up.out").read_text()
+            time.sleep(0.1)
+        tokens = sorted(p.name for p in (data / "tokens").iterdir())
+        assert tokens == ["edge.default.token", "web-cloud.default.token",
+                          "web-dc.default.token"]
+        assert all((data / "tokens" / t).stat().st_mode & 0o077 == 0 for t in tokens)
+
+        forged = "By=spiffe://evil/x;URI=spiffe://cluster.local/ns/default/sa/admin"
+        sites = set()
+        for _ in range(20):
+            status, body = raw_get(ports["gw"], {"x-forwarded-client-cert": forged})
+            assert status == 200, body
+            sites.add(body["site"])
+            xfcc = str(body["headers"]["x-forwarded-client-cert"])  # type: ignore[index]
+            assert "URI=spiffe://cluster.local/ns/default/sa/edge" in xfcc, xfcc
+            assert "evil" not in xfcc and "sa/admin" not in xfcc, xfcc
+        assert sites == {"dc", "cloud"}
+
+        # STRICT: a caller without a client certificate does not get through a sidecar
+        with pytest.raises((OSError, http.client.HTTPException)):
+            raw_get(ports["in1"], {})
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(30)
+        finally:
+            if up.poll() is None:
+                up.kill()
+            out.close()
+    assert code == 0, (tmp_path / "up.out").read_text()

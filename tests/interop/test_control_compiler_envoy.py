@@ -5,6 +5,9 @@ clusters become STATIC clusters with their ClusterLoadAssignment inlined, RDS re
 inline ``route_config``s), then checked with ``envoy --mode validate`` and with
 ``ubimesh proxy --mode validate``. The same conversion is tested to fail when the input is
 broken, so a validator that accepts everything cannot pass this test.
+
+mTLS cases reference the SDS secrets ``default`` and ``ROOTCA`` over ADS; the conversion defines
+them as static ``secrets`` (minted with tests/support/pki.py) and points the references at them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
+from tests.support.pki import Pki
 from ubimesh.control.compiler import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -29,6 +33,7 @@ from ubimesh.control.compiler import (
     XdsSet,
     compile_all,
 )
+from ubimesh.control.compiler.mtls import BUNDLE_SECRET, CERTIFICATE_SECRET
 from ubimesh.control.resources.model import DEFAULT_NAMESPACE, Resource
 
 pytestmark = pytest.mark.envoy
@@ -56,8 +61,51 @@ def as_dict(message: Any) -> dict[str, Any]:
     return result
 
 
+_PKI: list[Pki] = []
+_SDS_REFERENCES = ("tls_certificate_sds_secret_configs", "validation_context_sds_secret_config")
+
+
+def static_secrets() -> list[dict[str, Any]]:
+    """``default`` (a leaf chain and its key) and ``ROOTCA`` (the root) as static secrets."""
+    if not _PKI:
+        _PKI.append(Pki("cluster.local"))
+    pki = _PKI[0]
+    chain, key = pki.leaf(pki.spiffe_id())
+    return [
+        {
+            "name": CERTIFICATE_SECRET,
+            "tls_certificate": {
+                "certificate_chain": {"inline_string": chain.decode()},
+                "private_key": {"inline_string": key.decode()},
+            },
+        },
+        {
+            "name": BUNDLE_SECRET,
+            "validation_context": {"trusted_ca": {"inline_string": pki.bundle_pem.decode()}},
+        },
+    ]
+
+
+def use_static_secrets(node: Any) -> int:
+    """Drop ``sds_config`` from every SDS secret reference under ``node`` (a static secret of
+    that name is then used); returns how many references there were."""
+    found = 0
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _SDS_REFERENCES:
+                for ref in value if isinstance(value, list) else [value]:
+                    ref.pop("sds_config", None)
+                    found += 1
+            else:
+                found += use_static_secrets(value)
+    elif isinstance(node, list):
+        found += sum(use_static_secrets(v) for v in node)
+    return found
+
+
 def static_bootstrap(node: str, xds: XdsSet) -> dict[str, Any]:
-    """The XdsSet as a bootstrap with only static resources (inline endpoints and routes)."""
+    """The XdsSet as a bootstrap with only static resources (inline endpoints and routes, and
+    static secrets when mTLS asks for any)."""
     routes = {n: as_dict(m) for n, m in xds.resources[ROUTE_TYPE].items()}
     clusters = []
     for name, message in xds.resources[CLUSTER_TYPE].items():
@@ -76,10 +124,14 @@ def static_bootstrap(node: str, xds: XdsSet) -> dict[str, Any]:
                 if config["@type"] == HCM_TYPE and "rds" in config:
                     config["route_config"] = routes[config.pop("rds")["route_config_name"]]
         listeners.append(listener)
-    return {
-        "node": {"id": node, "cluster": node},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }
+    static: dict[str, Any] = {"listeners": listeners, "clusters": clusters}
+    if use_static_secrets(static):
+        static["secrets"] = static_secrets()
+    return {"node": {"id": node, "cluster": node}, "static_resources": static}
+
+
+def uses_tls(path: Path) -> bool:
+    return "secrets" in json.loads(path.read_text())["static_resources"]
 
 
 def envoy_validate(path: Path) -> tuple[bool, str]:
@@ -125,8 +177,29 @@ def test_every_proxy_of_every_case_is_valid_for_envoy(tmp_path: Path) -> None:
         assert ok, f"{path.name}:\n{output}"
 
 
+def test_the_mtls_cases_are_converted_with_static_secrets(tmp_path: Path) -> None:
+    tls = [p for p in bootstraps(tmp_path) if uses_tls(p)]
+    assert {p.name.split(".")[0] for p in tls} >= {
+        "strict_sidecar", "permissive_sidecar", "mixed_service", "gateway_mtls"
+    }
+
+
+def test_a_secret_missing_is_refused_by_envoy(tmp_path: Path) -> None:
+    """The static secrets are really what the TLS contexts use: without ROOTCA, Envoy says no."""
+    xds = compile_all(load_case("strict_sidecar"))["web-1.shop"]
+    bootstrap = static_bootstrap("web-1.shop", xds)
+    secrets = bootstrap["static_resources"]["secrets"]
+    bootstrap["static_resources"]["secrets"] = [s for s in secrets if s["name"] != BUNDLE_SECRET]
+    path = tmp_path / "no-rootca.json"
+    path.write_text(json.dumps(bootstrap))
+    ok, output = envoy_validate(path)
+    assert not ok
+    assert BUNDLE_SECRET in output
+
+
 def test_every_proxy_of_every_case_is_valid_for_ubimesh(tmp_path: Path) -> None:
     paths = bootstraps(tmp_path)
+    assert any(uses_tls(p) for p in paths)
     for path in paths:
         ok, output = ubimesh_validate(path)
         assert ok, f"{path.name}:\n{output}"

@@ -63,6 +63,10 @@ def test_there_are_the_required_cases() -> None:
         "gamma_httproute",
         "tcp_upstream",
         "external_service",
+        "strict_sidecar",
+        "permissive_sidecar",
+        "mixed_service",
+        "gateway_mtls",
     } <= set(CASES)
 
 

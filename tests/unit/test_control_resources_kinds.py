@@ -48,7 +48,7 @@ PORT = {"name": "http", "port": 80, "protocol": "http"}
 def test_mesh_defaults_and_effective_mesh() -> None:
     defaults = {
         "trustDomain": "cluster.local",
-        "mtls": {"mode": "PERMISSIVE"},
+        "mtls": {"mode": "DISABLE"},
         "defaults": {"connectTimeout": "1s", "requestTimeout": "15s", "lbPolicy": "ROUND_ROBIN"},
     }
     assert spec_of("Mesh", None) == defaults
@@ -67,7 +67,7 @@ def test_mesh_errors() -> None:
                            "defaults": {"connectTimeout": "1 s"}}) == [
         "spec.trustDomain: 'Ex ample' is not a SPIFFE trust domain; expected a trust domain "
         "(lower case letters, digits, '.', '-', '_')",
-        "spec.mtls.mode: 'strict' is not supported; expected one of: STRICT, PERMISSIVE",
+        "spec.mtls.mode: 'strict' is not supported; expected one of: STRICT, PERMISSIVE, DISABLE",
         "spec.defaults.connectTimeout: '1 s' is not a duration; expected a duration such as "
         '"1s", "250ms" or "1m30s"',
     ]

@@ -5,6 +5,11 @@ node (id, cluster, metadata ``ubimesh.role`` and, for a proxy that registers its
 ``ubimesh.workload``), the admin interface, and ADS over one static cluster ``ubimesh-xds``
 that reaches the control plane's xDS address(es) over HTTP/2. Listeners and clusters then come
 over ADS. Pure functions: no I/O.
+
+A proxy's identity (docs/identity.md) rides in the node metadata too, all in one place
+(``identity_metadata``): ``ubimesh.identity`` (its SPIFFE ID), ``ubimesh.control_api`` (where
+it asks for its certificate) and ``ubimesh.join_token_file`` (the file holding its one-time
+join token, delivered out of band; the proxy's ``--join-token-file`` overrides it).
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+#: Node metadata keys of a proxy's identity (read by the proxy's ADS client).
+IDENTITY_KEY = "ubimesh.identity"
+CONTROL_API_KEY = "ubimesh.control_api"
+JOIN_TOKEN_FILE_KEY = "ubimesh.join_token_file"
 #: The static cluster the ADS stream uses.
 XDS_CLUSTER = "ubimesh-xds"
 ROLES = ("sidecar", "gateway")
@@ -44,6 +53,39 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+def identity_metadata(
+    identity: str | None, control_api: str | None, join_token_file: str | None
+) -> dict[str, str]:
+    """The node metadata that lets a proxy get its certificate: all three or none (a proxy
+    without them has no identity and serves plaintext only). Raises ValueError naming the
+    argument that is missing or malformed."""
+    given = {"identity": identity, "control_api": control_api, "join_token_file": join_token_file}
+    if not any(given.values()):
+        return {}
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)}: missing; a proxy's identity needs identity, control_api "
+            "and join_token_file together"
+        )
+    assert identity and control_api and join_token_file
+    if not identity.startswith("spiffe://"):
+        raise ValueError(
+            f"identity: {identity!r} is not a SPIFFE ID; expected "
+            "spiffe://<trust domain>/ns/<namespace>/sa/<service account>"
+        )
+    if not control_api.startswith(("http://", "https://")):
+        raise ValueError(
+            f"control_api: {control_api!r} is not an http(s) URL; expected e.g. "
+            "http://127.0.0.1:15000"
+        )
+    return {
+        IDENTITY_KEY: identity,
+        CONTROL_API_KEY: control_api,
+        JOIN_TOKEN_FILE_KEY: join_token_file,
+    }
+
+
 def build_bootstrap(
     *,
     node_id: str,
@@ -54,13 +96,18 @@ def build_bootstrap(
     admin_address: str = "127.0.0.1",
     workload: Mapping[str, Any] | None = None,
     connect_timeout: str = "1s",
+    identity: str | None = None,
+    control_api: str | None = None,
+    join_token_file: str | None = None,
 ) -> dict[str, Any]:
     """A bootstrap dict (Envoy v3 JSON form) for the proxy ``node_id``.
 
     ``node_id`` is ``<workload>.<namespace>`` for a sidecar and ``<gateway>.<namespace>`` for a
     gateway; ``xds`` lists the control plane replicas (IP, port); ``workload`` is a Workload
     spec the control plane registers while this proxy is connected; ``admin_port`` None means
-    no admin interface. Raises ValueError on a bad argument, naming it.
+    no admin interface; ``identity``, ``control_api`` and ``join_token_file`` (together) let
+    it get its certificate (``identity_metadata``). Raises ValueError on a bad argument,
+    naming it.
     """
     if role not in ROLES:
         raise ValueError(f"role: {role!r} is not a proxy role; expected one of: {', '.join(ROLES)}")
@@ -85,6 +132,7 @@ def build_bootstrap(
     metadata: dict[str, Any] = {"ubimesh.role": role}
     if workload is not None:
         metadata["ubimesh.workload"] = dict(workload)
+    metadata.update(identity_metadata(identity, control_api, join_token_file))
     bootstrap: dict[str, Any] = {
         "node": {
             "id": node_id,

@@ -3,7 +3,11 @@
 1. Validate the files (refuse with every error, exit 1, before starting anything).
 2. Start ``ubimesh control`` as a child (SQLite in the data dir), apply the resources.
 3. Start a ``ubimesh proxy`` for every Workload with a ``sidecar`` and every Gateway (each with
-   a generated bootstrap: ADS to the control plane), and every Workload's ``command`` with
+   a generated bootstrap: ADS to the control plane). When the mesh's ``mtls.mode`` is STRICT
+   or PERMISSIVE, each proxy gets its identity with no manual step: ``up`` makes the CA in
+   ``<data dir>/ca`` (or uses the one there), creates one join token per proxy through the API
+   and writes it to ``<data dir>/tokens/<node id>.token`` (0600), which the bootstrap names
+   (with the proxy's SPIFFE ID and the API URL). Then every Workload's ``command`` with
    ``PORT`` (its first application port), ``UBIMESH_OUTBOUND`` (its sidecar's outbound
    listener, if any), ``UBIMESH_WORKLOAD``/``UBIMESH_NAMESPACE``/``UBIMESH_SERVICE``/
    ``UBIMESH_SITE``, then its own ``env``. A command whose first word is ``python`` or
@@ -41,6 +45,7 @@ import yaml
 from ubimesh.control.bootstrap import build_bootstrap, parse_address
 from ubimesh.control.client import ApiError, Client
 from ubimesh.control.resources import Resource, ResourceErrors, load_files, validate_set
+from ubimesh.control.resources.mesh import effective_mesh, spiffe_id
 from ubimesh.control.server import ADDRESSES_FILE, TOKEN_FILE
 
 STOP_GRACE_S = 5.0
@@ -48,6 +53,8 @@ POLL_S = 0.1
 #: A control plane that dies is started again, at most this many times per window.
 CONTROL_RESTARTS = 5
 CONTROL_RESTART_WINDOW_S = 60.0
+#: How long a proxy's join token is good for: it is redeemed as the proxy starts.
+JOIN_TOKEN_TTL = "1h"
 
 
 class UpError(Exception):
@@ -126,7 +133,9 @@ def first_app_port(workload: Resource, services: Mapping[tuple[str, str], Resour
 class Up:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.data_dir = Path(args.data_dir) if args.data_dir else Path(
+        # absolute: children run elsewhere (apps in the mesh file's directory) and the store
+        # URL sqlite://<path> must not turn a relative "data" into "/data"
+        self.data_dir = Path(args.data_dir).resolve() if args.data_dir else Path(
             tempfile.mkdtemp(prefix="ubimesh-up-")
         )
         self.logs = self.data_dir / "logs"
@@ -138,6 +147,9 @@ class Up:
         self.control_restarts: list[float] = []
         self.stopping = False
         self.out = sys.stdout
+        #: Set by ``enable_identity``: the API that issues join tokens and certificates.
+        self.identity_api: Client | None = None
+        self.trust_domain = ""
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -195,11 +207,61 @@ class Up:
                  "starting the control plane again")
         self._spawn_control(*self.control_addresses)
 
+    def prepare_ca(self, trust_domain: str) -> None:
+        """The CA in ``<data dir>/ca``: made now, or the one there (which must be of
+        ``trust_domain``). Before the control plane starts, which signs with it."""
+        from ubimesh.identity import CertificateAuthority
+
+        ca, created = CertificateAuthority.open_or_init(self.data_dir / "ca", trust_domain)
+        if ca.trust_domain != trust_domain:
+            raise UpError(
+                f"{self.data_dir / 'ca'}: the CA there is for trust domain {ca.trust_domain!r}, "
+                f"the mesh's trustDomain is {trust_domain!r}; use another --data-dir"
+            )
+        self.trust_domain = trust_domain
+        if created:
+            self.say(f"ubimesh up: made a CA for trust domain {trust_domain} in "
+                     f"{self.data_dir / 'ca'}")
+
+    def enable_identity(self, api: str, token: str) -> None:
+        """From now on every proxy started gets an identity (``prepare_ca`` ran)."""
+        self.identity_api = Client(api, token)
+
+    def join_token_file(self, node_id: str, identity: str) -> Path:
+        """A one-time join token for ``identity``, from the API, in a 0600 file of its own."""
+        assert self.identity_api is not None
+        body = json.dumps({"identity": identity, "ttl": JOIN_TOKEN_TTL}).encode()
+        try:
+            answer = self.identity_api._call("POST", "/api/v1/identity/tokens", body=body)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise UpError(
+                    "the control plane has no identity API (POST /api/v1/identity/tokens): "
+                    "it cannot give proxies certificates; set the Mesh's mtls.mode to DISABLE"
+                ) from None
+            raise
+        path = self.data_dir / "tokens" / f"{node_id}.token"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(answer["token"]) + "\n")
+        return path
+
     def start_proxy(self, node_id: str, role: str, admin_port: int | None, xds: str,
-                    listen_ports: Sequence[int] = ()) -> Child:
+                    listen_ports: Sequence[int] = (), identity: str | None = None) -> Child:
+        """A ``ubimesh proxy`` for ``node_id``; with ``identity`` (after ``enable_identity``)
+        its bootstrap lets it get that identity's certificate."""
         port = admin_port or free_port()
+        api = token_file = None
+        if identity is not None and self.identity_api is not None:
+            api = self.identity_api.server
+            token_file = str(self.join_token_file(node_id, identity))
+        else:
+            identity = None
         bootstrap = build_bootstrap(node_id=node_id, role=role, xds=[parse_address(xds)],
-                                    admin_port=port)
+                                    admin_port=port, identity=identity, control_api=api,
+                                    join_token_file=token_file)
         path = self.data_dir / "bootstraps" / f"{node_id}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
@@ -384,6 +446,8 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     up = Up(args)
+    mesh = effective_mesh(resources)
+    mtls = str((mesh.spec.get("mtls") or {}).get("mode", "DISABLE"))
     stop_signal: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -395,8 +459,14 @@ def run_up(args: argparse.Namespace) -> int:
     code = 0
     try:
         deadline = time.monotonic() + args.ready_timeout
+        if mtls != "DISABLE":
+            up.data_dir.mkdir(parents=True, exist_ok=True)
+            up.prepare_ca(str(mesh.spec["trustDomain"]))
         api, xds, token = up.start_control(deadline)
         up.say(f"ubimesh up: control plane {api} (xDS {xds}), data in {up.data_dir}")
+        if mtls != "DISABLE":
+            up.enable_identity(api, token)
+            up.say(f"ubimesh up: mTLS {mtls}: every proxy gets its certificate from the CA")
         files = [(f, Path(f).read_text()) for f in args.filename]
         answer = Client(api, token).apply(files)
         up.say(f"ubimesh up: applied {len(answer['results'])} resources")
@@ -411,12 +481,14 @@ def run_up(args: argparse.Namespace) -> int:
                 ports = [*(sidecar.get("inboundPorts") or {}).values()]
                 ports += [sidecar["outboundPort"]] if sidecar.get("outboundPort") else []
                 ports += [u["localPort"] for u in sidecar.get("upstreams") or []]
+                account = str(r.spec.get("serviceAccount") or r.spec["service"])
                 up.start_proxy(f"{r.name}.{r.namespace}", "sidecar", sidecar.get("adminPort"),
-                               xds, ports)
+                               xds, ports, spiffe_id(mesh, r.namespace, account))
             elif r.kind == "Gateway":
                 ports = [listener["port"] for listener in r.spec.get("listeners", [])]
+                # a gateway's identity: service account = the gateway's name
                 up.start_proxy(f"{r.name}.{r.namespace}", "gateway", r.spec.get("adminPort"),
-                               xds, ports)
+                               xds, ports, spiffe_id(mesh, r.namespace, r.name))
         up.wait_ready(deadline)
         up.say(summary(resources, api, up.data_dir))
         end = time.monotonic() + args.seconds if args.seconds is not None else None

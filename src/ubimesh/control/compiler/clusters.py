@@ -10,7 +10,8 @@ Endpoints: every Workload of the service. A workload with a sidecar listening fo
 ``address:<application port>``. Locality is the workload's ``locality`` when given, else
 ``{sub_zone: <site>}`` so that each site is a locality of its own. Priority 0 holds the
 proxy's own site, priority 1 every other site (Envoy fails over by priority). The endpoint's
-``load_balancing_weight`` is the workload's ``weight``.
+``load_balancing_weight`` is the workload's ``weight``. A service's cluster is mTLS or not as
+compiler/mtls.py says (the same for every proxy).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ubimesh.control.compiler import envoy
+from ubimesh.control.compiler import envoy, mtls
 from ubimesh.control.compiler.durations import duration
 from ubimesh.control.compiler.index import ExternalService, Index, Service, ServicePort
 from ubimesh.control.compiler.model import Message
@@ -85,6 +86,7 @@ class ClusterRegistry:
                 built = envoy.eds_cluster(
                     name, self.connect_timeout(target.service), self.lb_policy(target.service)
                 )
+                mtls.secure_cluster(built, self._index, target.service, target.port)
             self._clusters[name] = built
         return built
 

@@ -13,7 +13,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ubimesh.control.compiler.model import CompileError
 from ubimesh.control.resources.model import DEFAULT_NAMESPACE, Resource
+
+#: ``Mesh.spec.mtls.mode`` values (compiler/mtls.py).
+MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 
 #: Annotation naming the site of a gateway.
 SITE_ANNOTATION = "ubimesh.io/site"
@@ -26,6 +30,9 @@ class MeshDefaults:
     connect_timeout: str = "1s"
     request_timeout: str = "15s"
     lb_policy: str = "ROUND_ROBIN"
+    #: ``spec.mtls.mode``: STRICT, PERMISSIVE or DISABLE (compiler/mtls.py says what each
+    #: compiles to). The default must equal the Mesh schema's (spec_ubimesh.py).
+    mtls_mode: str = "DISABLE"
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class Workload:
     locality: tuple[str, str, str] | None  # region, zone, subZone
     weight: int
     sidecar: Sidecar | None
+    service_account: str  # the identity's ``sa`` segment (default: the service name)
 
     def app_port(self, port: ServicePort) -> int:
         """Where the application listens for service port ``port``."""
@@ -255,6 +263,7 @@ def _workload(r: Resource) -> Workload:
         locality=locality,
         weight=int(s.get("weight") or 1),
         sidecar=sidecar,
+        service_account=str(s.get("serviceAccount") or s["service"]),
     )
 
 
@@ -361,12 +370,20 @@ def _mesh(resources: Iterable[Resource]) -> MeshDefaults:
     # One mesh is expected; with several, the one named "default" (else the first) wins.
     mesh = next((m for m in meshes if m.name == "default"), meshes[0])
     d = mesh.spec.get("defaults") or {}
+    mtls = mesh.spec.get("mtls") or {}
     base = MeshDefaults()
+    mode = str(mtls.get("mode") or base.mtls_mode).upper()
+    if mode not in MTLS_MODES:
+        raise CompileError(
+            f"Mesh {mesh.name}: spec.mtls.mode is {mode!r}; expected one of: "
+            + ", ".join(MTLS_MODES)
+        )
     return MeshDefaults(
         trust_domain=str(mesh.spec.get("trustDomain") or base.trust_domain),
         connect_timeout=str(d.get("connectTimeout") or base.connect_timeout),
         request_timeout=str(d.get("requestTimeout") or base.request_timeout),
         lb_policy=str(d.get("lbPolicy") or base.lb_policy),
+        mtls_mode=mode,
     )
 
 

@@ -4,7 +4,8 @@
   HTTP (RDS ``inbound_<inboundPort>``: one ``*`` virtual host) or TCP per the service port's
   protocol, to the STATIC cluster ``inbound|<service port>||<service>.<namespace>`` at
   ``127.0.0.1:<application port>``. The inbound route has no timeout (``0s``): the calling
-  side's route enforces the timeout the route asked for.
+  side's route enforces the timeout the route asked for. mTLS per the mesh's mode
+  (compiler/mtls.py: STRICT, PERMISSIVE or DISABLE).
 - ``outbound_http_<outboundPort>`` on ``127.0.0.1``: every HTTP service and HTTP
   ExternalService of the mesh by Host (``Context.outbound_route_config``).
 - ``upstream_<localPort>`` on ``127.0.0.1`` per ``sidecar.upstreams`` entry: one service (or
@@ -18,7 +19,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import duration_pb2
 
-from ubimesh.control.compiler import envoy
+from ubimesh.control.compiler import envoy, mtls
 from ubimesh.control.compiler.clusters import inbound_cluster_name
 from ubimesh.control.compiler.context import Context
 from ubimesh.control.compiler.index import Upstream, Workload
@@ -60,6 +61,7 @@ def compile_sidecar(ctx: Context, workload: Workload) -> XdsSet:
             listeners[name] = envoy.tcp_listener(
                 name, workload.address, inbound_port, [(cluster, 1)]
             )
+        mtls.secure_inbound(listeners[name], ctx.index.mesh.mtls_mode)
 
     if sidecar.outbound_port is not None:
         name = f"outbound_http_{sidecar.outbound_port}"

@@ -46,8 +46,12 @@ TRUST_DOMAIN: Final = Str(
 MESH: Final = Obj(
     {
         "trustDomain": opt(TRUST_DOMAIN, "cluster.local"),
-        # PERMISSIVE until the identity issue lands (mTLS needs the CA).
-        "mtls": opt(Obj({"mode": opt(Enum("STRICT", "PERMISSIVE"), "PERMISSIVE")}), FILL),
+        # DISABLE (plaintext) until every proxy `ubimesh up` starts gets its identity: a proxy
+        # configured for mTLS without a certificate cannot serve. The compiler's default
+        # (compiler/index.py MeshDefaults.mtls_mode) must stay equal to this one.
+        "mtls": opt(
+            Obj({"mode": opt(Enum("STRICT", "PERMISSIVE", "DISABLE"), "DISABLE")}), FILL
+        ),
         "defaults": opt(
             Obj(
                 {
