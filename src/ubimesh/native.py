@@ -58,13 +58,13 @@ def _mypy_version() -> str:
 
 
 #: Packages the proxy never imports (a test keeps it so): their edits leave the build valid.
-OUTSIDE_THE_PROXY = ("control", "cli")
+OUTSIDE_THE_PROXY = ("control", "cli", "agent")
 
 
 def source_hash() -> str:
     """A digest of every source file the proxy may import (a compiled module inlines types
     and constants of the modules it imports, so any change there invalidates the build).
-    The control plane and the CLI are left out: the proxy never imports them."""
+    The control plane, the CLI and the agent are left out: the proxy never imports them."""
     digest = hashlib.sha256()
     digest.update(sys.version.encode())
     digest.update(_mypy_version().encode())

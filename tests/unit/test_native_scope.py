@@ -76,6 +76,7 @@ NOT_IN_THE_PROXY = (
     "ubimesh.control.compiler",
     "ubimesh.control.ads",
     "ubimesh.control.server",
+    "cryptography",
 )
 
 

@@ -54,6 +54,9 @@ def add_commands(sub: Any) -> None:
     control.add_argument("--api-address", default="127.0.0.1:15000", help="HOST:PORT (0: any)")
     control.add_argument("--xds-address", default="127.0.0.1:15010", help="HOST:PORT (0: any)")
     control.add_argument("--token-file", default=None, help="read the admin token from here")
+    control.add_argument("--trust-domain", default="",
+                         help="the CA's trust domain when it is created at first start "
+                         "(default: the Mesh's trustDomain, else cluster.local)")
     control.add_argument("--registration-grace", type=float, default=5.0,
                          help="seconds a disconnected proxy's workload is kept (default 5)")
     control.add_argument("-l", "--log-level", default="info",
@@ -305,6 +308,7 @@ def _control(args: argparse.Namespace) -> int:
             xds_address=parse_address(args.xds_address, what="--xds-address"),
             token_file=Path(args.token_file) if args.token_file else None,
             grace=args.registration_grace,
+            trust_domain=args.trust_domain,
         )
     except ValueError as exc:
         return _usage(str(exc))

@@ -473,6 +473,29 @@ def _mask(obj: Mapping[str, Any], paths: list[list[str]]) -> dict[str, Any]:
     return out
 
 
+#: What Envoy shows in place of an inline private key: base64 of "[redacted]".
+REDACTED = {"inline_bytes": "W3JlZGFjdGVkXQ=="}
+_SECRET_FIELDS = frozenset({"private_key", "password", "privateKey"})
+
+
+def redact_private_keys(value: Any) -> Any:
+    """``value`` with every inline private key (and key password) replaced as Envoy's
+    /config_dump does; a key given by file name keeps its name (it says nothing secret)."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if key in _SECRET_FIELDS and isinstance(item, Mapping) and (
+                "filename" not in item
+            ):
+                out[key] = dict(REDACTED)
+            else:
+                out[key] = redact_private_keys(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [redact_private_keys(item) for item in value]
+    return value
+
+
 def filter_config_dump(
     dump: Mapping[str, Any],
     *,
@@ -1175,7 +1198,7 @@ class AdminServer:
 
     async def _config_dump(self, req: _Request) -> _Response:
         q = req.query
-        dump = await _resolve(self.hooks.config_dump())
+        dump = redact_private_keys(await _resolve(self.hooks.config_dump()))
         doc = filter_config_dump(
             dump,
             resource=q.get("resource", ""),
