@@ -1,10 +1,15 @@
-"""Identity sub-commands: ``ca init|import|status``, ``token create``, ``certs status``.
+"""Identity sub-commands: ``ca init|import|status|rotate``, ``token create``, ``certs status``.
 
-``ca`` works on the CA's files directly (``<data dir>/ca``; run it before the first
-``ubimesh control``, which otherwise creates a CA itself); ``token`` and ``certs`` call the
-control plane's API with the admin token. ``main.py`` registers them with
-:func:`add_commands` and dispatches with :func:`run`. This module imports nothing heavy at
-load time: every ``ubimesh`` command, the proxy's included, loads it.
+``ca init|import|status`` work on the CA's files directly (``<data dir>/ca``; run them before
+the first ``ubimesh control``, which otherwise creates a CA itself); ``token`` and ``certs``
+call the control plane's API with the admin token. ``ca rotate begin|finish`` goes through the
+API (``POST /api/v1/identity/rotation``) so the new bundle is pushed at once, except with
+``--data-dir`` naming a data dir whose control plane is not running: then it changes the files
+(a control plane started later, or one checking the files, picks the change up).
+
+``main.py`` registers them with :func:`add_commands` and dispatches with :func:`run`. This
+module imports nothing heavy at load time: every ``ubimesh`` command, the proxy's included,
+loads it.
 
 Exit codes: 0 ok, 1 refused or failed (the reason on stderr), 2 usage.
 """
@@ -20,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from ubimesh.control.client import ApiError
+from ubimesh.control.identity_metrics import WARN_DAYS, WARN_FRACTION, expiry_warning
+
+__all__ = ["WARN_DAYS", "WARN_FRACTION", "add_commands", "expiry_warning", "run"]
 
 COMMANDS = ("ca", "token", "certs")
-
-#: A CA certificate warns this long before expiry at the latest; any certificate warns once
-#: less than WARN_FRACTION of its lifetime is left.
-WARN_DAYS = 7
-WARN_FRACTION = 0.2
 
 
 def add_commands(sub: Any) -> None:
@@ -49,6 +52,15 @@ def add_commands(sub: Any) -> None:
                      help="for an intermediate: the certificates above it up to the root (PEM)")
     status = ca_sub.add_parser("status", help="the CA's roots and intermediates")
     _ca_flags(status)
+    rotate = ca_sub.add_parser(
+        "rotate", help="root rotation: begin (new root beside the old, pushed to every proxy), "
+        "finish (old root removed) once every workload renewed")
+    rotate.add_argument("phase", choices=["begin", "finish"])
+    rotate.add_argument("--force", action="store_true",
+                        help="finish even though leaves issued before begin are still live "
+                        "(they stop verifying)")
+    _ca_flags(rotate)
+    _client_flags(rotate)
 
     token = sub.add_parser("token", help="join tokens (one-time, for a workload's first "
                            "certificate)")
@@ -102,10 +114,94 @@ def _read(path: str, flag: str) -> bytes:
         raise ApiError(0, f"{flag} {path}: {exc.strerror}") from None
 
 
+def _running_api(data_dir: Path) -> str:
+    """The API URL of the control plane running on ``data_dir`` ("" when none is)."""
+    import os
+
+    from ubimesh.control.server import ADDRESSES_FILE
+
+    try:
+        info = json.loads((data_dir / ADDRESSES_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+        return str(info["api"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from ubimesh.cli.control_cmds import _client
+    from ubimesh.control.client import Client, resolve_token
+    from ubimesh.control.server import TOKEN_FILE
+
+    body = {"phase": args.phase, "force": args.force}
+    if not args.data_dir:
+        status = _client(args)._call("POST", "/api/v1/identity/rotation",
+                                     body=json.dumps(body).encode())
+    else:
+        data_dir = Path(args.data_dir)
+        api = _running_api(data_dir)
+        if not api:
+            return _rotate_files(args, data_dir)
+        token = resolve_token(args.token, args.token_file, data_dir / TOKEN_FILE)
+        status = Client(api, token)._call("POST", "/api/v1/identity/rotation",
+                                          body=json.dumps(body).encode())
+    _print_rotation(args.phase, status)
+    return 0
+
+
+def _rotate_files(args: argparse.Namespace, data_dir: Path) -> int:
+    """Rotate on the CA's files (no control plane running on ``data_dir``)."""
+    from ubimesh.control.identity_metrics import rotation_stragglers
+    from ubimesh.control.server import CA_DIR, ISSUED_DB
+    from ubimesh.identity.ca import CaError, CertificateAuthority
+    from ubimesh.identity.issued import IssuedLeaves
+
+    try:
+        ca = CertificateAuthority.load(data_dir / CA_DIR)
+        if args.phase == "begin":
+            ca.begin_root_rotation()
+        else:
+            if not ca.rotating:
+                raise CaError("root rotation: none under way; `ubimesh ca rotate begin` first")
+            leaves = []
+            if (data_dir / ISSUED_DB).exists():
+                issued = IssuedLeaves(data_dir / ISSUED_DB)
+                try:
+                    leaves = issued.list()
+                finally:
+                    issued.close()
+            stragglers = rotation_stragglers(ca.status(), leaves)
+            if stragglers and not args.force:
+                names = ", ".join(sorted({str(r["identity"]) for r in stragglers}))
+                raise CaError(f"root rotation: {len(stragglers)} live leaf certificate(s) still "
+                              f"chain to the old root ({names}); wait for their renewal or pass "
+                              "--force")
+            ca.finish_root_rotation()
+    except CaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _print_rotation(args.phase, ca.status())
+    print(f"(changed the files in {data_dir / CA_DIR}; no control plane is running there)",
+          file=sys.stderr)
+    return 0
+
+
+def _print_rotation(phase: str, status: dict[str, Any]) -> None:
+    if phase == "begin":
+        print("root rotation begun: the bundle holds the new and the old root; new leaves come "
+              "from the new root. Finish once every workload renewed (half its lifetime): "
+              "`ubimesh ca rotate finish`")
+    else:
+        print("root rotation finished: the old root is no longer trusted")
+    _print_table(_rows(status, []))
+
+
 def _ca(args: argparse.Namespace) -> int:
     from ubimesh.identity.ca import CaError, CertificateAuthority
     from ubimesh.identity.svid import SvidError
 
+    if args.ca_command == "rotate":
+        return _rotate(args)
     directory = _ca_dir(args)
     try:
         if args.ca_command == "init":
@@ -153,24 +249,6 @@ def _certs_status(args: argparse.Namespace) -> int:
 
 def _parse_time(text: Any) -> dt.datetime:
     return dt.datetime.fromisoformat(str(text))
-
-
-def expiry_warning(not_before: dt.datetime, not_after: dt.datetime, *, ca: bool,
-                   now: dt.datetime | None = None) -> str:
-    """"" or why the certificate needs attention: EXPIRED, or expires within
-    WARN_FRACTION of its lifetime (CA certificates: also within WARN_DAYS days)."""
-    now = now or dt.datetime.now(dt.UTC)
-    left = not_after - now
-    if left <= dt.timedelta(0):
-        return "EXPIRED"
-    limit = (not_after - not_before) * WARN_FRACTION
-    if ca:
-        limit = max(limit, dt.timedelta(days=WARN_DAYS))
-    if left < limit:
-        hours = left.total_seconds() / 3600
-        when = f"{hours / 24:.1f} d" if hours >= 48 else f"{hours:.1f} h"
-        return f"expires in {when}"
-    return ""
 
 
 def _rows(status: dict[str, Any], leaves: Sequence[dict[str, Any]]) -> list[list[str]]:

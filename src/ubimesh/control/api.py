@@ -27,6 +27,14 @@ details carry ``message``, ``source``, ``resource``, ``field``, ``value`` and ``
   and ``GET /api/v1/identity/bundle`` need no admin token (a workload authenticates with a
   join token or a proof of its current certificate; the bundle is public);
   ``GET /api/v1/identity/status`` (admin) lists the CA's certificates and the leaves issued.
+  ``POST /api/v1/identity/rotation`` (admin) ``{"phase": "begin"|"finish", "force": false}``
+  rotates the root: ``begin`` adds a new root (and intermediate) beside the old one, ``finish``
+  removes the old one; either way the new bundle is pushed to every proxy at once
+  (``Identity.on_change``). ``finish`` is refused (409, naming them) while leaves issued before
+  ``begin`` are still live, unless ``force``.
+- ``GET /metrics`` (no token: a Prometheus scrape; it shows expiry times, subjects and SPIFFE
+  IDs, nothing secret): ``ubimesh_ca_cert_expiry_seconds`` and
+  ``ubimesh_issued_leaf_expiry_seconds`` (``ubimesh.control.identity_metrics``).
   Sign requests are bounded in size (:data:`MAX_SIGN_BODY`) and rate (:data:`SIGN_RATE`,
   503 with Retry-After beyond).
 
@@ -51,6 +59,7 @@ import yaml
 from aiohttp import web
 
 from ubimesh.control.client import FILES_TYPE, NO_NAMESPACE
+from ubimesh.control.identity_metrics import render_metrics, rotation_stragglers
 from ubimesh.control.resources import (
     KINDS,
     Key,
@@ -483,6 +492,9 @@ class Identity:
     issued: IssuedLeaves
     leaf_ttl: dt.timedelta = dt.timedelta(hours=24)
     bucket: _Bucket = field(default_factory=lambda: _Bucket(SIGN_RATE, SIGN_BURST))
+    #: Called after the CA changed in this process (a root rotation), so that the server
+    #: pushes the new bundle at once instead of at its next check of the files.
+    on_change: Callable[[], None] | None = None
 
 
 IDENTITY_KEY = web.AppKey("identity", Identity)
@@ -638,6 +650,48 @@ async def identity_status_handler(request: web.Request) -> web.Response:
     return _json({**state.ca.status(), "leaves": leaves})
 
 
+async def rotation_handler(request: web.Request) -> web.Response:
+    state = _identity(request)
+    body = await _json_body(request, MAX_SIGN_BODY)
+    phase = body.get("phase")
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise ApiError(400, f"force: expected true or false, got {force!r}")
+    ca = state.ca
+    try:
+        if phase == "begin":
+            ca.begin_root_rotation()
+        elif phase == "finish":
+            if not ca.rotating:
+                raise ApiError(409, "root rotation: none under way; begin it first "
+                               '({"phase": "begin"})')
+            stragglers = rotation_stragglers(ca.status(), state.issued.list())
+            if stragglers and not force:
+                names = sorted({f"{r['identity']} ({r.get('node') or 'unknown proxy'})"
+                                for r in stragglers})
+                raise ApiError(409, f"root rotation: {len(stragglers)} live leaf certificate(s) "
+                               "still chain to the old root and would stop verifying; wait "
+                               "for their renewal (at half their lifetime) or pass force",
+                               names[:100])
+            ca.finish_root_rotation()
+        else:
+            raise ApiError(400, f'phase: {phase!r} is not a rotation phase; expected "begin" or '
+                           '"finish"')
+    except CaError as exc:
+        raise ApiError(409, str(exc)) from None
+    log.info("root rotation: %s (bundle of %d root(s) pushed)", phase, len(ca.roots))
+    if state.on_change is not None:
+        state.on_change()
+    return _json(ca.status())
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    state = request.app.get(IDENTITY_KEY)
+    text = "" if state is None else render_metrics(state.ca.status(), state.issued.list())
+    return web.Response(body=text.encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 @web.middleware
 async def _middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -694,4 +748,6 @@ def make_app(
     app.router.add_post("/api/v1/identity/sign", sign_handler)
     app.router.add_get("/api/v1/identity/bundle", bundle_handler)
     app.router.add_get("/api/v1/identity/status", identity_status_handler)
+    app.router.add_post("/api/v1/identity/rotation", rotation_handler)
+    app.router.add_get("/metrics", metrics_handler)
     return app

@@ -136,8 +136,10 @@ class ControlPlane:
         self.store = store = open_store(store_url)
         self.registry = Registry(store, grace=opts.grace)
         revision = await store.revision()
-        self.identity = await self._open_identity(store)
-        self.set_trust_bundle(self.identity.ca.bundle_pem())
+        self.identity = identity = await self._open_identity(store)
+        self.set_trust_bundle(identity.ca.bundle_pem())
+        # A rotation through the API pushes its new bundle at once (not at the next check).
+        identity.on_change = lambda: self.set_trust_bundle(identity.ca.bundle_pem())
         await self._compile()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[None] = asyncio.Queue(EVENT_QUEUE)
@@ -184,17 +186,24 @@ class ControlPlane:
 
     async def _identity_loop(self) -> None:
         """Renew the intermediate at half-life; pick up CA changes made on disk (``ubimesh ca``
-        or a root rotation) and push a changed bundle to every proxy."""
+        or a root rotation) and push a changed bundle to every proxy; log a WARNING once per
+        certificate near its expiry (``identity_metrics.ExpiryWarner``)."""
+        from ubimesh.control.identity_metrics import ExpiryWarner
         from ubimesh.identity.ca import BUNDLE_FILE, INT_CERT, CaError, CertificateAuthority
 
         assert self.identity is not None
         directory = self.identity.ca.directory
+        warner = ExpiryWarner()
 
         def stamp() -> tuple[float, ...]:
             return tuple(_mtime(directory / name) for name in (BUNDLE_FILE, INT_CERT))
 
         seen = stamp()
         while True:
+            try:
+                warner.check(self.identity.ca.status(), self.identity.issued.list())
+            except Exception as exc:  # sqlite3.Error included: a warning must not stop the loop
+                log.warning("certificate expiry check failed: %s", exc)
             await asyncio.sleep(self.options.identity_check_s)
             try:
                 if self.identity.ca.renew_intermediate_if_due():

@@ -38,7 +38,8 @@ __all__ = ["CaError", "CertificateAuthority"]
 DEFAULT_ROOT_TTL = dt.timedelta(days=3650)
 DEFAULT_INTERMEDIATE_TTL = dt.timedelta(days=30)
 DEFAULT_LEAF_TTL = dt.timedelta(hours=24)
-MIN_LEAF_TTL = dt.timedelta(minutes=1)
+#: The shortest leaf lifetime granted (short lifetimes are for tests of renewal and rotation).
+MIN_LEAF_TTL = dt.timedelta(seconds=10)
 MAX_LEAF_TTL = dt.timedelta(days=90)
 #: notBefore is backdated this much for clock skew between machines.
 BACKDATE = dt.timedelta(minutes=1)

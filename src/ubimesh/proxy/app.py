@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ubimesh import __version__
 from ubimesh.proxy.admin import AdminServer, ClusterStatus, ListenerStatus
@@ -30,6 +30,9 @@ from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
 from ubimesh.proxy.xds.ads_link import AdsChild
 from ubimesh.runtime.workers import WorkerHandle, fork_worker, serve_control
 from ubimesh.telemetry.stats import StatsSnapshot, Store, merge_snapshots
+
+if TYPE_CHECKING:
+    from ubimesh.proxy.tls.expiry import ExpiryTracker
 
 log = logging.getLogger("ubimesh.proxy")
 
@@ -114,6 +117,7 @@ class ProxyApp:
         self._quit = asyncio.Event()
         self.reloads = self.stats.counter("server.config_reload_total")
         self.reload_failures = self.stats.counter("server.config_reload_failed")
+        self._expiry: ExpiryTracker | None = None  # made at the first stats read
 
     # -- run ----------------------------------------------------------------------------------
 
@@ -222,7 +226,26 @@ class ProxyApp:
 
     # -- admin hooks --------------------------------------------------------------------------
 
+    def _update_cert_expiry(self) -> None:
+        """``server.days_until_first_cert_expiring`` (Envoy's) and
+        ``server.seconds_until_first_cert_expiring`` from the applied snapshot, at read time."""
+        from ubimesh.proxy.tls.expiry import NO_CERTIFICATE_DAYS, ExpiryTracker
+
+        if self._expiry is None:
+            self._expiry = ExpiryTracker()
+        when = self._expiry.first_expiry(self.snapshot)
+        days = self.stats.gauge("server.days_until_first_cert_expiring")
+        seconds = self.stats.gauge("server.seconds_until_first_cert_expiring")
+        if when is None:
+            days.set(NO_CERTIFICATE_DAYS)
+            seconds.set(NO_CERTIFICATE_DAYS)
+        else:
+            left = max(0, int(when - time.time()))
+            days.set(left // 86400)
+            seconds.set(left)
+
     async def stats_snapshot(self) -> StatsSnapshot:
+        self._update_cert_expiry()
         snaps = [self.stats.snapshot()]
         for w in self.workers:
             try:
