@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tests.support.pki import Pki, key_pem
 
-from ubimesh.cli.identity_cmds import expiry_warning
 from ubimesh.cli.main import main
+from ubimesh.control.identity_metrics import expiry_warning
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 H, D = dt.timedelta(hours=1), dt.timedelta(days=1)

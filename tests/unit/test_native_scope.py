@@ -76,6 +76,8 @@ NOT_IN_THE_PROXY = (
     "ubimesh.control.compiler",
     "ubimesh.control.ads",
     "ubimesh.control.server",
+    "ubimesh.control.identity_metrics",
+    "datetime",
     "cryptography",
 )
 

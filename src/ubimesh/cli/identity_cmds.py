@@ -17,17 +17,18 @@ Exit codes: 0 ok, 1 refused or failed (the reason on stderr), 2 usage.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import datetime
 
 from ubimesh.control.client import ApiError
-from ubimesh.control.identity_metrics import WARN_DAYS, WARN_FRACTION, expiry_warning
 
-__all__ = ["WARN_DAYS", "WARN_FRACTION", "add_commands", "expiry_warning", "run"]
+__all__ = ["add_commands", "run"]
 
 COMMANDS = ("ca", "token", "certs")
 
@@ -247,11 +248,15 @@ def _certs_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_time(text: Any) -> dt.datetime:
-    return dt.datetime.fromisoformat(str(text))
+def _parse_time(text: Any) -> datetime.datetime:
+    import datetime
+
+    return datetime.datetime.fromisoformat(str(text))
 
 
 def _rows(status: dict[str, Any], leaves: Sequence[dict[str, Any]]) -> list[list[str]]:
+    from ubimesh.control.identity_metrics import expiry_warning
+
     rows: list[list[str]] = []
     for kind, items in (("root", status.get("roots", [])),
                         ("intermediate", status.get("intermediates", []))):
