@@ -1,5 +1,9 @@
 """ubimesh proxy benchmark: ubimesh against Envoy, nginx and HAProxy (performance.md S1).
 
+``--scenario mtls-pair`` runs the other scenario instead: a sidecar pair with mTLS between the
+two proxies (client -> proxy -> proxy -> upstream), ubimesh's pair against Envoy's, at fixed
+rates (issue 4, second benchmark bar; see benchlib/mtls_pair.py).
+
 Run it with ``bash bench/run.sh [options]`` (which installs what is missing first), or with
 ``python bench/run.py [options]`` from an environment that already has everything. See
 bench/README.md for the method and for how to read the results.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import http.client
 import os
 import platform
 import re
@@ -34,7 +39,7 @@ from typing import Any
 
 import psutil
 
-from benchlib import configs
+from benchlib import configs, mtls_pair
 from benchlib.loads import LoadResult, run_h2load, run_wrk
 from benchlib.procs import (
     BenchError,
@@ -46,6 +51,7 @@ from benchlib.procs import (
     core_busy,
     cpu_affinities,
     cpu_snapshot,
+    cpu_snapshot_all,
     free_port,
     http_get,
     mem_sample,
@@ -58,6 +64,14 @@ from benchlib.report import DIRECT, chart, markdown, summarise, write_json
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 ALL_PROXIES = ("ubimesh", "envoy", "nginx", "haproxy")
+SCENARIOS = ("s1", "mtls-pair")
+# Per-scenario defaults of the options whose default depends on the scenario.
+SCENARIO_DEFAULTS = {
+    "s1": {"proxies": ",".join(ALL_PROXIES), "sizes": "1k,16k", "rates": "1000,5000",
+           "wrk_conns": "50"},
+    "mtls-pair": {"proxies": ",".join(mtls_pair.PRODUCTS), "sizes": "1k", "rates": "1000",
+                  "wrk_conns": ""},
+}  # fmt: skip
 MB = 1024 * 1024
 # The proxy's admin counter of requests sent upstream (Envoy's name; ubimesh mirrors it).
 # Notes that mean someone else's work disturbed a run (see --noise-retries).
@@ -96,12 +110,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: duration 5, warm-up 2, repeat 1 (explicit options still win)",
     )
-    p.add_argument("--proxies", default=",".join(ALL_PROXIES), help="comma list of proxies")
+    p.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="s1",
+        help="s1: one proxy, plain HTTP; mtls-pair: a pair of proxies with mTLS between them",
+    )
+    p.add_argument(
+        "--proxies",
+        default=None,
+        help="comma list of proxies [s1: ubimesh,envoy,nginx,haproxy; mtls-pair: ubimesh,envoy]",
+    )
     p.add_argument("--no-direct", action="store_true", help="skip the direct-to-upstream baseline")
     p.add_argument("--ubimesh-cmd", default="ubimesh proxy", help="command that starts ubimesh")
-    p.add_argument("--sizes", default="1k,16k", help="response body sizes")
-    p.add_argument("--rates", default="1000,5000", help="fixed rates for h2load (total rps)")
-    p.add_argument("--wrk-conns", default="50", help="wrk connection counts (closed loop)")
+    p.add_argument(
+        "--sizes", default=None, help="response body sizes [s1: 1k,16k; mtls-pair: 1k]"
+    )
+    p.add_argument(
+        "--rates",
+        default=None,
+        help="fixed rates for h2load, total rps [s1: 1000,5000; mtls-pair: 1000]",
+    )
+    p.add_argument(
+        "--wrk-conns",
+        default=None,
+        help="wrk connection counts (closed loop) [s1: 50; mtls-pair: none]",
+    )
     p.add_argument("--h2load-conns", type=int, default=16, help="h2load clients (fixed rate)")
     p.add_argument("--proxy-cpu", type=int, default=1, help="core for the proxy under test")
     p.add_argument("--load-cpu", type=int, default=0, help="core for upstream and load gen")
@@ -132,15 +166,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     quick = {"duration": 5, "warmup": 2, "repeat": 1, "quiet_timeout": 30.0}
     full = {"duration": 60, "warmup": 10, "repeat": 3, "quiet_timeout": 120.0}
-    for key, value in (quick if args.quick else full).items():
+    for key, value in [
+        *(quick if args.quick else full).items(),
+        *SCENARIO_DEFAULTS[args.scenario].items(),
+    ]:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.duration < 1 or args.warmup < 0 or args.repeat < 1:
         p.error("--duration must be >= 1, --warmup >= 0, --repeat >= 1")
     args.proxies = _csv(args.proxies)
-    unknown = [x for x in args.proxies if x not in ALL_PROXIES]
+    allowed = ALL_PROXIES if args.scenario == "s1" else mtls_pair.PRODUCTS
+    unknown = [x for x in args.proxies if x not in allowed]
     if unknown:
-        p.error(f"unknown proxies {unknown}; choose from {','.join(ALL_PROXIES)}")
+        p.error(
+            f"unknown proxies {unknown} for --scenario {args.scenario}; "
+            f"choose from {','.join(allowed)}"
+        )
     try:
         args.sizes = {label: parse_size(label) for label in _csv(args.sizes)}
     except argparse.ArgumentTypeError as exc:
@@ -217,14 +258,25 @@ def preflight(args: argparse.Namespace) -> Tools:
             )
         # Fail before any load runs if ubimesh rejects the bootstrap it will be given.
         with tempfile.TemporaryDirectory(prefix="ubimesh-bench-check-") as tmp:
-            sample = configs.ubimesh_bootstrap(free_port(), free_port(), free_port())
-            path = configs.write_text(Path(tmp) / "bootstrap.yaml", configs.dump_yaml(sample))
-            code, out = command_output([*ubimesh, "-c", str(path), "--mode", "validate"])
-        if code != 0:
-            raise BenchError(
-                f"`{args.ubimesh_cmd} -c bootstrap.yaml --mode validate` failed (exit {code}):"
-                f"\n{out[-2000:]}\nRun without it with --proxies envoy,nginx,haproxy."
-            )
+            if args.scenario == "mtls-pair":
+                certs = mtls_pair.mint_certs(Path(tmp))
+                ports = (free_port(), free_port(), free_port())
+                samples = {
+                    "outbound.yaml": mtls_pair.outbound_bootstrap("ubimesh", *ports, certs),
+                    "inbound.yaml": mtls_pair.inbound_bootstrap("ubimesh", *ports, certs),
+                }
+            else:
+                sample = configs.ubimesh_bootstrap(free_port(), free_port(), free_port())
+                samples = {"bootstrap.yaml": sample}
+            for fname, cfg in samples.items():
+                path = configs.write_text(Path(tmp) / fname, configs.dump_yaml(cfg))
+                code, out = command_output([*ubimesh, "-c", str(path), "--mode", "validate"])
+                if code != 0:
+                    raise BenchError(
+                        f"`{args.ubimesh_cmd} -c {fname} --mode validate` failed (exit {code}):"
+                        f"\n{out[-2000:]}\nRun without it with --proxies "
+                        f"{'envoy' if args.scenario == 'mtls-pair' else 'envoy,nginx,haproxy'}."
+                    )
     return Tools(nginx=which("nginx"), haproxy=which("haproxy"), envoy=envoy, ubimesh=ubimesh)
 
 
@@ -270,10 +322,20 @@ class Target:
     idle_rss_mb: float | None = None
     idle_pss_mb: float | None = None
     affinity: list[list[int]] | None = None
+    # mtls-pair: the two proxies of the pair ("outbound", "inbound"); S1 uses ``managed``.
+    parts: dict[str, Managed] | None = None
+    part_idle: dict[str, dict[str, float | None]] | None = None
+    handshake_url: str | None = None
 
     @property
     def pid(self) -> int | None:
         return self.managed.pid if self.managed else None
+
+    @property
+    def pids(self) -> list[int]:
+        if self.parts:
+            return [m.pid for m in self.parts.values()]
+        return [self.managed.pid] if self.managed else []
 
 
 @dataclass
@@ -285,6 +347,7 @@ class Context:
     upstream: Managed
     upstream_port: int
     run_counter: int = 0
+    pair_certs: mtls_pair.PairCerts | None = None
 
 
 def start_upstream(
@@ -393,6 +456,108 @@ def start_proxy(ctx: Context, name: str) -> Target:
     return target
 
 
+def _pair_cmd(ctx: Context, product: str, path: Path) -> list[str]:
+    if product == "ubimesh":
+        assert ctx.tools.ubimesh is not None
+        return [*ctx.tools.ubimesh, "-c", str(path), "--concurrency", "1"]
+    assert ctx.tools.envoy is not None
+    return [ctx.tools.envoy, "-c", str(path), "--concurrency", "1", "--disable-hot-restart"]
+
+
+def _refuses_plaintext(url: str) -> Callable[[], bool]:
+    """A check that passes when a plain HTTP request to ``url`` gets no 200 (TLS is on)."""
+
+    def check() -> bool:
+        try:
+            status, _body = http_get(url, timeout=2.0)
+        except (OSError, http.client.HTTPException):
+            return True
+        return status != 200
+
+    return check
+
+
+def start_pair(ctx: Context, product: str) -> Target:
+    """Start the inbound, then the outbound proxy of an mTLS pair, both on --proxy-cpu.
+
+    Ready means: both admins answer, a request through the pair returns 200 with the full body
+    for every size, and the inbound listener does not serve plain HTTP.
+    """
+    args, workdir = ctx.args, ctx.workdir
+    assert ctx.pair_certs is not None
+    name = mtls_pair.target_name(product)
+    in_port, in_admin, out_port, out_admin = (free_port() for _ in range(4))
+    cfgs = {
+        "inbound": mtls_pair.inbound_bootstrap(
+            product, in_port, in_admin, ctx.upstream_port, ctx.pair_certs
+        ),
+        "outbound": mtls_pair.outbound_bootstrap(
+            product, out_port, out_admin, in_port, ctx.pair_certs
+        ),
+    }
+    admins = {"inbound": in_admin, "outbound": out_admin}
+    parts: dict[str, Managed] = {}
+    target = Target(
+        name,
+        f"http://127.0.0.1:{out_port}",
+        stats_url=f"http://127.0.0.1:{in_admin}/stats",
+        parts=parts,
+        handshake_url=f"http://127.0.0.1:{out_admin}/stats",
+    )
+    try:
+        for role in ("inbound", "outbound"):
+            path = workdir / f"{name}.{role}.bootstrap.yaml"
+            configs.write_text(path, configs.dump_yaml(cfgs[role]))
+            cmd = pinned(args.proxy_cpu, _pair_cmd(ctx, product, path))
+            managed = ctx.registry.spawn(
+                f"{name} {role}", cmd, workdir / f"{name}.{role}.log", workdir
+            )
+            parts[role] = managed
+            ready_url = f"http://127.0.0.1:{admins[role]}/ready"
+            wait_until(
+                f"{name} {role} admin at {ready_url}",
+                answers_http(ready_url),
+                args.start_timeout,
+                managed,
+            )
+        for label, size in args.sizes.items():
+            wait_until(
+                f"{name} proxying /{label} over mTLS",
+                answers_200(f"{target.base_url}/{label}", size),
+                args.start_timeout,
+                parts["outbound"],
+            )
+        wait_until(
+            f"{name} inbound refusing plain HTTP",
+            _refuses_plaintext(f"http://127.0.0.1:{in_port}/{next(iter(args.sizes))}"),
+            5.0,
+            parts["inbound"],
+        )
+    except BaseException:
+        for managed in parts.values():
+            ctx.registry.stop(managed)
+        raise
+    time.sleep(args.settle)
+    target.part_idle = {}
+    target.affinity = []
+    for role, managed in parts.items():
+        idle = mem_sample(managed.pid)
+        target.part_idle[role] = {
+            "idle_rss_mb": idle.rss / MB,
+            "idle_pss_mb": idle.pss / MB if idle.pss is not None else None,
+        }
+        target.affinity += cpu_affinities(managed.pid)
+    target.idle_rss_mb = sum(v["idle_rss_mb"] or 0.0 for v in target.part_idle.values())
+    pss = [v["idle_pss_mb"] for v in target.part_idle.values()]
+    target.idle_pss_mb = None if None in pss else sum(p or 0.0 for p in pss)
+    if any(aff != [args.proxy_cpu] for aff in target.affinity):
+        print(
+            f"warning: {name} processes are not all pinned to cpu {args.proxy_cpu}: "
+            f"{target.affinity}"
+        )
+    return target
+
+
 def read_counter(target: Target) -> int | None:
     if not target.stats_url:
         return None
@@ -404,10 +569,36 @@ def read_counter(target: Target) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def read_handshakes(target: Target) -> int | None:
+    """mtls-pair: the outbound proxy's count of TLS handshakes with the inbound one."""
+    if not target.handshake_url:
+        return None
+    try:
+        status, body = http_get(target.handshake_url, timeout=2.0)
+    except OSError:
+        return None
+    text = body.decode(errors="replace") if status == 200 else ""
+    m = mtls_pair.HANDSHAKE_COUNTER.search(text)
+    return int(m.group(1)) if m else None
+
+
 @contextlib.contextmanager
 def running(ctx: Context, name: str) -> Iterator[Target]:
     if name == DIRECT:
         yield Target(DIRECT, f"http://127.0.0.1:{ctx.upstream_port}")
+        return
+    if ctx.args.scenario == "mtls-pair":
+        target = start_pair(ctx, mtls_pair.product_of(name))
+        try:
+            yield target
+        finally:
+            for managed in (target.parts or {}).values():
+                if not managed.alive():
+                    print(
+                        f"warning: {managed.name} exited during the run; log tail:\n"
+                        f"{managed.log_tail()}"
+                    )
+                ctx.registry.stop(managed)
         return
     target = start_proxy(ctx, name)
     try:
@@ -441,9 +632,14 @@ def measure(
 
     def snap(tag: str) -> Callable[[], None]:
         def take() -> None:
+            proxy_cpu: Any
+            if target.parts:  # both proxies of an mTLS pair, summed
+                proxy_cpu = cpu_snapshot_all(target.pids)
+            else:
+                proxy_cpu = cpu_snapshot(target.pid) if target.pid else None
             snaps[tag] = Snap(
                 time.monotonic(),
-                cpu_snapshot(target.pid) if target.pid else None,
+                proxy_cpu,
                 cpu_snapshot(ctx.upstream.pid),
                 psutil.cpu_times(percpu=True),
             )
@@ -466,8 +662,12 @@ def measure(
         assert rate is not None
         label = f"h2load {rate:g} rps"
     counter_before = read_counter(target)
+    handshakes_before = read_handshakes(target)
     sampler = MemSampler(target.pid) if target.pid else contextlib.nullcontext()
-    with sampler:
+    part_samplers = {role: MemSampler(m.pid) for role, m in (target.parts or {}).items()}
+    with sampler, contextlib.ExitStack() as stack:
+        for part_sampler in part_samplers.values():
+            stack.enter_context(part_sampler)
         result: LoadResult
         if kind == "closed":
             result = run_wrk(
@@ -490,6 +690,7 @@ def measure(
             with contextlib.suppress(OSError):
                 log_file.unlink()
     counter_after = read_counter(target)
+    handshakes_after = read_handshakes(target)
 
     a, b = snaps["a"], snaps["b"]
     wall = max(b.t - a.t, 1e-9)
@@ -526,6 +727,31 @@ def measure(
         rss, pss = sampler.max_rss(), sampler.max_pss()
         rec["max_rss_mb"] = rss / MB if rss is not None else None
         rec["max_pss_mb"] = pss / MB if pss is not None else None
+    if target.parts:
+        parts: dict[str, dict[str, float | None]] = {}
+        for role, part_sampler in part_samplers.items():
+            rss, pss = part_sampler.max_rss(), part_sampler.max_pss()
+            parts[role] = {
+                "max_rss_mb": rss / MB if rss is not None else None,
+                "max_pss_mb": pss / MB if pss is not None else None,
+                **(target.part_idle or {}).get(role, {}),
+            }
+        rec["parts"] = parts
+        # Upper bound of the pair's peak: the two proxies' peaks need not coincide.
+        rss_values = [p["max_rss_mb"] for p in parts.values()]
+        pss_values = [p["max_pss_mb"] for p in parts.values()]
+        rec["max_rss_mb"] = None if None in rss_values else sum(v or 0.0 for v in rss_values)
+        rec["max_pss_mb"] = None if None in pss_values else sum(v or 0.0 for v in pss_values)
+        # Counted from before the warm-up, in which the outbound pool grows to one connection
+        # per h2load client; more than that means the proxies reconnected (keep-alive broke).
+        shakes = (
+            handshakes_after - handshakes_before
+            if handshakes_before is not None and handshakes_after is not None
+            else None
+        )
+        rec["tls_handshakes"] = shakes
+        if shakes is not None and shakes > conns:
+            notes.append(f"{shakes} TLS handshakes between the proxies (> {conns} clients)")
     if counter_before is not None and counter_after is not None:
         delta = counter_after - counter_before
         rec["upstream_rq_counter_delta"] = delta
@@ -577,7 +803,12 @@ def write_outputs(
     outdir.mkdir(parents=True, exist_ok=True)
     rows = summarise(runs)
     sizes = list(args.sizes)
-    text = markdown(rows, meta, targets, sizes, args.subject)
+    subject = args.subject
+    if args.scenario == "mtls-pair":
+        subject = mtls_pair.target_name(subject)
+    text = markdown(rows, meta, targets, sizes, subject)
+    if args.scenario == "mtls-pair":
+        text += "\n" + mtls_pair.pair_section(rows, runs)
     (outdir / "results.md").write_text(text)
     write_json(outdir / "results.json", {"meta": meta, "summary": rows, "runs": runs})
     if rows:
@@ -610,7 +841,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     started = dt.datetime.now()
     outdir = args.results_dir / started.strftime("%Y%m%d-%H%M%S")
-    targets = ([] if args.no_direct else [DIRECT]) + list(args.proxies)
+    names = list(args.proxies)
+    if args.scenario == "mtls-pair":
+        names = [mtls_pair.target_name(p) for p in args.proxies]
+    targets = ([] if args.no_direct else [DIRECT]) + names
     registry = ProcessRegistry()
     workdir = Path(tempfile.mkdtemp(prefix="ubimesh-bench-"))
     workdir.chmod(0o755)  # nginx workers may run as an unprivileged user
@@ -633,8 +867,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"-D {args.duration} --warm-up-time {args.warmup}",
             "versions": collect_versions(tools),
         }  # fmt: skip
+        if args.scenario == "mtls-pair":
+            meta["scenario"] = (
+                "mtls-pair: h2load -> outbound proxy -> mTLS -> inbound proxy -> upstream; "
+                f"client {mtls_pair.CLIENT_ID}, server {mtls_pair.SERVER_ID}"
+            )
+            meta["layout"] = (
+                f"both proxies of a pair on cpu {args.proxy_cpu}; upstream + load generator "
+                f"on cpu {args.load_cpu}"
+            )
         upstream, upstream_port = start_upstream(args, tools, registry, workdir)
         ctx = Context(args, tools, registry, workdir, upstream, upstream_port)
+        if args.scenario == "mtls-pair":
+            # Minted once per run; the generated keys stay in the work directory.
+            ctx.pair_certs = mtls_pair.mint_certs(workdir / "certs")
         steps = plan(args)
         total = args.repeat * len(targets) * len(steps)
         for rep in range(1, args.repeat + 1):

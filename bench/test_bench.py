@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import configs
+import run
+from benchlib import configs, mtls_pair
 from benchlib.loads import parse_h2load, parse_wrk, percentile
 from benchlib.report import markdown, summarise
 
@@ -157,3 +160,91 @@ def test_summary_and_markdown() -> None:
     assert abs(envoy["added_p99_ms"] - 0.5) < 1e-9
     text = markdown(rows, {"versions": {}}, ["direct", "envoy", "nginx"], ["1k"], "envoy")
     assert "| 1k | h2load 1000 rps | 1.00 | 2.50 |" in text
+
+
+# --------------------------------------------------------------------------------------
+# Scenario mtls-pair
+# --------------------------------------------------------------------------------------
+
+
+def _tls_of(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    res = cfg["static_resources"]
+    if where == "listener":
+        return res["listeners"][0]["filter_chains"][0]["transport_socket"]["typed_config"]
+    return res["clusters"][0]["transport_socket"]["typed_config"]
+
+
+def test_mtls_pair_bootstraps_are_the_same_for_both_products(tmp_path: Path) -> None:
+    certs = mtls_pair.mint_certs(tmp_path)
+    assert oct(certs.client_key.stat().st_mode & 0o777) == "0o600"
+    for product in mtls_pair.PRODUCTS:
+        out = mtls_pair.outbound_bootstrap(product, 10000, 10001, 10002, certs)
+        inb = mtls_pair.inbound_bootstrap(product, 10002, 10003, 10004, certs)
+        up, down = _tls_of(out, "cluster"), _tls_of(inb, "listener")
+        assert up["@type"].endswith("UpstreamTlsContext")
+        assert down["@type"].endswith("DownstreamTlsContext")
+        assert down["require_client_certificate"] is True
+        assert "require_client_certificate" not in up
+        sans = {
+            "up": up["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"],
+            "down": down["common_tls_context"]["validation_context"][
+                "match_typed_subject_alt_names"
+            ],
+        }
+        assert sans["up"] == [{"san_type": "URI", "matcher": {"exact": mtls_pair.SERVER_ID}}]
+        assert sans["down"] == [{"san_type": "URI", "matcher": {"exact": mtls_pair.CLIENT_ID}}]
+        port = out["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
+        assert port["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] == (
+            10002
+        )
+        hcm = inb["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        assert hcm["typed_config"]["forward_client_cert_details"] == "SANITIZE_SET"
+    # Apart from Envoy's "bare" additions, both products get the same TLS documents.
+    u = mtls_pair.inbound_bootstrap("ubimesh", 1, 2, 3, certs)
+    e = mtls_pair.inbound_bootstrap("envoy", 1, 2, 3, certs)
+    assert _tls_of(u, "listener") == _tls_of(e, "listener")
+
+
+def test_mtls_pair_leaves_carry_the_ids(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    certs = mtls_pair.mint_certs(tmp_path)
+    for path, sid in ((certs.client_chain, mtls_pair.CLIENT_ID),
+                      (certs.server_chain, mtls_pair.SERVER_ID)):  # fmt: skip
+        leaf = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [sid]
+
+
+def test_mtls_pair_verdict_and_section() -> None:
+    base = {"kind": "fixed", "conns": 16, "requested_rps": 1000.0, "non2xx": 0,
+            "socket_errors": 0, "size": "1k", "load": "h2load 1000 rps", "rps": 1000.0}  # fmt: skip
+    parts = {"outbound": {"max_rss_mb": 40.0, "idle_rss_mb": 30.0},
+             "inbound": {"max_rss_mb": 41.0, "idle_rss_mb": 31.0}}  # fmt: skip
+    runs = [
+        {**base, "target": "direct", "p50_ms": 0.5, "p99_ms": 1.0},
+        {**base, "target": "ubimesh-pair", "p50_ms": 0.9, "p99_ms": 1.8, "cpu_us_per_req": 90.0,
+         "parts": parts, "tls_handshakes": 0},
+        {**base, "target": "envoy-pair", "p50_ms": 0.8, "p99_ms": 2.0, "cpu_us_per_req": 60.0,
+         "parts": parts, "tls_handshakes": 0},
+    ]  # fmt: skip
+    rows = summarise(runs)
+    text = mtls_pair.pair_section(rows, runs)
+    assert "PASS (+0.800 ms vs +1.000 ms)" in text
+    assert "| 40.0 | 41.0 | 30.0 | 31.0 | 0 |" in text
+    runs[1]["p99_ms"] = 2.5
+    assert "FAIL (+1.500 ms vs +1.000 ms)" in mtls_pair.pair_section(summarise(runs), runs)
+    assert mtls_pair.verdict(None, rows[2]) == "n/a (both pairs must run)"
+
+
+def test_scenario_defaults() -> None:
+    s1 = run.parse_args([])
+    assert s1.scenario == "s1" and s1.proxies == ["ubimesh", "envoy", "nginx", "haproxy"]
+    assert s1.sizes == {"1k": 1024, "16k": 16384} and s1.wrk_conns == [50]
+    assert s1.rates == [1000.0, 5000.0]
+    pair = run.parse_args(["--scenario", "mtls-pair", "--quick"])
+    assert pair.proxies == ["ubimesh", "envoy"] and pair.wrk_conns == []
+    assert pair.sizes == {"1k": 1024} and pair.rates == [1000.0] and pair.duration == 5
+    assert [step[1] for step in run.plan(pair)] == ["fixed"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--scenario", "mtls-pair", "--proxies", "nginx"])

@@ -216,6 +216,16 @@ def cpu_snapshot(pid: int) -> CpuSnapshot:
     return CpuSnapshot(time.monotonic(), total, frozenset(pids))
 
 
+def cpu_snapshot_all(pids: Sequence[int]) -> CpuSnapshot:
+    """``cpu_snapshot`` summed over several process trees (the two proxies of a pair)."""
+    snaps = [cpu_snapshot(pid) for pid in pids]
+    return CpuSnapshot(
+        time.monotonic(),
+        sum(s.seconds for s in snaps),
+        frozenset().union(*(s.pids for s in snaps)),
+    )
+
+
 @dataclass
 class MemSample:
     rss: int
