@@ -198,6 +198,9 @@ def test_proxy_gets_its_certificate_serves_mtls_and_renews_without_a_failed_requ
     try:
         conn, first = client.connect(port)
         assert get(conn) == (200, b"hello")
+        # `ubimesh certs status` can say which proxy holds the leaf.
+        leaves = control.call("GET", "/api/v1/identity/status")["leaves"]
+        assert any(leaf.get("node") == "web.default" for leaf in leaves), leaves
         # /config_dump never shows the proxy's private key (as PEM or base64 PEM).
         dump = admin_get(admin, "/config_dump")[1]
         assert b"PRIVATE KEY" not in dump

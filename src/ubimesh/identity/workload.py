@@ -244,7 +244,8 @@ class WorkloadIdentity:
 
     ``token`` is the join token for the first certificate (None: :meth:`obtain` refuses).
     ``ttl`` (e.g. "1h"), when given, is asked of the control plane; it grants at most what
-    the CA allows.  ``clock``, ``rand`` and ``sleep`` are injectable for tests.
+    the CA allows. ``node`` (the proxy's node id) is recorded with the leaf.  ``clock``,
+    ``rand`` and ``sleep`` are injectable for tests.
     """
 
     def __init__(
@@ -254,6 +255,7 @@ class WorkloadIdentity:
         token: str | None,
         *,
         ttl: str = "",
+        node: str = "",
         timeout: float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
@@ -269,6 +271,7 @@ class WorkloadIdentity:
         self.client = SignClient(control_api, timeout=timeout)
         self.token = token
         self.ttl = ttl
+        self.node = node
         self.clock = clock
         self.rand = rand
         self.sleep = sleep
@@ -359,6 +362,8 @@ class WorkloadIdentity:
         body: dict[str, Any] = {"csr": csr_pem.decode("ascii"), **fields}
         if self.ttl:
             body["ttl"] = self.ttl
+        if self.node:
+            body["node"] = self.node  # shown by `ubimesh certs status`: who holds the leaf
         return body
 
 

@@ -692,7 +692,7 @@ async def run_identity(client: AdsClient, settings: dict[str, str]) -> None:
             )
         token = read_token_file(settings["token_file"])
         workload = WorkloadIdentity(
-            settings["control_api"], identity, token, ttl=settings["ttl"]
+            settings["control_api"], identity, token, ttl=settings["ttl"], node=client.node.id
         )
 
         async def on_certificate(cert: Any) -> None:
