@@ -10,6 +10,7 @@ import contextlib
 import http.client
 import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,6 +42,14 @@ class ProcessStartError(RuntimeError):
     """A process did not come up; the message carries the end of its log."""
 
 
+#: Where free_ports looks: below Linux's ephemeral range (32768-60999 by default). A port
+#: picked there and closed again could be taken by any outgoing connection (gRPC, HTTP
+#: clients) before the server meant to listen on it binds it; below the range only another
+#: listener can take it.
+FREE_PORT_RANGE = (20000, 32768)
+_RNG = random.Random()
+
+
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """``count`` distinct ports that were free a moment ago.
 
@@ -49,10 +58,18 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """
     socks: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for _ in range(200 * count):  # bounded: a busy machine still has most of the range free
+            if len(socks) == count:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
+            try:
+                s.bind((host, _RNG.randrange(*FREE_PORT_RANGE)))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
+        if len(socks) < count:
+            raise OSError(f"no {count} free ports in {FREE_PORT_RANGE} on {host}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
