@@ -3,6 +3,7 @@ killed and started again without a failed request, a clean stop."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -72,10 +75,12 @@ HEADER_FILTER = """\
 """
 
 
-def get(port: int, path: str = "/") -> tuple[int, dict[str, object]]:
+def get(
+    port: int, path: str = "/", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=headers or {})
         response = conn.getresponse()
         body = response.read()
         return response.status, json.loads(body) if response.status == 200 else {}
@@ -83,28 +88,62 @@ def get(port: int, path: str = "/") -> tuple[int, dict[str, object]]:
         conn.close()
 
 
+PORT_NAMES = ["gw", "gw_admin", "app1", "in1", "admin1", "app2", "in2", "admin2", "api", "xds"]
+
+
+@dataclass
+class Up:
+    """A running ``ubimesh up``: its process, ports, data dir and output file."""
+
+    proc: subprocess.Popen[bytes]
+    ports: dict[str, int]
+    data: Path
+    out: Path
+
+    def output(self) -> str:
+        return self.out.read_text()
+
+
+@contextlib.contextmanager
+def running_up(tmp_path: Path, prefix: str = "") -> Iterator[Up]:
+    """``ubimesh up`` on MESH (after ``prefix``) with free ports, once it says the mesh is
+    ready; on exit SIGINT, and the run must end with code 0 and "stopped"."""
+    ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(prefix + MESH % {**ports, "app": APP, "filters": ""})
+    out_path = tmp_path / "up.out"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ubimesh.cli.main", "up", "-f", str(mesh), "--data-dir",
+             str(tmp_path / "data"), "--api-address", f"127.0.0.1:{ports['api']}",
+             "--xds-address", f"127.0.0.1:{ports['xds']}", "--ready-timeout", "40"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        up = Up(proc, ports, tmp_path / "data", out_path)
+        try:
+            deadline = time.monotonic() + 45
+            while b"the mesh is ready" not in out_path.read_bytes():
+                assert proc.poll() is None, up.output()
+                assert time.monotonic() < deadline, up.output()
+                time.sleep(0.1)
+            yield up
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                code = proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    assert code == 0, up.output()
+    assert "ubimesh up: stopped" in up.output()
+
+
 @pytest.mark.slow
 def test_up_serves_applies_live_and_stops(tmp_path: Path) -> None:
-    ports = dict(zip(["gw", "gw_admin", "app1", "in1", "admin1", "app2", "in2", "admin2", "api",
-                      "xds"], free_ports(10), strict=True))
-    mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(MESH % {**ports, "app": APP, "filters": ""})
-    data = tmp_path / "data"
-    out = open(tmp_path / "up.out", "wb")  # noqa: SIM115 - closed below
-    up = subprocess.Popen(
-        [sys.executable, "-m", "ubimesh.cli.main", "up", "-f", str(mesh), "--data-dir", str(data),
-         "--api-address", f"127.0.0.1:{ports['api']}", "--xds-address",
-         f"127.0.0.1:{ports['xds']}", "--ready-timeout", "40"],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
     children: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 45
-        while b"the mesh is ready" not in (tmp_path / "up.out").read_bytes():
-            assert up.poll() is None, (tmp_path / "up.out").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "up.out").read_text()
-            time.sleep(0.1)
-        children = psutil.Process(up.pid).children(recursive=True)
+    with running_up(tmp_path) as up:
+        ports, data, mesh = up.ports, up.data, tmp_path / "mesh.yaml"
+        children = psutil.Process(up.proc.pid).children(recursive=True)
         assert len(children) >= 5  # control, 3 proxies, 2 apps (and their workers)
 
         sites = set()
@@ -157,9 +196,9 @@ def test_up_serves_applies_live_and_stops(tmp_path: Path) -> None:
             if now["pid"] != control["pid"]:
                 restarted = True
                 break
-            assert time.monotonic() < restarted_deadline, (tmp_path / "up.out").read_text()
+            assert time.monotonic() < restarted_deadline, up.output()
         assert restarted and failures == []
-        assert b"starting the control plane again" in (tmp_path / "up.out").read_bytes()
+        assert "starting the control plane again" in up.output()
         reverted = subprocess.run(
             [sys.executable, "-m", "ubimesh.cli.main", "apply", "-f", str(mesh)], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30, check=False,
@@ -173,16 +212,6 @@ def test_up_serves_applies_live_and_stops(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < change_deadline, "the restarted control plane's change"
             time.sleep(0.05)
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            code = up.wait(30)
-        finally:
-            if up.poll() is None:
-                up.kill()
-            out.close()
-    assert code == 0, (tmp_path / "up.out").read_text()
-    assert "ubimesh up: stopped" in (tmp_path / "up.out").read_text()
     _gone, alive = psutil.wait_procs(children, timeout=5)
     assert alive == [], f"children left running: {alive}"
 
@@ -197,40 +226,13 @@ spec:
 """
 
 
-def raw_get(port: int, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", "/", headers=headers)
-        response = conn.getresponse()
-        body = response.read()
-        return response.status, json.loads(body) if response.status == 200 else {}
-    finally:
-        conn.close()
-
-
 @pytest.mark.slow
 def test_up_strict_mesh_is_mtls_on_every_hop_with_no_certificate_step(tmp_path: Path) -> None:
     """Mesh mtls STRICT: `up` makes the CA and a join token per proxy; the gateway calls the
     sidecars over mTLS (the app sees the gateway's SPIFFE ID in x-forwarded-client-cert, never
     a client-supplied one), and a plaintext caller is refused by a sidecar."""
-    ports = dict(zip(["gw", "gw_admin", "app1", "in1", "admin1", "app2", "in2", "admin2", "api",
-                      "xds"], free_ports(10), strict=True))
-    mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(STRICT_MESH + MESH % {**ports, "app": APP, "filters": ""})
-    data = tmp_path / "data"
-    out = open(tmp_path / "up.out", "wb")  # noqa: SIM115 - closed below
-    up = subprocess.Popen(
-        [sys.executable, "-m", "ubimesh.cli.main", "up", "-f", str(mesh), "--data-dir", str(data),
-         "--api-address", f"127.0.0.1:{ports['api']}", "--xds-address",
-         f"127.0.0.1:{ports['xds']}", "--ready-timeout", "40"],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 45
-        while b"the mesh is ready" not in (tmp_path / "up.out").read_bytes():
-            assert up.poll() is None, (tmp_path / "up.out").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "up.out").read_text()
-            time.sleep(0.1)
+    with running_up(tmp_path, STRICT_MESH) as up:
+        ports, data = up.ports, up.data
         tokens = sorted(p.name for p in (data / "tokens").iterdir())
         assert tokens == ["edge.default.token", "web-cloud.default.token",
                           "web-dc.default.token"]
@@ -239,7 +241,7 @@ def test_up_strict_mesh_is_mtls_on_every_hop_with_no_certificate_step(tmp_path: 
         forged = "By=spiffe://evil/x;URI=spiffe://cluster.local/ns/default/sa/admin"
         sites = set()
         for _ in range(20):
-            status, body = raw_get(ports["gw"], {"x-forwarded-client-cert": forged})
+            status, body = get(ports["gw"], headers={"x-forwarded-client-cert": forged})
             assert status == 200, body
             sites.add(body["site"])
             xfcc = str(body["headers"]["x-forwarded-client-cert"])  # type: ignore[index]
@@ -249,13 +251,4 @@ def test_up_strict_mesh_is_mtls_on_every_hop_with_no_certificate_step(tmp_path: 
 
         # STRICT: a caller without a client certificate does not get through a sidecar
         with pytest.raises((OSError, http.client.HTTPException)):
-            raw_get(ports["in1"], {})
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            code = up.wait(30)
-        finally:
-            if up.poll() is None:
-                up.kill()
-            out.close()
-    assert code == 0, (tmp_path / "up.out").read_text()
+            get(ports["in1"])

@@ -571,14 +571,17 @@ def test_no_healthy_host_closes_downstream(run: Callable[..., Any]) -> None:
 # -- cluster selection -----------------------------------------------------------------------
 
 
+def named(tag: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
+    """An upstream handler that answers every connection with ``tag``."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(tag)
+        await w.drain()
+
+    return handler
+
+
 def test_weighted_clusters_split(run: Callable[..., Any]) -> None:
-    def named(tag: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
-        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            w.write(tag)
-            await w.drain()
-
-        return handler
-
     async def body() -> None:
         async with server(named(b"A")) as a, server(named(b"B")) as b:
             cfg = TcpProxyConfig(
@@ -600,13 +603,6 @@ def test_weighted_clusters_split(run: Callable[..., Any]) -> None:
 
 
 def test_round_robin_across_hosts(run: Callable[..., Any]) -> None:
-    def named(tag: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
-        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            w.write(tag)
-            await w.drain()
-
-        return handler
-
     async def body() -> None:
         async with server(named(b"1")) as p1, server(named(b"2")) as p2:
             cfg = TcpProxyConfig(stat_prefix="rr", cluster="u")

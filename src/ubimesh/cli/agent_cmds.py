@@ -17,16 +17,11 @@ COMMANDS = ("agent",)
 
 
 def _duration_seconds(text: str) -> float:
-    """"60", "60s", "5m", "1h", "250ms" -> seconds (for --bundle-refresh)."""
-    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
-    for suffix, factor in units:
-        if text.endswith(suffix) and text[: -len(suffix)]:
-            try:
-                return float(text[: -len(suffix)]) * factor
-            except ValueError:
-                break
+    """"60" (seconds), "60s", "5m", "1h", "250ms" -> seconds (for --bundle-refresh)."""
+    from ubimesh.control.resources.scalars import parse_duration
+
     try:
-        return float(text)
+        return float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration; expected e.g. 60s, 5m or 1h"

@@ -396,54 +396,50 @@ def _is_socket(path: str) -> bool:
     return stat.S_ISSOCK(os.stat(path).st_mode)
 
 
-class _Servicer:
+class _StateOfTheWorld:
+    """One gRPC discovery service whose streaming method runs ``AdsServer._stream`` and whose
+    delta method is refused (ubimesh serves state of the world only)."""
+
+    #: (the streaming method's name, how to configure the client) for the refusal's message.
+    NAMES: tuple[str, str]
+
+    def __init__(self, server: AdsServer) -> None:
+        self._server = server
+
+    async def _serve(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        await self._server._stream(request_iterator, context)
+
+    async def _refuse_delta(
+        self,
+        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        method, where = self.NAMES
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"ubimesh serves state of the world only ({method}); configure {where} with "
+            "api_type: GRPC, not DELTA_GRPC",
+        )
+
+
+class _Servicer(_StateOfTheWorld):
     """The two ADS methods, as ``add_AggregatedDiscoveryServiceServicer_to_server`` wants."""
 
-    def __init__(self, server: AdsServer) -> None:
-        self._server = server
-
-    async def StreamAggregatedResources(
-        self,
-        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        await self._server._stream(request_iterator, context)
-
-    async def DeltaAggregatedResources(
-        self,
-        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "ubimesh serves state-of-the-world ADS only (StreamAggregatedResources); configure "
-            "the client with ads_config.api_type: GRPC, not DELTA_GRPC",
-        )
+    NAMES = ("StreamAggregatedResources", "ads_config")
+    StreamAggregatedResources = _StateOfTheWorld._serve
+    DeltaAggregatedResources = _StateOfTheWorld._refuse_delta
 
 
-class _SdsServicer:
+class _SdsServicer(_StateOfTheWorld):
     """``SecretDiscoveryService``: ``StreamSecrets`` is a state of the world stream like ADS."""
 
-    def __init__(self, server: AdsServer) -> None:
-        self._server = server
-
-    async def StreamSecrets(
-        self,
-        request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        await self._server._stream(request_iterator, context)
-
-    async def DeltaSecrets(
-        self,
-        request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "ubimesh serves state-of-the-world SDS only (StreamSecrets); configure the SDS "
-            "api_config_source with api_type: GRPC, not DELTA_GRPC",
-        )
+    NAMES = ("StreamSecrets", "the SDS api_config_source")
+    StreamSecrets = _StateOfTheWorld._serve
+    DeltaSecrets = _StateOfTheWorld._refuse_delta
 
     async def FetchSecrets(
         self, request: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext

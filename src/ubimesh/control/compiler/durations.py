@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-import re
-from fractions import Fraction
 from functools import lru_cache
 
 from google.protobuf import duration_pb2
 
 from ubimesh.control.compiler.model import CompileError, Message
-
-_UNIT_NANOS = {
-    "ns": 1,
-    "us": 1_000,
-    "µs": 1_000,
-    "ms": 1_000_000,
-    "s": 1_000_000_000,
-    "m": 60_000_000_000,
-    "h": 3_600_000_000_000,
-}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+from ubimesh.control.resources.scalars import duration_nanos
 
 
 @lru_cache(maxsize=1024)
 def _nanos(text: str) -> int | None:
-    value = text.strip()
-    if value == "0":
-        return 0
-    if not value:
+    try:
+        return duration_nanos(text.strip())
+    except ValueError:
         return None
-    total = Fraction(0)
-    pos = 0
-    while pos < len(value):
-        part = _PART.match(value, pos)
-        if part is None:
-            return None
-        total += Fraction(part.group(1)) * _UNIT_NANOS[part.group(2)]
-        pos = part.end()
-    return int(total)
 
 
 def parse_nanos(text: str, where: str) -> int:

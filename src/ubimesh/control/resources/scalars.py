@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from fractions import Fraction
 
 #: DNS-1123 label: what Kubernetes accepts as a namespace or Service name. Names are labels
 #: (no dots) so that "NAME.NAMESPACE" hostnames and "<workload>.<namespace>" node ids parse.
@@ -21,14 +22,14 @@ _DNS_NAME = re.compile(
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: Go/Envoy durations: one or more "<decimal><unit>" ("1m30s", "1.5s", "250ms"), or "0".
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
+_UNIT_NANOS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
 }
 
 
@@ -69,22 +70,28 @@ def header_name_problem(value: str) -> str | None:
     return None if _TOKEN.fullmatch(value) else "is not an HTTP header name"
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in a Go/Envoy duration string ("1.5s", "250ms", "1m30s", "0"); ``ValueError``
-    for anything else (negative durations included)."""
+def duration_nanos(text: str) -> int:
+    """Whole nanoseconds in a Go/Envoy duration string ("1.5s", "250ms", "1m30s", "0"),
+    computed exactly (no float rounding, as a protobuf Duration needs); ``ValueError`` for
+    anything else (negative durations included)."""
     if text == "0":
-        return 0.0
+        return 0
     if not text:
         raise ValueError("'' is not a duration")
-    total = 0.0
+    total = Fraction(0)
     at = 0
     while at < len(text):
         part = _DURATION_PART.match(text, at)
         if part is None:
             raise ValueError(f"{text!r} is not a duration")
-        total += float(part.group(1)) * _UNIT_SECONDS[part.group(2)]
+        total += Fraction(part.group(1)) * _UNIT_NANOS[part.group(2)]
         at = part.end()
-    return total
+    return int(total)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go/Envoy duration string (see ``duration_nanos``)."""
+    return duration_nanos(text) / 1e9
 
 
 def duration_problem(value: str) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -319,30 +319,22 @@ class Http1Pool:
         stats = self.stats
         stats.upstream_cx_total.value += 1
         tls = self.tls
+        timeout = self.cluster.connect_timeout
         verifier = None
+        options: dict[str, Any] = {}
         try:
-            if tls is None:
-                _, proto = await asyncio.wait_for(
-                    self.loop.create_connection(
-                        lambda: UpstreamConnection(self), addr.host, addr.port
-                    ),
-                    timeout=self.cluster.connect_timeout,
-                )
-            else:
+            if tls is not None:
                 # Raises TlsUnavailable (a ValueError) when a secret is missing; the handshake
                 # is part of the connect timeout.
                 context, verifier = tls.current()
-                _, proto = await asyncio.wait_for(
-                    self.loop.create_connection(
-                        lambda: UpstreamConnection(self),
-                        addr.host,
-                        addr.port,
-                        ssl=context,
-                        server_hostname=tls.sni,
-                        ssl_handshake_timeout=self.cluster.connect_timeout,
-                    ),
-                    timeout=self.cluster.connect_timeout,
-                )
+                options = {"ssl": context, "server_hostname": tls.sni,
+                           "ssl_handshake_timeout": timeout}
+            _, proto = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self), addr.host, addr.port, **options
+                ),
+                timeout=timeout,
+            )
         except TimeoutError:
             stats.upstream_cx_connect_timeout.value += 1
             self._failed(cb, CONNECTION_TIMEOUT)
