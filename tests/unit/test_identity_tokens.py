@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -56,3 +57,15 @@ def test_bad_requests_are_refused(tmp_path: Path) -> None:
         tokens.create(WEB, dt.timedelta(days=365))
     a, b = tokens.create(WEB), tokens.create(WEB)
     assert a != b
+
+
+def test_join_and_admin_tokens_are_safe_as_command_line_arguments(tmp_path: Path) -> None:
+    """Hex only: a token that starts with "-" is read as an option by ``--token TOKEN`` (a
+    urlsafe-base64 admin token made the CLI test fail once in CI)."""
+    from ubimesh.control.server import load_or_create_token
+
+    join = JoinTokens(tmp_path / "tokens.db").create(WEB)
+    admin, created = load_or_create_token(tmp_path, None)
+    assert created
+    for token in (join, admin):
+        assert re.fullmatch(r"[0-9a-f]{64}", token), token

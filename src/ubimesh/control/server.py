@@ -97,7 +97,9 @@ def load_or_create_token(data_dir: Path, token_file: Path | None) -> tuple[str, 
         if token:
             return token, False
         path.unlink()
-    token = secrets.token_urlsafe(32)
+    # Hex, not urlsafe base64: a token that starts with "-" would read as an option in
+    # `ubimesh ... --token TOKEN` (argparse refuses it), one time in 64.
+    token = secrets.token_hex(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")

@@ -67,7 +67,7 @@ class JoinTokens:
                              "identity such as spiffe://<td>/ns/<ns>/sa/<sa>")
         if not dt.timedelta(seconds=1) <= ttl <= MAX_TTL:
             raise ValueError(f"ttl: {ttl} is outside 1s .. {MAX_TTL}")
-        token = secrets.token_urlsafe(32)
+        token = secrets.token_hex(32)  # never starts with "-", so it is safe as a CLI argument
         now = time.time()
         with self._lock:
             self._db.execute("DELETE FROM tokens WHERE expires < ?", (now - KEEP_USED_S,))
