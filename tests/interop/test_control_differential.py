@@ -57,8 +57,9 @@ from tests.support.procs import (
     ubimesh_available,
     wait_ready,
 )
+from ubimesh.control.api_error import ApiError
 from ubimesh.control.bootstrap import build_bootstrap, parse_address
-from ubimesh.control.client import ApiError, Client
+from ubimesh.control.client import Client
 
 pytestmark = [
     pytest.mark.envoy,

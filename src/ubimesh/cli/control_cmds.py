@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ubimesh.control.client import DEFAULT_SERVER, ApiError, Client, resolve_token
+from ubimesh.control.api_error import ApiError
+from ubimesh.control.client import DEFAULT_SERVER, Client, resolve_token
 
 COMMANDS = ("control", "apply", "get", "delete", "diff", "bootstrap", "up")
 

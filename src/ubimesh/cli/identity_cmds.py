@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import datetime
 
-from ubimesh.control.client import ApiError
+from ubimesh.control.api_error import ApiError
 
 __all__ = ["add_commands", "run"]
 

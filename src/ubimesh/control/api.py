@@ -58,6 +58,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from ubimesh.control.api_error import ApiError
 from ubimesh.control.client import FILES_TYPE, NO_NAMESPACE
 from ubimesh.control.identity_metrics import render_metrics, rotation_stragglers
 from ubimesh.control.resources import (
@@ -101,16 +102,6 @@ SIGN_RATE = 500.0
 SIGN_BURST = 1000.0
 #: Paths under /api/ that need no admin token (their own authentication is in the handler).
 PUBLIC_PATHS = frozenset({"/api/v1/identity/sign", "/api/v1/identity/bundle"})
-
-
-class ApiError(Exception):
-    """An error answer: HTTP ``status``, a one-line ``error`` and a list of ``details``."""
-
-    def __init__(self, status: int, error: str, details: Sequence[Any] = ()) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.details = list(details)
 
 
 def error_details(errors: ResourceErrors) -> list[dict[str, Any]]:

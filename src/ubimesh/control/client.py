@@ -14,27 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ubimesh.control.api_error import ApiError
+
 DEFAULT_SERVER = "http://127.0.0.1:15000"
 DEFAULT_TIMEOUT_S = 30.0
 #: The content type of a body holding several files: {"files": [{"name", "text"}, ...]}.
 FILES_TYPE = "application/vnd.ubimesh.files+json"
 #: The namespace path segment of cluster-scoped kinds (Mesh).
 NO_NAMESPACE = "_"
-
-
-class ApiError(Exception):
-    """An error from the API (``status`` 0: no answer at all)."""
-
-    def __init__(self, status: int, error: str, details: Sequence[Any] = ()) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.details = list(details)
-
-    def lines(self) -> list[str]:
-        """The error and each detail, one a line (what the CLI prints)."""
-        out = [d.get("message", str(d)) if isinstance(d, dict) else str(d) for d in self.details]
-        return out or [self.error]
 
 
 def resolve_token(token: str | None, token_file: str | None, default_file: Path | None) -> str:

@@ -42,8 +42,9 @@ from typing import Any
 
 import yaml
 
+from ubimesh.control.api_error import ApiError
 from ubimesh.control.bootstrap import build_bootstrap, parse_address
-from ubimesh.control.client import ApiError, Client
+from ubimesh.control.client import Client
 from ubimesh.control.resources import Resource, ResourceErrors, load_files, validate_set
 from ubimesh.control.resources.mesh import effective_mesh, spiffe_id
 from ubimesh.control.server import ADDRESSES_FILE, TOKEN_FILE
