@@ -17,7 +17,9 @@ import asyncio
 import http.client
 import json
 import os
+import signal
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -30,7 +32,14 @@ import pytest
 import yaml
 from cryptography import x509
 from tests.support.control import ControlReplica, start_control, wait_for
-from tests.support.procs import LOOPBACK, ManagedProcess, admin_get, free_ports, wait_ready
+from tests.support.procs import (
+    LOOPBACK,
+    ManagedProcess,
+    admin_get,
+    free_ports,
+    port_accepts,
+    wait_ready,
+)
 
 from ubimesh.control.bootstrap import build_bootstrap, parse_address
 from ubimesh.identity.workload import WorkloadCertificate, WorkloadIdentity
@@ -159,22 +168,24 @@ def control(tmp_path: Path) -> Iterator[ControlReplica]:
 
 
 def start_proxy(tmp_path: Path, control: ControlReplica, token_file: Path,
-                port: int) -> tuple[ManagedProcess, int]:
+                port: int, *, ttl: str = "1m", name: str = "web",
+                metadata: dict[str, Any] | None = None) -> tuple[ManagedProcess, int]:
     (admin,) = free_ports(1)
     bootstrap = build_bootstrap(
         node_id="web.default", role="sidecar", admin_port=admin,
         xds=[parse_address(control.xds, what="xds")],
         identity=WEB, control_api=control.api, join_token_file=str(token_file),
     )
-    bootstrap["node"]["metadata"]["ubimesh.cert_ttl"] = "1m"
+    bootstrap["node"]["metadata"]["ubimesh.cert_ttl"] = ttl
+    bootstrap["node"]["metadata"].update(metadata or {})
     bootstrap["static_resources"]["listeners"] = [mtls_listener(port)]
-    path = tmp_path / "web.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     proc = ManagedProcess(
-        "web",
+        name,
         [sys.executable, "-m", "ubimesh.cli.main", "proxy", "-c", str(path), "-l", "info",
          "--drain-time-s", "0", "--xds-cache-dir", str(tmp_path / "xds-cache")],
-        tmp_path / "web.log", tmp_path,
+        tmp_path / f"{name}.log", tmp_path,
     )
     try:
         wait_ready(proc, admin, [port], 20.0)
@@ -266,5 +277,60 @@ def test_proxy_gets_its_certificate_serves_mtls_and_renews_without_a_failed_requ
         cached = (tmp_path / "xds-cache" / "ads-cache.json").read_text()
         assert "ROOTCA" in cached
         assert "tls_certificate" not in cached and "PRIVATE" not in cached
+    finally:
+        proc.stop()
+
+
+def test_a_killed_proxy_comes_back_with_its_identity_and_no_new_token(
+    tmp_path: Path, control: ControlReplica
+) -> None:
+    """The token is single-use; the proxy's stored credential (cache dir, 0600) carries its
+    identity across a SIGKILL, and the restarted proxy renews with it."""
+    token_file = tmp_path / "web.token"
+    token_file.write_text(token(control, WEB) + "\n")
+    client = Client(asyncio.run(
+        WorkloadIdentity(control.api, CLIENT, token(control, CLIENT), ttl="5m").obtain()
+    ), tmp_path)
+    (port,) = free_ports(1)
+    proc, _ = start_proxy(tmp_path, control, token_file, port, ttl="10m", name="first")
+    try:
+        conn, first = client.connect(port)
+        assert get(conn) == (200, b"hello")
+        conn.close()
+        stored = tmp_path / "xds-cache" / "identity" / "svid.json"
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    finally:
+        proc._signal(signal.SIGKILL)
+        proc.stop()
+    # The same (used) token file: only the stored credential can bring the identity back.
+    proc, _ = start_proxy(tmp_path, control, token_file, port, ttl="10m", name="second")
+    try:
+        def renewed() -> bool:
+            c, peer = client.connect(port)
+            ok = get(c) == (200, b"hello") and peer.serial_number != first.serial_number
+            c.close()
+            return ok
+
+        # Served at once with the stored certificate, then with its renewal.
+        wait_for("the renewed certificate after the restart", renewed, timeout=15,
+                 interval=0.2)
+        log = (tmp_path / "second.log").read_text()
+        assert "restored from" in log and "renewed" in log, proc.log_tail()
+        assert "HTTP 4" not in log  # the used token was never sent again
+    finally:
+        proc.stop()
+
+
+def test_persist_identity_false_keeps_the_key_off_the_disk(
+    tmp_path: Path, control: ControlReplica
+) -> None:
+    token_file = tmp_path / "web.token"
+    token_file.write_text(token(control, WEB) + "\n")
+    (port,) = free_ports(1)
+    proc, _ = start_proxy(tmp_path, control, token_file, port, ttl="10m",
+                          metadata={"ubimesh.persist_identity": False})
+    try:
+        assert port_accepts(port)
+        assert not (tmp_path / "xds-cache" / "identity").exists()
     finally:
         proc.stop()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from tests.support.control import ControlReplica, start_control
 from tests.support.procs import free_ports
 
 from ubimesh.identity import verify_svid
+from ubimesh.identity.credentials import CredentialStore
 from ubimesh.identity.workload import (
     IdentityError,
     WorkloadCertificate,
@@ -160,3 +163,96 @@ def test_an_unreachable_control_plane_is_retried_with_backoff(tmp_path: Path) ->
     # Doubling up to the cap, each drawn in [50%, 100%].
     for delay, cap in zip(sleeps, (1.0, 2.0, 4.0, 4.0), strict=True):
         assert cap / 2 <= delay <= cap
+
+
+# --- a stored credential: a restart without a new join token --------------------------------
+
+
+def test_a_restarted_workload_renews_with_its_stored_credential_without_a_token(
+    control: ControlReplica, tmp_path: Path
+) -> None:
+    store = CredentialStore(tmp_path / "state")
+    first = run(WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL,
+                                 store=store).obtain())
+    assert stat.S_IMODE(os.stat(store.directory).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+    assert json.loads(store.path.read_text())["key"] == first.key_pem.decode()
+
+    # "Restart": a new process-worth of state, no token at all.
+    handed: list[WorkloadCertificate] = []
+
+    async def take(cert: WorkloadCertificate) -> None:
+        handed.append(cert)
+
+    async def stop_after_renewal(seconds: float) -> None:
+        raise asyncio.CancelledError
+
+    again = WorkloadIdentity(control.api, WEB, None, ttl=API_TTL, store=store,
+                             sleep=stop_after_renewal)
+    with pytest.raises(asyncio.CancelledError):
+        run(again.run(take))
+    # The stored certificate is served at once, then renewed with proof of its key.
+    assert [c.serial for c in handed][:1] == [first.serial]
+    assert len(handed) == 2 and handed[1].serial != first.serial
+    assert handed[1].key_pem != first.key_pem and again.renewals == 1
+    # The renewal replaced the stored credential.
+    assert json.loads(store.path.read_text())["key"] == handed[1].key_pem.decode()
+
+
+def test_a_stored_credential_is_refused_unless_it_is_valid_for_this_identity(
+    control: ControlReplica, tmp_path: Path
+) -> None:
+    store = CredentialStore(tmp_path / "state")
+    cert = run(WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL,
+                                store=store).obtain())
+    assert WorkloadIdentity(control.api, WEB, None, store=store).restore() is not None
+    # Another identity.
+    other = "spiffe://cluster.local/ns/default/sa/other"
+    assert WorkloadIdentity(control.api, other, None, store=store).restore() is None
+    # Expired by the workload's clock.
+    late = WorkloadIdentity(control.api, WEB, None, store=store,
+                            clock=lambda: cert.not_after + 1)
+    assert late.restore() is None
+    # A key that is not the leaf's.
+    doc = json.loads(store.path.read_text())
+    other_key = run(WorkloadIdentity(control.api, WEB, token(control)).obtain()).key_pem
+    store.path.write_text(json.dumps({**doc, "key": other_key.decode()}))
+    assert WorkloadIdentity(control.api, WEB, None, store=store).restore() is None
+    # Not something ubimesh wrote.
+    store.path.write_text("not json")
+    assert WorkloadIdentity(control.api, WEB, None, store=store).restore() is None
+    # Nothing to restore and no token: obtain() says what to do.
+    store.clear()
+    bare = WorkloadIdentity(control.api, WEB, None, store=store)
+    assert bare.restore() is None
+    with pytest.raises(IdentityError, match="ubimesh token create"):
+        run(bare.obtain())
+
+
+def test_a_stored_credential_the_ca_no_longer_accepts_falls_back_to_the_token(
+    control: ControlReplica, tmp_path: Path
+) -> None:
+    """The CA was replaced (another control plane, another root): renewing with the stored
+    credential is refused, and the join token at hand joins the workload again."""
+    store = CredentialStore(tmp_path / "state")
+    old = run(WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL,
+                               store=store).obtain())
+    other = start_control(tmp_path, "other-control")
+    try:
+        handed: list[WorkloadCertificate] = []
+
+        async def take(cert: WorkloadCertificate) -> None:
+            handed.append(cert)
+
+        async def stop(seconds: float) -> None:
+            raise asyncio.CancelledError
+
+        identity = WorkloadIdentity(other.api, WEB, token(other), ttl=API_TTL, store=store,
+                                    sleep=stop)
+        with pytest.raises(asyncio.CancelledError):
+            run(identity.run(take))
+        assert handed[0].serial == old.serial  # served while the renewal was tried
+        assert len(handed) == 2 and identity.token is None  # then joined with the token
+        assert handed[1].bundle_pem != old.bundle_pem  # the other CA's
+    finally:
+        other.stop()

@@ -184,6 +184,17 @@ def admin_json(port: int, path: str) -> Any:
         conn.close()
 
 
+def edge_serials(admin: int) -> set[str]:
+    """The serial numbers of the certificates Envoy serves (its /certs)."""
+    certs = admin_json(admin, "/certs")
+    return {
+        str(c["serial_number"])
+        for entry in certs["certificates"]
+        for c in entry["cert_chain"]
+        if any(san.get("uri") == EDGE for san in c.get("subject_alt_names", []))
+    }
+
+
 def token(control: ControlReplica, identity: str) -> str:
     answer = control.call("POST", "/api/v1/identity/tokens",
                           json.dumps({"identity": identity, "ttl": "5m"}))
@@ -209,12 +220,10 @@ def test_envoy_with_ubimesh_agent_and_ubimesh_proxy_speak_mtls_both_ways(
         edge_token = tmp_path / "edge.token"
         edge_token.write_text(token(control, EDGE))
         sock = tmp_path / "sds.sock"
-        agent = ManagedProcess(
-            "agent",
-            [sys.executable, "-m", "ubimesh.cli.main", "agent", "--control", control.api,
-             "--join-token-file", str(edge_token), "--identity", EDGE, "--socket", str(sock)],
-            tmp_path / "agent.log", tmp_path,
-        )
+        agent_argv = [sys.executable, "-m", "ubimesh.cli.main", "agent", "--control",
+                      control.api, "--join-token-file", str(edge_token), "--identity", EDGE,
+                      "--socket", str(sock), "--state-dir", str(tmp_path / "agent-state")]
+        agent = ManagedProcess("agent", agent_argv, tmp_path / "agent.log", tmp_path)
         procs.append(agent)
         wait_for("the agent's socket", lambda: sock.exists() or not agent.alive, timeout=15)
         assert agent.alive, agent.describe()
@@ -304,6 +313,7 @@ def test_envoy_with_ubimesh_agent_and_ubimesh_proxy_speak_mtls_both_ways(
         assert (status, body) == (200, "from envoy"), (status, body, web.log_tail())
         assert headers.get("x-peer") == WEB
 
+        served = edge_serials(e_admin)
         # Envoy's certificate and trust bundle are the agent's, from ubimesh's CA.
         certs = admin_json(e_admin, "/certs")
         chains = [c for entry in certs["certificates"] for c in entry["cert_chain"]]
@@ -316,6 +326,19 @@ def test_envoy_with_ubimesh_agent_and_ubimesh_proxy_speak_mtls_both_ways(
         assert uris == {EDGE}, uris
         log = (tmp_path / "agent.log").read_text()
         assert "certificate for " + EDGE in log and "obtained" in log
+
+        # A restarted agent keeps the identity with the same, used, token: it renews with the
+        # credential in its --state-dir, and Envoy's SDS stream picks the new certificate up.
+        agent.stop()
+        agent = ManagedProcess("agent-again", agent_argv, tmp_path / "agent-again.log", tmp_path)
+        procs.append(agent)
+        wait_for("the renewed certificate in Envoy", lambda: edge_serials(e_admin) - served
+                 != set() or not agent.alive, timeout=30, interval=0.3)
+        assert agent.alive, agent.describe()
+        log = (tmp_path / "agent-again.log").read_text()
+        assert "restored from" in log and "renewed" in log, log[-2000:]
+        status, body, _ = get(e_out)
+        assert (status, body) == (200, "from ubimesh"), (status, body)
     finally:
         for proc in reversed(procs):
             proc.stop()

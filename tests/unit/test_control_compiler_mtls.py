@@ -128,9 +128,19 @@ def test_a_sidecar_not_listening_for_the_port_makes_the_cluster_plaintext() -> N
     assert upstream_context(api_cluster(base("STRICT", deaf))) is None
 
 
-@pytest.mark.parametrize("mode", [None, "DISABLE"])
-def test_disable_and_the_default_compile_no_tls_at_all(mode: str | None) -> None:
-    compiled = compile_all(base(mode, workload("api-1", "api")))
+def test_the_default_mode_is_strict() -> None:
+    """Zero trust by default: a Mesh that says nothing of mTLS compiles exactly as STRICT."""
+    def dump(mode: str | None) -> dict[str, Any]:
+        compiled = compile_all(base(mode, workload("api-1", "api")))
+        return {node: {t: {n: m.SerializeToString(deterministic=True) for n, m in r.items()}
+                       for t, r in xds.resources.items()} for node, xds in compiled.items()}
+
+    assert dump(None) == dump("STRICT")
+    assert dump(None) != dump("PERMISSIVE")
+
+
+def test_disable_compiles_no_tls_at_all() -> None:
+    compiled = compile_all(base("DISABLE", workload("api-1", "api")))
     for xds in compiled.values():
         for cluster in xds.resources[CLUSTER_TYPE].values():
             assert not cluster.HasField("transport_socket"), cluster.name
@@ -202,4 +212,4 @@ def test_the_validator_fills_in_the_compilers_default_mode() -> None:
     text = "apiVersion: ubimesh.io/v1alpha1\nkind: Mesh\nmetadata: {name: default}\nspec: {}\n"
     (validated,) = parse_documents(text, "mesh.yaml")
     validate_set([validated])
-    assert validated.spec["mtls"]["mode"] == "DISABLE"
+    assert validated.spec["mtls"]["mode"] == "STRICT"

@@ -48,7 +48,7 @@ PORT = {"name": "http", "port": 80, "protocol": "http"}
 def test_mesh_defaults_and_effective_mesh() -> None:
     defaults = {
         "trustDomain": "cluster.local",
-        "mtls": {"mode": "DISABLE"},
+        "mtls": {"mode": "STRICT"},
         "defaults": {"connectTimeout": "1s", "requestTimeout": "15s", "lbPolicy": "ROUND_ROBIN"},
     }
     assert spec_of("Mesh", None) == defaults

@@ -12,7 +12,9 @@ to the workload's user (mode 0600):
 A change is pushed on every open stream at once (state of the world: the stream's last
 response is replaced, Envoy swaps the certificate for new handshakes and keeps its open
 connections).  The SDS server starts before the first certificate is there; requests wait for
-it.  The private key exists only in this process's memory and in what it sends on the socket.
+it.  The private key exists in this process's memory, in what it sends on the socket and,
+with ``state_dir`` (``--state-dir``), in ``<state_dir>/svid.json`` (0600) so that a restarted
+agent renews with it instead of needing a new join token.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from ubimesh.agent.cache import SecretSet, SharedSnapshotCache
 from ubimesh.control.ads import AdsServer
 from ubimesh.control.ads.secrets import ROOTCA, secrets_version, trust_bundle_secret
+from ubimesh.identity.credentials import CredentialStore
 from ubimesh.identity.workload import (
     IdentityError,
     WorkloadCertificate,
@@ -47,10 +50,11 @@ BUNDLE_REFRESH = 60.0
 @dataclass(frozen=True)
 class AgentOptions:
     control_api: str  # http://HOST:PORT of `ubimesh control`
-    join_token_file: str
+    join_token_file: str  # "" = none (then a stored credential must exist)
     identity: str  # spiffe://TD/ns/N/sa/S
     socket_path: str
     cert_ttl: str = ""  # asked of the CA ("1h"); "" = the CA's default
+    state_dir: str = ""  # where the credential is kept across restarts; "" = memory only
     bundle_refresh: float = BUNDLE_REFRESH
     identifier: str = "ubimesh-agent"
 
@@ -74,8 +78,25 @@ class Agent:
 
     async def start(self) -> None:
         opts = self.options
-        token = read_token_file(opts.join_token_file)
-        self.identity = WorkloadIdentity(opts.control_api, opts.identity, token, ttl=opts.cert_ttl)
+        token: str | None = None
+        problem: IdentityError | None = None
+        if opts.join_token_file:
+            try:
+                token = read_token_file(opts.join_token_file)
+            except IdentityError as exc:
+                problem = exc
+        store = CredentialStore(opts.state_dir) if opts.state_dir else None
+        self.identity = WorkloadIdentity(
+            opts.control_api, opts.identity, token, ttl=opts.cert_ttl, store=store
+        )
+        # A stored credential (a restart) needs no token; without one the token is a must.
+        if token is None and self.identity.restore() is None:
+            raise problem or IdentityError(
+                f"{opts.identity}: no join token and no stored credential"
+                + (f" in {opts.state_dir}" if opts.state_dir else "")
+                + f"; create a token with `ubimesh token create --identity {opts.identity}` "
+                "and pass it with --join-token-file FILE"
+            )
         await self.server.start_unix(opts.socket_path)
 
     async def run(self) -> None:

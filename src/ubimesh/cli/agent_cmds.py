@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import re
 import sys
 from typing import Any
 
@@ -35,13 +37,15 @@ def add_commands(sub: Any) -> None:
         help="get and renew a workload certificate and serve it to a local Envoy over SDS",
         description="Get the workload's certificate from the control plane with a one-time "
         "join token, renew it at half-life, and serve the secrets `default` (certificate and "
-        "key) and `ROOTCA` (trust bundle) over SDS on a Unix socket (mode 0600). The key "
-        "stays in the agent's memory: after a restart it needs a new join token.",
+        "key) and `ROOTCA` (trust bundle) over SDS on a Unix socket (mode 0600). The "
+        "certificate and key are kept in --state-dir (0600) so that a restarted agent renews "
+        "with them and needs no new join token; --memory-only keeps the key in memory only.",
     )
     agent.add_argument("--control", required=True, metavar="URL",
                        help="the control plane's API, e.g. http://127.0.0.1:15000")
-    agent.add_argument("--join-token-file", required=True, metavar="FILE",
-                       help="file holding a token from `ubimesh token create --identity ID`")
+    agent.add_argument("--join-token-file", default="", metavar="FILE",
+                       help="file holding a token from `ubimesh token create --identity ID` "
+                       "(needed unless --state-dir holds a valid credential)")
     agent.add_argument("--identity", required=True, metavar="ID",
                        help="the workload's SPIFFE ID, spiffe://TD/ns/NS/sa/SA (the token's)")
     agent.add_argument("--socket", required=True, metavar="PATH",
@@ -49,11 +53,25 @@ def add_commands(sub: Any) -> None:
                        "pipe: {path: PATH} and HTTP/2)")
     agent.add_argument("--cert-ttl", default="", metavar="DURATION",
                        help="certificate lifetime to ask for (e.g. 1h; default: the CA's)")
+    agent.add_argument("--state-dir", default="", metavar="DIR",
+                       help="where the credential is kept across restarts (default: "
+                       "$XDG_STATE_HOME/ubimesh/agent/<identity>, ~/.local/state when unset)")
+    agent.add_argument("--memory-only", action="store_true",
+                       help="keep the key in memory only (a restart needs a new join token)")
     agent.add_argument("--bundle-refresh", type=_duration_seconds, default=60.0,
                        metavar="DURATION", help="how often to fetch the trust bundle again "
                        "(default 60s)")
     agent.add_argument("-l", "--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+
+
+def default_state_dir(identity: str) -> str:
+    """``$XDG_STATE_HOME`` (or ``~/.local/state``) + ``/ubimesh/agent/<identity, made safe>``."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", identity.removeprefix("spiffe://")) or "_"
+    return os.path.join(base, "ubimesh", "agent", safe)
 
 
 def run(args: argparse.Namespace) -> int | None:
@@ -81,6 +99,7 @@ def run(args: argparse.Namespace) -> int | None:
         socket_path=args.socket,
         cert_ttl=args.cert_ttl,
         bundle_refresh=args.bundle_refresh,
+        state_dir="" if args.memory_only else (args.state_dir or default_state_dir(args.identity)),
     )
     try:
         return asyncio.run(serve(options))

@@ -97,6 +97,14 @@ def add_commands(sub: Any) -> None:
     boot.add_argument("--admin-port", type=int, default=None)
     boot.add_argument("--workload", default=None,
                       help="Workload spec (JSON or YAML) the proxy registers while connected")
+    boot.add_argument("--identity", default=None, metavar="SPIFFE_ID",
+                      help="the proxy's identity (spiffe://TD/ns/NS/sa/SA); with --control-api "
+                      "and --join-token-file the proxy gets its certificate from the CA (needed "
+                      "when the Mesh's mtls.mode is STRICT or PERMISSIVE, the default STRICT)")
+    boot.add_argument("--control-api", default=None, metavar="URL",
+                      help="the control plane's API, e.g. http://127.0.0.1:15000")
+    boot.add_argument("--join-token-file", default=None, metavar="FILE",
+                      help="file holding a token from `ubimesh token create --identity ID`")
     boot.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
 
     up = sub.add_parser("up", help="run a whole local mesh from one file")
@@ -282,7 +290,9 @@ def _bootstrap(args: argparse.Namespace) -> int:
             if not isinstance(workload, dict):
                 return _usage(f"--workload: {args.workload!r} is not a mapping (a Workload spec)")
         bootstrap = build_bootstrap(node_id=args.node, xds=xds, role=args.role,
-                                    admin_port=args.admin_port, workload=workload)
+                                    admin_port=args.admin_port, workload=workload,
+                                    identity=args.identity, control_api=args.control_api,
+                                    join_token_file=args.join_token_file)
     except (ValueError, yaml.YAMLError) as exc:
         return _usage(str(exc))
     text = yaml.safe_dump(bootstrap, sort_keys=False)

@@ -448,7 +448,7 @@ def run_up(args: argparse.Namespace) -> int:
         return 1
     up = Up(args)
     mesh = effective_mesh(resources)
-    mtls = str((mesh.spec.get("mtls") or {}).get("mode", "DISABLE"))
+    mtls = str((mesh.spec.get("mtls") or {}).get("mode", "STRICT"))
     stop_signal: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -15,9 +15,14 @@ Shared by the proxy's ADS child (the ``default`` secret of ``ubimesh proxy``) an
    until the certificate expires, after which only a new join token helps (there is no way to
    prove the identity any more).
 
-A restarted process has lost its key, hence its identity: it needs a fresh join token (tokens
-are single-use).  The HTTP calls use ``urllib`` in a worker thread (no proxy from the
-environment, bounded timeouts), so this module loads no HTTP library into a serving process.
+Tokens are single-use, so a restarted process could not prove its identity again from the
+token alone. With a :class:`~ubimesh.identity.credentials.CredentialStore` (the proxy's cache
+directory, the agent's ``--state-dir``), every new certificate is also written to the
+workload's own disk (0600), and a restarted process renews with that stored credential; the
+token is used only when there is none (or the control plane refuses it).  Without a store the
+key lives in memory only and a restart needs a fresh token.  The HTTP calls use ``urllib`` in
+a worker thread (no proxy from the environment, bounded timeouts), so this module loads no HTTP
+library into a serving process.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ubimesh.identity import SpiffeId, new_key_and_csr, verify_svid
+from ubimesh.identity.credentials import CredentialStore
 from ubimesh.identity.csr import sign_proof
 
 __all__ = [
@@ -78,7 +84,8 @@ class IdentityError(Exception):
 
 @dataclass(frozen=True)
 class WorkloadCertificate:
-    """The workload's current X.509-SVID. ``key_pem`` lives in memory only."""
+    """The workload's current X.509-SVID. ``key_pem`` is in memory (and, with a credential
+    store, on the workload's own disk)."""
 
     spiffe_id: str
     key_pem: bytes = field(repr=False)
@@ -244,8 +251,9 @@ class WorkloadIdentity:
 
     ``token`` is the join token for the first certificate (None: :meth:`obtain` refuses).
     ``ttl`` (e.g. "1h"), when given, is asked of the control plane; it grants at most what
-    the CA allows. ``node`` (the proxy's node id) is recorded with the leaf.  ``clock``,
-    ``rand`` and ``sleep`` are injectable for tests.
+    the CA allows. ``node`` (the proxy's node id) is recorded with the leaf.  ``store``, when
+    given, keeps every new certificate on disk and gives :meth:`run` the one to start from
+    after a restart.  ``clock``, ``rand`` and ``sleep`` are injectable for tests.
     """
 
     def __init__(
@@ -261,6 +269,7 @@ class WorkloadIdentity:
         rand: Callable[[], float] = random.random,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         retry: tuple[float, float] = RETRY,
+        store: CredentialStore | None = None,
     ) -> None:
         try:
             self.spiffe_id = (
@@ -276,7 +285,10 @@ class WorkloadIdentity:
         self.rand = rand
         self.sleep = sleep
         self.retry = retry
+        self.store = store
         self.current: WorkloadCertificate | None = None
+        #: The current certificate came from the store (not yet renewed by this process).
+        self.restored = False
         self.renewals = 0
 
     async def obtain(self) -> WorkloadCertificate:
@@ -292,6 +304,7 @@ class WorkloadIdentity:
         chain, bundle = await asyncio.to_thread(self.client.sign, body)
         self.token = None  # single use: never sent again
         self.current = _certificate(self.spiffe_id, key_pem, chain, bundle, self.clock())
+        self._save(self.current)
         log.info("certificate for %s obtained (serial %x, expires %s)", self.spiffe_id,
                  self.current.serial, _iso(self.current.not_after))
         return self.current
@@ -315,6 +328,8 @@ class WorkloadIdentity:
         )
         chain, bundle = await asyncio.to_thread(self.client.sign, body)
         self.current = _certificate(self.spiffe_id, key_pem, chain, bundle, self.clock())
+        self._save(self.current)
+        self.restored = False
         self.renewals += 1
         log.info("certificate for %s renewed (serial %x, expires %s)", self.spiffe_id,
                  self.current.serial, _iso(self.current.not_after))
@@ -323,7 +338,25 @@ class WorkloadIdentity:
     async def run(self, on_certificate: OnCertificate) -> None:
         """Obtain (if needed), then renew forever, awaiting ``on_certificate`` with each new
         certificate.  Returns only by raising :class:`IdentityError` when retrying cannot help
-        (token refused, certificate expired); transient failures are retried with backoff."""
+        (token refused, certificate expired); transient failures are retried with backoff.
+
+        With a store holding a valid credential for this identity, that credential is handed
+        out first (the workload serves at once) and renewed straight away, which proves the
+        control plane still accepts it; if it refuses and a token is at hand, the token is
+        redeemed instead."""
+        if self.current is None:
+            self.restore()
+        if self.restored and self.current is not None:
+            await on_certificate(self.current)
+            try:
+                await on_certificate(await self._retrying(self.renew))
+            except IdentityError as exc:
+                if not self.token:
+                    raise
+                log.warning("renewing the stored certificate of %s failed (%s); joining again "
+                            "with the join token", self.spiffe_id, exc)
+                self.current = None
+                self.restored = False
         if self.current is None:
             await on_certificate(await self._retrying(self.obtain))
         while True:
@@ -357,6 +390,38 @@ class WorkloadIdentity:
                 log.warning("%s; trying again in %.1f s", exc, wait)
                 await self.sleep(wait)
                 delay = min(delay * 2, self.retry[1])
+
+    def restore(self) -> WorkloadCertificate | None:
+        """Make the store's credential the current one when it is valid for this identity
+        (key matches, chain verifies against its bundle, not expired); None otherwise."""
+        if self.store is None:
+            return None
+
+        def check(
+            key: bytes, chain: bytes, bundle: bytes, received_at: float
+        ) -> WorkloadCertificate:
+            cert = _certificate(self.spiffe_id, key, chain, bundle, received_at)
+            if self.clock() >= cert.not_after:
+                raise IdentityError(f"it expired at {_iso(cert.not_after)}")
+            return cert
+
+        restored = self.store.load(self.spiffe_id, check)
+        if restored is not None:
+            self.current = restored
+            self.restored = True
+            log.info("certificate for %s restored from %s (serial %x, expires %s)",
+                     self.spiffe_id, self.store.path, restored.serial, _iso(restored.not_after))
+        return restored
+
+    def _save(self, cert: WorkloadCertificate) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.save(cert.key_pem, cert.chain_pem, cert.bundle_pem, cert.received_at)
+        except OSError as exc:
+            # Serving with the new certificate matters more; a restart will need a token.
+            log.warning("cannot store the certificate of %s in %s: %s", self.spiffe_id,
+                        self.store.path, exc.strerror or exc)
 
     def _body(self, csr_pem: bytes, **fields: str) -> dict[str, Any]:
         body: dict[str, Any] = {"csr": csr_pem.decode("ascii"), **fields}

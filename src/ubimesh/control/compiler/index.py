@@ -32,7 +32,7 @@ class MeshDefaults:
     lb_policy: str = "ROUND_ROBIN"
     #: ``spec.mtls.mode``: STRICT, PERMISSIVE or DISABLE (compiler/mtls.py says what each
     #: compiles to). The default must equal the Mesh schema's (spec_ubimesh.py).
-    mtls_mode: str = "DISABLE"
+    mtls_mode: str = "STRICT"
 
 
 @dataclass(frozen=True)

@@ -46,11 +46,11 @@ TRUST_DOMAIN: Final = Str(
 MESH: Final = Obj(
     {
         "trustDomain": opt(TRUST_DOMAIN, "cluster.local"),
-        # DISABLE (plaintext) until every proxy `ubimesh up` starts gets its identity: a proxy
-        # configured for mTLS without a certificate cannot serve. The compiler's default
-        # (compiler/index.py MeshDefaults.mtls_mode) must stay equal to this one.
+        # STRICT: zero trust by default (every proxy `ubimesh up` starts gets its identity
+        # with no manual step). The compiler's default (compiler/index.py
+        # MeshDefaults.mtls_mode) must stay equal to this one.
         "mtls": opt(
-            Obj({"mode": opt(Enum("STRICT", "PERMISSIVE", "DISABLE"), "DISABLE")}), FILL
+            Obj({"mode": opt(Enum("STRICT", "PERMISSIVE", "DISABLE"), "STRICT")}), FILL
         ),
         "defaults": opt(
             Obj(

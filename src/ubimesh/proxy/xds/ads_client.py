@@ -26,9 +26,11 @@ that ``dynamic_resources.ads_config`` names:
    given (``--join-token-file``, or node metadata ``ubimesh.join_token_file``), make a key and
    get the certificate (``ubimesh.identity.workload``), renew it at half-life with jitter, and
    on every new certificate translate again with the new ``default`` secret and send the
-   snapshot: new handshakes use it, open connections are not touched by the child.  The key
-   is held in this process's memory only and never cached on disk: a restarted child (or
-   proxy) needs a fresh join token, as tokens are single-use.
+   snapshot: new handshakes use it, open connections are not touched by the child.  Each new
+   certificate (with its key) is also kept in ``<cache dir>/identity/svid.json`` (0600), and
+   a restarted child (or proxy) starts from it and renews with it, so a restart needs no new
+   join token (tokens are single-use).  Node metadata ``ubimesh.persist_identity: false``
+   keeps the key in memory only (a restart then needs a fresh token).
 
 Logs go to stderr; stdout and stdin carry the link to the parent (``ads_link``).
 """
@@ -322,6 +324,7 @@ class AdsClient:
         self.static_rds = route_names(static.listeners)
         self.static_sds = secret_names(static.listeners, static.clusters)
         self.local_names = frozenset(local_secrets)
+        self.warned_no_identity = False
         self.local: dict[str, Any] = {}
         """Name -> Secret made here (the certificate and key of the proxy's identity)."""
         self.local_version = ""
@@ -529,10 +532,26 @@ class AdsClient:
             return False
         for type_url in NAMED_TYPES:
             have = self.received.of(type_url)
-            if any(name not in have for name in self._names(type_url)):
+            missing = [name for name in self._names(type_url) if name not in have]
+            if missing:
+                if type_url == SECRET_TYPE and LOCAL_CERTIFICATE in missing:
+                    self._warn_no_identity()
                 return False
         # A local secret (the proxy's certificate) that is referred to must have been made.
         return all(n in self.local for n in self._secrets_referenced() & self.local_names)
+
+    def _warn_no_identity(self) -> None:
+        """Say once why a configuration that needs the proxy's own certificate waits: this
+        proxy has no identity to get one with (the control plane never serves ``default``)."""
+        if self.warned_no_identity:
+            return
+        self.warned_no_identity = True
+        log.warning(
+            "the configuration needs this proxy's own certificate (SDS secret %r: the mesh's "
+            "mTLS is on) but the node has no %s: it waits and serves nothing new. Give the "
+            "proxy an identity (`ubimesh bootstrap --identity ID --control-api URL "
+            "--join-token-file FILE`, token from `ubimesh token create --identity ID`) or set "
+            "the Mesh's spec.mtls.mode to DISABLE", LOCAL_CERTIFICATE, IDENTITY_KEY)
 
     def _candidate(self) -> Resources:
         """The received resources, RDS, EDS and SDS cut down to what is still referred to."""
@@ -654,6 +673,8 @@ CONTROL_API_KEY = "ubimesh.control_api"
 TOKEN_FILE_KEY = "ubimesh.join_token_file"
 #: Optional: the certificate lifetime to ask for ("24h"); the CA grants at most what it allows.
 CERT_TTL_KEY = "ubimesh.cert_ttl"
+#: Optional: false keeps the proxy's key in memory only (no credential in the cache directory).
+PERSIST_KEY = "ubimesh.persist_identity"
 
 
 def identity_settings(node: Any, token_file: str) -> dict[str, str]:
@@ -663,11 +684,17 @@ def identity_settings(node: Any, token_file: str) -> dict[str, str]:
     identity = metadata.get(IDENTITY_KEY)
     if not identity:
         return {}
+    persist = metadata.get(PERSIST_KEY, True)
+    if not isinstance(persist, bool):
+        raise ConfigErrors([ConfigError(
+            f"node.metadata.{PERSIST_KEY}", f"{persist!r}: expected true or false"
+        )])
     return {
         "identity": str(identity),
         "control_api": str(metadata.get(CONTROL_API_KEY) or ""),
         "token_file": token_file or str(metadata.get(TOKEN_FILE_KEY) or ""),
         "ttl": str(metadata.get(CERT_TTL_KEY) or ""),
+        "persist": "true" if persist else "",
     }
 
 
@@ -675,6 +702,7 @@ async def run_identity(client: AdsClient, settings: dict[str, str]) -> None:
     """Get the proxy's certificate and renew it forever, handing each to ``client`` as the
     local ``default`` secret.  Problems that retrying cannot fix are logged and end the task:
     the proxy keeps serving what it has (listeners that need ``default`` wait or NACK)."""
+    from ubimesh.identity.credentials import CredentialStore
     from ubimesh.identity.workload import IdentityError, WorkloadIdentity, read_token_file
 
     identity = settings["identity"]
@@ -684,16 +712,27 @@ async def run_identity(client: AdsClient, settings: dict[str, str]) -> None:
                 f"node metadata {IDENTITY_KEY} is {identity!r} but {CONTROL_API_KEY} is not "
                 "set; add the control plane's API URL (http://HOST:PORT) to the node metadata"
             )
-        if not settings["token_file"]:
-            raise IdentityError(
+        store = CredentialStore(client.cache_dir / "identity") if settings["persist"] else None
+        token: str | None = None
+        token_problem: IdentityError | None = None
+        if settings["token_file"]:
+            try:
+                token = read_token_file(settings["token_file"])
+            except IdentityError as exc:
+                token_problem = exc
+        else:
+            token_problem = IdentityError(
                 f"node metadata {IDENTITY_KEY} is {identity!r} but no join token was given; "
                 f"pass --join-token-file FILE (or node metadata {TOKEN_FILE_KEY}) with a token "
                 f"from `ubimesh token create --identity {identity}`"
             )
-        token = read_token_file(settings["token_file"])
         workload = WorkloadIdentity(
-            settings["control_api"], identity, token, ttl=settings["ttl"], node=client.node.id
+            settings["control_api"], identity, token, ttl=settings["ttl"], node=client.node.id,
+            store=store,
         )
+        if token is None and workload.restore() is None:
+            assert token_problem is not None
+            raise token_problem
 
         async def on_certificate(cert: Any) -> None:
             secret = certificate_secret(LOCAL_CERTIFICATE, cert.chain_pem, cert.key_pem)
@@ -744,7 +783,10 @@ async def _main_async(args: argparse.Namespace) -> int:
         return fatal(f"{args.path} has no dynamic_resources.ads_config")
     node = _node(bootstrap, args.service_node, args.service_cluster)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(node.id)
-    identity = identity_settings(node, args.join_token_file)
+    try:
+        identity = identity_settings(node, args.join_token_file)
+    except ConfigErrors as exc:
+        return fatal(f"invalid configuration in {args.path}:\n{exc}")
     client = AdsClient(
         bootstrap,
         source,
