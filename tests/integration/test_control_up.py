@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,22 +217,28 @@ def test_up_serves_applies_live_and_stops(tmp_path: Path) -> None:
     assert alive == [], f"children left running: {alive}"
 
 
-STRICT_MESH = """\
-apiVersion: ubimesh.io/v1alpha1
-kind: Mesh
-metadata: {name: default}
-spec:
-  mtls: {mode: STRICT}
----
-"""
+def leaf_serial(up: Up, node: str) -> str:
+    """The serial of the latest leaf the CA issued to ``node`` (``ubimesh certs status``)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{up.ports['api']}/api/v1/identity/status",
+        headers={"Authorization": "Bearer " + (up.data / "admin-token").read_text().strip()},
+    )
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        leaves = json.loads(answer.read())["leaves"]
+    (serial,) = [leaf["serial"] for leaf in leaves if leaf.get("node") == node]
+    return str(serial)
 
 
 @pytest.mark.slow
-def test_up_strict_mesh_is_mtls_on_every_hop_with_no_certificate_step(tmp_path: Path) -> None:
-    """Mesh mtls STRICT: `up` makes the CA and a join token per proxy; the gateway calls the
-    sidecars over mTLS (the app sees the gateway's SPIFFE ID in x-forwarded-client-cert, never
-    a client-supplied one), and a plaintext caller is refused by a sidecar."""
-    with running_up(tmp_path, STRICT_MESH) as up:
+def test_up_mesh_is_mtls_on_every_hop_by_default_with_no_certificate_step(
+    tmp_path: Path,
+) -> None:
+    """A mesh file that says nothing of mTLS is STRICT: `up` makes the CA and a join token per
+    proxy; the gateway calls the sidecars over mTLS (the app sees the gateway's SPIFFE ID in
+    x-forwarded-client-cert, never a client-supplied one), and a plaintext caller is refused
+    by a sidecar. A sidecar killed outright is started again by `up` and serves mTLS again
+    with no new token (its stored credential)."""
+    with running_up(tmp_path) as up:
         ports, data = up.ports, up.data
         tokens = sorted(p.name for p in (data / "tokens").iterdir())
         assert tokens == ["edge.default.token", "web-cloud.default.token",
@@ -252,3 +259,28 @@ def test_up_strict_mesh_is_mtls_on_every_hop_with_no_certificate_step(tmp_path: 
         # STRICT: a caller without a client certificate does not get through a sidecar
         with pytest.raises((OSError, http.client.HTTPException)):
             get(ports["in1"])
+
+
+        # Kill the web-dc sidecar (and its workers): `up` starts it again, with its identity.
+        first_serial = leaf_serial(up, "web-dc.default")
+        (sidecar,) = [
+            p for p in psutil.Process(up.proc.pid).children()
+            if "web-dc.default.yaml" in " ".join(p.cmdline())
+        ]
+        os.killpg(sidecar.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "starting proxy web-dc.default again" not in up.output():
+            assert time.monotonic() < deadline, up.output()
+            time.sleep(0.1)
+        seen: set[object] = set()
+        while "dc" not in seen:  # the gateway reaches the restarted sidecar over mTLS
+            assert time.monotonic() < deadline, up.output()
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                status, body = get(ports["gw"])
+                if status == 200:
+                    seen.add(body["site"])
+            time.sleep(0.1)
+        # Its token was used at the first start: the restarted sidecar renewed with its
+        # stored credential (a new leaf for the same node).
+        assert (data / "xds-cache" / "web-dc.default" / "identity" / "svid.json").is_file()
+        assert leaf_serial(up, "web-dc.default") != first_serial

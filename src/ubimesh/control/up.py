@@ -16,7 +16,8 @@
    print where to send traffic, and run until SIGINT/SIGTERM (or ``--seconds``).
 5. Stop: SIGTERM to every child's process group, SIGKILL after a bounded grace. A child that
    dies unexpectedly is reported with its log's path; a control plane that dies is started
-   again on the same addresses (the proxies keep serving meanwhile), a few times at most.
+   again on the same addresses (the proxies keep serving meanwhile), and so is a proxy (with
+   its identity from its stored credential, no new token), a few times at most.
 
 Every child logs to ``<data dir>/logs/<name>.log``.
 """
@@ -74,6 +75,9 @@ class Child:
     listen_ports: tuple[int, ...] = ()  # a proxy's listeners: wait until they accept
     popen: subprocess.Popen[bytes] | None = None
     reported: bool = False
+    #: Started again when it dies (proxies: their identity survives in their cache dir).
+    restartable: bool = False
+    restarts: list[float] = field(default_factory=list)
     _log: Any = field(default=None, repr=False)
 
     def start(self) -> None:
@@ -276,6 +280,7 @@ class Up:
             self.logs / f"proxy-{node_id}.log",
             admin_port=port,
             listen_ports=tuple(listen_ports),
+            restartable=True,
         )
         child.start()
         self.children.append(child)
@@ -336,6 +341,26 @@ class Up:
             if child is self.control:
                 self.restart_control()
                 return
+            if child.restartable:
+                self.restart_child(child)
+
+    def restart_child(self, child: Child) -> None:
+        """Start a proxy that died again, with the same bootstrap: its stored credential (in
+        its xDS cache directory) gives it back its identity without a new join token, and its
+        ADS cache its last configuration. Left dead (and said so) when it keeps dying: more
+        than CONTROL_RESTARTS times within CONTROL_RESTART_WINDOW_S."""
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < CONTROL_RESTART_WINDOW_S]
+        if len(child.restarts) >= CONTROL_RESTARTS:
+            print(f"ubimesh up: {child.name} died {CONTROL_RESTARTS + 1} times within "
+                  f"{CONTROL_RESTART_WINDOW_S:.0f} s; leaving it stopped (log "
+                  f"{child.log_path})", file=sys.stderr, flush=True)
+            return
+        child.restarts.append(now)
+        child.close_log()
+        child.reported = False
+        self.say(f"ubimesh up: starting {child.name} again")
+        child.start()
 
     def stop(self) -> None:
         """SIGTERM everyone (apps and proxies first, the control plane last), then SIGKILL."""
