@@ -124,6 +124,7 @@ def start_control(
     token_file: Path | None = None,
     grace: float | None = None,
     timeout: float = 20.0,
+    extra: Sequence[str] = (),
 ) -> ControlReplica:
     """Start ``ubimesh control`` with its data dir ``workdir/name`` on 127.0.0.1 port 0 and
     wait (bounded) for its control.json. ``store_url`` "" is SQLite in the data dir; replicas
@@ -138,6 +139,7 @@ def start_control(
         argv += ["--token-file", str(token_file)]
     if grace is not None:
         argv += ["--registration-grace", str(grace)]
+    argv += list(extra)
     proc = ManagedProcess(name, argv, workdir / f"{name}.log", workdir)
     addresses = data_dir / "control.json"
     try:

@@ -58,6 +58,9 @@ def add_commands(sub: Any) -> None:
     control.add_argument("--trust-domain", default="",
                          help="the CA's trust domain when it is created at first start "
                          "(default: the Mesh's trustDomain, else cluster.local)")
+    control.add_argument("--ca-dir", default="",
+                         help="the CA's directory (default <data dir>/ca); replicas sharing "
+                         "a store give the same shared directory to sign from one CA")
     control.add_argument("--registration-grace", type=float, default=5.0,
                          help="seconds a disconnected proxy's workload is kept (default 5)")
     control.add_argument("-l", "--log-level", default="info",
@@ -320,6 +323,7 @@ def _control(args: argparse.Namespace) -> int:
             token_file=Path(args.token_file) if args.token_file else None,
             grace=args.registration_grace,
             trust_domain=args.trust_domain,
+            ca_dir=Path(args.ca_dir) if args.ca_dir else None,
         )
     except ValueError as exc:
         return _usage(str(exc))

@@ -84,6 +84,9 @@ def _ca_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="",
                         help="the control plane's data dir; the CA is in <data dir>/ca "
                         "(default ~/.local/share/ubimesh)")
+    parser.add_argument("--ca-dir", default="",
+                        help="the CA's own directory, when the control plane runs with "
+                        "--ca-dir (replicas sharing one CA); overrides <data dir>/ca")
 
 
 def run(args: argparse.Namespace) -> int | None:
@@ -105,6 +108,8 @@ def run(args: argparse.Namespace) -> int | None:
 def _ca_dir(args: argparse.Namespace) -> Path:
     from ubimesh.control.server import CA_DIR, default_data_dir
 
+    if getattr(args, "ca_dir", ""):
+        return Path(args.ca_dir)
     return (Path(args.data_dir) if args.data_dir else default_data_dir()) / CA_DIR
 
 
@@ -153,12 +158,12 @@ def _rotate(args: argparse.Namespace) -> int:
 def _rotate_files(args: argparse.Namespace, data_dir: Path) -> int:
     """Rotate on the CA's files (no control plane running on ``data_dir``)."""
     from ubimesh.control.identity_metrics import rotation_stragglers
-    from ubimesh.control.server import CA_DIR, ISSUED_DB
+    from ubimesh.control.server import ISSUED_DB
     from ubimesh.identity.ca import CaError, CertificateAuthority
     from ubimesh.identity.issued import IssuedLeaves
 
     try:
-        ca = CertificateAuthority.load(data_dir / CA_DIR)
+        ca = CertificateAuthority.load(_ca_dir(args))
         if args.phase == "begin":
             ca.begin_root_rotation()
         else:
@@ -182,7 +187,7 @@ def _rotate_files(args: argparse.Namespace, data_dir: Path) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     _print_rotation(args.phase, ca.status())
-    print(f"(changed the files in {data_dir / CA_DIR}; no control plane is running there)",
+    print(f"(changed the files in {_ca_dir(args)}; no control plane is running there)",
           file=sys.stderr)
     return 0
 

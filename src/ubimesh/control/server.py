@@ -75,6 +75,9 @@ class ControlOptions:
     #: How often the CA's files are checked (a root rotation done on disk, an intermediate
     #: past half-life).
     identity_check_s: float = 10.0
+    #: The CA's directory (None: ``<data dir>/ca``). Replicas of one control plane give the
+    #: same shared directory, so they sign from one CA and publish one bundle.
+    ca_dir: Path | None = None
 
 
 def load_or_create_token(data_dir: Path, token_file: Path | None) -> tuple[str, bool]:
@@ -163,7 +166,8 @@ class ControlPlane:
         self._write_addresses(store_url)
 
     async def _open_identity(self, store: Store) -> Identity:
-        """Open the CA in ``<data dir>/ca`` (creating one at first start) and the tokens."""
+        """Open the CA in ``--ca-dir`` or ``<data dir>/ca`` (creating one at first start) and
+        the tokens."""
         from ubimesh.identity.ca import CertificateAuthority
         from ubimesh.identity.issued import IssuedLeaves
         from ubimesh.identity.tokens import JoinTokens
@@ -174,12 +178,13 @@ class ControlPlane:
             wanted = next((str(m.spec["trustDomain"]) for m in meshes
                            if m.spec.get("trustDomain")), DEFAULT_TRUST_DOMAIN)
         data_dir = self.options.data_dir
-        ca, created = CertificateAuthority.open_or_init(data_dir / CA_DIR, wanted)
+        ca_dir = self.options.ca_dir or data_dir / CA_DIR
+        ca, created = CertificateAuthority.open_or_init(ca_dir, wanted)
         if created:
-            log.info("created a CA for trust domain %s in %s", wanted, data_dir / CA_DIR)
+            log.info("created a CA for trust domain %s in %s", wanted, ca_dir)
         elif ca.trust_domain != wanted:
             if self.options.trust_domain:
-                raise ValueError(f"--trust-domain {wanted}: the CA in {data_dir / CA_DIR} is for "
+                raise ValueError(f"--trust-domain {wanted}: the CA in {ca_dir} is for "
                                  f"{ca.trust_domain}; use that, or another --data-dir")
             log.warning("the CA is for trust domain %s but the Mesh says %s; identities are "
                         "issued for %s", ca.trust_domain, wanted, ca.trust_domain)

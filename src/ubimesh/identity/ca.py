@@ -17,6 +17,7 @@ AuthorityKeyIdentifier in memory, so one CSR costs a parse, a signature check an
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import itertools
 import json
 from collections.abc import Sequence
@@ -341,10 +342,15 @@ class CertificateAuthority:
         CertificateAuthority, bool
     ]:
         """:meth:`load` when ``directory`` holds a CA, else :meth:`init`; and whether it was
-        just created."""
-        if (Path(directory) / CA_FILE).exists():
-            return cls.load(directory), False
-        return cls.init(directory, trust_domain), True
+        just created. Processes sharing ``directory`` (control-plane replicas starting
+        together) serialize on a lock file in it, so exactly one of them creates the CA."""
+        d = Path(directory)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(d / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if (d / CA_FILE).exists():
+                return cls.load(directory), False
+            return cls.init(directory, trust_domain), True
 
     def _save(self) -> None:
         d = self.directory
