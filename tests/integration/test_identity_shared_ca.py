@@ -9,7 +9,6 @@ current key, checked against the shared CA). Join tokens stay with the replica t
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from pathlib import Path
 
@@ -20,11 +19,6 @@ from ubimesh.identity.workload import IdentityError, SignClient, WorkloadIdentit
 
 WEB = "spiffe://cluster.local/ns/default/sa/web"
 
-
-def token(control: ControlReplica) -> str:
-    answer = control.call("POST", "/api/v1/identity/tokens",
-                          json.dumps({"identity": WEB, "ttl": "5m"}))
-    return str(answer["token"])
 
 
 def test_replicas_sharing_a_ca_directory_sign_from_one_ca(tmp_path: Path) -> None:
@@ -51,7 +45,7 @@ def test_replicas_sharing_a_ca_directory_sign_from_one_ca(tmp_path: Path) -> Non
         bundle_b = SignClient(b.api).bundle()
         assert bundle_a == bundle_b and b"BEGIN CERTIFICATE" in bundle_a
 
-        identity = WorkloadIdentity(a.api, WEB, token(a), ttl="5m")
+        identity = WorkloadIdentity(a.api, WEB, a.join_token(WEB), ttl="5m")
         first = asyncio.run(identity.obtain())
         # The same workload renews at the other replica.
         identity.client = SignClient(b.api)
@@ -60,7 +54,7 @@ def test_replicas_sharing_a_ca_directory_sign_from_one_ca(tmp_path: Path) -> Non
 
         # A token is redeemed at the replica that made it (tokens.db is per data dir).
         with pytest.raises(IdentityError) as info:
-            asyncio.run(WorkloadIdentity(b.api, WEB, token(a)).obtain())
+            asyncio.run(WorkloadIdentity(b.api, WEB, a.join_token(WEB)).obtain())
         assert info.value.permanent
     finally:
         for replica in started.values():

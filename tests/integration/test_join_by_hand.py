@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import http.client
 import http.server
-import json
 import os
 import ssl
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from tests.support.control import ControlReplica, start_control, wait_for
+from tests.support.control import ControlReplica, control_plane, wait_for
 from tests.support.procs import LOOPBACK, ManagedProcess, free_ports, wait_ready
 
 from ubimesh.identity.workload import WorkloadIdentity
@@ -84,19 +83,11 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return done
 
 
-def token(control: ControlReplica, identity: str) -> str:
-    answer = control.call("POST", "/api/v1/identity/tokens",
-                          json.dumps({"identity": identity, "ttl": "5m"}))
-    return str(answer["token"])
-
 
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[ControlReplica]:
-    replica = start_control(tmp_path)
-    try:
+    with control_plane(tmp_path) as replica:
         yield replica
-    finally:
-        replica.stop()
 
 
 def test_a_sidecar_joined_by_hand_serves_strict_mtls_by_default(
@@ -130,7 +121,7 @@ def test_a_sidecar_joined_by_hand_serves_strict_mtls_by_default(
 
         # A mesh client with its own certificate from the same CA.
         client = asyncio.run(
-            WorkloadIdentity(control.api, CLIENT, token(control, CLIENT)).obtain()
+            WorkloadIdentity(control.api, CLIENT, control.join_token(CLIENT)).obtain()
         )
         for name, data in (("c.pem", client.chain_pem), ("c.key", client.key_pem),
                            ("ca.pem", client.bundle_pem)):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import json
 import os
 import signal
 import ssl
@@ -31,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
-from tests.support.control import ControlReplica, start_control, wait_for
+from tests.support.control import ControlReplica, control_plane, wait_for
 from tests.support.procs import (
     LOOPBACK,
     ManagedProcess,
@@ -113,11 +112,6 @@ def mtls_listener(port: int) -> dict[str, Any]:
     }
 
 
-def token(control: ControlReplica, identity: str) -> str:
-    answer = control.call("POST", "/api/v1/identity/tokens",
-                          json.dumps({"identity": identity, "ttl": "5m"}))
-    return str(answer["token"])
-
 
 @dataclass
 class Client:
@@ -160,11 +154,8 @@ def get(conn: http.client.HTTPSConnection) -> tuple[int, bytes]:
 
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[ControlReplica]:
-    replica = start_control(tmp_path)
-    try:
+    with control_plane(tmp_path) as replica:
         yield replica
-    finally:
-        replica.stop()
 
 
 def start_proxy(tmp_path: Path, control: ControlReplica, token_file: Path,
@@ -199,9 +190,9 @@ def test_proxy_gets_its_certificate_serves_mtls_and_renews_without_a_failed_requ
     tmp_path: Path, control: ControlReplica
 ) -> None:
     token_file = tmp_path / "web.token"
-    token_file.write_text(token(control, WEB) + "\n")
+    token_file.write_text(control.join_token(WEB) + "\n")
     client_cert = asyncio.run(
-        WorkloadIdentity(control.api, CLIENT, token(control, CLIENT), ttl="5m").obtain()
+        WorkloadIdentity(control.api, CLIENT, control.join_token(CLIENT), ttl="5m").obtain()
     )
     client = Client(client_cert, tmp_path)
     (port,) = free_ports(1)
@@ -287,9 +278,9 @@ def test_a_killed_proxy_comes_back_with_its_identity_and_no_new_token(
     """The token is single-use; the proxy's stored credential (cache dir, 0600) carries its
     identity across a SIGKILL, and the restarted proxy renews with it."""
     token_file = tmp_path / "web.token"
-    token_file.write_text(token(control, WEB) + "\n")
+    token_file.write_text(control.join_token(WEB) + "\n")
     client = Client(asyncio.run(
-        WorkloadIdentity(control.api, CLIENT, token(control, CLIENT), ttl="5m").obtain()
+        WorkloadIdentity(control.api, CLIENT, control.join_token(CLIENT), ttl="5m").obtain()
     ), tmp_path)
     (port,) = free_ports(1)
     proc, _ = start_proxy(tmp_path, control, token_file, port, ttl="10m", name="first")
@@ -325,7 +316,7 @@ def test_persist_identity_false_keeps_the_key_off_the_disk(
     tmp_path: Path, control: ControlReplica
 ) -> None:
     token_file = tmp_path / "web.token"
-    token_file.write_text(token(control, WEB) + "\n")
+    token_file.write_text(control.join_token(WEB) + "\n")
     (port,) = free_ports(1)
     proc, _ = start_proxy(tmp_path, control, token_file, port, ttl="10m",
                           metadata={"ubimesh.persist_identity": False})

@@ -43,11 +43,6 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlReplica
         replica.stop()
 
 
-def token(control: ControlReplica, identity: str = WEB) -> str:
-    answer = control.call("POST", "/api/v1/identity/tokens",
-                          json.dumps({"identity": identity, "ttl": "5m"}))
-    return str(answer["token"])
-
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coro, 30))
@@ -60,7 +55,7 @@ def roots(bundle: bytes) -> dict[str, list[x509.Certificate]]:
 def test_first_certificate_with_a_token_then_renewals_with_a_new_key(
     control: ControlReplica,
 ) -> None:
-    identity = WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL)
+    identity = WorkloadIdentity(control.api, WEB, control.join_token(WEB), ttl=API_TTL)
     first = run(identity.obtain())
     assert first.spiffe_id == WEB
     assert str(verify_svid(first.chain_pem, roots(first.bundle_pem))) == WEB
@@ -77,7 +72,7 @@ def test_first_certificate_with_a_token_then_renewals_with_a_new_key(
 
 
 def test_a_token_works_once(control: ControlReplica) -> None:
-    once = token(control)
+    once = control.join_token(WEB)
     run(WorkloadIdentity(control.api, WEB, once).obtain())
     again = WorkloadIdentity(control.api, WEB, once)
     with pytest.raises(IdentityError) as info:
@@ -87,7 +82,7 @@ def test_a_token_works_once(control: ControlReplica) -> None:
 
 
 def test_a_token_for_another_identity_is_refused(control: ControlReplica) -> None:
-    other = token(control, "spiffe://cluster.local/ns/default/sa/db")
+    other = control.join_token("spiffe://cluster.local/ns/default/sa/db")
     with pytest.raises(IdentityError) as info:
         run(WorkloadIdentity(control.api, WEB, other).obtain())
     assert info.value.permanent
@@ -111,7 +106,7 @@ def test_run_renews_at_half_life_with_jitter_and_hands_over_each_certificate(
         handed.append(cert)
 
     rands = iter([0.0, 1.0, 0.5])
-    identity = WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL,
+    identity = WorkloadIdentity(control.api, WEB, control.join_token(WEB), ttl=API_TTL,
                                 clock=lambda: now[0], rand=lambda: next(rands),
                                 sleep=fake_sleep)
     with pytest.raises(asyncio.CancelledError):
@@ -134,7 +129,7 @@ def test_renewal_delay_bounds() -> None:
 
 def test_an_expired_certificate_cannot_be_renewed(control: ControlReplica) -> None:
     now = [time.time()]
-    identity = WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL,
+    identity = WorkloadIdentity(control.api, WEB, control.join_token(WEB), ttl=API_TTL,
                                 clock=lambda: now[0])
     cert = run(identity.obtain())
     now[0] = cert.not_after + 1
@@ -172,7 +167,7 @@ def test_a_restarted_workload_renews_with_its_stored_credential_without_a_token(
     control: ControlReplica, tmp_path: Path
 ) -> None:
     store = CredentialStore(tmp_path / "state")
-    first = run(WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL,
+    first = run(WorkloadIdentity(control.api, WEB, control.join_token(WEB), ttl=API_TTL,
                                  store=store).obtain())
     assert stat.S_IMODE(os.stat(store.directory).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
@@ -203,7 +198,7 @@ def test_a_stored_credential_is_refused_unless_it_is_valid_for_this_identity(
     control: ControlReplica, tmp_path: Path
 ) -> None:
     store = CredentialStore(tmp_path / "state")
-    cert = run(WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL,
+    cert = run(WorkloadIdentity(control.api, WEB, control.join_token(WEB), ttl=API_TTL,
                                 store=store).obtain())
     assert WorkloadIdentity(control.api, WEB, None, store=store).restore() is not None
     # Another identity.
@@ -215,7 +210,7 @@ def test_a_stored_credential_is_refused_unless_it_is_valid_for_this_identity(
     assert late.restore() is None
     # A key that is not the leaf's.
     doc = json.loads(store.path.read_text())
-    other_key = run(WorkloadIdentity(control.api, WEB, token(control)).obtain()).key_pem
+    other_key = run(WorkloadIdentity(control.api, WEB, control.join_token(WEB)).obtain()).key_pem
     store.path.write_text(json.dumps({**doc, "key": other_key.decode()}))
     assert WorkloadIdentity(control.api, WEB, None, store=store).restore() is None
     # Not something ubimesh wrote.
@@ -235,7 +230,7 @@ def test_a_stored_credential_the_ca_no_longer_accepts_falls_back_to_the_token(
     """The CA was replaced (another control plane, another root): renewing with the stored
     credential is refused, and the join token at hand joins the workload again."""
     store = CredentialStore(tmp_path / "state")
-    old = run(WorkloadIdentity(control.api, WEB, token(control), ttl=API_TTL,
+    old = run(WorkloadIdentity(control.api, WEB, control.join_token(WEB), ttl=API_TTL,
                                store=store).obtain())
     other = start_control(tmp_path, "other-control")
     try:
@@ -247,7 +242,7 @@ def test_a_stored_credential_the_ca_no_longer_accepts_falls_back_to_the_token(
         async def stop(seconds: float) -> None:
             raise asyncio.CancelledError
 
-        identity = WorkloadIdentity(other.api, WEB, token(other), ttl=API_TTL, store=store,
+        identity = WorkloadIdentity(other.api, WEB, other.join_token(WEB), ttl=API_TTL, store=store,
                                     sleep=stop)
         with pytest.raises(asyncio.CancelledError):
             run(identity.run(take))

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.control import ControlReplica, start_control, wait_for
+from tests.support.control import ControlReplica, control_plane, wait_for
 from tests.support.procs import (
     LOOPBACK,
     ManagedProcess,
@@ -195,19 +195,11 @@ def edge_serials(admin: int) -> set[str]:
     }
 
 
-def token(control: ControlReplica, identity: str) -> str:
-    answer = control.call("POST", "/api/v1/identity/tokens",
-                          json.dumps({"identity": identity, "ttl": "5m"}))
-    return str(answer["token"])
-
 
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[ControlReplica]:
-    replica = start_control(tmp_path)
-    try:
+    with control_plane(tmp_path) as replica:
         yield replica
-    finally:
-        replica.stop()
 
 
 def test_envoy_with_ubimesh_agent_and_ubimesh_proxy_speak_mtls_both_ways(
@@ -218,7 +210,7 @@ def test_envoy_with_ubimesh_agent_and_ubimesh_proxy_speak_mtls_both_ways(
     try:
         # -- the agent, for Envoy's identity -------------------------------------------------
         edge_token = tmp_path / "edge.token"
-        edge_token.write_text(token(control, EDGE))
+        edge_token.write_text(control.join_token(EDGE))
         sock = tmp_path / "sds.sock"
         agent_argv = [sys.executable, "-m", "ubimesh.cli.main", "agent", "--control",
                       control.api, "--join-token-file", str(edge_token), "--identity", EDGE,
@@ -267,7 +259,7 @@ def test_envoy_with_ubimesh_agent_and_ubimesh_proxy_speak_mtls_both_ways(
 
         # -- the ubimesh proxy: its own certificate, ROOTCA over ADS ------------------------
         web_token = tmp_path / "web.token"
-        web_token.write_text(token(control, WEB))
+        web_token.write_text(control.join_token(WEB))
         bootstrap = build_bootstrap(
             node_id="web.default", role="sidecar", admin_port=u_admin,
             xds=[parse_address(control.xds, what="xds")],

@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,12 @@ class ControlReplica:
     def apply(self, text: str) -> Any:
         return self.call("POST", "/api/v1/apply", text)
 
+    def join_token(self, identity: str, ttl: str = "5m") -> str:
+        """A one-time join token for ``identity`` (``ubimesh token create``)."""
+        answer = self.call("POST", "/api/v1/identity/tokens",
+                           json.dumps({"identity": identity, "ttl": ttl}))
+        return str(answer["token"])
+
     def items(self, kind: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.call("GET", f"/api/v1/resources/{kind}")["items"]
         return items
@@ -114,6 +120,16 @@ class ControlReplica:
 
     def describe(self) -> str:
         return self.proc.describe()
+
+
+@contextlib.contextmanager
+def control_plane(workdir: Path, name: str = "control", **kwargs: Any) -> Iterator[ControlReplica]:
+    """:func:`start_control` for the ``with`` block (a fixture's body); stopped after it."""
+    replica = start_control(workdir, name, **kwargs)
+    try:
+        yield replica
+    finally:
+        replica.stop()
 
 
 def start_control(
