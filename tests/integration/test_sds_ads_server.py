@@ -213,8 +213,9 @@ def test_sds_on_a_private_unix_socket_serves_every_node_and_pushes_renewals(
             # The ADS service is not on the agent's socket.
             ads = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = ads.StreamAggregatedResources()
-            await call.write(discovery_pb2.DiscoveryRequest(type_url=SDS))
             try:
+                # The refusal may come before the write completes (then write raises it).
+                await call.write(discovery_pb2.DiscoveryRequest(type_url=SDS))
                 await asyncio.wait_for(call.read(), STEP)
                 raise AssertionError("ADS answered on the SDS-only socket")
             except grpc.aio.AioRpcError as exc:
