@@ -4,6 +4,9 @@
 two proxies (client -> proxy -> proxy -> upstream), ubimesh's pair against Envoy's, at fixed
 rates (issue 4, second benchmark bar; see benchlib/mtls_pair.py).
 
+``--scenario rbac`` runs ubimesh alone, the S1 setup without and with an RBAC filter of 100
+policies, closed loop, and reports the throughput ratio (issue 5 bar; benchlib/rbac.py).
+
 Run it with ``bash bench/run.sh [options]`` (which installs what is missing first), or with
 ``python bench/run.py [options]`` from an environment that already has everything. See
 bench/README.md for the method and for how to read the results.
@@ -39,7 +42,7 @@ from typing import Any
 
 import psutil
 
-from benchlib import configs, mtls_pair
+from benchlib import configs, mtls_pair, rbac
 from benchlib.loads import LoadResult, run_h2load, run_wrk
 from benchlib.procs import (
     BenchError,
@@ -64,14 +67,17 @@ from benchlib.report import DIRECT, chart, markdown, summarise, write_json
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 ALL_PROXIES = ("ubimesh", "envoy", "nginx", "haproxy")
-SCENARIOS = ("s1", "mtls-pair")
+SCENARIOS = ("s1", "mtls-pair", "rbac")
 # Per-scenario defaults of the options whose default depends on the scenario.
 SCENARIO_DEFAULTS = {
     "s1": {"proxies": ",".join(ALL_PROXIES), "sizes": "1k,16k", "rates": "1000,5000",
            "wrk_conns": "50"},
     "mtls-pair": {"proxies": ",".join(mtls_pair.PRODUCTS), "sizes": "1k", "rates": "1000",
                   "wrk_conns": ""},
+    "rbac": {"proxies": ",".join(rbac.PRODUCTS), "sizes": "1k", "rates": "", "wrk_conns": "50"},
 }  # fmt: skip
+#: The proxies each scenario can run.
+SCENARIO_PRODUCTS = {"s1": ALL_PROXIES, "mtls-pair": mtls_pair.PRODUCTS, "rbac": rbac.PRODUCTS}
 MB = 1024 * 1024
 # The proxy's admin counter of requests sent upstream (Envoy's name; ubimesh mirrors it).
 # Notes that mean someone else's work disturbed a run (see --noise-retries).
@@ -114,7 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenario",
         choices=SCENARIOS,
         default="s1",
-        help="s1: one proxy, plain HTTP; mtls-pair: a pair of proxies with mTLS between them",
+        help="s1: one proxy, plain HTTP; mtls-pair: a pair of proxies with mTLS between them; "
+        "rbac: ubimesh without and with an RBAC filter of 100 policies (closed loop)",
     )
     p.add_argument(
         "--proxies",
@@ -175,7 +182,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.duration < 1 or args.warmup < 0 or args.repeat < 1:
         p.error("--duration must be >= 1, --warmup >= 0, --repeat >= 1")
     args.proxies = _csv(args.proxies)
-    allowed = ALL_PROXIES if args.scenario == "s1" else mtls_pair.PRODUCTS
+    allowed = SCENARIO_PRODUCTS[args.scenario]
     unknown = [x for x in args.proxies if x not in allowed]
     if unknown:
         p.error(
@@ -264,6 +271,12 @@ def preflight(args: argparse.Namespace) -> Tools:
                 samples = {
                     "outbound.yaml": mtls_pair.outbound_bootstrap("ubimesh", *ports, certs),
                     "inbound.yaml": mtls_pair.inbound_bootstrap("ubimesh", *ports, certs),
+                }
+            elif args.scenario == "rbac":
+                sizes = list(args.sizes)
+                samples = {
+                    f"{t}.yaml": rbac.bootstrap(t, free_port(), free_port(), free_port(), sizes)
+                    for t in rbac.TARGETS
                 }
             else:
                 sample = configs.ubimesh_bootstrap(free_port(), free_port(), free_port())
@@ -386,13 +399,15 @@ def start_proxy(ctx: Context, name: str) -> Target:
     port, side_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     stats_url = None
-    if name in ("ubimesh", "envoy"):
-        if name == "ubimesh":
+    if name in ("ubimesh", "envoy", rbac.WITH_RBAC):
+        if name == rbac.WITH_RBAC:
+            cfg = rbac.rbac_bootstrap(port, side_port, ctx.upstream_port, list(args.sizes))
+        elif name == "ubimesh":
             cfg = configs.ubimesh_bootstrap(port, side_port, ctx.upstream_port)
         else:
             cfg = configs.envoy_bare_bootstrap(port, side_port, ctx.upstream_port)
         path = configs.write_text(workdir / f"{name}.bootstrap.yaml", configs.dump_yaml(cfg))
-        if name == "ubimesh":
+        if name in ("ubimesh", rbac.WITH_RBAC):
             assert tools.ubimesh is not None
             cmd = [*tools.ubimesh, "-c", str(path), "--concurrency", "1"]
         else:
@@ -806,9 +821,13 @@ def write_outputs(
     subject = args.subject
     if args.scenario == "mtls-pair":
         subject = mtls_pair.target_name(subject)
+    if args.scenario == "rbac":
+        subject = rbac.WITH_RBAC
     text = markdown(rows, meta, targets, sizes, subject)
     if args.scenario == "mtls-pair":
         text += "\n" + mtls_pair.pair_section(rows, runs)
+    if args.scenario == "rbac":
+        text += "\n" + rbac.bar_section(rows)
     (outdir / "results.md").write_text(text)
     write_json(outdir / "results.json", {"meta": meta, "summary": rows, "runs": runs})
     if rows:
@@ -844,6 +863,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = list(args.proxies)
     if args.scenario == "mtls-pair":
         names = [mtls_pair.target_name(p) for p in args.proxies]
+    if args.scenario == "rbac":
+        # The two targets compared with each other; no direct baseline (not what the bar is).
+        names = list(rbac.TARGETS)
+        args.no_direct = True
     targets = ([] if args.no_direct else [DIRECT]) + names
     registry = ProcessRegistry()
     workdir = Path(tempfile.mkdtemp(prefix="ubimesh-bench-"))
@@ -867,6 +890,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"-D {args.duration} --warm-up-time {args.warmup}",
             "versions": collect_versions(tools),
         }  # fmt: skip
+        if args.scenario == "rbac":
+            meta["scenario"] = (
+                "rbac: wrk -> ubimesh (S1) -> upstream, without RBAC and with an RBAC filter of "
+                f"{rbac.POLICIES} policies (the request matches the last one)"
+            )
         if args.scenario == "mtls-pair":
             meta["scenario"] = (
                 "mtls-pair: h2load -> outbound proxy -> mTLS -> inbound proxy -> upstream; "

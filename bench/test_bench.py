@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
-from benchlib import configs, mtls_pair
+from benchlib import configs, mtls_pair, rbac
 from benchlib.loads import parse_h2load, parse_wrk, percentile
 from benchlib.report import markdown, summarise
 
@@ -248,3 +248,56 @@ def test_scenario_defaults() -> None:
     assert [step[1] for step in run.plan(pair)] == ["fixed"]
     with pytest.raises(SystemExit):
         run.parse_args(["--scenario", "mtls-pair", "--proxies", "nginx"])
+
+
+# --------------------------------------------------------------------------------------
+# Scenario rbac
+
+
+def test_rbac_scenario_defaults() -> None:
+    args = run.parse_args(["--scenario", "rbac", "--quick"])
+    assert args.proxies == ["ubimesh"] and args.rates == [] and args.wrk_conns == [50]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--scenario", "rbac", "--proxies", "envoy"])
+
+
+def test_rbac_bootstrap_has_100_policies_and_the_request_matches_the_last() -> None:
+    from ubimesh.policy.rbac import RbacInput, evaluate, for_connection, no_headers
+    from ubimesh.proxy.xds import load_bootstrap_dict
+
+    cfg = rbac.rbac_bootstrap(10000, 10001, 10002, ["1k", "16k"])
+    plain = configs.ubimesh_bootstrap(10000, 10001, 10002)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    assert [f["name"] for f in hcm["typed_config"]["http_filters"]] == [
+        "envoy.filters.http.rbac",
+        "envoy.filters.http.router",
+    ]
+    hcm["typed_config"]["http_filters"].pop(0)
+    assert cfg == plain  # the RBAC filter is the only difference
+    snapshot = load_bootstrap_dict(rbac.rbac_bootstrap(10000, 10001, 10002, ["1k"]))
+    http = snapshot.listeners[0].filter_chains[0].filters[0]
+    rules = http.http_filters[0].config.rules  # type: ignore[union-attr]
+    assert len(rules.policies) == 100
+
+    def request(path: str) -> RbacInput:
+        def values(name: str) -> tuple[str, ...]:
+            return {":method": ("GET",), ":path": (path,)}.get(name, ())
+
+        return RbacInput("GET", path, values, "127.0.0.1", 10000, "127.0.0.1", "127.0.0.1", ())
+
+    assert evaluate(rules, request("/1k")).policy == "p099"
+    assert not evaluate(rules, request("/2k")).allowed
+    cut = for_connection(rules, RbacInput("", "", no_headers, "127.0.0.1", 1, "127.0.0.1", "", ()))
+    assert len(cut.policies) == 50  # the identity policies are settled per connection
+
+
+def test_rbac_bar_section() -> None:
+    runs = [
+        {"target": t, "size": "1k", "load": "wrk c50", "kind": "closed", "rps": rps,
+         "cpu_us_per_req": cpu, "rep": 1}
+        for t, rps, cpu in (("ubimesh", 10000.0, 90.0), ("ubimesh-rbac", 9500.0, 95.0))
+    ]  # fmt: skip
+    text = rbac.bar_section([*runs])
+    assert "| 1k | wrk c50 | 10,000 | 9,500 | 0.950 | 90.0 | 95.0 | PASS |" in text
+    runs[1]["rps"] = 8000.0
+    assert "FAIL" in rbac.bar_section(runs)

@@ -60,7 +60,7 @@ def _mypy_version() -> str:
 
 
 #: Packages the proxy never imports (a test keeps it so): their edits leave the build valid.
-OUTSIDE_THE_PROXY = ("control", "cli", "agent")
+OUTSIDE_THE_PROXY = ("control", "cli", "agent", "collector")
 #: Modules of the proxy's packages that the proxy never imports either: ``ubimesh policy``'s
 #: evaluator (it compiles the mesh with the control plane's compiler).
 OUTSIDE_MODULES = ("policy/questions.py",)

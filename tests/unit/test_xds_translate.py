@@ -24,6 +24,7 @@ from ubimesh.proxy.snapshot.types import (
     HeadersWithUnderscoresAction,
     HttpConnectionManagerConfig,
     LbPolicy,
+    NetworkRbacConfig,
     PathMatchKind,
     PathWithEscapedSlashesAction,
     RedirectAction,
@@ -172,7 +173,8 @@ def test_full_hcm(full: Snapshot) -> None:
     assert h.merge_slashes is True
     assert h.path_with_escaped_slashes_action is PathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT
     assert h.forward_client_cert_details is ForwardClientCertDetails.APPEND_FORWARD
-    (router,) = h.http_filters
+    rbac, router = h.http_filters
+    assert rbac.type_name == "envoy.extensions.filters.http.rbac.v3.RBAC"
     assert router.name == "envoy.filters.http.router"
     assert router.type_name == "envoy.extensions.filters.http.router.v3.Router"
     assert router.config == RouterConfig(dynamic_stats=False, suppress_envoy_headers=True)
@@ -282,9 +284,12 @@ def test_full_tcp_listener(full: Snapshot) -> None:
     sni, alpn = tcp.filter_chains
     assert sni.match.server_names == ("db.example.com", "*.db.example.com")
     assert sni.match.transport_protocol == "tls"
-    assert sni.filters == (
-        TcpProxyConfig(stat_prefix="db", cluster="db", idle_timeout=None, max_connect_attempts=3),
+    rbac, proxy = sni.filters
+    assert isinstance(rbac, NetworkRbacConfig) and rbac.stat_prefix == "db_rbac"
+    assert proxy == TcpProxyConfig(
+        stat_prefix="db", cluster="db", idle_timeout=None, max_connect_attempts=3
     )
+    assert tcp.rbac_denial_header == "always"
     assert alpn.match.destination_port == 8001
     assert alpn.match.application_protocols == ("h2", "http/1.1")
     (weighted,) = alpn.filters

@@ -9,13 +9,22 @@ in this order (``ConnectionManagerUtility::maybeNormalizePath``):
    steps; UNESCAPE_AND_FORWARD just goes on.
 2. ``normalize_path``: RFC 3986 section 6 normalization as Chromium's URL canonicalizer does it
    (Envoy calls ``url::CanonicalizePath``): backslashes become slashes; ``.`` and ``..``
-   segments (also written ``%2e``) are resolved and never climb above the root; percent-encoded
-   unreserved characters (``A-Z a-z 0-9 - . _ ~``) are decoded; other escapes are kept with
-   their case ("Envoy does not perform case normalization"); characters that may not appear in
-   a path (space, ``"``, ``<``, ``>``, ``^``, backtick, ``{``, ``|``, ``}``, controls,
-   non-ASCII) are percent-encoded; a ``%`` that does not start an escape is kept, but when
-   decoding would make it start one (``%%30%30``) it is written ``%25``. A NUL, raw or as
+   segments (also written ``%2e``) are resolved and never climb above the root; a dot segment
+   of literal dots may carry ``;parameters``, dropped with it up to the next ``/`` (Envoy 1.40
+   reads ``/x/..;a/y`` as ``/y`` and ``/x/.;a/y`` as ``/x/y``, as servlet containers do);
+   percent-encoded unreserved characters (``A-Z a-z 0-9 - . _ ~``) are decoded; other escapes
+   are kept with their case ("Envoy does not perform case normalization"); characters that may
+   not appear in a path (space, ``"``, ``<``, ``>``, ``^``, backtick, ``{``, ``|``, ``}``,
+   controls, non-ASCII) are percent-encoded; a ``%`` that does not start an escape is kept, but
+   when decoding would make it start one (``%%30%30``) it is written ``%25``. A NUL, raw or as
    ``%00``, makes the path invalid: 400. Consecutive slashes are left alone.
+
+   One deliberate difference: Envoy leaves a dot segment written with escaped dots and
+   parameters (``/x/%2e%2e;/y``) unresolved and forwards it decoded (``/x/..;/y``), a path
+   that its own normalization, and a servlet container, then read as another (``/y``): what
+   authorization saw is not what the upstream serves. Resolving it instead would forward some
+   paths Envoy refuses (``/admin/%2e%2e;`` is ``/`` then). ubimesh refuses such a path (400),
+   so its output is always a fixed point of the normalization.
 3. ``merge_slashes``: runs of ``/`` collapse to one, except that a path made only of slashes
    keeps two (``///`` becomes ``//``), as Envoy's implementation does.
 
@@ -237,9 +246,18 @@ def _canonicalize(spec: str) -> str | None:
                         i += dot - 1  # "/." at the end: current directory
                     elif spec[after] in "/\\":
                         i += dot  # "./": skip it and its slash
+                    elif spec[after] == ";":
+                        # ".;params": current directory, parameters dropped up to the slash.
+                        if dot != 1:
+                            ok = False  # "%2e;": see the module docstring
+                        i = _end_of_parameters(spec, after, end)
                     else:
                         dot2 = _is_dot(spec, after, end)
                         after2 = after + dot2
+                        if dot2 and after2 < end and spec[after2] == ";":
+                            if dot != 1 or dot2 != 1:
+                                ok = False  # "%2e%2e;": see the module docstring
+                            after2 = _end_of_parameters(spec, after2, end)
                         if dot2 and (after2 == end or spec[after2] in "/\\"):
                             # "..": back up to the previous slash, never above the first one.
                             _back_up_to_previous_slash(out)
@@ -283,6 +301,13 @@ def _canonicalize(spec: str) -> str | None:
             ok = False
         i += 1
     return "".join(out) if ok else None
+
+
+def _end_of_parameters(spec: str, i: int, end: int) -> int:
+    """Index of the "/" that ends the ``;parameters`` starting at ``i``, or ``end``. Only a
+    literal "/" ends them (Envoy drops a backslash or an escaped slash with them)."""
+    slash = spec.find("/", i, end)
+    return end if slash < 0 else slash
 
 
 def _back_up_to_previous_slash(out: list[str]) -> None:

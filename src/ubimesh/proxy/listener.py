@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, cast
 
 from ubimesh.proto.client_hello import MAX_CLIENT_HELLO, parse_client_hello
 from ubimesh.proxy.chain_match import select_filter_chain
+from ubimesh.proxy.http.rbac import NetworkRbac
 from ubimesh.proxy.network.hcm_config import HcmRuntime
 from ubimesh.proxy.network.http_manager import HttpConnection
 from ubimesh.proxy.snapshot.types import (
     FilterChain,
     HttpConnectionManagerConfig,
     Listener,
+    NetworkRbacConfig,
     RouteConfiguration,
     SocketAddress,
     TcpProxyConfig,
@@ -52,6 +54,8 @@ class ChainRuntime:
         stats: Store,
         buffer_limit: int,
         tls_stats_prefix: str = "",
+        listener: str = "",
+        denial_header: str = "internal",
     ) -> None:
         self.chain = chain
         self.hcm: HcmRuntime | None = None
@@ -63,15 +67,29 @@ class ChainRuntime:
             self.tls = clusters.tls.endpoint(chain.transport_socket)
             self.tls_stats = TlsStats(stats.counter, tls_stats_prefix)
         terminal = chain.filters[-1]
+        # The filters before the terminal one are RBAC network filters.
+        rbac_filters = [
+            (f.stat_prefix, f.rbac) for f in chain.filters[:-1] if isinstance(f, NetworkRbacConfig)
+        ]
+        gate = NetworkRbac(rbac_filters, stats, listener) if rbac_filters else None
         self.factory: Callable[[], asyncio.Protocol]
         if isinstance(terminal, HttpConnectionManagerConfig):
-            hcm = self.hcm = HcmRuntime(terminal, clusters, stats)
+            hcm = self.hcm = HcmRuntime(
+                terminal,
+                clusters,
+                stats,
+                listener=listener,
+                denial_header=denial_header,
+                network_rbac=gate,
+            )
             self.factory = lambda: HttpConnection(hcm, buffer_limit)
         elif isinstance(terminal, TcpProxyConfig):
             # Loaded only for listeners that proxy TCP (it is half a megabyte resident).
             from ubimesh.proxy.network.tcp_proxy import TcpProxyProtocol
 
-            self.factory = lambda: TcpProxyProtocol(terminal, clusters, stats, buffer_limit)
+            self.factory = lambda: TcpProxyProtocol(
+                terminal, clusters, stats, buffer_limit, network_rbac=gate
+            )
         else:  # pragma: no cover - the translator only produces the two terminal kinds
             raise AssertionError(f"unsupported terminal filter {terminal!r}")
 
@@ -176,11 +194,15 @@ class ListenerRuntime:
     def _build(self, spec: Listener) -> None:
         limit = spec.per_connection_buffer_limit_bytes
         prefix = f"listener.{spec.address}."
+        extra = {"listener": spec.name, "denial_header": spec.rbac_denial_header}
         self.chains = [
-            ChainRuntime(c, self.clusters, self.stats, limit, prefix) for c in spec.filter_chains
+            ChainRuntime(c, self.clusters, self.stats, limit, prefix, **extra)
+            for c in spec.filter_chains
         ]
         self.default_chain = (
-            ChainRuntime(spec.default_filter_chain, self.clusters, self.stats, limit, prefix)
+            ChainRuntime(
+                spec.default_filter_chain, self.clusters, self.stats, limit, prefix, **extra
+            )
             if spec.default_filter_chain is not None
             else None
         )

@@ -17,6 +17,8 @@ labels named ``envoy_<tag>``::
 the same matching rules (regex extractors: first group is cut, second group is the value;
 token extractors: ``*`` one token, ``**`` any tokens, ``$`` the value), the same order (which
 decides label order) and the same exclusions (``listener.admin.*`` carries no address tag).
+One extractor is ubimesh's own: ``envoy.rbac_policy_name`` also for the RBAC network filter's
+per-policy denials (``<stat_prefix>.rbac.policy.<policy>.denied``), which Envoy does not have.
 Envoy's ``stats_config`` (custom tags, ``use_all_default_tags: false``) is not supported.
 
 Output layout, as Envoy's: one ``# TYPE`` line per metric family, no ``# HELP``; all counter
@@ -219,6 +221,14 @@ EXTRACTORS: tuple[_Extractor, ...] = (
     ),
     _RegexExtractor(
         "envoy.rbac_http_prefix", r"^http\.<TAG_VALUE>\.rbac\.((<TAG_VALUE>)\.).*?", "policy"
+    ),
+    # ubimesh's own: the RBAC network filter's per-policy denials
+    # (<stat_prefix>.rbac.[<shadow prefix>.]policy.<policy>.<outcome>) get the same label as the
+    # HTTP filter's, instead of a metric name per policy.
+    _RegexExtractor(
+        "envoy.rbac_policy_name",
+        r"^<TAG_VALUE>\.rbac\.(?:<TAG_VALUE>\.)?policy\.((<TAG_VALUE>)\.)"
+        r"(allowed|shadow_allowed|denied|shadow_denied)$",
     ),
     _RegexExtractor(
         "envoy.proxy_protocol_prefix", r"^proxy_proto\.((<TAG_VALUE>)\.).+$", "versions"

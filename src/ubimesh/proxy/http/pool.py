@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
+from ubimesh.proxy.tls.buffered import BufferedApp
 from ubimesh.proxy.upstream.host import Host
 
 if TYPE_CHECKING:
@@ -322,6 +324,8 @@ class Http1Pool:
         timeout = self.cluster.connect_timeout
         verifier = None
         options: dict[str, Any] = {}
+        proto = UpstreamConnection(self)
+        factory: Callable[[], asyncio.BaseProtocol] = lambda: proto  # noqa: E731
         try:
             if tls is not None:
                 # Raises TlsUnavailable (a ValueError) when a secret is missing; the handshake
@@ -329,10 +333,10 @@ class Http1Pool:
                 context, verifier = tls.current()
                 options = {"ssl": context, "server_hostname": tls.sni,
                            "ssl_handshake_timeout": timeout}
-            _, proto = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: UpstreamConnection(self), addr.host, addr.port, **options
-                ),
+                # Decrypted bytes go through a reused buffer (tls/buffered.py).
+                factory = lambda: BufferedApp(proto)  # noqa: E731
+            await asyncio.wait_for(
+                self.loop.create_connection(factory, addr.host, addr.port, **options),
                 timeout=timeout,
             )
         except TimeoutError:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import time
 from typing import TYPE_CHECKING
 
 from ubimesh.proto import path as pathnorm
 from ubimesh.proto.headers import Headers
+from ubimesh.proxy.http.rbac import HttpRbac, NetworkRbac
 from ubimesh.proxy.http.router import route_request
 from ubimesh.proxy.routing.formatter import FormatContext
 from ubimesh.proxy.routing.hashing import compute_hash
@@ -67,7 +69,14 @@ _BAD_REQUEST: LocalReply = (400, b"Bad Request", "DPE", None)
 _UPGRADE_REQUIRED: LocalReply = (426, b"Upgrade Required", "DPE", None)
 _FORBIDDEN_UPGRADE: LocalReply = (403, b"", "", None)
 _PATH_REJECTED: LocalReply = (400, b"", "DPE", None)
+#: An absolute-form request target as Envoy's HTTP/1 codec accepts it: the group is the host
+#: and port (user information left out); the path, if any, follows the match.
+_ABSOLUTE_FORM = re.compile(
+    r"(?i:https?)://(?:[^/?@]*@)?((?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?)(?=/|\Z)"
+)
 _STRIP_CANDIDATES = _HOP_BY_HOP | _INTERNAL | {"x-forwarded-client-cert"}
+#: The HTTP RBAC filter's config type (HttpFilterConfig.type_name).
+HTTP_RBAC_TYPE = "envoy.extensions.filters.http.rbac.v3.RBAC"
 #: Request headers Envoy keeps as one entry (its "inline" headers): repeated ones are joined
 #: with "," in arrival order. Other repeated headers stay separate.
 _COALESCED = frozenset(
@@ -174,6 +183,10 @@ class HcmRuntime:
         config: HttpConnectionManagerConfig,
         clusters: ClusterManager,
         stats: Store,
+        *,
+        listener: str = "",
+        denial_header: str = "internal",
+        network_rbac: NetworkRbac | None = None,
     ) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
@@ -244,6 +257,22 @@ class HcmRuntime:
         )
         self.by_class = [stats.counter(f"{p}downstream_rq_{c}xx") for c in range(6)]
         self.rq_time = stats.histogram(p + "downstream_rq_time")
+        # RBAC: the network filters before this HCM (run when a connection is accepted) and
+        # the HTTP filters before the router (run per request, after the request rules).
+        self.network_rbac = network_rbac
+        rbac_configs = [f.config for f in config.http_filters if f.type_name == HTTP_RBAC_TYPE]
+        self.rbac: HttpRbac | None = None
+        if rbac_configs:
+            self.rbac = HttpRbac(
+                rbac_configs,
+                stats,
+                config.stat_prefix,
+                listener=listener,
+                denial_header=denial_header,
+                use_remote_address=config.use_remote_address,
+                xff_num_trusted_hops=config.xff_num_trusted_hops,
+                skip_xff_append=config.skip_xff_append,
+            )
 
     def take_routes(self, config: HttpConnectionManagerConfig) -> None:
         """Route with ``config.route_config`` from the next request on (an RDS update):
@@ -279,17 +308,21 @@ class HcmRuntime:
         items = headers.items
         target = stream.target
         flags = stream.hflags
+        if "#" in target:
+            # Envoy's HTTP/1 codec refuses a fragment anywhere in the request target; routing
+            # and authorization must never see a path that an upstream would cut elsewhere.
+            return _BAD_REQUEST
         # Authority: absolute-form request targets carry it (RFC 9112 section 3.2.2).
         if target[:1] != "/":
             if target == "*" and stream.method == "OPTIONS":
                 return _BAD_REQUEST
-            scheme_end = target.find("://")
-            if scheme_end <= 0:
+            absolute = _ABSOLUTE_FORM.match(target)
+            if absolute is None:
                 return _BAD_REQUEST
-            rest = target[scheme_end + 3 :]
-            slash = rest.find("/")
-            authority = rest if slash < 0 else rest[:slash]
-            target = "/" if slash < 0 else rest[slash:]
+            # As Envoy: http or https, user information dropped, the authority a plain host
+            # (or IP literal) with an optional port, which is what the Host becomes.
+            authority = absolute.group(1)
+            target = target[absolute.end() :] or "/"
             headers.set("host", authority)
             items = headers.items
             stream.host_header = authority

@@ -3,7 +3,7 @@
 One ``HttpConnection`` per downstream connection runs the HTTP/1.1 server codec (httptools)
 and, for each request, an ``ActiveStream``: request headers are checked against the limits,
 the path is normalized, the HCM's header rules are applied (x-forwarded-*, x-request-id),
-the HTTP filters run in order (for now the router alone, which is terminal) and the response
+the HTTP filters run in order (RBAC filters, then the router, which is terminal) and the response
 comes back through ``encode_headers``/``encode_data``/``encode_end``.
 
 Requests on one connection are answered strictly in order. A pipelined request is parsed as soon
@@ -46,6 +46,7 @@ from ubimesh.proxy.snapshot.types import (
 )
 
 if TYPE_CHECKING:
+    from ubimesh.proxy.http.rbac import RbacConnection
     from ubimesh.proxy.http.router import UpstreamRequest
     from ubimesh.proxy.network.hcm_config import HcmRuntime
     from ubimesh.proxy.tls.peer import PeerInfo
@@ -75,6 +76,7 @@ class ActiveStream:
         "bytes_sent",
         "chunked",
         "conn",
+        "details",
         "done",
         "expect_continue",
         "flags",
@@ -130,6 +132,8 @@ class ActiveStream:
         self.response_headers_only = False
         self.status = 0
         self.flags = ""
+        self.details = ""
+        """Envoy's response code details when the proxy answered for a reason (RBAC)."""
         self.done = False
         self.host_header = ""
         self.bytes_received = 0
@@ -157,6 +161,14 @@ class ActiveStream:
             self.send_local_reply(status, body, flag, close=status == 400, extra=extra)
             return
         route = hcm.route_table_match(self)
+        rbac = hcm.rbac
+        if rbac is not None:
+            # RBAC runs before the router (which answers 404 for no route). Envoy has found
+            # the route by then (the filter looks for per-route config), so a denial gets the
+            # route's response header rules like any local reply.
+            self.route = route
+            if not rbac.allow(self, conn):
+                return
         if route is None:
             hcm.rq_no_route.value += 1
             self.send_local_reply(404, b"", NR)
@@ -391,6 +403,8 @@ class HttpConnection(asyncio.Protocol):
         """The TLS side of the connection once verified (None: plaintext): the peer's SPIFFE
         ID and certificate hash, for the HTTP filters and x-forwarded-client-cert. Set by
         the TLS gate before ``connection_made``."""
+        self.rbac: RbacConnection | None = None
+        """What the HTTP RBAC filters keep for this connection (from its first request)."""
         self.closed = False
         self.draining = False
         # The stream being parsed, and the queue of streams awaiting their turn; the head of
@@ -427,14 +441,23 @@ class HttpConnection(asyncio.Protocol):
         sockname = transport.get_extra_info("sockname")
         if sockname:
             self.local = (sockname[0], sockname[1])
-        transport.set_write_buffer_limits(high=self.buffer_limit, low=self.buffer_limit // 4)
         hcm = self.hcm
+        gate = hcm.network_rbac
+        if gate is not None and not gate.admit(self.remote, self.local, self.tls):
+            # Denied by an RBAC network filter: the HCM never sees the connection.
+            self.closed = True
+            self.transport = None
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=self.buffer_limit, low=self.buffer_limit // 4)
         hcm.cx_total.value += 1
         hcm.cx_active.value += 1
         hcm.connections.add(self)
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return  # refused by an RBAC network filter (TLS may still hand over a record)
         self.last_activity = self.loop.time()
         up = self.upgraded_to
         if up is not None:

@@ -63,10 +63,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ubimesh.proxy.snapshot.types import TcpProxyConfig
+from ubimesh.proxy.tls.buffered import BufferedApp
 from ubimesh.proxy.upstream.host import Host
 from ubimesh.telemetry.stats import Counter, Gauge, Store
 
 if TYPE_CHECKING:
+    from ubimesh.proxy.http.rbac import NetworkRbac
+    from ubimesh.proxy.tls.peer import PeerInfo
     from ubimesh.proxy.upstream.cluster import ClusterStats, UpstreamCluster
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
 
@@ -149,6 +152,10 @@ def pick_cluster_name(config: TcpProxyConfig, rnd: Callable[[], float] = _random
     return entries[-1].name
 
 
+def _address(sockaddr: Any) -> tuple[str, int]:
+    return (sockaddr[0], sockaddr[1]) if sockaddr else ("", 0)
+
+
 def _set_limits(transport: asyncio.Transport, limit: int) -> None:
     # Duck-typed: uvloop's transports are not asyncio.WriteTransport subclasses.
     transport.set_write_buffer_limits(high=limit, low=limit // 2)
@@ -221,8 +228,12 @@ class TcpProxyProtocol(asyncio.Protocol):
         clusters: ClusterManager,
         stats: Store,
         buffer_limit: int,
+        network_rbac: NetworkRbac | None = None,
     ) -> None:
         self._config = config
+        self._rbac = network_rbac
+        self.tls: PeerInfo | None = None
+        """The TLS peer, set by the TLS gate before ``connection_made`` (RBAC principals)."""
         self._clusters = clusters
         self._st = tcp_proxy_stats(stats, config.stat_prefix)
         self._limit = max(1, buffer_limit)
@@ -273,6 +284,16 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         down = cast(asyncio.Transport, transport)
+        gate = self._rbac
+        if gate is not None and not gate.admit(
+            _address(down.get_extra_info("peername")),
+            _address(down.get_extra_info("sockname")),
+            self.tls,
+        ):
+            # Denied by an RBAC network filter: no upstream connection, no byte forwarded.
+            self._down_closed = True
+            down.abort()
+            return
         self._down = down
         st = self._st
         st.downstream_cx_total.value += 1
@@ -396,8 +417,9 @@ class TcpProxyProtocol(asyncio.Protocol):
                         )
                     else:
                         context, self._tls_verifier = tls.current()
+                        # Decrypted bytes go through a reused buffer (tls/buffered.py).
                         await loop.create_connection(
-                            lambda: _UpstreamProtocol(self),
+                            lambda: BufferedApp(_UpstreamProtocol(self)),
                             addr.host,
                             addr.port,
                             ssl=context,

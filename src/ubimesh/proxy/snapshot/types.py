@@ -14,7 +14,10 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ubimesh.policy.rbac import RbacConfig
 
 # ---------------------------------------------------------------------------------------------
 # Addresses and nodes
@@ -422,7 +425,22 @@ class TcpProxyConfig:
     max_connect_attempts: int = 1
 
 
-NetworkFilterConfig = HttpConnectionManagerConfig | TcpProxyConfig
+# ---------------------------------------------------------------------------------------------
+# RBAC network filter
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkRbacConfig:
+    """envoy.extensions.filters.network.rbac.v3.RBAC: a non-terminal network filter that
+    decides, when a connection is accepted, whether the rest of the chain gets it. ``rbac`` is
+    the engine's configuration (``rules_stat_prefix`` is always empty: the network filter has
+    none); its stats are ``<stat_prefix>.rbac.*``."""
+
+    stat_prefix: str
+    rbac: RbacConfig
+
+
+NetworkFilterConfig = HttpConnectionManagerConfig | TcpProxyConfig | NetworkRbacConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,7 +552,8 @@ class FilterChain:
     name: str
     match: FilterChainMatch
     filters: tuple[NetworkFilterConfig, ...]
-    """Network filters in order; the last one is terminal (HCM or tcp_proxy)."""
+    """Network filters in order; the last one is terminal (HCM or tcp_proxy), the others are
+    RBAC filters (NetworkRbacConfig)."""
     transport_socket: TlsContext | None = None
     """The DownstreamTlsContext (``server`` true); None is plaintext."""
     transport_socket_connect_timeout: float = 10.0
@@ -550,6 +569,10 @@ class Listener:
     per_connection_buffer_limit_bytes: int = 1024 * 1024
     needs_tls_inspector: bool = False
     """True when some filter chain matches on server_names (SNI must be read first)."""
+    rbac_denial_header: str = "internal"
+    """Who gets ``x-ubimesh-denied-by`` on an RBAC denial: "internal" (callers with a verified
+    client certificate), "always" or "never" (listener metadata
+    ``filter_metadata["ubimesh.rbac"]["denial_header"]``)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ to the TLS protocol before the socket's next bytes, so nothing is read twice or 
 event loop's own TLS protocol does the work (uvloop's, written in Cython, or asyncio's): it is
 created the way ``loop.start_tls`` creates it, with ``_Gate`` as its application protocol. When
 the handshake completes, the gate verifies the peer (``PeerVerifier``), stores the result on the
-chain's protocol (its ``tls`` attribute) and only then hands the connection to it, so a refused
-peer never reaches the HTTP connection manager or an upstream.
+chain's protocol (its ``tls`` attribute) and only then hands the connection to it (through
+``buffered.BufferedApp``), so a refused peer never reaches the HTTP connection manager or an
+upstream.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ubimesh.proxy.tls.buffered import BufferedApp
 from ubimesh.proxy.tls.manager import TlsEndpoint, TlsUnavailable
 from ubimesh.telemetry.stats import Counter
 
@@ -73,7 +75,9 @@ class _Gate(asyncio.Protocol):
         app = self.app
         if hasattr(app, "tls"):
             app.tls = peer
-        tls_transport.set_protocol(app)
+        # The application reads through BufferedApp: the TLS protocol then decrypts into a
+        # reused buffer instead of allocating 256 KiB per read (see tls/buffered.py).
+        tls_transport.set_protocol(BufferedApp(app))
         app.connection_made(tls_transport)
 
     def data_received(self, data: bytes) -> None:

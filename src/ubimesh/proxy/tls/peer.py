@@ -7,7 +7,7 @@ filters and ``x-forwarded-client-cert``; its ``xfcc`` renders Envoy's element fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ubimesh.proxy.snapshot.types import ClientCertDetail
 
@@ -28,11 +28,22 @@ class PeerInfo:
     sha256: str = ""
     local_uri_sans: tuple[str, ...] = ()
 
+    xfcc_elements: dict[tuple[ClientCertDetail, ...], str] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """``xfcc`` results by details: a connection's element is rendered once, not per request."""
+
     def xfcc(self, details: tuple[ClientCertDetail, ...]) -> str:
         """This hop's x-forwarded-client-cert element, as Envoy writes it: ``By`` (one per
         local URI SAN), ``Hash``, then the configured details in Envoy's order (``Subject``
         quoted and always present, one ``URI`` per URI SAN or ``URI=`` when none, one ``DNS``
         per DNS SAN)."""
+        element = self.xfcc_elements.get(details)
+        if element is None:
+            element = self.xfcc_elements[details] = self._render_xfcc(details)
+        return element
+
+    def _render_xfcc(self, details: tuple[ClientCertDetail, ...]) -> str:
         parts = [f"By={uri}" for uri in self.local_uri_sans]
         if self.sha256:
             parts.append(f"Hash={self.sha256}")

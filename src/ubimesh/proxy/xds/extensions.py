@@ -12,11 +12,13 @@ from typing import Any
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2,
 )
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -28,6 +30,8 @@ Bootstrap = bootstrap_pb2.Bootstrap
 HttpConnectionManager = http_connection_manager_pb2.HttpConnectionManager
 TcpProxy = tcp_proxy_pb2.TcpProxy
 Router = router_pb2.Router
+HttpRbac = http_rbac_pb2.RBAC
+NetworkRbac = network_rbac_pb2.RBAC
 TlsInspector = tls_inspector_pb2.TlsInspector
 UpstreamHttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
 FileAccessLog = file_pb2.FileAccessLog
@@ -39,6 +43,8 @@ TYPE_URL_PREFIX = "type.googleapis.com/"
 HCM_TYPE = HttpConnectionManager.DESCRIPTOR.full_name
 TCP_PROXY_TYPE = TcpProxy.DESCRIPTOR.full_name
 ROUTER_TYPE = Router.DESCRIPTOR.full_name
+HTTP_RBAC_TYPE = HttpRbac.DESCRIPTOR.full_name
+NETWORK_RBAC_TYPE = NetworkRbac.DESCRIPTOR.full_name
 TLS_INSPECTOR_TYPE = TlsInspector.DESCRIPTOR.full_name
 UPSTREAM_HTTP_OPTIONS_TYPE = UpstreamHttpProtocolOptions.DESCRIPTOR.full_name
 FILE_ACCESS_LOG_TYPE = FileAccessLog.DESCRIPTOR.full_name
@@ -46,8 +52,14 @@ DOWNSTREAM_TLS_TYPE = DownstreamTlsContext.DESCRIPTOR.full_name
 UPSTREAM_TLS_TYPE = UpstreamTlsContext.DESCRIPTOR.full_name
 
 #: Message types (by full name) that may appear in a typed_config, per place.
-NETWORK_FILTERS: Mapping[str, Any] = {HCM_TYPE: HttpConnectionManager, TCP_PROXY_TYPE: TcpProxy}
-HTTP_FILTERS: Mapping[str, Any] = {ROUTER_TYPE: Router}
+NETWORK_FILTERS: Mapping[str, Any] = {
+    HCM_TYPE: HttpConnectionManager,
+    TCP_PROXY_TYPE: TcpProxy,
+    NETWORK_RBAC_TYPE: NetworkRbac,
+}
+#: The network filters that end a chain (the others go before them).
+TERMINAL_NETWORK_FILTERS = frozenset({HCM_TYPE, TCP_PROXY_TYPE})
+HTTP_FILTERS: Mapping[str, Any] = {ROUTER_TYPE: Router, HTTP_RBAC_TYPE: HttpRbac}
 LISTENER_FILTERS: Mapping[str, Any] = {TLS_INSPECTOR_TYPE: TlsInspector}
 ACCESS_LOGGERS: Mapping[str, Any] = {FILE_ACCESS_LOG_TYPE: FileAccessLog}
 DOWNSTREAM_TRANSPORT_SOCKETS: Mapping[str, Any] = {DOWNSTREAM_TLS_TYPE: DownstreamTlsContext}

@@ -1,4 +1,4 @@
-"""Network filters (HTTP connection manager, TCP proxy) and HTTP filters (router)."""
+"""Network filters (HTTP connection manager, TCP proxy, RBAC) and HTTP filters (RBAC, router)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ubimesh.proxy.snapshot.types import (
     TcpProxyConfig,
     WeightedClusterEntry,
 )
-from ubimesh.proxy.xds import dynamic, extensions
+from ubimesh.proxy.xds import dynamic, extensions, rbac
 from ubimesh.proxy.xds.context import Ctx, item, join, timeout, wrapped
 from ubimesh.proxy.xds.route import route_configuration
 
@@ -31,8 +31,8 @@ _FILTER_HINTS = {"config_discovery": "filter config discovery (ECDS) is " + _NOT
 
 
 def network_filters(ctx: Ctx, filters: Any, path: str) -> tuple[NetworkFilterConfig, ...]:
-    """A filter chain's ``filters``. Both supported filters are terminal, so a chain holds
-    exactly one of them, last."""
+    """A filter chain's ``filters``: RBAC filters (``envoy.filters.network.rbac``, any number),
+    then exactly one terminal filter (HttpConnectionManager or TcpProxy), last."""
     if not filters:
         ctx.error(
             path,
@@ -54,14 +54,24 @@ def network_filters(ctx: Ctx, filters: Any, path: str) -> tuple[NetworkFilterCon
         )
         if config is None:
             continue
-        if i != last:
+        type_name = config.DESCRIPTOR.full_name
+        terminal = type_name in extensions.TERMINAL_NETWORK_FILTERS
+        if terminal and i != last:
             ctx.error(
                 fpath,
-                f"terminal filter {flt.name!r} ({config.DESCRIPTOR.full_name}) must "
+                f"terminal filter {flt.name!r} ({type_name}) must "
                 "be the last filter in a network filter chain",
             )
-        if config.DESCRIPTOR.full_name == extensions.HCM_TYPE:
+        elif not terminal and i == last:
+            ctx.error(
+                fpath,
+                f"non-terminal filter {flt.name!r} ({type_name}) is the last filter in a "
+                "network filter chain; end it with HttpConnectionManager or TcpProxy",
+            )
+        if type_name == extensions.HCM_TYPE:
             out.append(http_connection_manager(ctx, config, tpath))
+        elif type_name == extensions.NETWORK_RBAC_TYPE:
+            out.append(rbac.network_rbac(ctx, config, tpath))
         else:
             out.append(tcp_proxy(ctx, config, tpath))
     return tuple(out)
@@ -326,7 +336,8 @@ _ROUTER_HINTS = {
 
 
 def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, ...]:
-    """HttpConnectionManager.http_filters: for now the router alone, which must be last."""
+    """HttpConnectionManager.http_filters: RBAC filters in their order, then the router, which
+    must be last."""
     if not filters:
         ctx.error(
             path,
@@ -363,6 +374,14 @@ def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, .
                 suppress_envoy_headers=config.suppress_envoy_headers,
             )
             out.append(HttpFilterConfig(flt.name, type_name, compiled))
+        else:
+            if i == last:
+                ctx.error(
+                    fpath,
+                    f"non-terminal filter {flt.name!r} ({type_name}) is the last filter in an "
+                    f"HTTP filter chain; end it with the router ({extensions.ROUTER_TYPE})",
+                )
+            out.append(HttpFilterConfig(flt.name, type_name, rbac.http_rbac(ctx, config, tpath)))
     return tuple(out)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ubimesh.proxy.snapshot.types import FilterChain, FilterChainMatch, Listener, SocketAddress
 from ubimesh.proxy.xds import common, extensions, tls
-from ubimesh.proxy.xds.context import Ctx, item, join, wrapped
+from ubimesh.proxy.xds.context import Ctx, entry, item, join, wrapped
 from ubimesh.proxy.xds.filters import network_filters
 
 _NOT_YET = "not implemented yet"
@@ -19,6 +19,7 @@ _LISTENER = {
     "default_filter_chain",
     "per_connection_buffer_limit_bytes",
     "listener_filters",
+    "metadata",
 }
 _LISTENER_HINTS = {
     "additional_addresses": "one address per listener; add another listener",
@@ -59,6 +60,12 @@ _TLS_INSPECTOR_HINT = "TLS inspector options are " + _NOT_YET
 
 _LISTENER_IP_ONLY = "a listener binds an IP address"
 
+_METADATA = {"filter_metadata"}
+_METADATA_HINTS = {"typed_filter_metadata": "use filter_metadata"}
+#: ubimesh's own listener metadata namespace: Envoy ignores it, so the same listener runs on both.
+RBAC_METADATA = "ubimesh.rbac"
+_DENIAL_HEADER_MODES = ("internal", "always", "never")
+
 
 def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
     """envoy.config.listener.v3.Listener. A listener without a name is named after its address
@@ -97,6 +104,10 @@ def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
             chains_path, "no filter chains specified (set filter_chains or default_filter_chain)"
         )
 
+    denial_header = "internal"
+    if msg.HasField("metadata"):
+        denial_header = _rbac_metadata(ctx, msg.metadata, join(path, "metadata"))
+
     needs_inspector = inspector or any(
         _needs_inspection(chain.match) for chain in (*chains, *([default] if default else []))
     )
@@ -109,7 +120,32 @@ def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
             msg, "per_connection_buffer_limit_bytes", 1024 * 1024
         ),
         needs_tls_inspector=needs_inspector,
+        rbac_denial_header=denial_header,
     )
+
+
+def _rbac_metadata(ctx: Ctx, msg: Any, path: str) -> str:
+    """Listener.metadata: other namespaces are accepted and ignored, as Envoy does;
+    ``ubimesh.rbac`` may hold ``denial_header`` (who gets x-ubimesh-denied-by on an RBAC
+    denial), which is validated. Returns that mode ("internal" by default)."""
+    ctx.fields(msg, path, _METADATA, _METADATA_HINTS)
+    if RBAC_METADATA not in msg.filter_metadata:
+        return "internal"
+    npath = entry(join(path, "filter_metadata"), RBAC_METADATA)
+    mode = "internal"
+    for key, value in msg.filter_metadata[RBAC_METADATA].fields.items():
+        kpath = entry(npath, key)
+        if key != "denial_header":
+            ctx.error(
+                kpath, f"unknown key {key!r} (the {RBAC_METADATA} namespace has denial_header)"
+            )
+            continue
+        text = value.string_value if value.WhichOneof("kind") == "string_value" else None
+        if text not in _DENIAL_HEADER_MODES:
+            ctx.error(kpath, f"must be one of {', '.join(_DENIAL_HEADER_MODES)}")
+            continue
+        mode = text
+    return mode
 
 
 def _needs_inspection(match: FilterChainMatch) -> bool:

@@ -49,13 +49,13 @@ _VIRTUAL_HOST_HINTS = {
     "retry_policy": "retries are " + _NOT_YET,
     "cors": "the CORS filter is " + _NOT_YET,
     "rate_limits": "rate limiting is " + _NOT_YET,
-    "typed_per_filter_config": "no supported HTTP filter takes per-route configuration",
+    "typed_per_filter_config": "per-route filter configuration (RBACPerRoute) is " + _NOT_YET,
     "request_mirror_policies": "set request_mirror_policies on the routes' route actions",
 }
 
 _ROUTE = {"name", "match", "route", "redirect", "direct_response", *HEADERS}
 _ROUTE_HINTS = {
-    "typed_per_filter_config": "no supported HTTP filter takes per-route configuration",
+    "typed_per_filter_config": "per-route filter configuration (RBACPerRoute) is " + _NOT_YET,
     "decorator": "tracing is " + _NOT_YET,
     "tracing": "tracing is " + _NOT_YET,
 }
@@ -100,7 +100,7 @@ _ROUTE_ACTION_HINTS = {
 _WEIGHTED_CLUSTER = {"clusters", "total_weight"}
 _CLUSTER_WEIGHT = {"name", "weight", *HEADERS}
 _CLUSTER_WEIGHT_HINTS = {
-    "typed_per_filter_config": "no supported HTTP filter takes per-route configuration",
+    "typed_per_filter_config": "per-route filter configuration (RBACPerRoute) is " + _NOT_YET,
 }
 
 _MIRROR = {"cluster", "runtime_fraction", "disable_shadow_host_suffix_append"}
