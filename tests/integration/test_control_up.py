@@ -60,6 +60,21 @@ spec:
   sidecar: {inboundPorts: {http: %(in2)d}, adminPort: %(admin2)d}
   command: [python, %(app)s]
 ---
+# Default-deny (STRICT mTLS): the gateway (identity sa/edge) may call web.
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: everything}
+spec:
+  matches: [{name: all}]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: edge-to-web}
+spec:
+  destination: {kind: ServiceAccount, name: web}
+  rules: [{kind: HTTPRouteGroup, name: everything}]
+  sources: [{kind: ServiceAccount, name: edge}]
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: edge}

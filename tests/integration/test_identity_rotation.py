@@ -69,6 +69,21 @@ spec:
   ports: {http: %(app)d}
   sidecar: {inboundPorts: {http: %(inbound)d}}
 ---
+# Default-deny: the gateway (sa/edge) and the test's probe client (sa/probe) may call web.
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: everything}
+spec:
+  matches: [{name: all}]
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: edge-to-web}
+spec:
+  destination: {kind: ServiceAccount, name: web}
+  rules: [{kind: HTTPRouteGroup, name: everything}]
+  sources: [{kind: ServiceAccount, name: edge}, {kind: ServiceAccount, name: probe}]
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: edge}

@@ -59,6 +59,20 @@ spec:
   address: {LOOPBACK}
   ports: {{http: {idle_app}}}
   sidecar: {{inboundPorts: {{http: {idle_inbound}}}}}
+---
+# Default-deny: the client (sa/client) may call api.
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: TCPRoute
+metadata: {{name: api-port}}
+spec: {{matches: {{ports: [80]}}}}
+---
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {{name: client-to-api}}
+spec:
+  destination: {{kind: ServiceAccount, name: api}}
+  rules: [{{kind: TCPRoute, name: api-port}}]
+  sources: [{{kind: ServiceAccount, name: client}}]
 """
 
 

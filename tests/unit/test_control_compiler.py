@@ -182,6 +182,8 @@ def test_domains_are_unique_across_namespaces_and_ports() -> None:
         http_service("api", "other", 8080),
         res("ExternalService", "api-ext", {"host": "api", "port": 8080, "protocol": "http"}),
         client(),
+        # not about policy: every ExternalService reachable
+        res("Mesh", "default", {"authorization": {"defaultAction": "ALLOW"}}),
     ]
     vhosts = outbound_vhosts(resources)
     seen: list[str] = [d for vh in vhosts.values() for d in vh.domains]

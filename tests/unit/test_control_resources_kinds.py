@@ -49,6 +49,7 @@ def test_mesh_defaults_and_effective_mesh() -> None:
     defaults = {
         "trustDomain": "cluster.local",
         "mtls": {"mode": "STRICT"},
+        "authorization": {"defaultAction": "DENY"},
         "defaults": {"connectTimeout": "1s", "requestTimeout": "15s", "lbPolicy": "ROUND_ROBIN"},
     }
     assert spec_of("Mesh", None) == defaults
@@ -293,7 +294,8 @@ def test_traffic_target_defaults_and_errors() -> None:
         "rules": [{"kind": "UDPRoute", "name": "r"}, {"kind": "TCPRoute", "name": "t",
                                                       "matches": ["x"]}],
     }) == [
-        "spec.destination.kind: 'Pod' is not supported; expected one of: ServiceAccount",
+        "spec.destination.kind: 'Pod' is not supported; expected one of: ServiceAccount, "
+        "ExternalService",
         "spec.sources: [] has too few items; expected a list of at least 1 (a ServiceAccount "
         "{kind, name, namespace})",
         "spec.rules[0].kind: 'UDPRoute' is not supported; expected one of: HTTPRouteGroup, "

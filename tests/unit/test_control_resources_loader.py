@@ -240,6 +240,6 @@ def test_every_example_in_the_reference_doc_is_valid() -> None:
 
     doc = Path(__file__).parents[2] / "docs" / "resources.md"
     blocks = re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)
-    assert len(blocks) == 10  # one example per kind
+    assert len(blocks) == 11  # one example per kind, and an egress TrafficTarget
     kinds = {r.kind for i, block in enumerate(blocks) for r in parse_documents(block, f"#{i}")}
     assert kinds == set(KINDS)

@@ -3,13 +3,21 @@ the caches that let every proxy of ``compile_all`` reuse what another already bu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 
+from ubimesh.control.compiler.authz import (
+    Authorization,
+    EgressGrant,
+    egress_denied_vhost,
+    forbidden_clusters,
+    grant_routes,
+    strip_forbidden,
+)
 from ubimesh.control.compiler.clusters import ClusterRegistry
 from ubimesh.control.compiler.index import ExternalService, Index, Service, ServicePort
 from ubimesh.control.compiler.model import (
@@ -47,32 +55,44 @@ class Context:
         self.index = index
         self.clusters = ClusterRegistry(index)
         self.routes = RouteBuilder(index, self.clusters)
-        self._outbound: dict[tuple[str, int], tuple[Message, frozenset[str]]] = {}
+        self.authz = Authorization(index)
+        self._outbound: dict[tuple[object, ...], tuple[Message, frozenset[str]]] = {}
         self._digests: dict[int, tuple[Message, bytes]] = {}
         self._groups: dict[tuple[frozenset[str], str], _ClusterGroup] = {}
 
-    def external_route(self, ext: ExternalService) -> tuple[Message, str]:
-        """The one route to an external service (Host rewritten to the external host)."""
+    def external_action(self, ext: ExternalService) -> tuple[Message, str]:
+        """The route action to an external service (Host rewritten to the external host)."""
         cluster = self.clusters.external(ext)
         action = rc.RouteAction(
             cluster=cluster,
             host_rewrite_literal=ext.host if ext.port == 80 else f"{ext.host}:{ext.port}",
         )
         action.timeout.CopyFrom(self.routes.service_timeout([]))
-        return rc.Route(match=rc.RouteMatch(prefix="/"), route=action), cluster
+        return action, cluster
 
-    def outbound_route_config(self, namespace: str, port: int) -> tuple[Message, frozenset[str]]:
-        """Route configuration ``outbound_http_<port>`` of a sidecar in ``namespace``: one
-        virtual host per (HTTP service, port) and per HTTP ExternalService.
+    def forbidden_clusters(self, grants: Sequence[EgressGrant]) -> set[str]:
+        """The clusters of the ExternalServices a proxy with ``grants`` may not reach."""
+        if not self.authz.enabled:
+            return set()
+        return forbidden_clusters(self.index, grants, self.clusters.external)
+
+    def outbound_route_config(
+        self, namespace: str, port: int, grants: Sequence[EgressGrant]
+    ) -> tuple[Message, frozenset[str]]:
+        """Route configuration ``outbound_http_<port>`` of a sidecar in ``namespace`` allowed
+        ``grants`` (compiler/authz.py): one virtual host per (HTTP service, port) and per
+        granted HTTP ExternalService, and, with authorization on, the catch-all that refuses
+        every other Host (``authz.egress_denied_route``).
 
         Domains must be unique in a route configuration, so: the bare service name is offered
         to sidecars of the service's own namespace only; a hostname already taken (a second
         HTTP port of one service, two ExternalServices with one host) stays with the first
         virtual host in (namespace, name, port) order."""
-        key = (namespace, port)
+        key = (namespace, port, tuple(g.signature() for g in grants))
         cached = self._outbound.get(key)
         if cached is not None:
             return cached
+        forbidden = self.forbidden_clusters(grants)
         taken: set[str] = set()
         used: set[str] = set()
         vhosts = []
@@ -81,7 +101,9 @@ class Context:
                 if sport.protocol != "http":
                     continue
                 routes, clusters = self.routes.service_routes(service, sport)
-                used.update(clusters)
+                if forbidden:
+                    routes = tuple(strip_forbidden(routes, forbidden, port))
+                used.update(clusters - forbidden)
                 domains = _claim(
                     service_domains(service, sport, short=service.namespace == namespace), taken
                 )
@@ -92,10 +114,11 @@ class Context:
                         routes=routes,
                     )
                 )
-        for ext in self.index.externals.values():
+        for grant in grants:
+            ext = grant.external
             if ext.protocol != "http":
                 continue
-            route, cluster = self.external_route(ext)
+            action, cluster = self.external_action(ext)
             used.add(cluster)
             domains = _claim(external_domains(ext), taken)
             if domains:
@@ -103,9 +126,11 @@ class Context:
                     rc.VirtualHost(
                         name=f"outbound|{ext.port}||{ext.name}.{ext.namespace}.external",
                         domains=domains,
-                        routes=[route],
+                        routes=grant_routes(grant, action, port),
                     )
                 )
+        if self.authz.enabled:
+            vhosts.append(egress_denied_vhost(port))
         built = (
             route_pb2.RouteConfiguration(name=f"outbound_http_{port}", virtual_hosts=vhosts),
             frozenset(used),

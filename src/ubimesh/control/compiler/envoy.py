@@ -50,18 +50,32 @@ def _packed(message: Message) -> Message:
 
 
 def http_listener(
-    name: str, address: str, port: int, *, use_remote_address: bool
+    name: str,
+    address: str,
+    port: int,
+    *,
+    use_remote_address: bool,
+    filters: Sequence[Message] = (),
+    normalize_paths: bool = False,
 ) -> Message:
-    """A listener with one HTTP connection manager taking route config ``name`` from RDS."""
+    """A listener with one HTTP connection manager taking route config ``name`` from RDS;
+    ``filters`` (HttpFilter messages) run before the router. ``normalize_paths``: the path is
+    normalized before any filter or route sees it (RFC 3986 dot segments, merged slashes,
+    escaped slashes unescaped and forwarded, as Istio's DECODE_AND_MERGE_SLASHES)."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=name),
         http_filters=[
-            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_packed(router_pb2.Router()))
+            *filters,
+            hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_packed(router_pb2.Router())),
         ],
     )
     hcm.use_remote_address.value = use_remote_address
     hcm.generate_request_id.value = True
+    if normalize_paths:
+        hcm.normalize_path.value = True
+        hcm.merge_slashes = True
+        hcm.path_with_escaped_slashes_action = hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD
     return _listener(name, address, port, HCM_FILTER, hcm)
 
 

@@ -19,6 +19,9 @@ from ubimesh.control.resources.model import DEFAULT_NAMESPACE, Resource
 #: ``Mesh.spec.mtls.mode`` values (compiler/mtls.py).
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 
+#: ``Mesh.spec.authorization.defaultAction`` values (compiler/authz.py).
+DEFAULT_ACTIONS = ("DENY", "ALLOW")
+
 #: Annotation naming the site of a gateway.
 SITE_ANNOTATION = "ubimesh.io/site"
 DEFAULT_SITE = "default"
@@ -33,6 +36,9 @@ class MeshDefaults:
     #: ``spec.mtls.mode``: STRICT, PERMISSIVE or DISABLE (compiler/mtls.py says what each
     #: compiles to). The default must equal the Mesh schema's (spec_ubimesh.py).
     mtls_mode: str = "STRICT"
+    #: ``spec.authorization.defaultAction``: DENY or ALLOW (compiler/authz.py). The default
+    #: must equal the Mesh schema's.
+    default_action: str = "DENY"
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,35 @@ class TrafficSplit:
 
 
 @dataclass(frozen=True)
+class Subject:
+    """A TrafficTarget's destination or source: ``kind`` ServiceAccount (or, for a
+    destination, ExternalService), ``name``, ``namespace``."""
+
+    kind: str
+    name: str
+    namespace: str
+
+
+@dataclass(frozen=True)
+class TrafficRule:
+    """One ``spec.rules[]`` item: an HTTPRouteGroup or TCPRoute of the target's namespace and,
+    for a group, the match names it selects (``None``: every match)."""
+
+    kind: str  # "HTTPRouteGroup" | "TCPRoute"
+    name: str
+    matches: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class TrafficTarget:
+    name: str
+    namespace: str
+    destination: Subject
+    sources: tuple[Subject, ...]
+    rules: tuple[TrafficRule, ...]
+
+
+@dataclass(frozen=True)
 class HTTPRoute:
     """A Gateway API HTTPRoute; ``rules`` stay plain dicts (the route builder reads them)."""
 
@@ -191,6 +226,9 @@ class Index:
         default_factory=dict
     )
     http_routes: list[HTTPRoute] = field(default_factory=list)
+    traffic_targets: list[TrafficTarget] = field(default_factory=list)
+    #: TCPRoute ports by (namespace, name); ``()`` means every port.
+    tcp_routes: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
 
 
 def _ns(r: Resource) -> str:
@@ -352,6 +390,41 @@ def _route_group_matches(r: Resource) -> tuple[Mapping[str, Any], ...]:
     return tuple(out)
 
 
+def _subject(raw: Mapping[str, Any], namespace: str) -> Subject:
+    return Subject(
+        kind=str(raw.get("kind") or "ServiceAccount"),
+        name=str(raw["name"]),
+        namespace=str(raw.get("namespace") or namespace),
+    )
+
+
+def _traffic_target(r: Resource) -> TrafficTarget:
+    s = r.spec
+    ns = _ns(r)
+    rules = []
+    for rule in s.get("rules") or ():
+        matches = rule.get("matches")
+        rules.append(
+            TrafficRule(
+                kind=str(rule["kind"]),
+                name=str(rule["name"]),
+                matches=_str_list(matches) if matches is not None else None,
+            )
+        )
+    return TrafficTarget(
+        name=r.name,
+        namespace=ns,
+        destination=_subject(s["destination"], ns),
+        sources=tuple(_subject(x, ns) for x in s.get("sources") or ()),
+        rules=tuple(rules),
+    )
+
+
+def _tcp_route_ports(r: Resource) -> tuple[int, ...]:
+    matches = r.spec.get("matches") or {}
+    return tuple(sorted({int(p) for p in matches.get("ports") or ()}))
+
+
 def _http_route(r: Resource) -> HTTPRoute:
     s = r.spec
     return HTTPRoute(
@@ -371,6 +444,7 @@ def _mesh(resources: Iterable[Resource]) -> MeshDefaults:
     mesh = next((m for m in meshes if m.name == "default"), meshes[0])
     d = mesh.spec.get("defaults") or {}
     mtls = mesh.spec.get("mtls") or {}
+    authorization = mesh.spec.get("authorization") or {}
     base = MeshDefaults()
     mode = str(mtls.get("mode") or base.mtls_mode).upper()
     if mode not in MTLS_MODES:
@@ -384,7 +458,18 @@ def _mesh(resources: Iterable[Resource]) -> MeshDefaults:
         request_timeout=str(d.get("requestTimeout") or base.request_timeout),
         lb_policy=str(d.get("lbPolicy") or base.lb_policy),
         mtls_mode=mode,
+        default_action=_default_action(mesh, authorization, base),
     )
+
+
+def _default_action(mesh: Resource, authorization: Mapping[str, Any], base: MeshDefaults) -> str:
+    action = str(authorization.get("defaultAction") or base.default_action).upper()
+    if action not in DEFAULT_ACTIONS:
+        raise CompileError(
+            f"Mesh {mesh.name}: spec.authorization.defaultAction is {action!r}; expected one "
+            "of: " + ", ".join(DEFAULT_ACTIONS)
+        )
+    return action
 
 
 def build_index(resources: Sequence[Resource]) -> Index:
@@ -413,5 +498,9 @@ def build_index(resources: Sequence[Resource]) -> Index:
             index.route_groups[key] = _route_group_matches(r)
         elif r.kind == "HTTPRoute":
             index.http_routes.append(_http_route(r))
+        elif r.kind == "TrafficTarget":
+            index.traffic_targets.append(_traffic_target(r))
+        elif r.kind == "TCPRoute":
+            index.tcp_routes[key] = _tcp_route_ports(r)
     index.workloads_of = dict(workloads_of)
     return index

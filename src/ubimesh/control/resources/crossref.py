@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ubimesh.control.resources.bindings import binding_errors
-from ubimesh.control.resources.errors import ResourceError, ResourceErrors
+from ubimesh.control.resources.errors import MISSING, ResourceError, ResourceErrors
 from ubimesh.control.resources.index import Index, describe_ports, find_port, port_names
 from ubimesh.control.resources.loader import duplicate_errors
 from ubimesh.control.resources.model import Key, Resource
@@ -58,9 +58,16 @@ class _Checks:
         self.first_mesh: Resource | None = None
         #: (namespace, root service) -> the first TrafficSplit of that root.
         self.split_roots: dict[tuple[str, str], Resource] = {}
+        #: The Mesh in force and its mTLS mode (TrafficTargets need identities).
+        self.mesh_name = "default"
+        self.mtls_mode = "STRICT"
         for r in items:
             if r.kind == "TrafficSplit":
                 self.split_roots.setdefault((r.namespace, r.spec["service"]), r)
+        mesh = next((r for r in items if r.kind == "Mesh"), None)
+        if mesh is not None:
+            self.mesh_name = mesh.name
+            self.mtls_mode = str((mesh.spec.get("mtls") or {}).get("mode") or "STRICT")
 
     def lookup(
         self, fail: Fail, path: str, namespace: str, name: str, kind: str = "Service"
@@ -133,6 +140,18 @@ class _Checks:
                 self.port(fail, f"{path}.port", service, backend["port"])
 
     def traffic_target(self, r: Resource, fail: Fail) -> None:
+        if self.mtls_mode == "DISABLE":
+            # Authorization needs the caller's verified identity; without mTLS there is none,
+            # and a policy that silently allowed (or denied) everything would lie.
+            fail("", MISSING,
+                 f"mTLS on: set Mesh {self.mesh_name!r} spec.mtls.mode to STRICT or "
+                 "PERMISSIVE, or delete this TrafficTarget",
+                 f"cannot be enforced: Mesh {self.mesh_name!r} has spec.mtls.mode DISABLE, "
+                 "so callers have no identity to authorize")
+        destination = r.spec["destination"]
+        if destination["kind"] == "ExternalService":
+            self.lookup(fail, "spec.destination.name", destination["namespace"],
+                        destination["name"], "ExternalService")
         for i, rule in enumerate(r.spec["rules"]):
             path = f"spec.rules[{i}]"
             spec_object = self.lookup(fail, f"{path}.name", r.namespace, rule["name"],

@@ -123,9 +123,22 @@ def _rule_rules(rule: dict[str, Any], path: str, ctx: Ctx) -> None:
                  "is only for HTTPRouteGroup rules")
 
 
+#: A TrafficTarget's destination: a ServiceAccount (SMI), or an ExternalService (a ubimesh
+#: extension: egress control, docs/policy.md section 3).
+DESTINATION: Final = Obj(
+    {
+        "kind": req(Enum("ServiceAccount", "ExternalService")),
+        "name": req(NAME),
+        "namespace": opt(NAME),
+    },
+    _subject_defaults,
+    expected="a ServiceAccount or ExternalService {kind, name, namespace}",
+)
+
+
 TRAFFIC_TARGET: Final = Obj(
     {
-        "destination": req(SUBJECT),
+        "destination": req(DESTINATION),
         "sources": req(ListOf(SUBJECT, min_items=1)),
         "rules": req(
             ListOf(

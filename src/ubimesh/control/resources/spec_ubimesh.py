@@ -52,6 +52,12 @@ MESH: Final = Obj(
         "mtls": opt(
             Obj({"mode": opt(Enum("STRICT", "PERMISSIVE", "DISABLE"), "STRICT")}), FILL
         ),
+        # DENY: nothing reaches a workload until a TrafficTarget allows it (SMI); ALLOW: a
+        # destination no TrafficTarget names is open (docs/policy.md section 3). The
+        # compiler's default (compiler/index.py MeshDefaults.default_action) must stay equal.
+        "authorization": opt(
+            Obj({"defaultAction": opt(Enum("DENY", "ALLOW"), "DENY")}), FILL
+        ),
         "defaults": opt(
             Obj(
                 {
