@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ubimesh import __version__
-from ubimesh.cli import agent_cmds, control_cmds, identity_cmds
+from ubimesh.cli import agent_cmds, collector_cmds, control_cmds, identity_cmds, policy_cmds
 
 #: Envoy's -l levels mapped onto Python logging levels.
 LOG_LEVELS = {
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     control_cmds.add_commands(sub)
     agent_cmds.add_commands(sub)
     identity_cmds.add_commands(sub)
+    policy_cmds.add_commands(sub)
+    collector_cmds.add_commands(sub)
     return parser
 
 
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         code = agent_cmds.run(args)
     if code is None:
         code = identity_cmds.run(args)
+    if code is None:
+        code = policy_cmds.run(args)
+    if code is None:
+        code = collector_cmds.run(args)
     if code is not None:
         return code
     if args.command == "build-native":
