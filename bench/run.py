@@ -243,6 +243,21 @@ class Tools:
     ubimesh: list[str] | None
 
 
+def warn_if_pure_python(ubimesh_cmd: str) -> None:
+    """Say loudly when the default ``ubimesh proxy`` would run without its compiled hot path:
+    a build made stale by any source edit makes the proxy silently run pure Python, and its
+    figures then say nothing about the product. (A custom --ubimesh-cmd is the caller's.)"""
+    if ubimesh_cmd != "ubimesh proxy":
+        return
+    code, out = command_output([
+        sys.executable, "-c",
+        "from ubimesh import native; print((native.cache_dir() / 'BUILD_OK').exists())",
+    ])
+    if code == 0 and out.strip().endswith("False"):
+        print("warning: no compiled hot path for this source: ubimesh will run pure Python. "
+              "Run `ubimesh build-native` first, and edit nothing under src/ while measuring.")
+
+
 def preflight(args: argparse.Namespace) -> Tools:
     for tool in ("taskset", "wrk", "h2load"):
         which(tool)
@@ -263,6 +278,7 @@ def preflight(args: argparse.Namespace) -> Tools:
                 "Is ubimesh installed (pip install -e .)? Run without it with "
                 "--proxies envoy,nginx,haproxy."
             )
+        warn_if_pure_python(args.ubimesh_cmd)
         # Fail before any load runs if ubimesh rejects the bootstrap it will be given.
         with tempfile.TemporaryDirectory(prefix="ubimesh-bench-check-") as tmp:
             if args.scenario == "mtls-pair":
