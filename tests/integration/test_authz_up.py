@@ -17,10 +17,7 @@ import contextlib
 import http.client
 import http.server
 import json
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from tests.support.procs import free_ports
+from tests.support.up import running_up
 
 pytestmark = [pytest.mark.slow]
 
@@ -238,30 +236,9 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, int
     tmp = tmp_path_factory.mktemp("authz-up")
     with pay_server() as pay:
         ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
-        mesh = tmp / "mesh.yaml"
-        mesh.write_text(MESH % {**ports, "pay": pay, "app": APP})
-        out_path = tmp / "up.out"
-        with open(out_path, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "ubimesh.cli.main", "up", "-f", str(mesh), "--data-dir",
-                 str(tmp / "data"), "--api-address", f"127.0.0.1:{ports['api']}",
-                 "--xds-address", f"127.0.0.1:{ports['xds']}", "--ready-timeout", "50"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-            try:
-                deadline = time.monotonic() + 60
-                while b"the mesh is ready" not in out_path.read_bytes():
-                    assert proc.poll() is None, out_path.read_text()
-                    assert time.monotonic() < deadline, out_path.read_text()
-                    time.sleep(0.1)
-                yield {**ports, "pay": pay}, tmp / "data"
-            finally:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(30)
-                finally:
-                    if proc.poll() is None:
-                        proc.kill()
+        text = MESH % {**ports, "pay": pay, "app": APP}
+        with running_up(text, tmp, ports["api"], ports["xds"], ready_timeout=50) as run:
+            yield {**ports, "pay": pay}, run.data
 
 
 def eventually(check: Callable[[], None], timeout: float = 15.0) -> None:

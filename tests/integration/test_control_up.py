@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 from tests.support.procs import free_ports
+from tests.support.up import Up as RunningUp
+from tests.support.up import running_up as support_up
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "mesh" / "app.py"
@@ -109,49 +111,30 @@ PORT_NAMES = ["gw", "gw_admin", "app1", "in1", "admin1", "app2", "in2", "admin2"
 
 @dataclass
 class Up:
-    """A running ``ubimesh up``: its process, ports, data dir and output file."""
+    """A running ``ubimesh up`` on MESH, with the ports it was given."""
 
-    proc: subprocess.Popen[bytes]
+    run: RunningUp
     ports: dict[str, int]
-    data: Path
-    out: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.run.proc
+
+    @property
+    def data(self) -> Path:
+        return self.run.data
 
     def output(self) -> str:
-        return self.out.read_text()
+        return self.run.output()
 
 
 @contextlib.contextmanager
 def running_up(tmp_path: Path, prefix: str = "") -> Iterator[Up]:
-    """``ubimesh up`` on MESH (after ``prefix``) with free ports, once it says the mesh is
-    ready; on exit SIGINT, and the run must end with code 0 and "stopped"."""
+    """``ubimesh up`` on MESH (after ``prefix``) with free ports (tests/support/up.py)."""
     ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
-    mesh = tmp_path / "mesh.yaml"
-    mesh.write_text(prefix + MESH % {**ports, "app": APP, "filters": ""})
-    out_path = tmp_path / "up.out"
-    with open(out_path, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ubimesh.cli.main", "up", "-f", str(mesh), "--data-dir",
-             str(tmp_path / "data"), "--api-address", f"127.0.0.1:{ports['api']}",
-             "--xds-address", f"127.0.0.1:{ports['xds']}", "--ready-timeout", "40"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        up = Up(proc, ports, tmp_path / "data", out_path)
-        try:
-            deadline = time.monotonic() + 45
-            while b"the mesh is ready" not in out_path.read_bytes():
-                assert proc.poll() is None, up.output()
-                assert time.monotonic() < deadline, up.output()
-                time.sleep(0.1)
-            yield up
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                code = proc.wait(30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-    assert code == 0, up.output()
-    assert "ubimesh up: stopped" in up.output()
+    text = prefix + MESH % {**ports, "app": APP, "filters": ""}
+    with support_up(text, tmp_path, ports["api"], ports["xds"]) as run:
+        yield Up(run, ports)
 
 
 @pytest.mark.slow

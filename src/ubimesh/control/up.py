@@ -52,9 +52,9 @@ from ubimesh.control.server import ADDRESSES_FILE, TOKEN_FILE
 
 STOP_GRACE_S = 5.0
 POLL_S = 0.1
-#: A control plane that dies is started again, at most this many times per window.
-CONTROL_RESTARTS = 5
-CONTROL_RESTART_WINDOW_S = 60.0
+#: A control plane or proxy that dies is started again, at most this many times per window.
+RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 #: How long a proxy's join token is good for: it is redeemed as the proxy starts.
 JOIN_TOKEN_TTL = "1h"
 
@@ -200,13 +200,13 @@ class Up:
         """Start the control plane again on the addresses it had (its store is the SQLite
         file in the data dir, so nothing is lost). Meanwhile the proxies keep serving their
         last configuration and reconnect on their own. Gives up (UpError) when it keeps
-        dying: more than CONTROL_RESTARTS times within CONTROL_RESTART_WINDOW_S."""
+        dying: more than RESTARTS times within RESTART_WINDOW_S."""
         now = time.monotonic()
         self.control_restarts = [t for t in self.control_restarts
-                                 if now - t < CONTROL_RESTART_WINDOW_S]
-        if len(self.control_restarts) >= CONTROL_RESTARTS:
-            raise UpError(f"the control plane died {CONTROL_RESTARTS + 1} times within "
-                          f"{CONTROL_RESTART_WINDOW_S:.0f} s; stopping the mesh")
+                                 if now - t < RESTART_WINDOW_S]
+        if len(self.control_restarts) >= RESTARTS:
+            raise UpError(f"the control plane died {RESTARTS + 1} times within "
+                          f"{RESTART_WINDOW_S:.0f} s; stopping the mesh")
         self.control_restarts.append(now)
         self.say("ubimesh up: proxies keep serving their last configuration; "
                  "starting the control plane again")
@@ -348,12 +348,12 @@ class Up:
         """Start a proxy that died again, with the same bootstrap: its stored credential (in
         its xDS cache directory) gives it back its identity without a new join token, and its
         ADS cache its last configuration. Left dead (and said so) when it keeps dying: more
-        than CONTROL_RESTARTS times within CONTROL_RESTART_WINDOW_S."""
+        than RESTARTS times within RESTART_WINDOW_S."""
         now = time.monotonic()
-        child.restarts = [t for t in child.restarts if now - t < CONTROL_RESTART_WINDOW_S]
-        if len(child.restarts) >= CONTROL_RESTARTS:
-            print(f"ubimesh up: {child.name} died {CONTROL_RESTARTS + 1} times within "
-                  f"{CONTROL_RESTART_WINDOW_S:.0f} s; leaving it stopped (log "
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
+        if len(child.restarts) >= RESTARTS:
+            print(f"ubimesh up: {child.name} died {RESTARTS + 1} times within "
+                  f"{RESTART_WINDOW_S:.0f} s; leaving it stopped (log "
                   f"{child.log_path})", file=sys.stderr, flush=True)
             return
         child.restarts.append(now)
