@@ -38,6 +38,12 @@ few that do not name identities exactly).
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
+import select
+import signal
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -210,6 +216,33 @@ class _Grant:
     index: int  # position in filter.rules.policies
     names: frozenset[str] | None
     listeners: list[_Listener] = field(default_factory=list)
+
+
+#: From how many services ``load_listeners`` splits the work with a forked child (below, the
+#: fork and the pickling cost more than they save).
+_PARALLEL_MIN_SERVICES = 200
+
+
+def _can_fork() -> bool:
+    # Only from a single-threaded process: a child forked while another thread holds a lock
+    # (logging, imports) could wait on it forever.
+    return (
+        hasattr(os, "fork") and (os.cpu_count() or 1) > 1 and threading.active_count() == 1
+    )
+
+
+def _read_all(fd: int, timeout: float) -> bytes | None:
+    """Everything from ``fd`` until EOF, or None when that takes longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 class MeshPolicy:
@@ -437,8 +470,54 @@ class MeshPolicy:
             filters.append(_Filter(config.rules, network))
 
     def _all_listeners(self) -> Iterator[_Listener]:
+        self.load_listeners()
         for service in self.index.services.values():
             yield from self.listeners(service)
+
+    def load_listeners(self) -> None:
+        """Compile and translate every service's inbound listeners now (``listeners`` then
+        only reads the cache). Questions about the whole mesh need them all, and on a large
+        mesh this is most of their time: CPU-bound Python, so with more than one CPU a
+        forked child does half of the services and sends its listeners back pickled. The
+        answers are the same either way; when the child fails (or fork is unavailable) this
+        process does the rest itself, which also reports any error with its own message."""
+        todo = [s for s in self.index.services.values()
+                if (s.namespace, s.name) not in self._listeners]
+        if len(todo) < _PARALLEL_MIN_SERVICES or not _can_fork():
+            for service in todo:
+                self.listeners(service)
+            return
+        theirs = todo[len(todo) // 2:]
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its half, pickled into the pipe, then gone
+            code = 1
+            try:
+                os.close(read_fd)
+                found = {(s.namespace, s.name): self.listeners(s) for s in theirs}
+                with os.fdopen(write_fd, "wb") as out:
+                    pickle.dump(found, out, protocol=pickle.HIGHEST_PROTOCOL)
+                code = 0
+            finally:
+                os._exit(code)  # never run the parent's cleanup (atexit, buffered output)
+        os.close(write_fd)
+        data = None
+        try:
+            started = time.monotonic()
+            for service in todo[: len(todo) // 2]:
+                self.listeners(service)
+            # The child has as much to do; if it takes far longer, something is wrong with
+            # it and this process does its half instead.
+            data = _read_all(read_fd, max(5.0, 3 * (time.monotonic() - started)))
+        finally:
+            os.close(read_fd)
+            if data is None:
+                os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        if data and os.waitstatus_to_exitcode(status) == 0:
+            self._listeners.update(pickle.loads(data))
+        for service in theirs:  # anything the child did not deliver
+            self.listeners(service)
 
     # -- can ------------------------------------------------------------------------------------
 

@@ -145,6 +145,10 @@ class Authorization:
         #: The HttpFilter of every sidecar HTTP egress listener (``egress_marker_rules``).
         self.egress_filter = http_rbac_filter(egress_marker_rules())
         self._inbound: dict[tuple[str, str, int, str], Message | None] = {}
+        # Keyed by id() of the route group match, which is kept alive in the value: many
+        # TrafficTargets of a namespace select the same matches, and building the messages is
+        # most of the cost of compiling authorization for a large mesh.
+        self._match_permissions: dict[int, tuple[Mapping[str, Any], Message]] = {}
         self._egress: dict[tuple[str, str], tuple[EgressGrant, ...]] = {}
 
     # -- inbound ---------------------------------------------------------------------------
@@ -207,11 +211,17 @@ class Authorization:
         out = []
         for i, rule in http:
             permission = _or(
-                [_match_permission(m) for _, m in self._selected(target, rule, i)]
+                [self._match_permission(m) for _, m in self._selected(target, rule, i)]
             )
             if permission is not None:
                 out.append((i, permission))
         return out
+
+    def _match_permission(self, match: Mapping[str, Any]) -> Message:
+        found = self._match_permissions.get(id(match))
+        if found is None:
+            found = self._match_permissions[id(match)] = (match, _match_permission(match))
+        return found[1]
 
     def _port_ok(self, target: TrafficTarget, rule: TrafficRule, port: int) -> bool:
         ports = self.index.tcp_routes.get((target.namespace, rule.name))
