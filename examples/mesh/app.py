@@ -4,7 +4,8 @@ Answers every request with JSON: who it is (workload, service, site, version fro
 environment `ubimesh up` sets), the method, the path and the headers it got. When it has a
 ``CALLS`` host (e.g. ``ledger.default``) and is asked a path ending in ``/ledger``, it first
 calls that service through its sidecar's outbound listener (``UBIMESH_OUTBOUND``, routed by
-Host) and includes the answer.
+Host) and includes the answer, forwarding the trace headers it got (as a mesh needs its
+applications to do, so that both calls join one trace).
 
 Environment: PORT (required), UBIMESH_WORKLOAD, UBIMESH_SERVICE, UBIMESH_SITE, VERSION, CALLS,
 UBIMESH_OUTBOUND.
@@ -29,10 +30,21 @@ ME = {
 }
 CALLS = os.environ.get("CALLS", "")
 OUTBOUND = os.environ.get("UBIMESH_OUTBOUND", "")
+#: What an application passes on to its own calls so that the mesh joins them into one trace
+#: (W3C trace context, Zipkin's B3 in both forms, and the request id).
+TRACE_HEADERS = (
+    "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
+    "x-b3-sampled", "x-b3-flags", "x-request-id",
+)
 
 
-def call_upstream(path: str) -> Any:
-    request = urllib.request.Request(OUTBOUND + path, headers={"Host": CALLS})
+def call_upstream(path: str, incoming: Any) -> Any:
+    headers = {"Host": CALLS}
+    for name in TRACE_HEADERS:
+        value = incoming.get(name)
+        if value is not None:
+            headers[name] = value
+    request = urllib.request.Request(OUTBOUND + path, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())
@@ -56,7 +68,7 @@ class Handler(BaseHTTPRequestHandler):
             "headers": {k.lower(): v for k, v in self.headers.items()},
         }
         if CALLS and OUTBOUND and self.path.split("?")[0].endswith("/ledger"):
-            body["upstream"] = call_upstream("/ledger")
+            body["upstream"] = call_upstream("/ledger", self.headers)
         data = json.dumps(body, indent=1).encode() + b"\n"
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
