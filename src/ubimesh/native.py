@@ -33,6 +33,9 @@ log = logging.getLogger("ubimesh.native")
 #: The modules on the request path, compiled together (they call each other a lot).
 HOT_MODULES = (
     "ubimesh/policy/rbac.py",
+    "ubimesh/proxy/access_log/filters.py",
+    "ubimesh/proxy/access_log/format.py",
+    "ubimesh/proxy/access_log/logger.py",
     "ubimesh/proto/headers.py",
     "ubimesh/proxy/http/codec.py",
     "ubimesh/proxy/http/pool.py",
@@ -40,6 +43,10 @@ HOT_MODULES = (
     "ubimesh/proxy/http/router.py",
     "ubimesh/proxy/network/hcm_config.py",
     "ubimesh/proxy/network/http_manager.py",
+    "ubimesh/proxy/tracing/context.py",
+    "ubimesh/proxy/tracing/sampler.py",
+    "ubimesh/proxy/tracing/span.py",
+    "ubimesh/telemetry/mesh_metrics.py",
 )
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent  # .../ubimesh

@@ -54,6 +54,11 @@ __all__ = [
 
 PLACEHOLDER = re.compile(r"\$\{(ADMIN_PORT|LISTENER:[\w.-]+|UPSTREAM:[\w.-]+)\}")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: Trace headers a tracing proxy fills with random ids (a control plane traces by default).
+TRACE_ID_HEADERS = frozenset(
+    {"x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "traceparent", "b3"}
+)
+HEX_ID_RE = re.compile(r"\b(?:[0-9a-f]{32}|[0-9a-f]{16})\b")
 PORT_AFTER_COLON = re.compile(r"(?<=:)(\d{1,5})(?!\d)")
 # Names an implementation may use for itself in `server:` when the bootstrap sets no server_name.
 DEFAULT_SERVER_NAMES = {"envoy", "ubimesh"}
@@ -542,6 +547,8 @@ class _Normalizer:
                 and value not in self.client_sent_ids
             ):
                 value = "<generated-uuid>"
+            elif name.lower() in TRACE_ID_HEADERS and value not in self.client_sent_ids:
+                value = HEX_ID_RE.sub(lambda m: f"<generated-id-{len(m.group(0))}>", value)
             out.append((name, self.text(value)))
         return _group_sorted(out)
 
@@ -576,7 +583,7 @@ def observe(
     labels = proxy.port_labels()
     if resp.local_port:
         labels.setdefault(resp.local_port, "${CLIENT_PORT}")
-    sent_ids = {v for n, v in spec.headers if n.lower() == "x-request-id"}
+    sent_ids = {v for n, v in spec.headers if n.lower() in ("x-request-id", *TRACE_ID_HEADERS)}
     norm = _Normalizer(labels, sent_ids)
     upstreams = sorted(
         (norm.record(r) for r in records), key=lambda r: (r["upstream"], r["target"], r["method"])

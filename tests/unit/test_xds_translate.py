@@ -14,6 +14,7 @@ from envoy.config.bootstrap.v3 import bootstrap_pb2
 from google.protobuf import json_format
 
 from ubimesh.proxy.snapshot.types import (
+    AccessLogConfig,
     AppendAction,
     DirectResponseAction,
     DiscoveryType,
@@ -287,7 +288,11 @@ def test_full_tcp_listener(full: Snapshot) -> None:
     rbac, proxy = sni.filters
     assert isinstance(rbac, NetworkRbacConfig) and rbac.stat_prefix == "db_rbac"
     assert proxy == TcpProxyConfig(
-        stat_prefix="db", cluster="db", idle_timeout=None, max_connect_attempts=3
+        stat_prefix="db",
+        cluster="db",
+        idle_timeout=None,
+        max_connect_attempts=3,
+        access_log=(AccessLogConfig(name="envoy.access_loggers.stderr", path="/dev/stderr"),),
     )
     assert tcp.rbac_denial_header == "always"
     assert alpn.match.destination_port == 8001
@@ -698,10 +703,12 @@ REFUSED = [
         "route_config_name": "r", "config_source": {"ads": {}}})), "RDS"),
     (HCM + ".codec_type", _set("hcm", codec_type="HTTP2"), "HTTP2"),
     (HCM + ".codec_type", _set("hcm", codec_type="HTTP3"), "HTTP3"),
-    (HCM + ".access_log", _set("hcm", access_log=[{"name": "x", "typed_config": {
+    (HCM + ".access_log[0].filter.runtime_filter", _set("hcm", access_log=[{"name": "x",
+        "filter": {"runtime_filter": {"runtime_key": "k"}}, "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        "path": "/dev/stdout"}}]), "access logs"),
-    (HCM + ".tracing", _set("hcm", tracing={}), "tracing"),
+        "path": "/dev/stdout"}}]), "access log filter"),
+    (HCM + ".tracing.spawn_upstream_span", _set("hcm", tracing={"spawn_upstream_span": True}),
+     "upstream spans"),
     (HCM + ".http_protocol_options.accept_http_10",
      _set("hcm", http_protocol_options={"accept_http_10": True}), "HTTP/1"),
     (HCM + ".common_http_protocol_options.max_stream_duration",
@@ -709,7 +716,7 @@ REFUSED = [
     (HCM + ".upgrade_configs[0].upgrade_type", _set("hcm", upgrade_configs=[
         {"upgrade_type": "CONNECT"}]), "websocket"),
     (HCM + ".http_filters[0].typed_config.start_child_span", _set("router", start_child_span=True),
-     "tracing"),
+     "child spans"),
     (HCM + ".http_filters[0].typed_config.respect_expected_rq_timeout",
      _set("router", respect_expected_rq_timeout=True), ""),
     (RC + ".vhds", _set("rc", vhds={"config_source": {"ads": {}}}), "VHDS"),
@@ -722,7 +729,7 @@ REFUSED = [
     (R0 + ".typed_per_filter_config", _set("route", typed_per_filter_config={
         "envoy.filters.http.router": {"@type": "type.googleapis.com/google.protobuf.Empty"}}),
      "per-route"),
-    (R0 + ".decorator", _set("route", decorator={"operation": "x"}), "tracing"),
+    (R0 + ".tracing.operation", _set("route", tracing={"operation": "x"}), "formatters"),
     (R0 + ".match.runtime_fraction", _set("match", runtime_fraction={
         "default_value": {"numerator": 1}}), "runtime"),
     (R0 + ".match.headers[0].range_match", _set("match", headers=[{
@@ -1107,7 +1114,7 @@ def test_every_error_is_reported_at_once() -> None:
     paths = {p for p, _m in errors_of(d)}
     assert paths == {
         L0 + ".address.socket_address.address",
-        HCM + ".tracing",
+        HCM + ".tracing.provider",
         R0 + ".route.cluster",
         R0 + ".route.retry_policy",
         VH + ".domains[1]",

@@ -37,6 +37,35 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _collector_flags(parser: argparse.ArgumentParser) -> None:
+    """The built-in trace collector's flags (``control`` and ``up``; docs/control-plane.md)."""
+    parser.add_argument("--collector", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the trace collector that proxies send spans to (default on; "
+                        "--no-collector: the Mesh's builtin tracing provider traces nothing)")
+    parser.add_argument("--collector-address", default="", metavar="HOST:PORT",
+                        help="serve the collector on its own listener (e.g. 127.0.0.1:9411, "
+                        "Zipkin's port) instead of on the API's")
+    parser.add_argument("--collector-retention", default="24h",
+                        help="delete spans older than this (e.g. 24h, 30m, 7d; 0: no age limit)")
+    parser.add_argument("--collector-max-spans", type=int, default=0,
+                        help="keep at most this many spans, the oldest go first (0: no limit)")
+    parser.add_argument("--collector-open-query", action="store_true",
+                        help="answer the collector's query API without the admin token (for "
+                        "Zipkin's UI or Grafana on a trusted network)")
+
+
+def collector_argv(args: argparse.Namespace) -> list[str]:
+    """The collector flags of ``args`` as ``ubimesh control`` arguments (for ``up``)."""
+    argv = ["--collector" if args.collector else "--no-collector",
+            "--collector-retention", args.collector_retention,
+            "--collector-max-spans", str(args.collector_max_spans)]
+    if args.collector_address:
+        argv += ["--collector-address", args.collector_address]
+    if args.collector_open_query:
+        argv.append("--collector-open-query")
+    return argv
+
+
 def _files_flag(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument(
         "-f", "--filename", action="append", required=required, default=None, metavar="FILE",
@@ -63,6 +92,7 @@ def add_commands(sub: Any) -> None:
                          "a store give the same shared directory to sign from one CA")
     control.add_argument("--registration-grace", type=float, default=5.0,
                          help="seconds a disconnected proxy's workload is kept (default 5)")
+    _collector_flags(control)
     control.add_argument("-l", "--log-level", default="info",
                          choices=["debug", "info", "warning", "error"])
 
@@ -118,6 +148,7 @@ def add_commands(sub: Any) -> None:
     up.add_argument("--ready-timeout", type=float, default=30.0)
     up.add_argument("--seconds", type=float, default=None,
                     help="stop after this many seconds (default: run until Ctrl-C)")
+    _collector_flags(up)
 
 
 def run(args: argparse.Namespace) -> int | None:
@@ -306,6 +337,15 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retention(text: str) -> float:
+    from ubimesh.collector.server import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"--collector-retention: {exc}") from None
+
+
 def _control(args: argparse.Namespace) -> int:
     from ubimesh.control.bootstrap import parse_address
     from ubimesh.control.server import ControlOptions, default_data_dir, serve
@@ -316,7 +356,7 @@ def _control(args: argparse.Namespace) -> int:
     )
     try:
         options = ControlOptions(
-            data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+            data_dir=Path(args.data_dir).absolute() if args.data_dir else default_data_dir(),
             store_url=args.store,
             api_address=parse_address(args.api_address, what="--api-address"),
             xds_address=parse_address(args.xds_address, what="--xds-address"),
@@ -324,7 +364,15 @@ def _control(args: argparse.Namespace) -> int:
             grace=args.registration_grace,
             trust_domain=args.trust_domain,
             ca_dir=Path(args.ca_dir) if args.ca_dir else None,
+            collector=args.collector,
+            collector_address=(parse_address(args.collector_address, what="--collector-address")
+                               if args.collector_address else None),
+            collector_retention_s=_retention(args.collector_retention),
+            collector_max_spans=args.collector_max_spans,
+            collector_open_query=args.collector_open_query,
         )
+        if args.collector_max_spans < 0:
+            raise ValueError("--collector-max-spans must not be negative")
     except ValueError as exc:
         return _usage(str(exc))
     try:

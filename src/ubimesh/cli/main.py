@@ -7,7 +7,15 @@ import logging
 import sys
 
 from ubimesh import __version__
-from ubimesh.cli import agent_cmds, collector_cmds, control_cmds, identity_cmds, policy_cmds
+from ubimesh.cli import (
+    agent_cmds,
+    collector_cmds,
+    control_cmds,
+    identity_cmds,
+    policy_cmds,
+    top_cmds,
+    trace_cmds,
+)
 
 #: Envoy's -l levels mapped onto Python logging levels.
 LOG_LEVELS = {
@@ -82,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     identity_cmds.add_commands(sub)
     policy_cmds.add_commands(sub)
     collector_cmds.add_commands(sub)
+    top_cmds.add_commands(sub)
+    trace_cmds.add_commands(sub)
     return parser
 
 
@@ -96,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         code = policy_cmds.run(args)
     if code is None:
         code = collector_cmds.run(args)
+    if code is None:
+        code = top_cmds.run(args)
+    if code is None:
+        code = trace_cmds.run(args)
     if code is not None:
         return code
     if args.command == "build-native":

@@ -22,6 +22,9 @@ details carry ``message``, ``source``, ``resource``, ``field``, ``value`` and ``
   streams alive.
 - ``GET /api/v1/proxies``: the proxies connected to this replica.
 - ``GET /healthz``: no token needed.
+- The trace collector, when the control plane mounts it here (docs/telemetry.md): ``POST
+  /api/v2/spans`` and ``POST /v1/traces`` need no token (proxies report spans); its query API
+  (``GET /api/v2/...``) needs the admin token unless ``open_query``.
 - Identity (docs/identity.md section 2; present when the server passes ``identity``):
   ``POST /api/v1/identity/tokens`` (admin) makes a join token; ``POST /api/v1/identity/sign``
   and ``GET /api/v1/identity/bundle`` need no admin token (a workload authenticates with a
@@ -102,6 +105,11 @@ SIGN_RATE = 500.0
 SIGN_BURST = 1000.0
 #: Paths under /api/ that need no admin token (their own authentication is in the handler).
 PUBLIC_PATHS = frozenset({"/api/v1/identity/sign", "/api/v1/identity/bundle"})
+#: The trace collector's Zipkin ingest (POST only: GET is the span-name query). Proxies send
+#: spans without credentials; OTLP's /v1/traces is outside /api/ and open anyway.
+PUBLIC_POSTS = frozenset({"/api/v2/spans"})
+#: Collector query paths (``GET /api/v2/...``) need no admin token when this is set.
+OPEN_QUERY_KEY = web.AppKey("open_query", bool)
 
 
 def error_details(errors: ResourceErrors) -> list[dict[str, Any]]:
@@ -687,7 +695,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 async def _middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.path.startswith("/api/") and request.path not in PUBLIC_PATHS:
+    if request.path.startswith("/api/") and not _public(request):
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -708,15 +716,26 @@ async def _middleware(
         raise
 
 
+def _public(request: web.Request) -> bool:
+    if request.path in PUBLIC_PATHS:
+        return True
+    if request.method == "POST":
+        return request.path in PUBLIC_POSTS
+    return request.path.startswith("/api/v2/") and request.app[OPEN_QUERY_KEY]
+
+
 def make_app(
     store: Store,
     *,
     token: str,
     proxies: ProxyLister | None = None,
     identity: Identity | None = None,
+    open_query: bool = False,
 ) -> web.Application:
     """The API application over ``store``; ``proxies`` lists connected proxies; ``identity``
-    (the CA and join tokens) enables the identity routes."""
+    (the CA and join tokens) enables the identity routes; ``open_query``: a trace collector
+    mounted on it (``ubimesh.collector.api.add_collector``) answers queries without the
+    admin token."""
     if not token:
         raise ValueError("token: the admin token must not be empty")
     app = web.Application(middlewares=[_middleware], client_max_size=MAX_BODY)
@@ -724,6 +743,7 @@ def make_app(
     app[TOKEN_KEY] = token.encode()
     app[PROXIES_KEY] = proxies if proxies is not None else (lambda: [])
     app[LOCK_KEY] = asyncio.Lock()
+    app[OPEN_QUERY_KEY] = open_query
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_post("/api/v1/apply", apply_handler)
     app.router.add_post("/api/v1/diff", diff_handler)

@@ -10,6 +10,9 @@ A proxy's identity (docs/identity.md) rides in the node metadata too, all in one
 (``identity_metadata``): ``ubimesh.identity`` (its SPIFFE ID), ``ubimesh.control_api`` (where
 it asks for its certificate) and ``ubimesh.join_token_file`` (the file holding its one-time
 join token, delivered out of band; the proxy's ``--join-token-file`` overrides it).
+
+With an admin port, ``ubimesh.admin_address`` (HOST:PORT) tells the control plane where the
+proxy's admin is, so ``GET /api/v1/proxies`` can report it to ``ubimesh top``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any
 IDENTITY_KEY = "ubimesh.identity"
 CONTROL_API_KEY = "ubimesh.control_api"
 JOIN_TOKEN_FILE_KEY = "ubimesh.join_token_file"
+#: Node metadata key of the proxy's admin HOST:PORT, reported by GET /api/v1/proxies so
+#: `ubimesh top` can find its metrics (absent without an admin port, or with port 0).
+ADMIN_ADDRESS_KEY = "ubimesh.admin_address"
 #: The static cluster the ADS stream uses.
 XDS_CLUSTER = "ubimesh-xds"
 ROLES = ("sidecar", "gateway")
@@ -105,7 +111,8 @@ def build_bootstrap(
     ``node_id`` is ``<workload>.<namespace>`` for a sidecar and ``<gateway>.<namespace>`` for a
     gateway; ``xds`` lists the control plane replicas (IP, port); ``workload`` is a Workload
     spec the control plane registers while this proxy is connected; ``admin_port`` None means
-    no admin interface; ``identity``, ``control_api`` and ``join_token_file`` (together) let
+    no admin interface (else its address is also in the node metadata, ``ADMIN_ADDRESS_KEY``,
+    for ``ubimesh top``); ``identity``, ``control_api`` and ``join_token_file`` (together) let
     it get its certificate (``identity_metadata``). Raises ValueError on a bad argument,
     naming it.
     """
@@ -133,6 +140,9 @@ def build_bootstrap(
     if workload is not None:
         metadata["ubimesh.workload"] = dict(workload)
     metadata.update(identity_metadata(identity, control_api, join_token_file))
+    if admin_port:
+        host = f"[{admin_address}]" if ":" in admin_address else admin_address
+        metadata[ADMIN_ADDRESS_KEY] = f"{host}:{admin_port}"
     bootstrap: dict[str, Any] = {
         "node": {
             "id": node_id,

@@ -31,6 +31,8 @@ REGISTERED_BY = "ubimesh.io/registered-by"
 REGISTERED_VIA = "ubimesh.io/registered-via"
 WORKLOAD_METADATA = "ubimesh.workload"
 ROLE_METADATA = "ubimesh.role"
+#: The proxy's admin HOST:PORT as it claims it (control/bootstrap.py ADMIN_ADDRESS_KEY).
+ADMIN_ADDRESS_METADATA = "ubimesh.admin_address"
 API_VERSION = "ubimesh.io/v1alpha1"
 DEFAULT_GRACE_S = 5.0
 
@@ -100,6 +102,8 @@ class Registry:
                     "connectedSince": node.since,
                     "registered": str(node.registered) if node.registered else "",
                     "registrationError": node.error,
+                    # "" when the bootstrap gave none (e.g. an Envoy of its own making).
+                    "adminAddress": str(node.info.metadata.get(ADMIN_ADDRESS_METADATA) or ""),
                 }
             )
         return out

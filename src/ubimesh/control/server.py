@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from ubimesh.control.ads import SDS, AdsServer, NodeInfo, SnapshotCache
 from ubimesh.control.ads.secrets import ROOTCA, secrets_version, trust_bundle_secret
 from ubimesh.control.api import Identity, make_app
 from ubimesh.control.compiler import XdsSet, compile_all, compile_proxy, empty_set, proxy_ref
+from ubimesh.control.compiler.model import CompileOptions
 from ubimesh.control.registry import DEFAULT_GRACE_S, Registry
 from ubimesh.control.resources import Resource
 from ubimesh.control.store import Store, open_store
@@ -45,6 +47,10 @@ TOKENS_DB = "tokens.db"
 ISSUED_DB = "issued.db"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 TOKEN_FILE = "admin-token"
+#: The collector's directory (spans.db) under the data dir.
+COLLECTOR_DIR = "collector"
+#: ``collector_url`` placeholder until the API's port is known.
+API_COLLECTOR = "api"
 DEFAULT_API = "127.0.0.1:15000"
 DEFAULT_XDS = "127.0.0.1:15010"
 #: Changes closer together than this are compiled once.
@@ -78,6 +84,15 @@ class ControlOptions:
     #: The CA's directory (None: ``<data dir>/ca``). Replicas of one control plane give the
     #: same shared directory, so they sign from one CA and publish one bundle.
     ca_dir: Path | None = None
+    #: Run the trace collector (docs/telemetry.md, "Tracing in a ubimesh mesh").
+    collector: bool = True
+    #: Its own listener; None: on the API's listener.
+    collector_address: tuple[str, int] | None = None
+    collector_retention_s: float = 24 * 3600.0
+    collector_max_spans: int = 0
+    #: Serve the collector's query API without the admin token (for Zipkin's UI or Grafana
+    #: on a trusted network). Ingest never needs it.
+    collector_open_query: bool = False
 
 
 def load_or_create_token(data_dir: Path, token_file: Path | None) -> tuple[str, bool]:
@@ -120,6 +135,9 @@ class ControlPlane:
         self.ads: AdsServer | None = None
         self.runner: web.AppRunner | None = None
         self.api_url = ""
+        #: The collector's base URL ("": off); the API's URL when mounted there.
+        self.collector_url = ""
+        self.collector_runner: web.AppRunner | None = None
         self.xds_address = ("", 0)
         self.token = ""
         self.token_created = False
@@ -145,6 +163,19 @@ class ControlPlane:
         self.set_trust_bundle(identity.ca.bundle_pem())
         # A rotation through the API pushes its new bundle at once (not at the next check).
         identity.on_change = lambda: self.set_trust_bundle(identity.ca.bundle_pem())
+        # The API (and the collector) are bound before the first compile: the compiler
+        # points every proxy's tracing at the collector's bound address.
+        app = make_app(store, token=self.token, proxies=self.registry.proxies,
+                       identity=self.identity, open_query=opts.collector_open_query)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._start_collector(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, *opts.api_address)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.api_url = f"http://{_url_host(host)}:{port}"
+        if self.collector_url == API_COLLECTOR:
+            self.collector_url = self.api_url
         await self._compile()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[None] = asyncio.Queue(EVENT_QUEUE)
@@ -154,16 +185,45 @@ class ControlPlane:
                              on_disconnect=self._on_disconnect)
         xds_port = await self.ads.start(*opts.xds_address)
         self.xds_address = (opts.xds_address[0], xds_port)
-        app = make_app(store, token=self.token, proxies=self.registry.proxies,
-                       identity=self.identity)
         self._tasks.append(loop.create_task(self._identity_loop(), name="identity"))
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, *opts.api_address)
-        await site.start()
-        host, port = self.runner.addresses[0][:2]
-        self.api_url = f"http://{_url_host(host)}:{port}"
         self._write_addresses(store_url)
+
+    async def _start_collector(self, api: web.Application) -> None:
+        """Mount the trace collector (data in ``<data dir>/collector``): on the API app, or
+        bound on ``collector_address`` when given. Ingest needs no token; the query API needs
+        the admin token unless ``collector_open_query``. Sets ``collector_url``."""
+        opts = self.options
+        if not opts.collector:
+            log.info("the trace collector is off (--no-collector): the Mesh's builtin "
+                     "tracing provider sends spans nowhere")
+            return
+        from ubimesh.collector.api import CollectorOptions, add_collector
+
+        options = CollectorOptions(data_dir=opts.data_dir / COLLECTOR_DIR,
+                                   retention_s=opts.collector_retention_s,
+                                   max_spans=opts.collector_max_spans)
+        if opts.collector_address is None:
+            add_collector(api, options)
+            self.collector_url = API_COLLECTOR  # known once the API is bound
+            return
+        app = web.Application(middlewares=[_collector_auth(self.token, opts.collector_open_query)])
+        add_collector(app, options)
+        self.collector_runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self.collector_runner.setup()
+        await web.TCPSite(self.collector_runner, *opts.collector_address).start()
+        host, port = self.collector_runner.addresses[0][:2]
+        self.collector_url = f"http://{_url_host(host)}:{port}"
+
+    def compile_options(self) -> CompileOptions:
+        """What the compiler gets from this replica: where proxies reach its collector (an
+        unspecified bind address is reached on loopback)."""
+        if not self.collector_url:
+            return CompileOptions()
+        host_port = self.collector_url.split("://", 1)[1]
+        for unspecified, loopback in (("0.0.0.0:", "127.0.0.1:"), ("[::]:", "[::1]:")):
+            if host_port.startswith(unspecified):
+                host_port = loopback + host_port[len(unspecified):]
+        return CompileOptions(collector=host_port)
 
     async def _open_identity(self, store: Store) -> Identity:
         """Open the CA in ``--ca-dir`` or ``<data dir>/ca`` (creating one at first start) and
@@ -230,6 +290,7 @@ class ControlPlane:
             "pid": os.getpid(),
             "replica": self.registry.replica if self.registry else "",
             "store": store_url,
+            "collector": self.collector_url,
         }
         path = self.options.data_dir / ADDRESSES_FILE
         tmp = path.with_suffix(".tmp")
@@ -237,8 +298,11 @@ class ControlPlane:
         tmp.replace(path)  # atomic: a reader never sees half a file
 
     async def stop(self) -> None:
+        # Cleaning up an app that holds the collector writes its queued spans first.
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.collector_runner is not None:
+            await self.collector_runner.cleanup()
         if self.ads is not None:
             await self.ads.stop(1.0)
         if self.registry is not None:
@@ -300,11 +364,13 @@ class ControlPlane:
             resources = await self.store.list()
             loop = asyncio.get_running_loop()
             # A pure CPU job: off the loop so the API and ADS streams stay responsive.
-            compiled = await loop.run_in_executor(None, compile_all, resources)
+            options = self.compile_options()
+            compiled = await loop.run_in_executor(None, compile_all, resources, options)
             for node_id, info in self._connected.items():
                 if node_id not in compiled:
                     compiled[node_id] = await loop.run_in_executor(
-                        None, compile_proxy, resources, proxy_ref(node_id, info.metadata)
+                        None, compile_proxy, resources, proxy_ref(node_id, info.metadata),
+                        options,
                     )
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -365,7 +431,8 @@ class ControlPlane:
         if self.cache.get(info.id) is None:
             # Not named by the resources (yet): compile it alone so it gets what applies.
             try:
-                xds = compile_proxy(self._resources, proxy_ref(info.id, info.metadata))
+                xds = compile_proxy(self._resources, proxy_ref(info.id, info.metadata),
+                                    self.compile_options())
             except Exception as exc:
                 log.warning("proxy %s: cannot compile its configuration: %s", info.id, exc)
                 return
@@ -388,6 +455,28 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def _collector_auth(token: str, open_query: bool) -> Any:
+    """The collector listener's rule: ingest (POST) and ``/health`` are open, the query API
+    (``GET /api/v2/...``) needs ``Authorization: Bearer <admin token>`` unless ``open_query``."""
+    expected = token.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not open_query and request.method != "POST" and request.path.startswith("/api/"):
+            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                presented.strip().encode(), expected
+            ):
+                return web.json_response(
+                    {"error": "missing or wrong admin token (Authorization: Bearer <token>)"},
+                    status=401,
+                )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return middleware
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -407,6 +496,10 @@ async def serve(options: ControlOptions, *, out: Any = None) -> int:
         raise
     print(f"ubimesh control: API {plane.api_url}  xDS {plane.xds_address[0]}:"
           f"{plane.xds_address[1]}  data {options.data_dir}", file=out, flush=True)
+    if plane.collector_url:
+        print(f"trace collector: {plane.collector_url} (Zipkin /api/v2/spans, OTLP /v1/traces; "
+              "queries need the admin token)" if not options.collector_open_query else
+              f"trace collector: {plane.collector_url} (queries open)", file=out, flush=True)
     if plane.token_created:
         print(f"admin token (shown once; kept in {options.data_dir / TOKEN_FILE}): "
               f"{plane.token}", file=out, flush=True)

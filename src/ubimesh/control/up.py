@@ -46,6 +46,7 @@ import yaml
 from ubimesh.control.api_error import ApiError
 from ubimesh.control.bootstrap import build_bootstrap, parse_address
 from ubimesh.control.client import Client
+from ubimesh.control.compiler.tracing import service_name
 from ubimesh.control.resources import Resource, ResourceErrors, load_files, validate_set
 from ubimesh.control.resources.mesh import effective_mesh, spiffe_id
 from ubimesh.control.server import ADDRESSES_FILE, TOKEN_FILE
@@ -149,6 +150,8 @@ class Up:
         #: The control plane's bound API and xDS addresses: a restart binds the same ones, so
         #: the proxies (which list that xDS address) find it again.
         self.control_addresses: tuple[str, str] = ("", "")
+        #: The control plane's collector URL ("": off), from its control.json.
+        self.collector_url = ""
         self.control_restarts: list[float] = []
         self.stopping = False
         self.out = sys.stdout
@@ -179,6 +182,7 @@ class Up:
             time.sleep(POLL_S)
         data = json.loads(addresses.read_text())
         token = (self.data_dir / TOKEN_FILE).read_text().strip()
+        self.collector_url = str(data.get("collector") or "")
         api_host_port = str(data["api"]).split("://", 1)[-1]
         self.control_addresses = (api_host_port, str(data["xds"]))
         return str(data["api"]), str(data["xds"]), token
@@ -187,10 +191,16 @@ class Up:
         if self.control is not None:
             self.children.remove(self.control)
             self.control.close_log()
+        from ubimesh.cli.control_cmds import collector_argv
+
+        collector = collector_argv(self.args)
+        if self.args.collector_address and self.collector_url:
+            # a restart binds the collector where the proxies already send spans
+            collector += ["--collector-address", self.collector_url.split("://", 1)[1]]
         self.control = Child(
             "control",
             _ubimesh("control", "--data-dir", str(self.data_dir),
-                     "--api-address", api_address, "--xds-address", xds_address),
+                     "--api-address", api_address, "--xds-address", xds_address, *collector),
             self.logs / "control.log",
         )
         self.control.start()
@@ -254,9 +264,11 @@ class Up:
         return path
 
     def start_proxy(self, node_id: str, role: str, admin_port: int | None, xds: str,
-                    listen_ports: Sequence[int] = (), identity: str | None = None) -> Child:
+                    listen_ports: Sequence[int] = (), identity: str | None = None,
+                    cluster: str = "") -> Child:
         """A ``ubimesh proxy`` for ``node_id``; with ``identity`` (after ``enable_identity``)
-        its bootstrap lets it get that identity's certificate."""
+        its bootstrap lets it get that identity's certificate. ``cluster``: its
+        ``node.cluster``, the service name its spans carry (compiler/tracing.py)."""
         port = admin_port or free_port()
         api = token_file = None
         if identity is not None and self.identity_api is not None:
@@ -266,7 +278,7 @@ class Up:
             identity = None
         bootstrap = build_bootstrap(node_id=node_id, role=role, xds=[parse_address(xds)],
                                     admin_port=port, identity=identity, control_api=api,
-                                    join_token_file=token_file)
+                                    join_token_file=token_file, cluster=cluster)
         path = self.data_dir / "bootstraps" / f"{node_id}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
@@ -416,7 +428,8 @@ def _tail(path: Path, chars: int = 2000) -> str:
         return ""
 
 
-def summary(resources: Sequence[Resource], api: str, data_dir: Path) -> str:
+def summary(resources: Sequence[Resource], api: str, data_dir: Path,
+            collector: str = "") -> str:
     """Where to send traffic, and what to try."""
     lines = ["", "ubimesh up: the mesh is ready", ""]
     curls: list[str] = []
@@ -452,8 +465,12 @@ def summary(resources: Sequence[Resource], api: str, data_dir: Path) -> str:
         lines.append(f"  workload {wl.name:<11} " + "  ".join(parts))
     lines += ["", "try:"] + [f"  {c}" for c in curls]
     lines += [
-        f"  export UBIMESH_SERVER={api} UBIMESH_TOKEN_FILE={data_dir / TOKEN_FILE}",
+        f"  export UBIMESH_SERVER={api} UBIMESH_TOKEN_FILE={data_dir / TOKEN_FILE}"
+        + (f" UBIMESH_COLLECTOR={collector}" if collector else ""),
         "  ubimesh get workloads; ubimesh apply -f <changed file>",
+        "  ubimesh top    # live requests/s, success rate, p50/p99 per service",
+        *(["  ubimesh traces --service <service>.<namespace>; ubimesh trace <trace id>"]
+          if collector else []),
         "",
         f"logs in {data_dir / 'logs'}; Ctrl-C stops everything",
     ]
@@ -509,14 +526,16 @@ def run_up(args: argparse.Namespace) -> int:
                 ports += [u["localPort"] for u in sidecar.get("upstreams") or []]
                 account = str(r.spec.get("serviceAccount") or r.spec["service"])
                 up.start_proxy(f"{r.name}.{r.namespace}", "sidecar", sidecar.get("adminPort"),
-                               xds, ports, spiffe_id(mesh, r.namespace, account))
+                               xds, ports, spiffe_id(mesh, r.namespace, account),
+                               service_name(str(r.spec["service"]), r.namespace))
             elif r.kind == "Gateway":
                 ports = [listener["port"] for listener in r.spec.get("listeners", [])]
                 # a gateway's identity: service account = the gateway's name
                 up.start_proxy(f"{r.name}.{r.namespace}", "gateway", r.spec.get("adminPort"),
-                               xds, ports, spiffe_id(mesh, r.namespace, r.name))
+                               xds, ports, spiffe_id(mesh, r.namespace, r.name),
+                               service_name(r.name, r.namespace))
         up.wait_ready(deadline)
-        up.say(summary(resources, api, up.data_dir))
+        up.say(summary(resources, api, up.data_dir, up.collector_url))
         end = time.monotonic() + args.seconds if args.seconds is not None else None
         while end is None or time.monotonic() < end:
             up.check_children()

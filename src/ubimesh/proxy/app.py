@@ -447,6 +447,11 @@ def _worker_main(
         tune_gc()
         await stop.wait()
         control_task.cancel()
+        # A SIGTERM sent to the whole process group reaches the worker before any "stop"
+        # command: write the buffered access log lines (os._exit follows, skipping atexit).
+        from ubimesh.proxy.access_log.sink import flush_all
+
+        flush_all()
         return 0
 
     return asyncio.run(main())

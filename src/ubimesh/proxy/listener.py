@@ -17,6 +17,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from ubimesh.proto.client_hello import MAX_CLIENT_HELLO, parse_client_hello
+from ubimesh.proxy.access_log.logger import (
+    AccessLogs,
+    build_access_logs,
+    connection_entry,
+    log_connection,
+)
 from ubimesh.proxy.chain_match import select_filter_chain
 from ubimesh.proxy.http.rbac import NetworkRbac
 from ubimesh.proxy.network.hcm_config import HcmRuntime
@@ -56,6 +62,7 @@ class ChainRuntime:
         tls_stats_prefix: str = "",
         listener: str = "",
         denial_header: str = "internal",
+        listener_logs: AccessLogs | None = None,
     ) -> None:
         self.chain = chain
         self.hcm: HcmRuntime | None = None
@@ -71,7 +78,7 @@ class ChainRuntime:
         rbac_filters = [
             (f.stat_prefix, f.rbac) for f in chain.filters[:-1] if isinstance(f, NetworkRbacConfig)
         ]
-        gate = NetworkRbac(rbac_filters, stats, listener) if rbac_filters else None
+        gate = NetworkRbac(rbac_filters, stats, listener, listener_logs) if rbac_filters else None
         self.factory: Callable[[], asyncio.Protocol]
         if isinstance(terminal, HttpConnectionManagerConfig):
             hcm = self.hcm = HcmRuntime(
@@ -87,8 +94,9 @@ class ChainRuntime:
             # Loaded only for listeners that proxy TCP (it is half a megabyte resident).
             from ubimesh.proxy.network.tcp_proxy import TcpProxyProtocol
 
+            tcp_logs = build_access_logs(terminal.access_log, stats)
             self.factory = lambda: TcpProxyProtocol(
-                terminal, clusters, stats, buffer_limit, network_rbac=gate
+                terminal, clusters, stats, buffer_limit, network_rbac=gate, access_logs=tcp_logs
             )
         else:  # pragma: no cover - the translator only produces the two terminal kinds
             raise AssertionError(f"unsupported terminal filter {terminal!r}")
@@ -145,6 +153,21 @@ class ChainSelector(asyncio.Protocol):
         self.listener.stats_inspect_timeout.value += 1
         self._dispatch("", "raw_buffer", ())
 
+    @staticmethod
+    def _log_no_chain(logs: AccessLogs, transport: asyncio.Transport, sni: str) -> None:
+        """Envoy's listener access log entry for a connection no filter chain matched."""
+        peer = transport.get_extra_info("peername")
+        sockname = transport.get_extra_info("sockname")
+        entry = connection_entry(
+            (peer[0], peer[1]) if peer else ("", 0),
+            (sockname[0], sockname[1]) if sockname else ("", 0),
+            None,
+            sni=sni,
+            flags="NR",
+            details="filter_chain_not_found",
+        )
+        log_connection(logs, entry)
+
     def _dispatch(self, sni: str, transport_protocol: str, alpn: tuple[str, ...]) -> None:
         transport = self.transport
         assert transport is not None
@@ -153,9 +176,14 @@ class ChainSelector(asyncio.Protocol):
         runtime = self.listener.select(port, sni, transport_protocol, alpn)
         if runtime is None:
             self.listener.stats_no_chain.value += 1
+            logs = self.listener.access_logs
+            if logs is not None:
+                self._log_no_chain(logs, transport, sni)
             transport.abort()
             return
         proto = runtime.factory()
+        if sni and hasattr(proto, "sni"):
+            proto.sni = sni
         if runtime.tls is not None:
             from ubimesh.proxy.tls.downstream import start_server_tls
 
@@ -186,23 +214,33 @@ class ListenerRuntime:
         self.clusters = clusters
         self.server: asyncio.AbstractServer | None = None
         self.sock: socket.socket | None = None
-        prefix = f"listener.{spec.address}."
+        # Envoy spells the address in stat names with "_" for ":" (127.0.0.1_8080, [__1]_80).
+        prefix = f"listener.{str(spec.address).replace(':', '_')}."
         self.stats_no_chain = stats.counter(prefix + "no_filter_chain_match")
         self.stats_inspect_timeout = stats.counter(prefix + "downstream_pre_cx_timeout")
         self._build(spec)
 
     def _build(self, spec: Listener) -> None:
         limit = spec.per_connection_buffer_limit_bytes
-        prefix = f"listener.{spec.address}."
-        extra = {"listener": spec.name, "denial_header": spec.rbac_denial_header}
-        self.chains = [
-            ChainRuntime(c, self.clusters, self.stats, limit, prefix, **extra)
-            for c in spec.filter_chains
-        ]
-        self.default_chain = (
-            ChainRuntime(
-                spec.default_filter_chain, self.clusters, self.stats, limit, prefix, **extra
+        prefix = f"listener.{str(spec.address).replace(':', '_')}."
+        self.access_logs = build_access_logs(spec.access_log, self.stats)
+        logs = self.access_logs
+
+        def chain_runtime(c: FilterChain) -> ChainRuntime:
+            return ChainRuntime(
+                c,
+                self.clusters,
+                self.stats,
+                limit,
+                prefix,
+                listener=spec.name,
+                denial_header=spec.rbac_denial_header,
+                listener_logs=logs,
             )
+
+        self.chains = [chain_runtime(c) for c in spec.filter_chains]
+        self.default_chain = (
+            chain_runtime(spec.default_filter_chain)
             if spec.default_filter_chain is not None
             else None
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from ubimesh.proxy.admin import ClusterStatus, HostStatus, ListenerStatus
 from ubimesh.proxy.listener import ListenerRuntime
 from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
 from ubimesh.proxy.tls.manager import TlsManager
+from ubimesh.proxy.tracing.local import set_local_node
 from ubimesh.proxy.upstream.cluster_manager import ClusterManager
 from ubimesh.telemetry.stats import Store
 
@@ -52,6 +54,7 @@ class ProxyServer:
 
     def __init__(self, snapshot: Snapshot, stats: Store | None = None) -> None:
         self.snapshot = snapshot
+        set_local_node(snapshot.node)
         self.stats = stats or Store()
         tls = TlsManager()
         tls.set_secrets(snapshot.secrets)
@@ -69,6 +72,7 @@ class ProxyServer:
         self, sockets: dict[tuple[str, int], socket.socket] | None = None, reuse_port: bool = False
     ) -> None:
         """Resolve clusters, bind (or adopt) listening sockets and start accepting."""
+        started = time.monotonic()
         await self.clusters.start()
         for spec in self.snapshot.listeners:
             key = listener_key(spec.address)
@@ -80,7 +84,10 @@ class ProxyServer:
             self.listeners[key] = rt
         self.state = "LIVE"
         self.stats.gauge("server.state").set(0)
-        self.stats.counter("server.initialization_time_ms")
+        # A histogram in Envoy: one sample, how long starting took.
+        self.stats.histogram("server.initialization_time_ms").record(
+            (time.monotonic() - started) * 1000.0
+        )
         log.info(
             "ubimesh proxy live: %s",
             ", ".join(
@@ -110,6 +117,7 @@ class ProxyServer:
             await rt.start()
             self.listeners[key] = rt
         self.snapshot = snapshot
+        set_local_node(snapshot.node)
         self.stats.counter("server.config_reloads").inc()
         log.info("applied configuration version %s", snapshot.version)
 
@@ -133,7 +141,16 @@ class ProxyServer:
             await self.drain(drain_timeout)
         for rt in self.listeners.values():
             rt.stop_accepting()
+        exporters = sys.modules.get("ubimesh.proxy.tracing.exporter")
+        if exporters is not None:
+            # Queued spans leave before the clusters go (loaded only when something traces).
+            await exporters.flush_all(self.clusters)
         await self.clusters.stop()
+        # Buffered access log lines are written before the process goes (workers leave with
+        # os._exit, which skips atexit); this waits for the writer threads, at most 2 s.
+        from ubimesh.proxy.access_log.sink import flush_all
+
+        flush_all()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

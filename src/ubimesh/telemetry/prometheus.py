@@ -20,6 +20,8 @@ decides label order) and the same exclusions (``listener.admin.*`` carries no ad
 One extractor is ubimesh's own: ``envoy.rbac_policy_name`` also for the RBAC network filter's
 per-policy denials (``<stat_prefix>.rbac.policy.<policy>.denied``), which Envoy does not have.
 Envoy's ``stats_config`` (custom tags, ``use_all_default_tags: false``) is not supported.
+Stats already named in Prometheus's form, ``metric{label="v",...}`` (Istio's mesh metrics,
+``ubimesh.telemetry.mesh_metrics``), are written as they are, without tag extraction.
 
 Output layout, as Envoy's: one ``# TYPE`` line per metric family, no ``# HELP``; all counter
 families, then gauges, then histograms; families sorted by tag-extracted name; series in a
@@ -343,7 +345,13 @@ def escape_label_value(value: str) -> str:
 @functools.lru_cache(maxsize=1 << 16)
 def _series(stat_name: str) -> tuple[str, str, str]:
     """(tag-extracted name, metric name, label text without braces) of one stat; cached, since
-    every scrape asks again for the same names."""
+    every scrape asks again for the same names. A stat already named in Prometheus's form,
+    ``metric{labels}`` (Istio's mesh metrics, ``ubimesh.telemetry.mesh_metrics``), is written
+    as it is: Envoy's stat names never contain ``{``."""
+    brace = stat_name.find("{")
+    if brace > 0 and stat_name[-1] == "}":
+        metric = stat_name[:brace]
+        return metric, metric, stat_name[brace + 1 : -1]
     extracted, tags = extract_tags(stat_name)
     labels = ",".join(f'{sanitize_name(k)}="{escape_label_value(v)}"' for k, v in tags)
     return extracted, metric_name(extracted), labels

@@ -101,10 +101,11 @@ class Store:
             g = self.gauges[name] = Gauge()
         return g
 
-    def histogram(self, name: str) -> Histogram:
+    def histogram(self, name: str, bounds: tuple[float, ...] = DEFAULT_BUCKETS_MS) -> Histogram:
+        """The histogram ``name``; ``bounds`` apply when it is made (a name keeps its bounds)."""
         h = self.histograms.get(name)
         if h is None:
-            h = self.histograms[name] = Histogram()
+            h = self.histograms[name] = Histogram(bounds)
         return h
 
     def snapshot(self) -> StatsSnapshot:

@@ -20,7 +20,7 @@ import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ubimesh.control.compiler import envoy, mtls
+from ubimesh.control.compiler import envoy, mtls, telemetry_meta
 from ubimesh.control.compiler.durations import duration
 from ubimesh.control.compiler.index import ExternalService, Index, Service, ServicePort
 from ubimesh.control.compiler.model import Message
@@ -82,11 +82,13 @@ class ClusterRegistry:
             target = self._targets[name]
             if isinstance(target, ExternalService):
                 built = self._external_cluster(name, target)
+                telemetry_meta.external_cluster(built, target)
             else:
                 built = envoy.eds_cluster(
                     name, self.connect_timeout(target.service), self.lb_policy(target.service)
                 )
                 mtls.secure_cluster(built, self._index, target.service, target.port)
+                telemetry_meta.service_cluster(built, self._index, target.service)
             self._clusters[name] = built
         return built
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ubimesh.control.compiler.access_log import plan as access_log_plan
 from ubimesh.control.compiler.context import Context
 from ubimesh.control.compiler.gateway import compile_gateway
 from ubimesh.control.compiler.index import build_index
-from ubimesh.control.compiler.model import TYPE_URLS, ProxyRef, XdsSet, version_of
+from ubimesh.control.compiler.model import TYPE_URLS, CompileOptions, ProxyRef, XdsSet, version_of
 from ubimesh.control.compiler.sidecar import compile_sidecar
+from ubimesh.control.compiler.tracing import plan as tracing_plan
 from ubimesh.control.resources.model import Resource
 
 
@@ -33,17 +35,33 @@ def _compile(ctx: Context, proxy: ProxyRef) -> XdsSet:
     return compile_sidecar(ctx, workload)
 
 
-def compile_proxy(resources: Sequence[Resource], proxy: ProxyRef) -> XdsSet:
+#: No control plane additions: no built-in collector.
+NO_OPTIONS = CompileOptions()
+
+
+def _context(resources: Sequence[Resource], options: CompileOptions) -> Context:
+    ctx = Context(build_index(resources))
+    ctx.tracing = tracing_plan(resources, options)
+    ctx.access_log = access_log_plan(resources)
+    return ctx
+
+
+def compile_proxy(
+    resources: Sequence[Resource], proxy: ProxyRef, options: CompileOptions = NO_OPTIONS
+) -> XdsSet:
     """The xDS resources of one proxy. A proxy the resources do not describe (no such Workload
-    with a ``sidecar``, no such Gateway) gets an empty set."""
-    return _compile(Context(build_index(resources)), proxy)
+    with a ``sidecar``, no such Gateway) gets an empty set. ``options``: what the control
+    plane adds (its collector's address)."""
+    return _compile(_context(resources, options), proxy)
 
 
-def compile_all(resources: Sequence[Resource]) -> dict[str, XdsSet]:
+def compile_all(
+    resources: Sequence[Resource], options: CompileOptions = NO_OPTIONS
+) -> dict[str, XdsSet]:
     """The xDS resources of every proxy the resources name: each Workload with a ``sidecar``
     (node id ``<workload>.<namespace>``) and each Gateway (``<gateway>.<namespace>``), by node
     id. Work shared between proxies (clusters, assignments, routing) is done once."""
-    ctx = Context(build_index(resources))
+    ctx = _context(resources, options)
     out: dict[str, XdsSet] = {}
     for w in ctx.index.workloads:
         if w.sidecar is not None:

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 
+from ubimesh.control.compiler.access_log import DEFAULT_PLAN, AccessLogPlan
 from ubimesh.control.compiler.authz import (
     Authorization,
     EgressGrant,
@@ -33,6 +34,7 @@ from ubimesh.control.compiler.model import (
     version_of_entries,
 )
 from ubimesh.control.compiler.routes import RouteBuilder
+from ubimesh.control.compiler.tracing import TracingPlan
 
 
 def service_domains(service: Service, port: ServicePort, *, short: bool) -> list[str]:
@@ -56,6 +58,10 @@ class Context:
         self.clusters = ClusterRegistry(index)
         self.routes = RouteBuilder(index, self.clusters)
         self.authz = Authorization(index)
+        #: Where spans go (compiler/tracing.py); None: no tracing. Set by compile.py.
+        self.tracing: TracingPlan | None = None
+        #: Access logs (compiler/access_log.py); None: none. Set by compile.py.
+        self.access_log: AccessLogPlan | None = DEFAULT_PLAN
         self._outbound: dict[tuple[object, ...], tuple[Message, frozenset[str]]] = {}
         self._digests: dict[int, tuple[Message, bytes]] = {}
         self._groups: dict[tuple[frozenset[str], str], _ClusterGroup] = {}

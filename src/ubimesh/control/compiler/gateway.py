@@ -17,7 +17,7 @@ from collections import defaultdict
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 
-from ubimesh.control.compiler import envoy
+from ubimesh.control.compiler import access_log, envoy, telemetry_meta, tracing
 from ubimesh.control.compiler.context import Context
 from ubimesh.control.compiler.index import Gateway, GatewayListener, HTTPRoute
 from ubimesh.control.compiler.model import Message, XdsSet
@@ -41,7 +41,12 @@ def compile_gateway(ctx: Context, gateway: Gateway) -> XdsSet:
                 continue
             used.update(c for c, _ in targets)
             listeners[name] = envoy.tcp_listener(name, gateway.address, listener.port, targets)
-    return ctx.xds_set(listeners, routes, used, {}, gateway.site)
+    local_clusters: dict[str, Message] = {}
+    tracing.instrument(ctx.tracing, listeners, local_clusters, tracing.service_name(
+        gateway.name, gateway.namespace), ctx.clusters.connect_timeout(None), sidecar=False)
+    telemetry_meta.gateway(listeners, gateway)
+    access_log.decorate(ctx.access_log, listeners, f"gateway/{gateway.namespace}/{gateway.name}")
+    return ctx.xds_set(listeners, routes, used, local_clusters, gateway.site)
 
 
 def _tcp_targets(ctx: Context, gateway: Gateway, listener: GatewayListener) -> Targets:

@@ -31,6 +31,16 @@ Message = Any
 VERSION_DIGITS = 16
 
 
+@dataclass(frozen=True)
+class CompileOptions:
+    """What the compiler takes from the control plane running it rather than from the
+    resources."""
+
+    #: ``HOST:PORT`` of the control plane's built-in trace collector, where Mesh
+    #: ``spec.tracing.provider: builtin`` sends spans ("": no collector, so no tracing).
+    collector: str = ""
+
+
 class CompileError(ValueError):
     """The resources cannot be compiled; the message names the resource, field and value."""
 

@@ -25,12 +25,13 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from google.protobuf import duration_pb2
 
-from ubimesh.control.compiler import authz, envoy, mtls
+from ubimesh.control.compiler import access_log, authz, envoy, mtls, telemetry_meta, tracing
 from ubimesh.control.compiler.authz import EgressGrant
 from ubimesh.control.compiler.clusters import inbound_cluster_name
 from ubimesh.control.compiler.context import Context
 from ubimesh.control.compiler.index import Upstream, Workload
 from ubimesh.control.compiler.model import Message, XdsSet
+from ubimesh.control.compiler.mtls import spiffe_id
 
 LOOPBACK = "127.0.0.1"
 
@@ -77,6 +78,7 @@ def compile_sidecar(ctx: Context, workload: Workload) -> XdsSet:
             if rules is not None:
                 authz.add_network_rbac(listeners[name], rules)
         mtls.secure_inbound(listeners[name], ctx.index.mesh.mtls_mode)
+        telemetry_meta.inbound(listeners[name], ctx.index, workload, service)
 
     grants = ctx.authz.egress(workload)
     if sidecar.outbound_port is not None:
@@ -91,6 +93,11 @@ def compile_sidecar(ctx: Context, workload: Workload) -> XdsSet:
     for upstream in sidecar.upstreams:
         _upstream(ctx, upstream, grants, listeners, routes, used, local_clusters)
 
+    tracing.instrument(ctx.tracing, listeners, local_clusters, tracing.service_name(
+        workload.service, workload.namespace), ctx.clusters.connect_timeout(None), sidecar=True)
+    telemetry_meta.outbound(listeners, ctx.index, workload)
+    access_log.decorate(ctx.access_log, listeners, spiffe_id(
+        ctx.index.mesh.trust_domain, workload.namespace, workload.service_account))
     return ctx.xds_set(listeners, routes, used, local_clusters, workload.site)
 
 

@@ -4,6 +4,7 @@ ExternalService (docs/control-plane.md section 1; every field in docs/resources.
 from __future__ import annotations
 
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from ubimesh.control.resources.errors import MISSING
 from ubimesh.control.resources.scalars import (
@@ -18,11 +19,13 @@ from ubimesh.control.resources.schema import (
     NAME,
     PORT,
     AnyStr,
+    Bool,
     Ctx,
     Enum,
     Int,
     ListOf,
     MapOf,
+    Node,
     Obj,
     PortRef,
     Refused,
@@ -41,6 +44,102 @@ _TD_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
 TRUST_DOMAIN: Final = Str(
     "a trust domain (lower case letters, digits, '.', '-', '_')",
     lambda v: None if all(c in _TD_CHARS for c in v) else "is not a SPIFFE trust domain",
+)
+
+TRACING_PROVIDERS: Final = ("builtin", "zipkin", "opentelemetry")
+#: Where each provider's spans go when ``address`` has no path (Zipkin v2 JSON; OTLP/HTTP).
+TRACING_PATHS: Final = {"zipkin": "/api/v2/spans", "opentelemetry": "/v1/traces"}
+TRACING_ADDRESS_EXPECTED: Final = (
+    "HOST:PORT or http://HOST:PORT[/PATH] of a Zipkin, Jaeger (Zipkin port 9411) or "
+    "OpenTelemetry collector (OTLP/HTTP port 4318)"
+)
+
+
+def parse_tracing_address(text: str) -> tuple[str, int, str]:
+    """``(host, port, path)`` of ``spec.tracing.address`` (``path`` "" when not given; IPv6
+    hosts in brackets). ValueError naming what is wrong: proxies send spans in plain HTTP, so
+    ``https://`` is refused, and a port is required (collectors use several well-known ones)."""
+    url = urlsplit(text if "://" in text else f"http://{text}")
+    if url.scheme != "http":
+        raise ValueError(f"uses {url.scheme}://, which is not supported (spans are sent in "
+                         "plain HTTP; run a local collector that forwards over TLS)")
+    if url.query or url.fragment or url.username or url.password:
+        raise ValueError("has a query, fragment or user; give only HOST:PORT and a path")
+    try:
+        port = url.port
+    except ValueError:
+        raise ValueError("has a port that is not a number 1..65535") from None
+    host = url.hostname or ""
+    if not host:
+        raise ValueError("has no host")
+    if port is None or not 0 < port <= 65535:
+        raise ValueError("has no port (e.g. :9411 for Zipkin or Jaeger, :4318 for OTLP/HTTP)")
+    problem = host_problem(host)
+    if problem is not None:
+        raise ValueError(f"has a host, {host!r}, that {problem}")
+    return host, port, url.path if url.path not in ("", "/") else ""
+
+
+def _tracing_address_problem(value: str) -> str | None:
+    try:
+        parse_tracing_address(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+class Percent(Node):
+    """A number 0..100 (integer or decimal: 0.5 is one request in 200)."""
+
+    expected = "a percentage, a number 0..100"
+
+    def check(self, value: Any, path: str, ctx: Ctx) -> Any:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            ctx.fail(path, value, self.expected, "is not a number")
+        elif not 0 <= value <= 100:
+            ctx.fail(path, value, self.expected, "is out of range")
+        return value
+
+
+def _tracing_rules(tracing: dict[str, Any], path: str, ctx: Ctx) -> None:
+    provider = tracing["provider"]
+    if provider == "builtin" and "address" in tracing:
+        ctx.fail(child(path, "address"), tracing["address"],
+                 "no address with provider builtin (spans go to the control plane's "
+                 "collector); set provider: zipkin or opentelemetry to send them elsewhere",
+                 "is not used by the builtin provider")
+    elif provider != "builtin" and "address" not in tracing:
+        ctx.fail(child(path, "address"), MISSING,
+                 f"{TRACING_ADDRESS_EXPECTED}: provider {provider} sends spans there",
+                 "required field is missing")
+
+
+#: ``spec.tracing`` (docs/resources.md; compiled by control/compiler/tracing.py). Not filled
+#: in when absent: the compiler reads an absent field as its default (enabled, 100 %, builtin).
+TRACING: Final = Obj(
+    {
+        "enabled": opt(Bool(), True),
+        # 100: a mesh run by `ubimesh up` is small and for developing: every request shows
+        # up as a trace. Production meshes lower it (docs/resources.md says how much).
+        "sampling": opt(Percent(), 100),
+        "provider": opt(Enum(*TRACING_PROVIDERS), "builtin"),
+        "address": opt(Str(TRACING_ADDRESS_EXPECTED, _tracing_address_problem)),
+    },
+    _tracing_rules,
+)
+
+def _absolute_path(value: str) -> str | None:
+    return None if value.startswith("/") else "is not an absolute path"
+
+
+#: ``spec.accessLog`` (docs/resources.md; compiled by control/compiler/access_log.py). Not
+#: filled in when absent: the compiler reads an absent field as its default (on, stdout, text).
+ACCESS_LOG: Final = Obj(
+    {
+        "enabled": opt(Bool(), True),
+        "path": opt(Str("an absolute file path, or /dev/stdout", _absolute_path), "/dev/stdout"),
+        "format": opt(Enum("text", "json"), "text"),
+    }
 )
 
 MESH: Final = Obj(
@@ -68,6 +167,8 @@ MESH: Final = Obj(
             ),
             FILL,
         ),
+        "tracing": opt(TRACING),
+        "accessLog": opt(ACCESS_LOG),
     }
 )
 

@@ -52,6 +52,7 @@ from ubimesh.policy.rbac import (
     no_headers,
     request_reads,
 )
+from ubimesh.proxy.access_log.logger import AccessLogs, connection_entry, log_connection
 from ubimesh.telemetry.stats import Counter, Store
 
 if TYPE_CHECKING:
@@ -62,7 +63,9 @@ log = logging.getLogger("ubimesh.rbac")
 
 DENIED_BODY = b"RBAC: access denied"
 DENIED_BY_HEADER = "x-ubimesh-denied-by"
-RBAC_FLAG = "RBAC"
+#: Envoy's RBAC filter sets no response flag on a denial, only the response code details
+#: (``stream.details``); ``ubimesh.proxy.response_flags`` has no RBAC flag either.
+RBAC_FLAG = ""
 #: Listener ``denial_header`` modes.
 HEADER_INTERNAL = "internal"
 HEADER_ALWAYS = "always"
@@ -560,20 +563,33 @@ class HttpRbac:
 class NetworkRbac:
     """The RBAC network filters of one filter chain, in order."""
 
-    __slots__ = ("filters", "listener")
+    __slots__ = ("access_logs", "filters", "listener")
 
     def __init__(
-        self, configs: Sequence[tuple[str, RbacConfig]], store: Store, listener: str
+        self,
+        configs: Sequence[tuple[str, RbacConfig]],
+        store: Store,
+        listener: str,
+        access_logs: AccessLogs | None = None,
     ) -> None:
         self.filters = tuple(
             RbacFilter(config, store, _stat_prefix_join(prefix) + "rbac.")
             for prefix, config in configs
         )
         self.listener = listener
+        self.access_logs = access_logs
+        """The listener's access logs, which get every denial (as Envoy's listener log)."""
 
-    def admit(self, remote: tuple[str, int], local: tuple[str, int], tls: PeerInfo | None) -> bool:
+    def admit(
+        self,
+        remote: tuple[str, int],
+        local: tuple[str, int],
+        tls: PeerInfo | None,
+        sni: str = "",
+    ) -> bool:
         """Whether the connection may go on to the next filter; a denial is counted and
-        logged (the caller closes the connection)."""
+        logged, on ``ubimesh.rbac`` and in the listener's access logs with Envoy's
+        %CONNECTION_TERMINATION_DETAILS% (the caller closes the connection)."""
         conn = connection_input(remote, local, tls)
         for flt in self.filters:
             if flt.shadow_rules is not None:
@@ -587,6 +603,17 @@ class NetworkRbac:
                     self.listener, _source(remote), peer_name(tls), "-", "-", "-", local[1],
                     decision.policy,
                 )  # fmt: skip
+                logs = self.access_logs
+                if logs is not None:
+                    policy = decision.policy or "none"
+                    entry = connection_entry(
+                        remote,
+                        local,
+                        tls,
+                        sni=sni,
+                        termination_details=f"rbac_access_denied_matched_policy[{policy}]",
+                    )
+                    log_connection(logs, entry)
                 return False
         return True
 

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 from ubimesh.proxy.http.codec import LAST_CHUNK, chunk, encode_headers
 from ubimesh.proxy.http.pool import (
-    CONNECTION_TERMINATION,
     RESPONSE_HOP_BY_HOP,
     RH_HOP_BY_HOP,
     Http1Pool,
     UpstreamConnection,
     pool_for,
 )
+from ubimesh.proxy.response_flags import NC, UH, UT, add_flag, pool_failure_flag, reset_flag
 from ubimesh.proxy.snapshot.types import (
     DirectResponseAction,
     MirrorPolicy,
@@ -138,20 +138,19 @@ class UpstreamRequest:
         cluster = hcm.clusters.get(name) if name else None
         if cluster is None:
             hcm.rq_no_cluster.value += 1
-            stream.send_local_reply(action.cluster_not_found_response_code, b"", "NC")
+            stream.send_local_reply(action.cluster_not_found_response_code, b"", NC)
             return
         self.cluster = cluster
         hash_key = hcm.hash_key(stream, action) if action.hash_policies else None
         host = cluster.choose_host(hash_key)
         if host is None:
             cluster.stats.upstream_cx_none_healthy.value += 1
-            stream.send_local_reply(503, b"no healthy upstream", "UH")
+            stream.send_local_reply(503, b"no healthy upstream", UH)
             return
         self.host = host
         pool = self.pool = pool_for(host, cluster)
         host.active_requests += 1
-        rs = self.rstats = hcm.request_stats(cluster.name)
-        rs.rq_total.value += 1
+        self.rstats = hcm.request_stats(cluster.name)
         if action.mirror_policies:
             self._start_mirrors()
         pool.acquire(self)
@@ -183,6 +182,9 @@ class UpstreamRequest:
             return
         stream = self.stream
         self.conn = conn
+        rs = self.rstats
+        if rs is not None:
+            rs.rq_total.value += 1  # Envoy counts a request once it has a connection
         conn.attach(self, stream.method == _HEAD)
         pending = stream.take_pending_body()
         if self.mirrors:
@@ -215,7 +217,7 @@ class UpstreamRequest:
             return
         if self.rstats is not None:
             self.rstats.rq_pending_failure.value += 1
-        self._fail_before_response(reason, "UF")
+        self._fail_before_response(reason, pool_failure_flag(reason))
 
     # -- decode path (request body) -------------------------------------------------------------
 
@@ -312,6 +314,10 @@ class UpstreamRequest:
             stream.conn.close_after_write()
             self._cleanup()
             return
+        rs = self.rstats
+        if rs is not None:
+            rs.rq_completed.value += 1
+            rs.record_time((time.monotonic() - self.sent_at) * 1000.0)
         stream.encode_end()
 
     def on_upstream_reset(self, reason: str) -> None:
@@ -320,11 +326,12 @@ class UpstreamRequest:
             return
         if self.rstats is not None:
             self.rstats.rq_rx_reset.value += 1
+        flag = reset_flag(reason)
         if self.response_started:
-            self.stream.flags = "UC"
+            self.stream.flags = add_flag(self.stream.flags, flag)
             self.stream.reset()
             return
-        self._fail_before_response(reason, "UC" if reason == CONNECTION_TERMINATION else "UPE")
+        self._fail_before_response(reason, flag)
 
     def on_upstream_upgrade(self, rest: bytes) -> None:
         if rest:
@@ -371,16 +378,20 @@ class UpstreamRequest:
         if self.rstats is not None:
             self.rstats.rq_timeout.value += 1
         if self.response_started:
-            self.stream.flags = "UT"
+            self.stream.flags = add_flag(self.stream.flags, UT)
             self.stream.reset()
             return
         conn = self.conn
         self.conn = None
         if conn is not None:
             conn.detach_and_close()
-        self.stream.send_local_reply(504, b"upstream request timeout", "UT")
+        if self.rstats is not None:
+            self.rstats.charge_local(504)
+        self.stream.send_local_reply(504, b"upstream request timeout", UT)
 
     def _fail_before_response(self, reason: str, flag: str) -> None:
+        if self.rstats is not None:
+            self.rstats.charge_local(503)
         self.stream.send_local_reply(503, upstream_failure_body(reason), flag)
 
     def on_stream_done(self) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ubimesh.proto import path as pathnorm
 from ubimesh.proto.headers import Headers
+from ubimesh.proxy.access_log.logger import AccessLogs, build_access_logs, log_stream
 from ubimesh.proxy.http.rbac import HttpRbac, NetworkRbac
 from ubimesh.proxy.http.router import route_request
 from ubimesh.proxy.routing.formatter import FormatContext
@@ -39,10 +40,12 @@ from ubimesh.proxy.snapshot.types import (
 )
 from ubimesh.proxy.upstream.host import Host
 from ubimesh.runtime.netinfo import first_non_loopback_ipv4
-from ubimesh.telemetry.stats import Counter, Store
+from ubimesh.telemetry.mesh_metrics import MeshMetrics
+from ubimesh.telemetry.stats import Counter, Histogram, Store
 
 if TYPE_CHECKING:
     from ubimesh.proxy.network.http_manager import ActiveStream, HttpConnection
+    from ubimesh.proxy.tracing.span import HcmTracer
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
 
 _HOP_BY_HOP = frozenset(
@@ -152,10 +155,15 @@ def new_request_id() -> str:
 
 class RequestStats:
     """A cluster's HTTP request counters (``cluster.<name>.upstream_rq_*``), which the router
-    bumps. The cluster's connection and membership stats live on its UpstreamCluster."""
+    bumps. The cluster's connection and membership stats live on its UpstreamCluster.
 
-    __slots__ = ("by_class", "by_code", "prefix", "rq_pending_failure", "rq_rx_reset",
-                 "rq_timeout", "rq_total", "store")  # fmt: skip
+    As in Envoy: ``upstream_rq_total`` counts requests given an upstream connection; a request
+    that fails before a response (no connection, reset, timeout) is charged the status the
+    proxy answered with (``upstream_rq_503``, ``upstream_rq_5xx``) and ``upstream_rq_completed``;
+    the per-code and per-class counters and ``upstream_rq_time`` appear when first used."""
+
+    __slots__ = ("by_class", "by_code", "prefix", "rq_completed", "rq_pending_failure",
+                 "rq_rx_reset", "rq_time", "rq_timeout", "rq_total", "store")  # fmt: skip
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
@@ -164,15 +172,34 @@ class RequestStats:
         self.rq_timeout = store.counter(p + "upstream_rq_timeout")
         self.rq_pending_failure = store.counter(p + "upstream_rq_pending_failure_eject")
         self.rq_rx_reset = store.counter(p + "upstream_rq_rx_reset")
-        self.by_class = [store.counter(f"{p}upstream_rq_{c}xx") for c in range(6)]
+        self.rq_completed = store.counter(p + "upstream_rq_completed")
+        self.rq_time: Histogram | None = None
+        """From the upstream request's first byte written to its response's last byte read."""
+        self.by_class: list[Counter | None] = [None] * 6
         self.by_code: dict[int, Counter] = {}
 
     def count(self, status: int) -> None:
-        self.by_class[min(status // 100, 5)].value += 1
+        i = min(status // 100, 5)
+        k = self.by_class[i]
+        if k is None:
+            k = self.by_class[i] = self.store.counter(f"{self.prefix}upstream_rq_{i}xx")
+        k.value += 1
         c = self.by_code.get(status)
         if c is None:
             c = self.by_code[status] = self.store.counter(f"{self.prefix}upstream_rq_{status}")
         c.value += 1
+
+    def record_time(self, ms: float) -> None:
+        h = self.rq_time
+        if h is None:
+            h = self.rq_time = self.store.histogram(self.prefix + "upstream_rq_time")
+        h.record(ms)
+
+    def charge_local(self, status: int) -> None:
+        """A request that got no upstream response: the proxy's answer is charged (Envoy's
+        chargeUpstreamAbort)."""
+        self.count(status)
+        self.rq_completed.value += 1
 
 
 class HcmRuntime:
@@ -249,18 +276,40 @@ class HcmRuntime:
         self.rq_timeout = stats.counter(p + "downstream_rq_timeout")
         self.rq_idle_timeout = stats.counter(p + "downstream_rq_idle_timeout")
         self.mirror_stats = stats.counter(p + "rq_mirrored")
+        # Envoy's HTTP/1 codec stats live in the root scope (http1.*), shared by every HCM.
         self.dropped_headers_with_underscores = stats.counter(
-            p + "dropped_headers_with_underscores"
+            "http1.dropped_headers_with_underscores"
         )
         self.requests_rejected_with_underscores = stats.counter(
-            p + "requests_rejected_with_underscores_in_headers"
+            "http1.requests_rejected_with_underscores_in_headers"
         )
-        self.by_class = [stats.counter(f"{p}downstream_rq_{c}xx") for c in range(6)]
+        # Envoy has downstream_rq_1xx to 5xx; slot 0 (a status below 100) is counted nowhere.
+        self.by_class = [Counter()] + [
+            stats.counter(f"{p}downstream_rq_{c}xx") for c in range(1, 6)
+        ]
         self.rq_time = stats.histogram(p + "downstream_rq_time")
+        self.rq_completed = stats.counter(p + "downstream_rq_completed")
+        self.cx_http1_total = stats.counter(p + "downstream_cx_http1_total")
+        self.cx_destroy = stats.counter(p + "downstream_cx_destroy")
+        self.cx_length = stats.histogram(p + "downstream_cx_length_ms")
         # RBAC: the network filters before this HCM (run when a connection is accepted) and
         # the HTTP filters before the router (run per request, after the request rules).
         self.network_rbac = network_rbac
+        # Istio's mesh metrics, when the listener's metadata asks for them.
+        telemetry = config.mesh_telemetry
+        self.mesh: MeshMetrics | None = (
+            MeshMetrics(telemetry, stats) if telemetry is not None else None
+        )
         rbac_configs = [f.config for f in config.http_filters if f.type_name == HTTP_RBAC_TYPE]
+        self.access_logs: AccessLogs | None = build_access_logs(config.access_log, stats)
+        """None without access logs: then observe() pays one attribute check for them."""
+        self.tracer: HcmTracer | None = None
+        """None without HCM tracing: then a request pays one attribute check for it."""
+        if config.tracing is not None:
+            # Imported only by a proxy that traces.
+            from ubimesh.proxy.tracing.span import HcmTracer
+
+            self.tracer = HcmTracer(config.tracing, stats, config.stat_prefix, clusters)
         self.rbac: HttpRbac | None = None
         if rbac_configs:
             self.rbac = HttpRbac(
@@ -293,8 +342,22 @@ class HcmRuntime:
         return rs
 
     def observe(self, stream: ActiveStream) -> None:
-        """Per-request bookkeeping once a stream ends (access logs hook in here later)."""
-        self.rq_time.record((time.monotonic() - stream.start_time) * 1000.0)
+        """Per-request bookkeeping once a stream ends: stats, mesh metrics, access logs."""
+        span = stream.span
+        if span is not None:
+            stream.span = None
+            tracer = self.tracer
+            if tracer is not None:
+                tracer.finish(stream, span)
+        logs = self.access_logs
+        if logs is not None:
+            log_stream(logs, stream)
+        duration_ms = (time.monotonic() - stream.start_time) * 1000.0
+        self.rq_time.record(duration_ms)
+        self.rq_completed.value += 1
+        mesh = self.mesh
+        if mesh is not None:
+            mesh.observe_http(stream, duration_ms)
 
     # -- request rules ------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from ubimesh.proxy.network.hcm_config import (
     ONCE_MASK,
     REQUEST_HEADER_FLAGS,
 )
+from ubimesh.proxy.response_flags import DC, DPE, NR, SI, add_flag
 from ubimesh.proxy.snapshot.types import (
     HeadersWithUnderscoresAction,
     Route,
@@ -50,14 +51,12 @@ if TYPE_CHECKING:
     from ubimesh.proxy.http.router import UpstreamRequest
     from ubimesh.proxy.network.hcm_config import HcmRuntime
     from ubimesh.proxy.tls.peer import PeerInfo
+    from ubimesh.proxy.tracing.span import Span
 
 log = logging.getLogger("ubimesh.http")
 
-# Response flags (Envoy's short names) the connection manager sets; the router sets its own.
-NR = "NR"  # no route
-DC = "DC"  # downstream connection termination
-DPE = "DPE"  # downstream protocol error
-SI = "SI"  # stream idle timeout
+# Response flags (Envoy's short names, ubimesh.proxy.response_flags) the connection manager
+# sets; the router sets its own.
 
 
 _FLAGS = REQUEST_HEADER_FLAGS
@@ -94,9 +93,11 @@ class ActiveStream:
         "request_timer",
         "response_chunked",
         "response_close",
+        "response_headers",
         "response_headers_only",
         "response_started",
         "route",
+        "span",
         "start_time",
         "started",
         "status",
@@ -122,6 +123,8 @@ class ActiveStream:
         self.route: Route | None = None
         self.vhost: VirtualHost | None = None
         self.upstream: UpstreamRequest | None = None
+        self.span: Span | None = None
+        """The stream's trace span (HCM tracing only); the HCM finishes it in observe()."""
         self.started = False
         self.start_time = 0.0
         self.pending_body: list[bytes] | None = None
@@ -130,8 +133,12 @@ class ActiveStream:
         self.response_chunked = False
         self.response_close = False
         self.response_headers_only = False
+        self.response_headers: list[tuple[str, str]] | None = None
+        """The response head as written (a reference, for access logs' %RESP(...)%)."""
         self.status = 0
         self.flags = ""
+        """Envoy's response flags as it prints them ("" for none, else e.g. "UF,URX"); set
+        only through ``ubimesh.proxy.response_flags.add_flag``."""
         self.details = ""
         """Envoy's response code details when the proxy answered for a reason (RBAC)."""
         self.done = False
@@ -161,6 +168,12 @@ class ActiveStream:
             self.send_local_reply(status, body, flag, close=status == 400, extra=extra)
             return
         route = hcm.route_table_match(self)
+        tracer = hcm.tracer
+        if tracer is not None:
+            # After the request rules and routing, as Envoy: the decision reads the final
+            # x-request-id and the route's tracing; the context goes into the headers the
+            # router forwards. The HCM finishes the span in observe().
+            self.span = tracer.start(self, route)
         rbac = hcm.rbac
         if rbac is not None:
             # RBAC runs before the router (which answers 404 for no route). Envoy has found
@@ -194,7 +207,7 @@ class ActiveStream:
         """No bytes moved either way for the stream idle timeout (flag SI)."""
         self.hcm.rq_idle_timeout.value += 1
         if self.response_started:
-            self.flags = SI
+            self.flags = add_flag(self.flags, SI)
             self.reset()
             return
         self.send_local_reply(408, b"stream timeout", SI, close=True)
@@ -298,9 +311,9 @@ class ActiveStream:
                 out.append(("connection", "keep-alive"))
             self.response_headers_only = no_body
         hcm.count_status(status)
-        data = status_line(status) + encode_headers(out) + b"\r\n"
-        self.bytes_sent += len(data)
-        conn.write(data)
+        self.response_headers = out
+        # bytes_sent counts body bytes only, as Envoy's %BYTES_SENT%; the head is not counted.
+        conn.write(status_line(status) + encode_headers(out) + b"\r\n")
         if end_stream:
             self.encode_end()
 
@@ -332,7 +345,7 @@ class ActiveStream:
     ) -> None:
         """Answer the request from the proxy itself (Envoy's sendLocalReply)."""
         if flag:
-            self.flags = flag
+            self.flags = add_flag(self.flags, flag)
         if self.response_started:
             # Too late for a reply: the client already has part of a response.
             self.reset()
@@ -383,8 +396,7 @@ class ActiveStream:
         """The downstream connection went away mid-exchange."""
         if self.done:
             return
-        if not self.flags:
-            self.flags = DC
+        self.flags = add_flag(self.flags, DC)
         self.done = True
         self._release()
 
@@ -399,6 +411,8 @@ class HttpConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.remote = ("", 0)
         self.local = ("", 0)
+        self.sni = ""
+        """The SNI the client sent (set by the chain selector when it read the ClientHello)."""
         self.tls: PeerInfo | None = None
         """The TLS side of the connection once verified (None: plaintext): the peer's SPIFFE
         ID and certificate hash, for the HTTP filters and x-forwarded-client-cert. Set by
@@ -429,6 +443,8 @@ class HttpConnection(asyncio.Protocol):
         both the connection idle timeout and the stream idle timeout measure from."""
         self.stream_idle: float | None = None
         self.stream_timer: asyncio.TimerHandle | None = None
+        self.opened_at = 0.0
+        """Loop time the connection was accepted (downstream_cx_length_ms)."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -443,7 +459,7 @@ class HttpConnection(asyncio.Protocol):
             self.local = (sockname[0], sockname[1])
         hcm = self.hcm
         gate = hcm.network_rbac
-        if gate is not None and not gate.admit(self.remote, self.local, self.tls):
+        if gate is not None and not gate.admit(self.remote, self.local, self.tls, self.sni):
             # Denied by an RBAC network filter: the HCM never sees the connection.
             self.closed = True
             self.transport = None
@@ -451,7 +467,9 @@ class HttpConnection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=self.buffer_limit, low=self.buffer_limit // 4)
         hcm.cx_total.value += 1
+        hcm.cx_http1_total.value += 1
         hcm.cx_active.value += 1
+        self.opened_at = self.loop.time()
         hcm.connections.add(self)
         self._arm_idle()
 
@@ -493,6 +511,8 @@ class HttpConnection(asyncio.Protocol):
         self.closed = True
         hcm = self.hcm
         hcm.cx_active.value -= 1
+        hcm.cx_destroy.value += 1
+        hcm.cx_length.record((self.loop.time() - self.opened_at) * 1000.0)
         hcm.connections.discard(self)
         for t in (self.idle_timer, self.headers_timer, self.stream_timer):
             if t is not None:

@@ -58,11 +58,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from ubimesh.proxy.snapshot.types import TcpProxyConfig
+from ubimesh.proxy.access_log.logger import AccessLogs, connection_entry, log_connection
+from ubimesh.proxy.response_flags import NC, UF, UH, URX, add_flag
+from ubimesh.proxy.snapshot.types import TcpProxyConfig, TelemetryMeta
 from ubimesh.proxy.tls.buffered import BufferedApp
 from ubimesh.proxy.upstream.host import Host
 from ubimesh.telemetry.stats import Counter, Gauge, Store
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
     from ubimesh.proxy.tls.peer import PeerInfo
     from ubimesh.proxy.upstream.cluster import ClusterStats, UpstreamCluster
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
+    from ubimesh.telemetry.mesh_metrics import MeshMetrics, TcpSeries
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,25 @@ def tcp_proxy_stats(store: Store, stat_prefix: str) -> TcpProxyStats:
     if st is None:
         st = by_prefix[stat_prefix] = TcpProxyStats(store, stat_prefix)
     return st
+
+
+_mesh_cache: weakref.WeakKeyDictionary[Store, dict[TelemetryMeta, MeshMetrics]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def mesh_metrics(store: Store, meta: TelemetryMeta) -> MeshMetrics:
+    """The mesh metrics for connections of chains with listener metadata ``meta`` (made once:
+    a proxied connection only looks its series up when it connects)."""
+    from ubimesh.telemetry.mesh_metrics import MeshMetrics
+
+    by_meta = _mesh_cache.get(store)
+    if by_meta is None:
+        by_meta = _mesh_cache[store] = {}
+    mm = by_meta.get(meta)
+    if mm is None:
+        mm = by_meta[meta] = MeshMetrics(meta, store)
+    return mm
 
 
 def pick_cluster_name(config: TcpProxyConfig, rnd: Callable[[], float] = _random.random) -> str:
@@ -229,9 +252,17 @@ class TcpProxyProtocol(asyncio.Protocol):
         stats: Store,
         buffer_limit: int,
         network_rbac: NetworkRbac | None = None,
+        access_logs: AccessLogs | None = None,
     ) -> None:
         self._config = config
         self._rbac = network_rbac
+        self._logs = access_logs
+        """The tcp_proxy's access logs (compiled once per filter chain), written at close."""
+        self._started = 0.0
+        self._remote = ("", 0)
+        self._local = ("", 0)
+        self.sni = ""
+        """The SNI the client sent (set by the chain selector when it read the ClientHello)."""
         self.tls: PeerInfo | None = None
         """The TLS peer, set by the TLS gate before ``connection_made`` (RBAC principals)."""
         self._clusters = clusters
@@ -267,6 +298,16 @@ class TcpProxyProtocol(asyncio.Protocol):
         self._tx_total = self._st.downstream_cx_tx_bytes_total
         self._up_rx_total = _UNBOUND
         self._up_tx_total = _UNBOUND
+        self.flags = ""
+        """Envoy's response flags of this connection (ubimesh.proxy.response_flags): NC, UH,
+        UF, "UF,URX" when every connect attempt failed."""
+        self.bytes_received = 0
+        """Bytes received from downstream."""
+        self.bytes_sent = 0
+        """Bytes sent to downstream."""
+        meta = config.mesh_telemetry
+        self._mesh = mesh_metrics(stats, meta) if meta is not None else None
+        self._mesh_series: TcpSeries | None = None
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -289,12 +330,18 @@ class TcpProxyProtocol(asyncio.Protocol):
             _address(down.get_extra_info("peername")),
             _address(down.get_extra_info("sockname")),
             self.tls,
+            self.sni,
         ):
             # Denied by an RBAC network filter: no upstream connection, no byte forwarded.
+            # (The listener's access logs have it; the TCP proxy never had the connection.)
             self._down_closed = True
             down.abort()
             return
         self._down = down
+        if self._logs is not None:
+            self._started = time.monotonic()
+            self._remote = _address(down.get_extra_info("peername"))
+            self._local = _address(down.get_extra_info("sockname"))
         st = self._st
         st.downstream_cx_total.value += 1
         _set_limits(down, self._limit)
@@ -305,6 +352,8 @@ class TcpProxyProtocol(asyncio.Protocol):
         if cluster is None:
             st.downstream_cx_no_route.value += 1
             log.debug("tcp_proxy %s: no cluster %r", self._config.stat_prefix, name)
+            self.flags = add_flag(self.flags, NC)
+            self._mesh_opened()
             self._down_closed = True
             down.close()
             return
@@ -321,6 +370,7 @@ class TcpProxyProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         n = len(data)
         self._rx_total.value += n
+        self.bytes_received += n
         self._last_activity = self._time()
         up = self._up
         if up is not None:
@@ -347,6 +397,17 @@ class TcpProxyProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._down_closed = True
         self._cancel_timers()
+        logs = self._logs
+        if logs is not None and self._down is not None:
+            self._log(logs)
+        if self._mesh is not None and self._down is not None:
+            self._mesh_opened()  # closed before the upstream side was decided
+        series = self._mesh_series
+        if series is not None:
+            self._mesh_series = None
+            series.closed.value += 1
+            series.sent.value += self.bytes_sent
+            series.received.value += self.bytes_received
         task = self._connect_task
         if task is not None and not task.done():
             task.cancel()
@@ -373,6 +434,25 @@ class TcpProxyProtocol(asyncio.Protocol):
         if up is not None and not self._up_closed and not self._up_eof:
             up.resume_reading()
 
+    def _log(self, logs: AccessLogs) -> None:
+        """Write the connection's access log entry (once: the downstream closed)."""
+        self._logs = None
+        host = self.host
+        cluster = self._cluster
+        entry = connection_entry(
+            self._remote,
+            self._local,
+            self.tls,
+            started=self._started,
+            sni=self.sni,
+            bytes_received=self.bytes_received,
+            bytes_sent=self.bytes_sent,
+            upstream_host=str(host.address) if host is not None else "",
+            upstream_cluster=cluster.name if cluster is not None else "",
+            flags=self.flags,
+        )
+        log_connection(logs, entry)
+
     # -- upstream connection --------------------------------------------------------------------
 
     async def _connect(self, cluster: UpstreamCluster) -> None:
@@ -384,6 +464,7 @@ class TcpProxyProtocol(asyncio.Protocol):
             log.exception("tcp_proxy %s: connecting upstream failed", self._config.stat_prefix)
             connected = False
         if not connected and not self._down_closed and self._down is not None:
+            self._mesh_opened()
             self._down_closed = True
             self._cancel_timers()
             self._down.close()
@@ -403,6 +484,7 @@ class TcpProxyProtocol(asyncio.Protocol):
                 n += 1
             if host is None:
                 cst.upstream_cx_none_healthy.value += 1
+                self.flags = add_flag(self.flags, UH)
                 return False
             tried.append(host)
             cst.upstream_cx_total.value += 1
@@ -429,10 +511,12 @@ class TcpProxyProtocol(asyncio.Protocol):
             except TimeoutError:
                 cst.upstream_cx_connect_timeout.value += 1
                 cst.upstream_cx_connect_fail.value += 1
+                self.flags = add_flag(self.flags, UF)
                 log.debug("tcp_proxy: connect to %s timed out", addr)
             except (OSError, ValueError) as e:
                 # ssl.SSLError is an OSError; a missing TLS secret a ValueError.
                 cst.upstream_cx_connect_fail.value += 1
+                self.flags = add_flag(self.flags, UF)
                 if tls is not None and cluster.tls_stats is not None:
                     cluster.tls_stats.connection_error.value += 1
                 log.debug("tcp_proxy: connect to %s failed: %s", addr, e)
@@ -440,12 +524,15 @@ class TcpProxyProtocol(asyncio.Protocol):
                 if self._up is not None or self._down_closed:
                     return True
                 cst.upstream_cx_connect_fail.value += 1  # the upstream's certificate failed
+                self.flags = add_flag(self.flags, UF)
             finally:
                 self._tls_verifier = None
             if self._down_closed:
                 return False
         self.host = None
         cst.upstream_cx_connect_attempts_exceeded.value += 1
+        # Envoy: every attempt failed is "UF,URX" (URX: max connect attempts reached).
+        self.flags = add_flag(self.flags, URX)
         return False
 
     def _upstream_made(self, up: asyncio.Transport, proto: _UpstreamProtocol) -> bool:
@@ -459,6 +546,8 @@ class TcpProxyProtocol(asyncio.Protocol):
             return False
         self._up = up
         cluster.stats.upstream_cx_active.value += 1
+        cluster.stats.upstream_rq_total.value += 1  # Envoy's TCP pool counts one "request"
+        self._mesh_opened()
         host = self.host
         if host is not None:
             # Like Envoy's TCP pool, a proxied connection is an active "request" on its host,
@@ -491,6 +580,7 @@ class TcpProxyProtocol(asyncio.Protocol):
             return
         down.write(data)
         self._tx_total.value += n
+        self.bytes_sent += n
 
     def _upstream_eof(self) -> bool:
         self._up_eof = True
@@ -533,6 +623,16 @@ class TcpProxyProtocol(asyncio.Protocol):
             self._resume_downstream()
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _mesh_opened(self) -> None:
+        """Count the connection in the mesh metrics once its fate is known (connected, or
+        failed with its response flags); it is counted closed with its bytes when the
+        downstream connection goes."""
+        mesh = self._mesh
+        if mesh is None or self._mesh_series is not None:
+            return
+        series = self._mesh_series = mesh.tcp_series(self.tls, self._cluster, self.flags)
+        series.opened.value += 1
 
     def _pause_downstream(self) -> None:
         down = self._down

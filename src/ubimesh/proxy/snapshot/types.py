@@ -19,6 +19,29 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ubimesh.policy.rbac import RbacConfig
 
+
+@dataclass(frozen=True, slots=True)
+class TelemetryMeta:
+    """ubimesh's mesh telemetry metadata (``filter_metadata["ubimesh.telemetry"]``, which
+    Envoy ignores), docs/telemetry.md "Metrics". On a listener it turns Istio's mesh metrics on
+    (``reporter`` is "source" or "destination") and describes this proxy's workload (and, on
+    inbound listeners, the service); on a cluster it describes the destination (``reporter``
+    is ""). ``peers`` maps a caller's SPIFFE ID to its workload name (inbound listeners).
+    Empty strings are unknown."""
+
+    reporter: str = ""
+    workload: str = ""
+    namespace: str = ""
+    principal: str = ""
+    app: str = ""
+    version: str = ""
+    cluster: str = ""
+    service: str = ""
+    service_name: str = ""
+    service_namespace: str = ""
+    peers: tuple[tuple[str, str], ...] = ()
+
+
 # ---------------------------------------------------------------------------------------------
 # Addresses and nodes
 
@@ -284,6 +307,13 @@ class Route:
     headers: HeaderMutation = NO_HEADER_MUTATION
     typed_per_filter_config: tuple[tuple[str, Any], ...] = ()
     """Per-route filter overrides: (filter name, compiled config) pairs."""
+    decorator: str = ""
+    """Route ``decorator.operation``: the span name of requests on this route ("" = none)."""
+    decorator_propagate: bool = True
+    """``decorator.propagate``: an egress HCM sends the operation as
+    x-envoy-decorator-operation."""
+    tracing: RouteTracing | None = None
+    """Route ``tracing``: sampling that replaces the HCM's, extra custom tags."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +334,42 @@ class RouteConfiguration:
     response_headers_to_remove: tuple[str, ...] = ()
     most_specific_header_mutations_wins: bool = False
     ignore_port_in_host_matching: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Access logs (envoy.config.accesslog.v3)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogFilter:
+    """envoy.config.accesslog.v3.AccessLogFilter (the supported kinds). ``kind`` is the oneof
+    field's name: "status_code_filter" and "duration_filter" compare with ``op`` ("EQ", "GE",
+    "LE", "NE") against ``value`` (the runtime default_value: ubimesh has no runtime);
+    "and_filter" / "or_filter" combine ``filters``; "not_health_check_filter" is always true
+    (ubimesh has no health checks); "response_flag_filter" matches an entry with one of
+    ``flags`` (any flag when empty)."""
+
+    kind: str
+    op: str = ""
+    value: int = 0
+    filters: tuple[AccessLogFilter, ...] = ()
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """One access log: where it writes (``path``: a file, or /dev/stdout, /dev/stderr for the
+    stream loggers) and the line format. ``text_format`` is a format string with %COMMAND%
+    operators; ``json_format`` the JSON text of a json_format Struct (keys sorted); with
+    neither, Envoy's default format. The format is checked by the translator and compiled by
+    the proxy (``ubimesh.proxy.access_log``), so the snapshot stays plain data."""
+
+    name: str
+    path: str
+    text_format: str | None = None
+    json_format: str = ""
+    omit_empty_values: bool = False
+    filter: AccessLogFilter | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,6 +425,82 @@ class RouterConfig:
     suppress_envoy_headers: bool = False
 
 
+class TracingProviderKind(enum.Enum):
+    ZIPKIN = "envoy.tracers.zipkin"
+    OPENTELEMETRY = "envoy.tracers.opentelemetry"
+
+
+@dataclass(frozen=True, slots=True)
+class TracingProvider:
+    """Where and how a tracer exports spans (ZipkinConfig or OpenTelemetryConfig with
+    http_service). Equal providers share one exporter per process."""
+
+    kind: TracingProviderKind
+    cluster: str
+    """The cluster the exporter sends to (collector_cluster or http_uri.cluster)."""
+    path: str
+    """The request path: collector_endpoint (Zipkin) or the http_uri's path (OTLP)."""
+    host: str
+    """The Host header: collector_hostname (default the cluster name) or the http_uri's
+    authority."""
+    timeout: float = 5.0
+    headers: tuple[tuple[str, str], ...] = ()
+    """request_headers_to_add of an HttpService."""
+    shared_span_context: bool = True
+    """Zipkin: an ingress span reuses the incoming B3 span id (Envoy's default)."""
+    trace_id_128bit: bool = False
+    w3c: bool = False
+    """Zipkin trace_context_option USE_B3_WITH_W3C_PROPAGATION: also extract (after B3) and
+    inject W3C traceparent."""
+    service_name: str = ""
+    """OpenTelemetry service_name ("" = Envoy's default, unknown_service:envoy)."""
+
+
+class CustomTagKind(enum.Enum):
+    LITERAL = "literal"
+    REQUEST_HEADER = "request_header"
+    ENVIRONMENT = "environment"
+
+
+@dataclass(frozen=True, slots=True)
+class CustomTag:
+    """type.tracing.v3.CustomTag: a tag from a literal, a request header or an environment
+    variable (resolved at translation time, as Envoy resolves it at config load)."""
+
+    tag: str
+    kind: CustomTagKind
+    value: str
+    """The literal (or the environment value), or the request header's name."""
+    default: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTracing:
+    """envoy.config.route.v3.Tracing: when a route has it, its three percentages (each 100
+    when unset) replace the HCM's, and its custom tags are added to the HCM's (Envoy)."""
+
+    client_sampling: float = 100.0
+    random_sampling: float = 100.0
+    overall_sampling: float = 100.0
+    custom_tags: tuple[CustomTag, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """HttpConnectionManager.Tracing. Sampling percentages are 0-100 (Envoy's defaults 100)."""
+
+    provider: TracingProvider
+    client_sampling: float = 100.0
+    random_sampling: float = 100.0
+    overall_sampling: float = 100.0
+    custom_tags: tuple[CustomTag, ...] = ()
+    max_path_tag_length: int = 256
+    verbose: bool = False
+    egress: bool = False
+    """The listener's traffic_direction is OUTBOUND: CLIENT spans (Envoy's egress operation);
+    otherwise SERVER spans (ingress)."""
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConnectionManagerConfig:
     """envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.
@@ -406,6 +548,13 @@ class HttpConnectionManagerConfig:
     codec_type: str = "AUTO"
     """Envoy's codec_type name: "AUTO" (HTTP/1.1, or HTTP/2 when the client opens with the
     HTTP/2 connection preface) or "HTTP1" (HTTP/1.1 only). HTTP2 and HTTP3 are refused for now."""
+    access_log: tuple[AccessLogConfig, ...] = ()
+    """Access logs written once per request, when the stream ends."""
+    tracing: TracingConfig | None = None
+    """HttpConnectionManager.tracing: None when the HCM does not trace (the default)."""
+    mesh_telemetry: TelemetryMeta | None = None
+    """The listener's ``ubimesh.telemetry`` metadata, copied here by the translator so that
+    the runtime of this filter chain has it (None: no mesh metrics)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +572,10 @@ class TcpProxyConfig:
     total_weight: int = 0
     idle_timeout: float | None = 3600.0
     max_connect_attempts: int = 1
+    access_log: tuple[AccessLogConfig, ...] = ()
+    """Access logs written once per downstream connection, when it closes."""
+    mesh_telemetry: TelemetryMeta | None = None
+    """The listener's ``ubimesh.telemetry`` metadata (see HttpConnectionManagerConfig)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,6 +726,9 @@ class Listener:
     """Who gets ``x-ubimesh-denied-by`` on an RBAC denial: "internal" (callers with a verified
     client certificate), "always" or "never" (listener metadata
     ``filter_metadata["ubimesh.rbac"]["denial_header"]``)."""
+    access_log: tuple[AccessLogConfig, ...] = ()
+    """Listener access logs: connections that no filter chain matched, and connections an RBAC
+    network filter denied."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,6 +823,9 @@ class Cluster:
     least_request: LeastRequestConfig = field(default_factory=LeastRequestConfig)
     transport_socket: TlsContext | None = None
     """The UpstreamTlsContext (``server`` false); None is plaintext."""
+    telemetry: TelemetryMeta | None = None
+    """``metadata.filter_metadata["ubimesh.telemetry"]``: the destination's labels in mesh
+    metrics."""
 
 
 # ---------------------------------------------------------------------------------------------

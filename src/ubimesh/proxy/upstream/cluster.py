@@ -80,7 +80,8 @@ class ClusterStats:
     """The cluster's stats (``cluster.<name>.*``), fetched once from the store.
 
     Connection stats are for whoever opens upstream connections (tcp_proxy here, the HTTP pool
-    elsewhere); ``upstream_rq_*`` belong to the HTTP side and are not created here.
+    elsewhere); ``upstream_rq_*`` belong to the HTTP side and are not created here, except
+    ``upstream_rq_total``, which Envoy's TCP pool also counts (one per proxied connection).
     """
 
     __slots__ = (
@@ -109,6 +110,7 @@ class ClusterStats:
         "upstream_cx_rx_bytes_total",
         "upstream_cx_total",
         "upstream_cx_tx_bytes_total",
+        "upstream_rq_total",
     )
 
     def __init__(self, store: Store, name: str) -> None:
@@ -142,6 +144,7 @@ class ClusterStats:
         self.upstream_cx_destroy_remote: Counter = c(p + "upstream_cx_destroy_remote")
         self.upstream_cx_rx_bytes_total: Counter = c(p + "upstream_cx_rx_bytes_total")
         self.upstream_cx_tx_bytes_total: Counter = c(p + "upstream_cx_tx_bytes_total")
+        self.upstream_rq_total: Counter = c(p + "upstream_rq_total")
 
 
 PickFn = Callable[[int | None], Host]

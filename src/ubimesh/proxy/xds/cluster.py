@@ -14,6 +14,7 @@ from ubimesh.proxy.snapshot.types import (
     Locality,
     LocalityEndpoints,
     RingHashConfig,
+    TelemetryMeta,
 )
 from ubimesh.proxy.xds import common, dynamic, extensions, tls
 from ubimesh.proxy.xds.context import Ctx, entry, item, join, seconds, timeout, wrapped
@@ -36,6 +37,7 @@ _CLUSTER = {
     "common_http_protocol_options",
     "eds_cluster_config",
     "transport_socket",
+    "metadata",
 }
 _CLUSTER_HINTS = {
     "respect_dns_ttl": "the resolver (getaddrinfo) reports no TTLs; use dns_refresh_rate",
@@ -183,6 +185,7 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
         context = tls.transport_socket(
             ctx, msg.transport_socket, join(path, "transport_socket"), server=False
         )
+    telemetry = _telemetry(ctx, msg, path) if msg.HasField("metadata") else None
     return Cluster(
         name=msg.name,
         type=kind,
@@ -202,7 +205,24 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
         ring_hash=ring_hash,
         least_request=least_request,
         transport_socket=context,
+        telemetry=telemetry,
     )
+
+
+def _telemetry(ctx: Ctx, msg: Any, path: str) -> TelemetryMeta | None:
+    """Cluster.metadata: other namespaces are accepted and ignored, as Envoy does (it only
+    reads them for subset load balancing and such, which ubimesh refuses); ubimesh's own
+    ``ubimesh.telemetry`` describes the destination in mesh metrics."""
+    from ubimesh.proxy.xds.listener import TELEMETRY_METADATA, telemetry_metadata
+
+    mpath = join(path, "metadata")
+    ctx.fields(msg.metadata, mpath, {"filter_metadata"}, {"typed_filter_metadata": "use "
+               "filter_metadata"})  # fmt: skip
+    meta = msg.metadata.filter_metadata
+    if TELEMETRY_METADATA not in meta:
+        return None
+    npath = entry(join(mpath, "filter_metadata"), TELEMETRY_METADATA)
+    return telemetry_metadata(ctx, meta[TELEMETRY_METADATA], npath, listener=False)
 
 
 def eds_name(msg: Any) -> str:

@@ -18,6 +18,8 @@ from ubimesh.proxy.snapshot.types import (
     WeightedClusterEntry,
 )
 from ubimesh.proxy.xds import dynamic, extensions, rbac
+from ubimesh.proxy.xds import tracing as xds_tracing
+from ubimesh.proxy.xds.access_log import access_logs
 from ubimesh.proxy.xds.context import Ctx, item, join, timeout, wrapped
 from ubimesh.proxy.xds.route import route_configuration
 
@@ -107,6 +109,8 @@ _HCM = {
     "http_protocol_options",
     "internal_address_config",
     "strip_any_host_port",
+    "access_log",
+    "tracing",
 }
 #: With an ADS stream (dynamic_resources.ads_config), the route configuration may also come
 #: over RDS; without one, rds is refused.
@@ -115,8 +119,6 @@ _HCM_HINTS = {
     "rds": "RDS without dynamic_resources.ads_config; ubimesh takes RDS over ADS only, or put "
     "the RouteConfiguration inline in route_config",
     "scoped_routes": "scoped routes are " + _NOT_YET + "; use route_config",
-    "access_log": "access logs are " + _NOT_YET,
-    "tracing": "tracing is " + _NOT_YET,
     "http2_protocol_options": "HTTP/2 is " + _NOT_YET,
     "http3_protocol_options": "HTTP/3 is not implemented",
     "delayed_close_timeout": "the delayed close timeout is " + _NOT_YET,
@@ -229,6 +231,12 @@ def http_connection_manager(ctx: Ctx, msg: Any, path: str) -> HttpConnectionMana
         internal_address_config_unix_sockets=unix_sockets,
         strip_any_host_port=msg.strip_any_host_port,
         codec_type=codec,
+        access_log=access_logs(ctx, msg.access_log, join(path, "access_log")),
+        tracing=(
+            xds_tracing.hcm_tracing(ctx, msg.tracing, join(path, "tracing"))
+            if msg.HasField("tracing")
+            else None
+        ),
     )
 
 
@@ -330,7 +338,8 @@ _HTTP_FILTER_HINTS = {
 _ROUTER = {"dynamic_stats", "suppress_envoy_headers"}
 _ROUTER_HINTS = {
     "upstream_log": "upstream access logs are " + _NOT_YET,
-    "start_child_span": "tracing is " + _NOT_YET,
+    "start_child_span": "upstream child spans are " + _NOT_YET + "; the HCM's span covers "
+    "the upstream request",
     "upstream_http_filters": "upstream HTTP filters are " + _NOT_YET,
 }
 
@@ -388,9 +397,15 @@ def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, .
 # ---------------------------------------------------------------------------------------------
 # TCP proxy
 
-_TCP_PROXY = {"stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "max_connect_attempts"}
+_TCP_PROXY = {
+    "stat_prefix",
+    "cluster",
+    "weighted_clusters",
+    "idle_timeout",
+    "max_connect_attempts",
+    "access_log",
+}
 _TCP_PROXY_HINTS = {
-    "access_log": "access logs are " + _NOT_YET,
     "tunneling_config": "tunneling is " + _NOT_YET,
     "hash_policy": "hashing in the TCP proxy is " + _NOT_YET,
 }
@@ -422,4 +437,5 @@ def tcp_proxy(ctx: Ctx, msg: Any, path: str) -> TcpProxyConfig:
         total_weight=sum(e.weight for e in entries),
         idle_timeout=timeout(msg, "idle_timeout", 3600.0),
         max_connect_attempts=wrapped(msg, "max_connect_attempts", 1),
+        access_log=access_logs(ctx, msg.access_log, join(path, "access_log")),
     )

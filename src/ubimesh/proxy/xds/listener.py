@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
-from ubimesh.proxy.snapshot.types import FilterChain, FilterChainMatch, Listener, SocketAddress
+from ubimesh.proxy.snapshot.types import (
+    FilterChain,
+    FilterChainMatch,
+    HttpConnectionManagerConfig,
+    Listener,
+    SocketAddress,
+    TcpProxyConfig,
+    TelemetryMeta,
+)
 from ubimesh.proxy.xds import common, extensions, tls
+from ubimesh.proxy.xds.access_log import access_logs
 from ubimesh.proxy.xds.context import Ctx, entry, item, join, wrapped
 from ubimesh.proxy.xds.filters import network_filters
+from ubimesh.proxy.xds.tracing import with_direction
 
 _NOT_YET = "not implemented yet"
 
@@ -20,10 +31,11 @@ _LISTENER = {
     "per_connection_buffer_limit_bytes",
     "listener_filters",
     "metadata",
+    "access_log",
+    "traffic_direction",
 }
 _LISTENER_HINTS = {
     "additional_addresses": "one address per listener; add another listener",
-    "access_log": "access logs are " + _NOT_YET,
     "use_original_dst": "original destination is " + _NOT_YET,
     "filter_chain_matcher": "use filter_chain_match on each filter chain",
     "socket_options": "socket options are " + _NOT_YET,
@@ -65,6 +77,11 @@ _METADATA_HINTS = {"typed_filter_metadata": "use filter_metadata"}
 #: ubimesh's own listener metadata namespace: Envoy ignores it, so the same listener runs on both.
 RBAC_METADATA = "ubimesh.rbac"
 _DENIAL_HEADER_MODES = ("internal", "always", "never")
+#: ubimesh's mesh telemetry namespace, on listeners and clusters (docs/telemetry.md "Metrics").
+TELEMETRY_METADATA = "ubimesh.telemetry"
+_REPORTERS = ("source", "destination")
+_TELEMETRY_KEYS = ("workload", "namespace", "principal", "app", "version", "cluster",
+                   "service", "service_name", "service_namespace")  # fmt: skip
 
 
 def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
@@ -88,6 +105,9 @@ def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
         filter_chain(ctx, fc, item(chains_path, i)) for i, fc in enumerate(msg.filter_chains)
     )
     _check_overlaps(ctx, chains, chains_path)
+    # traffic_direction only tells tracing whether the HCM's spans are egress (OUTBOUND).
+    outbound = msg.traffic_direction == 2
+    chains = with_direction(chains, outbound)
     default = None
     if msg.HasField("default_filter_chain"):
         dpath = join(path, "default_filter_chain")
@@ -98,7 +118,7 @@ def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
                 "connection that no other chain matches; Envoy ignores its "
                 "filter_chain_match, remove it",
             )
-        default = filter_chain(ctx, msg.default_filter_chain, dpath)
+        default = with_direction((filter_chain(ctx, msg.default_filter_chain, dpath),), outbound)[0]
     if not chains and default is None:
         ctx.error(
             chains_path, "no filter chains specified (set filter_chains or default_filter_chain)"
@@ -107,6 +127,13 @@ def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
     denial_header = "internal"
     if msg.HasField("metadata"):
         denial_header = _rbac_metadata(ctx, msg.metadata, join(path, "metadata"))
+        meta = msg.metadata.filter_metadata
+        if TELEMETRY_METADATA in meta:
+            mpath = entry(join(join(path, "metadata"), "filter_metadata"), TELEMETRY_METADATA)
+            telemetry = telemetry_metadata(ctx, meta[TELEMETRY_METADATA], mpath, listener=True)
+            chains = tuple(_with_telemetry(c, telemetry) for c in chains)
+            if default is not None:
+                default = _with_telemetry(default, telemetry)
 
     needs_inspector = inspector or any(
         _needs_inspection(chain.match) for chain in (*chains, *([default] if default else []))
@@ -121,6 +148,7 @@ def listener(ctx: Ctx, msg: Any, path: str) -> Listener:
         ),
         needs_tls_inspector=needs_inspector,
         rbac_denial_header=denial_header,
+        access_log=access_logs(ctx, msg.access_log, join(path, "access_log")),
     )
 
 
@@ -146,6 +174,59 @@ def _rbac_metadata(ctx: Ctx, msg: Any, path: str) -> str:
             continue
         mode = text
     return mode
+
+
+def telemetry_metadata(ctx: Ctx, struct: Any, path: str, *, listener: bool) -> TelemetryMeta:
+    """``filter_metadata["ubimesh.telemetry"]`` (a Struct of strings) of a listener or a
+    cluster. On a listener ``reporter`` ("source" or "destination") is required and ``peers``
+    (SPIFFE ID -> workload name) is allowed; a cluster has neither. Any other key, or a value
+    that is not a string, is an error naming its path."""
+    values: dict[str, str] = {}
+    peers: list[tuple[str, str]] = []
+    allowed = (*_TELEMETRY_KEYS, "reporter", "peers") if listener else _TELEMETRY_KEYS
+    for key, value in struct.fields.items():
+        kpath = entry(path, key)
+        if key not in allowed:
+            where = "listener" if listener else "cluster"
+            ctx.error(
+                kpath,
+                f"unknown key {key!r} (a {where}'s {TELEMETRY_METADATA} has {', '.join(allowed)})",
+            )
+            continue
+        kind = value.WhichOneof("kind")
+        if key == "peers":
+            if kind != "struct_value":
+                ctx.error(kpath, "must be a struct of SPIFFE ID -> workload name")
+                continue
+            for peer, name in value.struct_value.fields.items():
+                if name.WhichOneof("kind") != "string_value":
+                    ctx.error(entry(kpath, peer), "must be a string (a workload name)")
+                    continue
+                peers.append((peer, name.string_value))
+            continue
+        if kind != "string_value":
+            ctx.error(kpath, "must be a string")
+            continue
+        values[key] = value.string_value
+    reporter = values.pop("reporter", "")
+    if listener and reporter not in _REPORTERS:
+        ctx.error(
+            entry(path, "reporter"),
+            f"is required: {' or '.join(_REPORTERS)} (who reports the mesh metrics)",
+        )
+    return TelemetryMeta(reporter=reporter, peers=tuple(sorted(peers)), **values)
+
+
+def _with_telemetry(chain: FilterChain, telemetry: TelemetryMeta) -> FilterChain:
+    """``chain`` with the listener's telemetry metadata on its terminal filter, whose runtime
+    counts the mesh metrics."""
+    if not chain.filters:
+        return chain
+    terminal = chain.filters[-1]
+    if not isinstance(terminal, HttpConnectionManagerConfig | TcpProxyConfig):
+        return chain
+    terminal = dataclasses.replace(terminal, mesh_telemetry=telemetry)
+    return dataclasses.replace(chain, filters=(*chain.filters[:-1], terminal))
 
 
 def _needs_inspection(match: FilterChainMatch) -> bool:

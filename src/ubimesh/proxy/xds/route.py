@@ -24,6 +24,7 @@ from ubimesh.proxy.snapshot.types import (
 )
 from ubimesh.proxy.xds import common
 from ubimesh.proxy.xds.context import Ctx, item, join, seconds, timeout, wrapped
+from ubimesh.proxy.xds.tracing import route_decorator, route_tracing
 
 HEADERS = common.HEADER_MUTATION_FIELDS
 
@@ -53,11 +54,9 @@ _VIRTUAL_HOST_HINTS = {
     "request_mirror_policies": "set request_mirror_policies on the routes' route actions",
 }
 
-_ROUTE = {"name", "match", "route", "redirect", "direct_response", *HEADERS}
+_ROUTE = {"name", "match", "route", "redirect", "direct_response", "decorator", "tracing", *HEADERS}
 _ROUTE_HINTS = {
     "typed_per_filter_config": "per-route filter configuration (RBACPerRoute) is " + _NOT_YET,
-    "decorator": "tracing is " + _NOT_YET,
-    "tracing": "tracing is " + _NOT_YET,
 }
 
 _ROUTE_MATCH = {
@@ -245,11 +244,17 @@ class _RouteConfigScope:
             action = self.direct_response(msg.direct_response, join(path, "direct_response"))
         else:
             action = DirectResponseAction(404)  # missing or unsupported: already reported
+        decorator, propagate = route_decorator(ctx, msg, path)
         return Route(
             name=msg.name,
             match=match,
             action=action,
             headers=common.header_mutation(ctx, msg, path),
+            decorator=decorator,
+            decorator_propagate=propagate,
+            tracing=route_tracing(ctx, msg.tracing, join(path, "tracing"))
+            if msg.HasField("tracing")
+            else None,
         )
 
     def route_action(self, msg: Any, path: str) -> RouteAction:
@@ -348,7 +353,10 @@ class _RouteConfigScope:
             msg,
             path,
             _MIRROR,
-            {"cluster_header": "use cluster", "trace_sampled": "tracing is " + _NOT_YET},
+            {
+                "cluster_header": "use cluster",
+                "trace_sampled": "tracing of shadow requests is " + _NOT_YET,
+            },
         )
         if not msg.cluster:
             ctx.error(join(path, "cluster"), "is required")

@@ -31,7 +31,8 @@ _BOOTSTRAP_HINTS = {
     "layered_runtime": "ubimesh has no runtime",
     "stats_sinks": "stats sinks are " + _NOT_YET + "; scrape /stats/prometheus",
     "stats_config": "stats tag configuration is " + _NOT_YET,
-    "tracing": "tracing is " + _NOT_YET,
+    "tracing": "the bootstrap's tracing provider (deprecated in Envoy) is not used; set "
+    "tracing.provider in each HttpConnectionManager",
     "overload_manager": "the overload manager is " + _NOT_YET,
     "cluster_manager": "cluster manager options are " + _NOT_YET,
 }
@@ -45,7 +46,7 @@ _NODE_HINTS = {
 }
 _ADMIN = {"address", "access_log_path", "access_log"}
 _ACCESS_LOG = {"name", "typed_config"}
-_ACCESS_LOG_HINTS = {"filter": "access log filters are " + _NOT_YET}
+_ACCESS_LOG_HINTS = {"filter": "the admin access log takes no filter (it logs every request)"}
 _FILE_ACCESS_LOG = {"path"}
 _FILE_ACCESS_LOG_HINTS = {
     name: "the admin access log format is fixed"

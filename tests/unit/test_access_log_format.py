@@ -1,0 +1,205 @@
+"""Access log formats and filters: Envoy's operators, "-" and null for missing values, typed
+JSON values, refusals naming the command."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from ubimesh.proto.headers import Headers
+from ubimesh.proxy.access_log.filters import compile_filter
+from ubimesh.proxy.access_log.format import (
+    DEFAULT_FORMAT,
+    FormatError,
+    LogEntry,
+    compile_format,
+    compile_json,
+    compile_text,
+)
+from ubimesh.proxy.routing.formatter import compile_time_format
+from ubimesh.proxy.snapshot.types import AccessLogFilter
+
+
+def http_entry(**overrides: object) -> LogEntry:
+    e = LogEntry()
+    e.http = True
+    e.start_time = 1_700_000_000.25
+    e.duration_ms = 12
+    e.method = "GET"
+    e.path = "/api/items?x=1"
+    e.authority = "shop.example"
+    e.protocol = "HTTP/1.1"
+    e.request_headers = Headers(
+        [("user-agent", "curl/8"), ("x-request-id", "rid-1"), ("x-empty", "")]
+    )
+    e.response_headers = [("content-type", "text/plain"), ("x-envoy-upstream-service-time", "3")]
+    e.status = 200
+    e.details = "via_upstream"
+    e.bytes_received = 5
+    e.bytes_sent = 42
+    e.upstream_host = "10.0.0.7:8080"
+    e.upstream_cluster = "shop"
+    e.route_name = "r1"
+    e.downstream_remote = ("10.1.2.3", 51000)
+    e.downstream_local = ("10.0.0.1", 15006)
+    e.peer_uri_san = "spiffe://mesh.local/ns/a/sa/b"
+    for k, v in overrides.items():
+        setattr(e, k, v)
+    return e
+
+
+def test_default_format_is_envoys() -> None:
+    line = compile_format(None)(http_entry())
+    assert line == (
+        '[2023-11-14T22:13:20.250Z] "GET /api/items?x=1 HTTP/1.1" 200 - 5 42 12 3 "-" '
+        '"curl/8" "rid-1" "shop.example" "10.0.0.7:8080"\n'
+    )
+    assert DEFAULT_FORMAT.endswith("\n")
+
+
+def test_text_operators_and_missing_values() -> None:
+    fmt = compile_text(
+        "%REQ(:METHOD)% %REQ(:PATH):4% %REQ(X-NOPE?USER-AGENT)% %REQ(x-empty)% "
+        "%RESP(CONTENT-TYPE)% "
+        "%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% "
+        "%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_PEER_URI_SAN% %REQUESTED_SERVER_NAME% "
+        "%ROUTE_NAME% %UPSTREAM_CLUSTER% %RESPONSE_CODE_DETAILS% 100%% %START_TIME(%s.%3f)%"
+    )
+    assert fmt(http_entry()) == (
+        "GET /api curl/8 - text/plain 10.1.2.3:51000 10.1.2.3 10.0.0.1:15006 "
+        "spiffe://mesh.local/ns/a/sa/b - r1 shop via_upstream 100% 1700000000.250"
+    )
+
+
+def test_ipv6_addresses_are_bracketed() -> None:
+    fmt = compile_text("%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_REMOTE_PORT%")
+    assert fmt(http_entry(downstream_remote=("::1", 80))) == "[::1]:80 80"
+
+
+def test_tcp_entry_prints_dash_for_http_operators() -> None:
+    e = LogEntry()
+    e.downstream_local = ("127.0.0.1", 9000)
+    e.termination_details = "rbac_access_denied_matched_policy[egress]"
+    fmt = compile_text(
+        "%RESPONSE_CODE% %PROTOCOL% %REQ(:METHOD)% %RESPONSE_FLAGS% "
+        "%CONNECTION_TERMINATION_DETAILS% %DOWNSTREAM_PEER_URI_SAN%"
+    )
+    assert fmt(e) == "0 - - - rbac_access_denied_matched_policy[egress] -"
+
+
+def test_omit_empty_values_in_text() -> None:
+    fmt = compile_text("[%REQ(x-nope)%][%UPSTREAM_HOST%]", omit_empty_values=True)
+    assert fmt(http_entry(upstream_host="")) == "[][]"
+
+
+def test_json_types_nesting_and_nulls() -> None:
+    fmt = compile_json(
+        {
+            "code": "%RESPONSE_CODE%",
+            "dur": "%DURATION%",
+            "rx": "%BYTES_RECEIVED%",
+            "flags": "%RESPONSE_FLAGS%",
+            "sni": "%REQUESTED_SERVER_NAME%",
+            "mixed": "code %RESPONSE_CODE% %REQ(x-nope)%",
+            "lit": "plain",
+            "n": 7,
+            "nested": {"b": "%UPSTREAM_HOST%", "a": "%ROUTE_NAME%"},
+        }
+    )
+    line = fmt(http_entry())
+    assert line.endswith("\n")
+    assert line.index('"code"') < line.index('"dur"') < line.index('"nested"')  # sorted keys
+    assert json.loads(line) == {
+        "code": 200,
+        "dur": 12,
+        "rx": 5,
+        "flags": "-",
+        "sni": None,
+        "mixed": "code 200 -",
+        "lit": "plain",
+        "n": 7,
+        "nested": {"a": "r1", "b": "10.0.0.7:8080"},
+    }
+
+
+def test_json_omit_empty_values_drops_keys() -> None:
+    fmt = compile_json({"sni": "%REQUESTED_SERVER_NAME%", "code": "%RESPONSE_CODE%"}, True)
+    assert json.loads(fmt(http_entry())) == {"code": 200}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("%CONNECTION_ID%", "%CONNECTION_ID% is not supported"),
+        ("%REQUEST_DURATION%", "%REQUEST_DURATION% is not supported"),
+        ("%REQ()%", "requires a header name"),
+        ("%REQ(a?b?c)%", "more than 1 alternative"),
+        ("%DURATION(x)%", "does not take any parameters"),
+        ("%START_TIME%:3", None),  # a literal ":3" after the command is fine
+        ("50% off", "no valid command at position 2"),
+        ("%start_time%", "no valid command"),
+    ],
+)
+def test_refusals_name_the_command(text: str, message: str | None) -> None:
+    if message is None:
+        compile_text(text)
+        return
+    with pytest.raises(FormatError, match=re.escape(message)):
+        compile_text(text)
+
+
+def test_json_lists_are_refused() -> None:
+    with pytest.raises(FormatError, match=r"json_format\.a"):
+        compile_json({"a": ["%RESPONSE_CODE%"]})
+
+
+def test_filters() -> None:
+    errors = compile_filter(AccessLogFilter("status_code_filter", op="GE", value=400))
+    assert errors(http_entry(status=503)) and not errors(http_entry(status=200))
+    exact = compile_filter(AccessLogFilter("status_code_filter", op="EQ", value=200))
+    assert exact(http_entry()) and not exact(http_entry(status=201))
+    other = compile_filter(AccessLogFilter("status_code_filter", op="NE", value=200))
+    assert other(http_entry(status=201)) and not other(http_entry())
+    fast = compile_filter(AccessLogFilter("duration_filter", op="LE", value=12))
+    assert fast(http_entry()) and not fast(http_entry(duration_ms=13))
+    flagged = compile_filter(AccessLogFilter("response_flag_filter", flags=("UH", "NR")))
+    assert flagged(http_entry(flags="UF,UH")) and not flagged(http_entry(flags="UF"))
+    assert not flagged(http_entry())
+    any_flag = compile_filter(AccessLogFilter("response_flag_filter"))
+    assert any_flag(http_entry(flags="DC")) and not any_flag(http_entry())
+    both = compile_filter(
+        AccessLogFilter(
+            "and_filter",
+            filters=(
+                AccessLogFilter("status_code_filter", op="GE", value=500),
+                AccessLogFilter("not_health_check_filter"),
+            ),
+        )
+    )
+    assert both(http_entry(status=500)) and not both(http_entry())
+    either = compile_filter(
+        AccessLogFilter(
+            "or_filter",
+            filters=(
+                AccessLogFilter("status_code_filter", op="GE", value=500),
+                AccessLogFilter("duration_filter", op="GE", value=1000),
+            ),
+        )
+    )
+    assert either(http_entry(duration_ms=1500)) and not either(http_entry())
+
+
+@pytest.mark.parametrize(
+    "fmt", ["", "%Y-%m-%dT%H:%M:%S.%3fZ", "%s.%6f", "%H:%M:%S.%9f x", "%1f", "%8f", "%E3S"]
+)
+def test_start_time_cached_per_second_renders_as_envoy(fmt: str) -> None:
+    fast = compile_text(f"%START_TIME({fmt})%" if fmt else "%START_TIME%")
+    plain = compile_time_format(fmt or "%Y-%m-%dT%H:%M:%S.%3fZ")
+    rng = random.Random(7)
+    e = LogEntry()
+    for _ in range(500):
+        e.start_time = 1_700_000_000 + rng.random() * 3
+        assert fast(e) == plain(e.start_time)
