@@ -7,6 +7,10 @@ rates (issue 4, second benchmark bar; see benchlib/mtls_pair.py).
 ``--scenario rbac`` runs ubimesh alone, the S1 setup without and with an RBAC filter of 100
 policies, closed loop, and reports the throughput ratio (issue 5 bar; benchlib/rbac.py).
 
+``--scenario telemetry`` runs ubimesh alone, the S1 setup with mesh metrics, an access log and
+tracing off, then on at 100 % and at 1 % sampling, and reports the throughput ratios (issue 6
+bars; benchlib/telemetry.py).
+
 Run it with ``bash bench/run.sh [options]`` (which installs what is missing first), or with
 ``python bench/run.py [options]`` from an environment that already has everything. See
 bench/README.md for the method and for how to read the results.
@@ -42,7 +46,7 @@ from typing import Any
 
 import psutil
 
-from benchlib import configs, mtls_pair, rbac
+from benchlib import configs, mtls_pair, rbac, telemetry
 from benchlib.loads import LoadResult, run_h2load, run_wrk
 from benchlib.procs import (
     BenchError,
@@ -67,7 +71,7 @@ from benchlib.report import DIRECT, chart, markdown, summarise, write_json
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 ALL_PROXIES = ("ubimesh", "envoy", "nginx", "haproxy")
-SCENARIOS = ("s1", "mtls-pair", "rbac")
+SCENARIOS = ("s1", "mtls-pair", "rbac", "telemetry")
 # Per-scenario defaults of the options whose default depends on the scenario.
 SCENARIO_DEFAULTS = {
     "s1": {"proxies": ",".join(ALL_PROXIES), "sizes": "1k,16k", "rates": "1000,5000",
@@ -75,9 +79,12 @@ SCENARIO_DEFAULTS = {
     "mtls-pair": {"proxies": ",".join(mtls_pair.PRODUCTS), "sizes": "1k", "rates": "1000",
                   "wrk_conns": ""},
     "rbac": {"proxies": ",".join(rbac.PRODUCTS), "sizes": "1k", "rates": "", "wrk_conns": "50"},
+    "telemetry": {"proxies": ",".join(telemetry.PRODUCTS), "sizes": "1k", "rates": "",
+                  "wrk_conns": "50"},
 }  # fmt: skip
 #: The proxies each scenario can run.
-SCENARIO_PRODUCTS = {"s1": ALL_PROXIES, "mtls-pair": mtls_pair.PRODUCTS, "rbac": rbac.PRODUCTS}
+SCENARIO_PRODUCTS = {"s1": ALL_PROXIES, "mtls-pair": mtls_pair.PRODUCTS, "rbac": rbac.PRODUCTS,
+                     "telemetry": telemetry.PRODUCTS}
 MB = 1024 * 1024
 # The proxy's admin counter of requests sent upstream (Envoy's name; ubimesh mirrors it).
 # Notes that mean someone else's work disturbed a run (see --noise-retries).
@@ -121,7 +128,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=SCENARIOS,
         default="s1",
         help="s1: one proxy, plain HTTP; mtls-pair: a pair of proxies with mTLS between them; "
-        "rbac: ubimesh without and with an RBAC filter of 100 policies (closed loop)",
+        "rbac: ubimesh without and with an RBAC filter of 100 policies (closed loop); "
+        "telemetry: ubimesh with metrics, access log and tracing off, and on at 100 %% and 1 %% "
+        "sampling (closed loop)",
     )
     p.add_argument(
         "--proxies",
@@ -294,6 +303,12 @@ def preflight(args: argparse.Namespace) -> Tools:
                     f"{t}.yaml": rbac.bootstrap(t, free_port(), free_port(), free_port(), sizes)
                     for t in rbac.TARGETS
                 }
+            elif args.scenario == "telemetry":
+                samples = {
+                    f"{t}.yaml": telemetry.bootstrap(t, free_port(), free_port(), free_port(),
+                                                     Path(tmp))
+                    for t in telemetry.TARGETS
+                }
             else:
                 sample = configs.ubimesh_bootstrap(free_port(), free_port(), free_port())
                 samples = {"bootstrap.yaml": sample}
@@ -415,15 +430,17 @@ def start_proxy(ctx: Context, name: str) -> Target:
     port, side_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     stats_url = None
-    if name in ("ubimesh", "envoy", rbac.WITH_RBAC):
+    if name in ("ubimesh", "envoy", rbac.WITH_RBAC, *telemetry.BARS):
         if name == rbac.WITH_RBAC:
             cfg = rbac.rbac_bootstrap(port, side_port, ctx.upstream_port, list(args.sizes))
+        elif name in telemetry.BARS:
+            cfg = telemetry.bootstrap(name, port, side_port, ctx.upstream_port, workdir)
         elif name == "ubimesh":
             cfg = configs.ubimesh_bootstrap(port, side_port, ctx.upstream_port)
         else:
             cfg = configs.envoy_bare_bootstrap(port, side_port, ctx.upstream_port)
         path = configs.write_text(workdir / f"{name}.bootstrap.yaml", configs.dump_yaml(cfg))
-        if name in ("ubimesh", rbac.WITH_RBAC):
+        if name in ("ubimesh", rbac.WITH_RBAC, *telemetry.BARS):
             assert tools.ubimesh is not None
             cmd = [*tools.ubimesh, "-c", str(path), "--concurrency", "1"]
         else:
@@ -839,11 +856,15 @@ def write_outputs(
         subject = mtls_pair.target_name(subject)
     if args.scenario == "rbac":
         subject = rbac.WITH_RBAC
+    if args.scenario == "telemetry":
+        subject = telemetry.FULL
     text = markdown(rows, meta, targets, sizes, subject)
     if args.scenario == "mtls-pair":
         text += "\n" + mtls_pair.pair_section(rows, runs)
     if args.scenario == "rbac":
         text += "\n" + rbac.bar_section(rows)
+    if args.scenario == "telemetry":
+        text += "\n" + telemetry.bar_section(rows)
     (outdir / "results.md").write_text(text)
     write_json(outdir / "results.json", {"meta": meta, "summary": rows, "runs": runs})
     if rows:
@@ -855,7 +876,8 @@ def write_outputs(
     cfgdir.mkdir(exist_ok=True)
     for pattern in ("*.yaml", "*.conf", "*.cfg", "*.log"):
         for path in workdir.glob(pattern):
-            if not path.name.startswith("h2load-"):
+            # Access logs of the telemetry scenario run to hundreds of MB: not kept.
+            if not path.name.startswith("h2load-") and not path.name.endswith(".access.log"):
                 shutil.copy2(path, cfgdir / path.name)
     return text
 
@@ -882,6 +904,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scenario == "rbac":
         # The two targets compared with each other; no direct baseline (not what the bar is).
         names = list(rbac.TARGETS)
+        args.no_direct = True
+    if args.scenario == "telemetry":
+        names = list(telemetry.TARGETS)
         args.no_direct = True
     targets = ([] if args.no_direct else [DIRECT]) + names
     registry = ProcessRegistry()
@@ -910,6 +935,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta["scenario"] = (
                 "rbac: wrk -> ubimesh (S1) -> upstream, without RBAC and with an RBAC filter of "
                 f"{rbac.POLICIES} policies (the request matches the last one)"
+            )
+        if args.scenario == "telemetry":
+            meta["scenario"] = (
+                "telemetry: wrk -> ubimesh (S1) -> upstream, with mesh metrics, a file access "
+                "log and Zipkin tracing off, then on at 100 % and at 1 % random sampling (spans "
+                "to a sink on the upstream)"
             )
         if args.scenario == "mtls-pair":
             meta["scenario"] = (

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
-from benchlib import configs, mtls_pair, rbac
+from benchlib import configs, mtls_pair, rbac, telemetry
 from benchlib.loads import parse_h2load, parse_wrk, percentile
 from benchlib.report import markdown, summarise
 
@@ -301,3 +301,47 @@ def test_rbac_bar_section() -> None:
     assert "| 1k | wrk c50 | 10,000 | 9,500 | 0.950 | 90.0 | 95.0 | PASS |" in text
     runs[1]["rps"] = 8000.0
     assert "FAIL" in rbac.bar_section(runs)
+
+
+# --------------------------------------------------------------------------------------
+# Scenario telemetry
+
+
+def test_telemetry_scenario_defaults() -> None:
+    args = run.parse_args(["--scenario", "telemetry", "--quick"])
+    assert args.proxies == ["ubimesh"] and args.rates == [] and args.wrk_conns == [50]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--scenario", "telemetry", "--proxies", "envoy"])
+
+
+def test_telemetry_bootstraps_differ_from_s1_only_by_telemetry(tmp_path: Path) -> None:
+    from ubimesh.proxy.xds import load_bootstrap_dict
+
+    plain = configs.ubimesh_bootstrap(10000, 10001, 10002)
+    for target, (sampling, _) in telemetry.BARS.items():
+        cfg = telemetry.bootstrap(target, 10000, 10001, 10002, tmp_path)
+        listener = cfg["static_resources"]["listeners"][0]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        assert hcm["tracing"]["random_sampling"] == {"value": sampling}
+        assert hcm["access_log"][0]["typed_config"]["path"] == str(
+            tmp_path / f"{target}.access.log"
+        )
+        # The proxy takes it (this fails while a piece of telemetry is refused as unsupported).
+        load_bootstrap_dict(cfg)
+        del listener["metadata"], hcm["tracing"], hcm["access_log"]
+        hcm["generate_request_id"] = False
+        cfg["static_resources"]["clusters"].pop()
+        assert cfg == plain
+
+
+def test_telemetry_bar_section() -> None:
+    runs = [
+        {"target": t, "size": "1k", "load": "wrk c50", "kind": "closed", "rps": rps,
+         "cpu_us_per_req": cpu, "rep": 1}
+        for t, rps, cpu in (("ubimesh", 10000.0, 90.0), ("ubimesh-telemetry", 7600.0, 118.0),
+                            ("ubimesh-telemetry-1pct", 8700.0, 103.0))
+    ]  # fmt: skip
+    text = telemetry.bar_section(runs)
+    assert "| ubimesh-telemetry | 100 % | 10,000 | 7,600 | 0.760 |" in text
+    assert "| ubimesh-telemetry-1pct | 1 % | 10,000 | 8,700 | 0.870 |" in text
+    assert text.count("PASS") == 1 and text.count("FAIL") == 1

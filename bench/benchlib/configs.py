@@ -42,6 +42,10 @@ _KEEPALIVE_REQUESTS = 1_000_000
 BIG = 1_000_000_000
 
 
+#: The upstream's span sink (Zipkin's ingest path; the telemetry scenario's collector).
+SPANS_PATH = "/api/v2/spans"
+
+
 def body_bytes(size: int) -> str:
     """A deterministic printable body of exactly ``size`` bytes (no quotes or escapes)."""
     pattern = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -222,6 +226,9 @@ def nginx_upstream_conf(workdir: Path, port: int, sizes: dict[str, int]) -> str:
         + "    default_type application/octet-stream;\n"
         + f"    server {{\n        listen {LOCALHOST}:{port};\n"
         + "".join(locations)
+        # Where the telemetry scenario's proxies send their spans (Zipkin's endpoint): taken
+        # and dropped, so that the figures are the proxy's cost, not a collector's.
+        + f"        location = {SPANS_PATH} {{\n            return 202;\n        }}\n"
         + "        location / {\n            return 404;\n        }\n"
         + "    }\n}\n"
     )

@@ -1,0 +1,132 @@
+"""Scenario ``telemetry``: what metrics, an access log and tracing cost on the request path
+(issue 6 bars: with 100 % trace sampling at most 25 % of throughput against all off, with 1 %
+at most 12 %).
+
+Three targets, all ubimesh with one worker on the S1 setup (``configs.ubimesh_bootstrap``:
+plain HTTP/1.1, one route, the nginx upstream), measured closed-loop with wrk in one run:
+
+* ``ubimesh``: the S1 bootstrap as it is: no mesh metrics, no access log, no tracing (Envoy's
+  own stats are always kept, as in Envoy);
+* ``ubimesh-telemetry``: the listener marked for Istio's mesh metrics (reporter
+  ``destination``), a file access log in Envoy's default format, and Zipkin tracing with
+  ``random_sampling`` 100 %: every request a span, batched to the upstream's span sink (nginx
+  answers ``POST /api/v2/spans`` with 202 and drops the body, so a collector's own cost is not
+  counted);
+* ``ubimesh-telemetry-1pct``: the same with ``random_sampling`` 1 %.
+
+The report adds the bars: rps of each telemetry target divided by rps of ``ubimesh``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from benchlib import configs
+
+PRODUCTS = ("ubimesh",)
+PLAIN = "ubimesh"
+FULL = "ubimesh-telemetry"
+SAMPLED = "ubimesh-telemetry-1pct"
+TARGETS = (PLAIN, FULL, SAMPLED)
+#: target -> (random sampling percent, the bar: least throughput ratio to PLAIN)
+BARS = {FULL: (100.0, 0.75), SAMPLED: (1.0, 0.88)}
+COLLECTOR = "span_sink"
+ZIPKIN_TYPE = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
+FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+#: What the control plane writes on a sidecar's inbound listener (docs/telemetry.md, Metrics).
+MESH_METADATA = {
+    "reporter": "destination",
+    "workload": "upstream-v1",
+    "namespace": "bench",
+    "principal": "spiffe://bench.local/ns/bench/sa/upstream",
+    "app": "upstream",
+    "version": "v1",
+    "service": "upstream.bench.svc.cluster.local",
+    "service_name": "upstream",
+    "service_namespace": "bench",
+}
+
+
+def telemetry_bootstrap(
+    listen_port: int, admin_port: int, upstream_port: int, sampling: float, log_path: Path
+) -> dict[str, Any]:
+    """The S1 bootstrap with mesh metrics, a file access log and Zipkin tracing at
+    ``sampling`` percent."""
+    cfg = copy.deepcopy(configs.ubimesh_bootstrap(listen_port, admin_port, upstream_port))
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["metadata"] = {"filter_metadata": {"ubimesh.telemetry": dict(MESH_METADATA)}}
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["generate_request_id"] = True  # tracing and the access log use x-request-id
+    hcm["access_log"] = [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {"@type": FILE_LOG_TYPE, "path": str(log_path)},
+        }
+    ]
+    hcm["tracing"] = {
+        "random_sampling": {"value": sampling},
+        "provider": {
+            "name": "envoy.tracers.zipkin",
+            "typed_config": {
+                "@type": ZIPKIN_TYPE,
+                "collector_cluster": COLLECTOR,
+                "collector_endpoint": configs.SPANS_PATH,
+                "collector_endpoint_version": "HTTP_JSON",
+            },
+        },
+    }
+    sink = copy.deepcopy(cfg["static_resources"]["clusters"][0])
+    sink["name"] = COLLECTOR
+    sink["load_assignment"]["cluster_name"] = COLLECTOR
+    cfg["static_resources"]["clusters"].append(sink)
+    return cfg
+
+
+def bootstrap(
+    target: str, listen: int, admin: int, upstream: int, workdir: Path
+) -> dict[str, Any]:
+    if target == PLAIN:
+        return configs.ubimesh_bootstrap(listen, admin, upstream)
+    if target in BARS:
+        sampling = BARS[target][0]
+        return telemetry_bootstrap(listen, admin, upstream, sampling,
+                                   workdir / f"{target}.access.log")
+    raise ValueError(f"unknown target {target!r} for --scenario telemetry")
+
+
+def _f(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def bar_section(rows: list[dict[str, Any]]) -> str:
+    """Markdown: rps with telemetry off and on, their ratios, and the bars per size and
+    load."""
+    out = [
+        "## Telemetry: the bars",
+        "",
+        "Bars (issue 6): with metrics, an access log and tracing, throughput is at least "
+        f"{BARS[FULL][1]:.0%} of all-off at 100 % sampling and at least {BARS[SAMPLED][1]:.0%} "
+        "at 1 % (closed loop, same proxy, same run). Medians over repetitions.",
+        "",
+        "| size | load | target | sampling | rps all off | rps with telemetry | ratio | "
+        "CPU µs/req off | CPU µs/req on | bar |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["target"], r["size"], r["load"]): r for r in rows}
+    for (target, size, load), row in by_key.items():
+        if target not in BARS or row["kind"] != "closed":
+            continue
+        plain = by_key.get((PLAIN, size, load))
+        if plain is None or not plain["rps"]:
+            continue
+        sampling, bar = BARS[target]
+        ratio = row["rps"] / plain["rps"]
+        verdict = "PASS" if ratio >= bar else "FAIL"
+        out.append(
+            f"| {size} | {load} | {target} | {sampling:g} % | {_f(plain['rps'])} | "
+            f"{_f(row['rps'])} | {ratio:.3f} | {_f(plain['cpu_us_per_req'], 1)} | "
+            f"{_f(row['cpu_us_per_req'], 1)} | {verdict} (≥ {bar:.2f}) |"
+        )
+    return "\n".join(out) + "\n"
