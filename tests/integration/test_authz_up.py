@@ -289,6 +289,47 @@ def test_a_source_not_listed_gets_403(up: tuple[dict[str, int], Path]) -> None:
     assert status == 403
 
 
+def access_log_line(path: Path, *needles: str, timeout: float = 5.0) -> str:
+    """The first line of the proxy's output at ``path`` holding every needle, waiting for the
+    access log's flush (at most ``timeout``); fails with the file's tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        found = [ln for ln in text.splitlines() if all(n in ln for n in needles)]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, (needles, text[-3000:])
+        time.sleep(0.1)
+
+
+def test_denials_are_in_the_access_log_with_who_and_why(
+    up: tuple[dict[str, int], Path],
+) -> None:
+    ports, data = up
+    # An HTTP denial at web's inbound listener: who called (its identity) and that no rule
+    # allowed it, as Envoy's response code details say it.
+    def intruder_refused() -> None:
+        assert request(ports["intruder"], "GET", "/who")[0] == 403
+
+    eventually(intruder_refused)
+    line = access_log_line(data / "logs" / "proxy-web-1.default.log", '"GET /who ', " 403 ",
+                           "rbac_access_denied_matched_policy[none]")
+    assert "peer=spiffe://cluster.local/ns/default/sa/intruder" in line, line
+    # An egress denial at web's outbound listener names the policy and the destination.
+    status, _, _ = request(ports["web_out"], "GET", "/beacon2", host="c2.example.net")
+    assert status == 403
+    line = access_log_line(data / "logs" / "proxy-web-1.default.log", '"GET /beacon2 ',
+                           "rbac_access_denied_matched_policy[egress]")
+    assert '"c2.example.net"' in line, line
+    # A TCP connection to db from a source no TrafficTarget lists: db's sidecar logs the
+    # refused connection with the caller's identity.
+    assert tcp_exchange(ports["gw_tcp"]) == b""
+    line = access_log_line(data / "logs" / "proxy-db-1.default.log",
+                           "rbac_access_denied_matched_policy[none]",
+                           "peer=spiffe://cluster.local/ns/default/sa/edge")
+    assert " tcp " in line, line
+
+
 def test_a_listed_source_on_a_route_not_given_gets_403(up: tuple[dict[str, int], Path]) -> None:
     ports, _ = up
 
