@@ -428,6 +428,20 @@ def _client_context(files: dict[str, Path], cert: str) -> ssl.SSLContext:
     return ctx
 
 
+def _complete(raw: bytes) -> bool:
+    """Whether ``raw`` holds a whole response with a Content-Length body: the client stops
+    there instead of waiting for the close, which Envoy delays by its delayed_close_timeout
+    (1 s) after a local reply."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return False
+
+
 def send(farm: Farm, proxy: Proxy, req: Req) -> dict[str, Any]:
     """Send ``req`` to ``proxy`` on a new connection; what the client and the upstream saw."""
     cursor = farm.echo.cursor()
@@ -442,7 +456,7 @@ def send(farm: Farm, proxy: Proxy, req: Req) -> dict[str, Any]:
         if req.listener in ("mtls", "tcp_tls"):
             sock = _client_context(farm.files, req.cert).wrap_socket(sock)
         sock.sendall(data)
-        while True:
+        while not _complete(raw):
             chunk = sock.recv(65536)
             if not chunk:
                 break
