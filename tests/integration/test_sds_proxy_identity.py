@@ -52,7 +52,7 @@ HCM = (
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 ADS = {"ads": {}, "resource_api_version": "V3"}
-RENEWAL_WITHIN = 45.0  # 1 min lifetime: renewal at 27..33 s after issuance
+RENEWAL_WITHIN = 15.0  # 20 s lifetime: renewal at 9..11 s after issuance
 
 
 def mtls_listener(port: int) -> dict[str, Any]:
@@ -196,7 +196,7 @@ def test_proxy_gets_its_certificate_serves_mtls_and_renews_without_a_failed_requ
     )
     client = Client(client_cert, tmp_path)
     (port,) = free_ports(1)
-    proc, admin = start_proxy(tmp_path, control, token_file, port)
+    proc, admin = start_proxy(tmp_path, control, token_file, port, ttl="20s")
     try:
         conn, first = client.connect(port)
         assert get(conn) == (200, b"hello")
@@ -210,7 +210,7 @@ def test_proxy_gets_its_certificate_serves_mtls_and_renews_without_a_failed_requ
         assert b"LS0tLS1CRUdJTiBQUklWQVRFIEtFWS" not in dump  # "-----BEGIN PRIVATE KEY"
         kept = conn.sock
         lifetime = first.not_valid_after_utc - first.not_valid_before_utc
-        assert lifetime.total_seconds() <= 121  # the 1m asked (+1 min backdating)
+        assert lifetime.total_seconds() <= 81  # the 20 s asked (+1 min backdating)
 
         # A client without a certificate is refused in the handshake.
         anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
