@@ -317,7 +317,11 @@ def test_telemetry_scenario_defaults() -> None:
 def test_telemetry_bootstraps_differ_from_s1_only_by_telemetry(tmp_path: Path) -> None:
     from ubimesh.proxy.xds import load_bootstrap_dict
 
-    plain = configs.ubimesh_bootstrap(10000, 10001, 10002)
+    plain = telemetry.bootstrap("ubimesh", 10000, 10001, 10002, tmp_path)
+    s1 = configs.ubimesh_bootstrap(10000, 10001, 10002)
+    s1_hcm = s1["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    s1_hcm["typed_config"]["generate_request_id"] = True
+    assert plain == s1  # all off: S1 with the HCM's default request ids
     for target, (sampling, _) in telemetry.BARS.items():
         cfg = telemetry.bootstrap(target, 10000, 10001, 10002, tmp_path)
         listener = cfg["static_resources"]["listeners"][0]
@@ -329,7 +333,6 @@ def test_telemetry_bootstraps_differ_from_s1_only_by_telemetry(tmp_path: Path) -
         # The proxy takes it (this fails while a piece of telemetry is refused as unsupported).
         load_bootstrap_dict(cfg)
         del listener["metadata"], hcm["tracing"], hcm["access_log"]
-        hcm["generate_request_id"] = False
         cfg["static_resources"]["clusters"].pop()
         assert cfg == plain
 

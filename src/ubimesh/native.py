@@ -36,8 +36,12 @@ HOT_MODULES = (
     "ubimesh/proxy/access_log/filters.py",
     "ubimesh/proxy/access_log/format.py",
     "ubimesh/proxy/access_log/logger.py",
+    "ubimesh/proxy/access_log/sink.py",
     "ubimesh/proto/headers.py",
     "ubimesh/proxy/http/codec.py",
+    "ubimesh/proxy/http/fault.py",
+    "ubimesh/proxy/http/filter_chain.py",
+    "ubimesh/proxy/http/local_ratelimit.py",
     "ubimesh/proxy/http/pool.py",
     "ubimesh/proxy/http/rbac.py",
     "ubimesh/proxy/http/router.py",
@@ -47,6 +51,7 @@ HOT_MODULES = (
     "ubimesh/proxy/tracing/sampler.py",
     "ubimesh/proxy/tracing/span.py",
     "ubimesh/telemetry/mesh_metrics.py",
+    "ubimesh/telemetry/stats.py",
 )
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent  # .../ubimesh

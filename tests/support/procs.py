@@ -157,6 +157,7 @@ class ManagedProcess:
         try:
             if self.alive:
                 self._signal(signal.SIGTERM)
+                self._signal(signal.SIGCONT)  # a paused (SIGSTOPped) process must see the TERM
                 try:
                     self.popen.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
@@ -167,6 +168,26 @@ class ManagedProcess:
         finally:
             self._log.close()
         return self.popen.returncode
+
+    # Faults for resilience tests: the process group gets the signal, as from a crash or a
+    # hung host; stop() still ends the process afterwards.
+
+    def kill(self, timeout: float = 5.0) -> int | None:
+        """SIGKILL the process group (a crash: no clean shutdown) and wait, bounded, for it."""
+        self._signal(signal.SIGKILL)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def pause(self) -> None:
+        """SIGSTOP the process group: its sockets stay open (the kernel still completes
+        handshakes into the listen backlog) but nothing is read or answered."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the process group after :meth:`pause`."""
+        self._signal(signal.SIGCONT)
 
     def _signal(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

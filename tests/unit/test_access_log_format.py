@@ -203,3 +203,71 @@ def test_start_time_cached_per_second_renders_as_envoy(fmt: str) -> None:
     for _ in range(500):
         e.start_time = 1_700_000_000 + rng.random() * 3
         assert fast(e) == plain(e.start_time)
+
+
+def test_start_time_cache_crosses_second_boundaries() -> None:
+    # The per-second prefix is keyed by the second: going forward, back and forward again
+    # across boundaries never shows a stale second.
+    fast = compile_text("%START_TIME%|%START_TIME(%s.%6f)%")
+    plain = compile_time_format("%Y-%m-%dT%H:%M:%S.%3fZ")
+    epoch = compile_time_format("%s.%6f")
+    base = 1_700_000_009
+    for t in (base + 0.9994, base + 0.9996, base + 1.0, base + 1.0004, base + 0.5, base + 61.25):
+        e = http_entry(start_time=t)
+        assert fast(e) == f"{plain(t)}|{epoch(t)}"
+    # Milliseconds are truncated, as Envoy does: .9996 is still the earlier second.
+    assert fast(http_entry(start_time=base + 0.9996)).startswith("2023-11-14T22:13:29.999Z|")
+    assert fast(http_entry(start_time=base + 1.0)).startswith("2023-11-14T22:13:30.000Z|")
+
+
+def test_address_text_follows_the_entry() -> None:
+    # The formatter keeps the last address's text: a different address must never reuse it.
+    fmt = compile_text("%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS%")
+    assert fmt(http_entry()) == "10.1.2.3:51000 10.0.0.1:15006"
+    assert fmt(http_entry(downstream_remote=("10.1.2.3", 51001))) == "10.1.2.3:51001 10.0.0.1:15006"
+    assert fmt(http_entry(downstream_remote=("::1", 80))) == "[::1]:80 10.0.0.1:15006"
+    assert fmt(http_entry(downstream_remote=None, downstream_local=("", 0))) == "- -"
+    assert fmt(http_entry()) == "10.1.2.3:51000 10.0.0.1:15006"
+
+
+def test_request_headers_found_in_one_pass() -> None:
+    # Several commands on the same and on different headers, first value wins, an empty
+    # value is "not available" (the alternative is used), pseudo-headers from the request.
+    headers = Headers(
+        [("x-a", ""), ("x-b", "b1"), ("x-a", "a2"), ("x-b", "b2"), ("host", "h.example")]
+    )
+    fmt = compile_text(
+        "%REQ(X-A)% %REQ(X-A?X-B)% %REQ(X-B):1% %REQ(HOST)% %REQ(:SCHEME)% %REQ(:NOPE?X-B)% "
+        "%REQ(X-NOPE?:METHOD)%"
+    )
+    e = http_entry(request_headers=headers)
+    assert fmt(e) == "- b1 b shop.example https b1 GET"
+    tcp = LogEntry()
+    assert fmt(tcp) == "- - - - - - -"
+
+
+def test_http_entry_upstream_host_follows_the_address() -> None:
+    # The entry keeps the last upstream address's text: a host re-resolved to a new address
+    # (Host.address replaced) or another host must show its own.
+    from types import SimpleNamespace
+    from typing import Any
+
+    from ubimesh.proxy.access_log.logger import http_entry as entry_of
+    from ubimesh.proxy.snapshot.types import SocketAddress
+
+    host = SimpleNamespace(address=SocketAddress("10.0.0.7", 8080))
+    up = SimpleNamespace(host=host, cluster=SimpleNamespace(name="shop"), response_started=True)
+    conn = SimpleNamespace(remote=("10.1.2.3", 1), local=("10.0.0.1", 2), tls=None, sni="")
+    stream: Any = SimpleNamespace(
+        conn=conn, start_time=0.0, method="GET", path="/", target="/", host_header="h",
+        http10=False, headers=Headers(), response_headers=[], status=200, flags="",
+        details="", bytes_received=0, bytes_sent=0, route=None, upstream=up,
+    )  # fmt: skip
+    fmt = compile_text("%UPSTREAM_HOST% %UPSTREAM_CLUSTER% %RESPONSE_CODE_DETAILS%")
+    assert fmt(entry_of(stream)) == "10.0.0.7:8080 shop via_upstream"
+    host.address = SocketAddress("::1", 9090)
+    assert fmt(entry_of(stream)) == "[::1]:9090 shop via_upstream"
+    up.host = SimpleNamespace(address=SocketAddress("10.0.0.8", 8080))
+    assert fmt(entry_of(stream)) == "10.0.0.8:8080 shop via_upstream"
+    up.host = None
+    assert fmt(entry_of(stream)) == "- shop via_upstream"

@@ -70,8 +70,16 @@ def test_sidecar_listeners_and_clusters() -> None:
         "service": "api.shop.svc.cluster.local",
         "service_name": "api",
         "service_namespace": "shop",
-        # web-1 and web-2 share spiffe://example.org/ns/shop/sa/web: neither is named
-        "peers": {"spiffe://example.org/ns/shop/sa/api": "api-1"},
+        # default deny and no TrafficTarget: no workload may call api, so none is named
+    }
+    # With authorization open, every caller with an identity of its own is named; web-1 and
+    # web-2 share spiffe://example.org/ns/shop/sa/web, so neither is.
+    open_mesh = mesh("STRICT")
+    open_mesh[0] = res("Mesh", "mesh", {"trustDomain": "example.org", "mtls": {"mode": "STRICT"},
+                                        "authorization": {"defaultAction": "ALLOW"}})
+    open_xds = compile_proxy(open_mesh, ProxyRef("api-1.shop", "sidecar", "api-1", "shop"))
+    assert meta_of(open_xds.resources[LISTENER_TYPE]["inbound_15006"])["peers"] == {
+        "spiffe://example.org/ns/shop/sa/api": "api-1"
     }
     outbound = meta_of(listeners["outbound_http_15001"])
     assert outbound["reporter"] == "source" and outbound["workload"] == "api-1"

@@ -174,8 +174,10 @@ def test_full_hcm(full: Snapshot) -> None:
     assert h.merge_slashes is True
     assert h.path_with_escaped_slashes_action is PathWithEscapedSlashesAction.UNESCAPE_AND_REDIRECT
     assert h.forward_client_cert_details is ForwardClientCertDetails.APPEND_FORWARD
-    rbac, router = h.http_filters
+    rbac, fault, ratelimit, router = h.http_filters
     assert rbac.type_name == "envoy.extensions.filters.http.rbac.v3.RBAC"
+    assert fault.type_name == "envoy.extensions.filters.http.fault.v3.HTTPFault"
+    assert ratelimit.config.stat_prefix == "edge_rl"
     assert router.name == "envoy.filters.http.router"
     assert router.type_name == "envoy.extensions.filters.http.router.v3.Router"
     assert router.config == RouterConfig(dynamic_stats=False, suppress_envoy_headers=True)
@@ -726,8 +728,9 @@ REFUSED = [
     (R0 + ".route.max_stream_duration", _set("action", max_stream_duration={}), ""),
     (R0 + ".route.cluster_specifier_plugin", lambda d: route(d).update(route={
         "cluster_specifier_plugin": "plugin"}), ""),
-    (R0 + ".typed_per_filter_config", _set("route", typed_per_filter_config={
-        "envoy.filters.http.router": {"@type": "type.googleapis.com/google.protobuf.Empty"}}),
+    (R0 + '.typed_per_filter_config["envoy.filters.http.router"]', _set(
+        "route", typed_per_filter_config={
+            "envoy.filters.http.router": {"@type": "type.googleapis.com/google.protobuf.Empty"}}),
      "per-route"),
     (R0 + ".tracing.operation", _set("route", tracing={"operation": "x"}), "formatters"),
     (R0 + ".match.runtime_fraction", _set("match", runtime_fraction={

@@ -252,6 +252,9 @@ class MeshPolicy:
         self.resources = list(resources)
         self.index: Index = build_index(self.resources)
         self.ctx = Context(self.index)
+        # Only the inbound listeners' authorization matters here: no access log decoration
+        # (tracing is off in a bare Context too), which would cost most of the compile time.
+        self.ctx.access_log = None
         self.trust_domain = self.index.mesh.trust_domain
         self._targets = {(t.namespace, t.name): t for t in self.index.traffic_targets}
         self._compiled: dict[tuple[Any, ...], dict[str, Any]] = {}

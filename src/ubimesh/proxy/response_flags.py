@@ -31,10 +31,13 @@ SI     stream idle timeout                         HCM
 DPE    downstream protocol error                   HCM (400, 426, 431 and codec errors)
 UPE    upstream protocol error                     router (malformed upstream response)
 NC     no cluster found                            router, tcp_proxy
+DI     delay injected                              fault filter (proxy/http/fault.py)
+FI     fault injected (abort)                      fault filter
+RL     rate limited                                local rate limit filter
 ====== =========================================== ===========================================
 
 The others are listed so that names and order stay Envoy's when a feature that sets them
-arrives (fault injection DI/FI, rate limits RL/RLSE, ext_authz UAEX, max stream duration
+arrives (rate limit service errors RLSE, ext_authz UAEX, max stream duration
 UMSDR, max connection duration DT, overload OM, DNS failure DF, ...).
 """
 

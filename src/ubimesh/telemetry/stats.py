@@ -15,10 +15,12 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Envoy's default histogram bucket bounds, in milliseconds.
+#: Envoy's default histogram bucket bounds, in milliseconds. Floats, not ints: ``record``
+#: bisects a float sample over them, and a float-to-float comparison is about twice as fast as a
+#: float-to-int one (this runs several times per request).
 DEFAULT_BUCKETS_MS: tuple[float, ...] = (
-    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
-    300000, 600000, 1800000, 3600000,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 )  # fmt: skip
 
 
@@ -61,12 +63,15 @@ class Histogram:
     __slots__ = ("bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...] = DEFAULT_BUCKETS_MS) -> None:
-        self.bounds = bounds
+        # As floats whatever the caller passed (see DEFAULT_BUCKETS_MS: faster bisection).
+        self.bounds: tuple[float, ...] = tuple([float(b) for b in bounds])
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.count = 0
 
     def record(self, value_ms: float) -> None:
+        """Count one sample. Hot-path callers in compiled modules inline these three lines
+        (``ubimesh.telemetry.mesh_metrics``, ``HcmRuntime.observe``): keep them in step."""
         self.counts[bisect.bisect_left(self.bounds, value_ms)] += 1
         self.sum += value_ms
         self.count += 1

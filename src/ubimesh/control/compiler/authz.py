@@ -153,6 +153,20 @@ class Authorization:
 
     # -- inbound ---------------------------------------------------------------------------
 
+    def callers(self, namespace: str, account: str) -> frozenset[str] | None:
+        """The SPIFFE IDs a TrafficTarget lets call the workloads running as ``account``
+        (what a default-deny mesh admits); None when anyone may (authorization off or
+        default-allow)."""
+        if not self.enabled or not self.default_deny:
+            return None
+        td = self.index.mesh.trust_domain
+        return frozenset(
+            spiffe_id(td, s.namespace, s.name)
+            for target in self._to_account.get((namespace, account), ())
+            for s in target.sources
+            if s.kind == SERVICE_ACCOUNT
+        )
+
     def inbound_rules(self, workload: Workload, port: ServicePort) -> Message | None:
         """The RBAC rules (``config.rbac.v3.RBAC``, action ALLOW) of ``workload``'s inbound
         listener for service port ``port``; None when the listener gets no RBAC filter."""

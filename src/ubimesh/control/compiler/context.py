@@ -10,6 +10,7 @@ from types import MappingProxyType
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 
+from ubimesh.control.compiler import telemetry_meta
 from ubimesh.control.compiler.access_log import DEFAULT_PLAN, AccessLogPlan
 from ubimesh.control.compiler.authz import (
     Authorization,
@@ -62,9 +63,31 @@ class Context:
         self.tracing: TracingPlan | None = None
         #: Access logs (compiler/access_log.py); None: none. Set by compile.py.
         self.access_log: AccessLogPlan | None = DEFAULT_PLAN
+        self._peers: dict[str, str] | None = None
+        self._peers_of: dict[tuple[str, str], dict[str, str]] = {}
         self._outbound: dict[tuple[object, ...], tuple[Message, frozenset[str]]] = {}
         self._digests: dict[int, tuple[Message, bytes]] = {}
         self._groups: dict[tuple[frozenset[str], str], _ClusterGroup] = {}
+
+    def telemetry_peers(self, namespace: str, account: str) -> dict[str, str]:
+        """SPIFFE ID -> workload name of the callers an inbound listener of ``account``'s
+        workloads can see (compiler/telemetry_meta.py): the mesh's workloads (with an ID only
+        one of them has) that authorization lets call it. Built once per mesh and account: a
+        listener never carries the names of workloads that cannot reach it, and the map does
+        not grow with the mesh in a default-deny mesh."""
+        key = (namespace, account)
+        found = self._peers_of.get(key)
+        if found is None:
+            if self._peers is None:
+                self._peers = telemetry_meta.peers(self.index)
+            allowed = self.authz.callers(namespace, account)
+            found = (
+                self._peers
+                if allowed is None
+                else {pid: name for pid, name in self._peers.items() if pid in allowed}
+            )
+            self._peers_of[key] = found
+        return found
 
     def external_action(self, ext: ExternalService) -> tuple[Message, str]:
         """The route action to an external service (Host rewritten to the external host)."""

@@ -78,7 +78,8 @@ def compile_sidecar(ctx: Context, workload: Workload) -> XdsSet:
             if rules is not None:
                 authz.add_network_rbac(listeners[name], rules)
         mtls.secure_inbound(listeners[name], ctx.index.mesh.mtls_mode)
-        telemetry_meta.inbound(listeners[name], ctx.index, workload, service)
+        telemetry_meta.inbound(listeners[name], ctx.index, workload, service,
+                               ctx.telemetry_peers(workload.namespace, workload.service_account))
 
     grants = ctx.authz.egress(workload)
     if sidecar.outbound_port is not None:

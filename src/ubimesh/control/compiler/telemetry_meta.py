@@ -68,15 +68,23 @@ def peers(index: Index) -> dict[str, str]:
     return {pid: next(iter(ws)) for pid, ws in sorted(names.items()) if len(ws) == 1}
 
 
-def inbound(listener: Message, index: Index, workload: Workload, service: Service) -> None:
-    """An inbound sidecar listener: reporter ``destination``, for ``service``'s port."""
+def inbound(
+    listener: Message,
+    index: Index,
+    workload: Workload,
+    service: Service,
+    callers: Mapping[str, str],
+) -> None:
+    """An inbound sidecar listener: reporter ``destination``, for ``service``'s port;
+    ``callers`` (SPIFFE ID -> workload name) names the workloads that may call it
+    (``Context.telemetry_peers``)."""
     values = _workload_values(index, workload)
     values.update(
         reporter=DESTINATION,
         service=service_host(service),
         service_name=service.name,
         service_namespace=service.namespace,
-        peers=peers(index),
+        peers=dict(callers),
     )
     _set(listener, values)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ubimesh.proxy.access_log.filters import Predicate, compile_filter
-from ubimesh.proxy.access_log.format import Formatter, LogEntry, compile_format
+from ubimesh.proxy.access_log.format import LogEntry, LogFormat, compile_log_format
 from ubimesh.proxy.access_log.sink import FileSink, file_sink
 from ubimesh.proxy.snapshot.types import (
     AccessLogConfig,
@@ -35,7 +35,7 @@ class AccessLog:
     __slots__ = ("filter", "format", "sink")
 
     def __init__(self, config: AccessLogConfig, store: Store | None = None) -> None:
-        self.format: Formatter = compile_format(
+        self.format: LogFormat = compile_log_format(
             config.text_format, config.json_format, config.omit_empty_values
         )
         self.filter: Predicate | None = (
@@ -47,7 +47,7 @@ class AccessLog:
         f = self.filter
         if f is not None and not f(entry):
             return
-        self.sink.write(self.format(entry))
+        self.sink.write(self.format.render(entry))
 
 
 AccessLogs = tuple[AccessLog, ...]
@@ -104,48 +104,74 @@ def _peer_uri_san(tls: PeerInfo | None) -> str:
     return ",".join(tls.uri_sans)
 
 
+class _HostText:
+    """The UPSTREAM_HOST text of the last upstream address logged: a stream's host is
+    usually the previous stream's, and a ``SocketAddress`` is frozen (a re-resolved host gets
+    a new one), so the text is made once per address change rather than once per request."""
+
+    __slots__ = ("address", "text")
+
+    def __init__(self) -> None:
+        self.address: object = None
+        self.text = ""
+
+
+_last_host = _HostText()
+
+
 def http_entry(stream: ActiveStream) -> LogEntry:
     """The entry of an HTTP stream that has just ended."""
     conn = stream.conn
-    e = LogEntry()
-    e.http = True
     now = time.monotonic()
     started = stream.start_time or now
-    e.start_time = time.time() - (now - started)
-    e.duration_ms = int((now - started) * 1000.0)
-    e.method = stream.method
-    e.path = stream.path or stream.target
-    e.authority = stream.host_header
-    e.protocol = "HTTP/1.0" if stream.http10 else "HTTP/1.1"
-    e.request_headers = stream.headers
-    e.response_headers = stream.response_headers
-    e.status = stream.status
-    e.flags = stream.flags
-    e.details = stream.details or _details(stream)
-    e.bytes_received = stream.bytes_received
-    e.bytes_sent = stream.bytes_sent
+    upstream_host = ""
+    upstream_cluster = ""
     route = stream.route
     up = stream.upstream
     if up is not None:
         host = up.host
         if host is not None:
-            e.upstream_host = str(host.address)
+            cache = _last_host
+            address = host.address
+            if address is not cache.address:
+                cache.text = str(address)
+                cache.address = address
+            upstream_host = cache.text
         cluster = up.cluster
         if cluster is not None:
-            e.upstream_cluster = cluster.name
+            upstream_cluster = cluster.name
     elif route is not None:
         action = route.action
         # Envoy knows the route's cluster as soon as the route is picked (an RBAC denial
         # shows it, with no upstream host).
         if type(action) is RouteAction and action.cluster:
-            e.upstream_cluster = action.cluster
-    if route is not None:
-        e.route_name = route.name
-    e.downstream_remote = conn.remote
-    e.downstream_local = conn.local
-    e.peer_uri_san = _peer_uri_san(conn.tls)
-    e.sni = conn.sni
-    return e
+            upstream_cluster = action.cluster
+    tls = conn.tls
+    # One positional call: the entry is built once, with no default-then-overwrite.
+    return LogEntry(
+        True,
+        time.time() - (now - started),
+        int((now - started) * 1000.0),
+        stream.method,
+        stream.path or stream.target,
+        stream.host_header,
+        "HTTP/1.0" if stream.http10 else "HTTP/1.1",
+        stream.headers,
+        stream.response_headers,
+        stream.status,
+        stream.flags,
+        stream.details or _details(stream),
+        "",
+        stream.bytes_received,
+        stream.bytes_sent,
+        upstream_host,
+        upstream_cluster,
+        route.name if route is not None else "",
+        conn.remote,
+        conn.local,
+        _peer_uri_san(tls) if tls is not None else "",
+        conn.sni,
+    )
 
 
 def log_stream(logs: AccessLogs, stream: ActiveStream) -> None:
@@ -175,23 +201,23 @@ def connection_entry(
 ) -> LogEntry:
     """The entry of a downstream connection (``started``: its monotonic start time, 0 for a
     connection refused as it arrived). The HTTP fields stay "not available"."""
-    e = LogEntry()
     now = time.monotonic()
     started = started or now
-    e.start_time = time.time() - (now - started)
-    e.duration_ms = int((now - started) * 1000.0)
-    e.downstream_remote = remote
-    e.downstream_local = local
-    e.peer_uri_san = _peer_uri_san(tls)
-    e.sni = sni
-    e.bytes_received = bytes_received
-    e.bytes_sent = bytes_sent
-    e.upstream_host = upstream_host
-    e.upstream_cluster = upstream_cluster
-    e.flags = flags
-    e.details = details
-    e.termination_details = termination_details
-    return e
+    return LogEntry(
+        start_time=time.time() - (now - started),
+        duration_ms=int((now - started) * 1000.0),
+        downstream_remote=remote,
+        downstream_local=local,
+        peer_uri_san=_peer_uri_san(tls),
+        sni=sni,
+        bytes_received=bytes_received,
+        bytes_sent=bytes_sent,
+        upstream_host=upstream_host,
+        upstream_cluster=upstream_cluster,
+        flags=flags,
+        details=details,
+        termination_details=termination_details,
+    )
 
 
 def log_connection(logs: AccessLogs, entry: LogEntry) -> None:

@@ -470,13 +470,18 @@ class HttpRbac:
             base.headers = state.headers
         return state
 
-    def allow(self, stream: ActiveStream, conn: HttpConnection) -> bool:
-        """Run the filters for ``stream``; on a denial answer it (403) and return False. The
-        request's fields are filled in only when a cut rule set needs them."""
+    def allow(
+        self, stream: ActiveStream, conn: HttpConnection, first: int = 0, stop: int = -1
+    ) -> bool:
+        """Run the filters ``first`` to ``stop`` (exclusive; -1: to the end) for ``stream``;
+        on a denial answer it (403) and return False. The request's fields are filled in only
+        when a cut rule set needs them. (A slice is one RbacStage of a decoder filter chain.)"""
         state = self.connection_state(conn)
         request: RbacInput | None = None
         cuts = state.cuts
-        for i, flt in enumerate(self.filters):
+        filters = self.filters
+        for i in range(first, len(filters) if stop < 0 else stop):
+            flt = filters[i]
             cut = cuts[i]
             shadow = cut.shadow
             if shadow is not None:

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
 from ubimesh.proto import path as pathnorm
@@ -44,6 +45,7 @@ from ubimesh.telemetry.mesh_metrics import MeshMetrics
 from ubimesh.telemetry.stats import Counter, Histogram, Store
 
 if TYPE_CHECKING:
+    from ubimesh.proxy.http.filter_chain import DecoderFilter
     from ubimesh.proxy.network.http_manager import ActiveStream, HttpConnection
     from ubimesh.proxy.tracing.span import HcmTracer
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
@@ -80,6 +82,10 @@ _ABSOLUTE_FORM = re.compile(
 _STRIP_CANDIDATES = _HOP_BY_HOP | _INTERNAL | {"x-forwarded-client-cert"}
 #: The HTTP RBAC filter's config type (HttpFilterConfig.type_name).
 HTTP_RBAC_TYPE = "envoy.extensions.filters.http.rbac.v3.RBAC"
+#: The fault and local rate limit filters' config types: either makes a decoder filter chain.
+HTTP_FAULT_TYPE = "envoy.extensions.filters.http.fault.v3.HTTPFault"
+LOCAL_RATELIMIT_TYPE = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+_CHAIN_TYPES = frozenset({HTTP_FAULT_TYPE, LOCAL_RATELIMIT_TYPE})
 #: Request headers Envoy keeps as one entry (its "inline" headers): repeated ones are joined
 #: with "," in arrival order. Other repeated headers stay separate.
 _COALESCED = frozenset(
@@ -144,13 +150,40 @@ def is_loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
 
 
+#: Random bytes are drawn for this many request ids at a time (one getrandom call each
+#: time instead of one per request, as Envoy's random generator buffers them).
+_IDS_PER_DRAW = 256
+_random = b""
+_random_at = 0
+
+
+def _forget_random() -> None:
+    # A forked worker must not hand out the ids its parent had drawn but not used.
+    global _random, _random_at
+    _random = b""
+    _random_at = 0
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_request_id() -> str:
     """A random UUID4 string (RFC 9562 section 5.4), as Envoy's x-request-id."""
-    b = bytearray(os.urandom(16))
+    global _random, _random_at
+    at = _random_at
+    if at + 16 > len(_random):
+        _random = os.urandom(16 * _IDS_PER_DRAW)
+        at = 0
+    _random_at = at + 16
+    b = bytearray(_random[at : at + 16])
     b[6] = (b[6] & 0x0F) | 0x40
     b[8] = (b[8] & 0x3F) | 0x80
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+#: Statuses 0-999 (every three-digit code) have a slot in ``RequestStats.by_code``.
+_CODE_SLOTS = 1000
 
 
 class RequestStats:
@@ -176,24 +209,38 @@ class RequestStats:
         self.rq_time: Histogram | None = None
         """From the upstream request's first byte written to its response's last byte read."""
         self.by_class: list[Counter | None] = [None] * 6
-        self.by_code: dict[int, Counter] = {}
+        self.by_code: list[Counter | None] = [None] * _CODE_SLOTS
+        """Per-code counters by status (an index, not a formatted name, per request)."""
 
     def count(self, status: int) -> None:
-        i = min(status // 100, 5)
+        """Count one response of ``status`` (``upstream_rq_<N>xx`` and ``upstream_rq_<code>``,
+        each made when first used). Per request: two list lookups, two bumps."""
+        i = status // 100
+        if i > 5:
+            i = 5
         k = self.by_class[i]
         if k is None:
             k = self.by_class[i] = self.store.counter(f"{self.prefix}upstream_rq_{i}xx")
         k.value += 1
-        c = self.by_code.get(status)
-        if c is None:
-            c = self.by_code[status] = self.store.counter(f"{self.prefix}upstream_rq_{status}")
+        if 0 <= status < _CODE_SLOTS:
+            c = self.by_code[status]
+            if c is None:
+                c = self.by_code[status] = self._code_counter(status)
+        else:  # never from an HTTP/1 parser (three digits); only an odd configured status
+            c = self._code_counter(status)
         c.value += 1
+
+    def _code_counter(self, status: int) -> Counter:
+        return self.store.counter(f"{self.prefix}upstream_rq_{status}")
 
     def record_time(self, ms: float) -> None:
         h = self.rq_time
         if h is None:
             h = self.rq_time = self.store.histogram(self.prefix + "upstream_rq_time")
-        h.record(ms)
+        # Histogram.record inlined (see HcmRuntime.observe).
+        h.counts[bisect_left(h.bounds, ms)] += 1
+        h.sum += ms
+        h.count += 1
 
     def charge_local(self, status: int) -> None:
         """A request that got no upstream response: the proxy's answer is charged (Envoy's
@@ -322,6 +369,11 @@ class HcmRuntime:
                 xff_num_trusted_hops=config.xff_num_trusted_hops,
                 skip_xff_append=config.skip_xff_append,
             )
+        self.decoder_filters: tuple[DecoderFilter, ...] | None = _decoder_filters(
+            config, self.rbac, stats, self.loop
+        )
+        """None unless a fault or local rate limit filter is configured: then the stream runs
+        this chain (RBAC included) instead of ``rbac``; without them, one attribute check."""
 
     def take_routes(self, config: HttpConnectionManagerConfig) -> None:
         """Route with ``config.route_config`` from the next request on (an RDS update):
@@ -329,11 +381,14 @@ class HcmRuntime:
         self.config = config
         self.table = _route_table(config.route_config)
         self._rules_cache.clear()  # keyed by ids of the old table's routes
+        for f in self.decoder_filters or ():
+            f.routes_changed()
 
     # -- stats ----------------------------------------------------------------------------------
 
     def count_status(self, status: int) -> None:
-        self.by_class[min(status // 100, 5)].value += 1
+        i = status // 100
+        self.by_class[i if i < 5 else 5].value += 1
 
     def request_stats(self, name: str) -> RequestStats:
         rs = self._request_stats.get(name)
@@ -353,7 +408,12 @@ class HcmRuntime:
         if logs is not None:
             log_stream(logs, stream)
         duration_ms = (time.monotonic() - stream.start_time) * 1000.0
-        self.rq_time.record(duration_ms)
+        # Histogram.record inlined: this module is compiled and ``stats`` is not, so the call
+        # would run interpreted code once per request.
+        h = self.rq_time
+        h.counts[bisect_left(h.bounds, duration_ms)] += 1
+        h.sum += duration_ms
+        h.count += 1
         self.rq_completed.value += 1
         mesh = self.mesh
         if mesh is not None:
@@ -665,6 +725,45 @@ def shadow_host(host: str) -> str:
     if colon > 0:
         return host[:colon] + "-shadow" + host[colon:]
     return host + "-shadow"
+
+
+def _decoder_filters(
+    config: HttpConnectionManagerConfig,
+    rbac: HttpRbac | None,
+    stats: Store,
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[DecoderFilter, ...] | None:
+    """The decoder filter chain in ``http_filters`` order, or None when the HCM has no fault
+    and no local rate limit filter (RBAC alone keeps its direct call). Consecutive RBAC
+    filters are one stage of the HCM's HttpRbac."""
+    if not any(f.type_name in _CHAIN_TYPES for f in config.http_filters):
+        return None
+    # Imported only by a proxy that configures these filters.
+    from ubimesh.proxy.http.fault import FaultFilter
+    from ubimesh.proxy.http.filter_chain import RbacStage
+    from ubimesh.proxy.http.local_ratelimit import LocalRateLimitFilter
+
+    chain: list[DecoderFilter] = []
+    rbac_index = 0
+    run_start = -1
+    for f in config.http_filters:
+        if f.type_name == HTTP_RBAC_TYPE:
+            if run_start < 0:
+                run_start = rbac_index
+            rbac_index += 1
+            continue
+        if run_start >= 0:
+            assert rbac is not None
+            chain.append(RbacStage(rbac, run_start, rbac_index))
+            run_start = -1
+        if f.type_name == HTTP_FAULT_TYPE:
+            chain.append(FaultFilter(f.config, stats, config.stat_prefix))
+        elif f.type_name == LOCAL_RATELIMIT_TYPE:
+            chain.append(LocalRateLimitFilter(f.name, f.config, stats, loop))
+    if run_start >= 0:
+        assert rbac is not None
+        chain.append(RbacStage(rbac, run_start, rbac_index))
+    return tuple(chain)
 
 
 def _route_table(rc: RouteConfiguration) -> RouteTable:

@@ -28,6 +28,7 @@ import httptools
 from ubimesh.proto.headers import Headers
 from ubimesh.proxy.http import codec
 from ubimesh.proxy.http.codec import DATE, LAST_CHUNK, chunk, encode_headers, status_line
+from ubimesh.proxy.http.filter_chain import CONTINUE
 from ubimesh.proxy.http.pool import RESPONSE_HEADER_FLAGS, RH_CONTENT_LENGTH, RH_SERVER
 from ubimesh.proxy.network.hcm_config import (
     F_CONTENT_LENGTH,
@@ -47,6 +48,7 @@ from ubimesh.proxy.snapshot.types import (
 )
 
 if TYPE_CHECKING:
+    from ubimesh.proxy.http.fault import DelayedStream
     from ubimesh.proxy.http.rbac import RbacConnection
     from ubimesh.proxy.http.router import UpstreamRequest
     from ubimesh.proxy.network.hcm_config import HcmRuntime
@@ -89,10 +91,12 @@ class ActiveStream:
         "path",
         "pending_body",
         "pending_bytes",
+        "pending_filter",
         "request_complete",
         "request_timer",
         "response_chunked",
         "response_close",
+        "response_extra",
         "response_headers",
         "response_headers_only",
         "response_started",
@@ -149,6 +153,10 @@ class ActiveStream:
         self.expect_continue = False
         self.hflags = 0
         """F_* flags of the request headers seen (ubimesh.proxy.network.hcm_config)."""
+        self.pending_filter: DelayedStream | None = None
+        """A decoder filter holding the request (a fault delay); cancelled on a reset."""
+        self.response_extra: list[tuple[str, str]] | None = None
+        """Headers a decoder filter adds to the response (x-ratelimit-*); None: none."""
 
     # -- decode path (request) ----------------------------------------------------------------
 
@@ -174,6 +182,12 @@ class ActiveStream:
             # x-request-id and the route's tracing; the context goes into the headers the
             # router forwards. The HCM finishes the span in observe().
             self.span = tracer.start(self, route)
+        if hcm.decoder_filters is not None:
+            # Fault or local rate limit filters: the whole chain, in http_filters order (RBAC
+            # filters included), then the router; a filter may pause it (a fault delay).
+            self.route = route
+            self.run_filters(0)
+            return
         rbac = hcm.rbac
         if rbac is not None:
             # RBAC runs before the router (which answers 404 for no route). Envoy has found
@@ -182,6 +196,25 @@ class ActiveStream:
             self.route = route
             if not rbac.allow(self, conn):
                 return
+        self.start_router(route)
+
+    def run_filters(self, start: int) -> None:
+        """Run the HCM's decoder filters from ``start`` (ubimesh.proxy.http.filter_chain);
+        when all continue, start the router. A filter that stops answered the request; one
+        that pauses calls this again with the next index when it resumes."""
+        chain = self.hcm.decoder_filters
+        assert chain is not None
+        conn = self.conn
+        for i in range(start, len(chain)):
+            if chain[i].decode(self, conn, i) != CONTINUE:
+                return
+        self.start_router(self.route)
+
+    def start_router(self, route: Route | None) -> None:
+        """After the decoder filters: no route is a 404; else arm the request and stream
+        idle timers and hand the request to the router."""
+        hcm = self.hcm
+        conn = self.conn
         if route is None:
             hcm.rq_no_route.value += 1
             self.send_local_reply(404, b"", NR)
@@ -269,6 +302,9 @@ class ActiveStream:
             if mutated is not out:
                 out = mutated
                 flags = -1
+        extra = self.response_extra
+        if extra is not None:
+            out.extend(extra)
         if flags < 0:
             flags = 0
             for k, _ in out:
@@ -398,6 +434,10 @@ class ActiveStream:
             return
         self.flags = add_flag(self.flags, DC)
         self.done = True
+        pending = self.pending_filter
+        if pending is not None:
+            self.pending_filter = None
+            pending.cancel()
         self._release()
 
 
@@ -418,6 +458,8 @@ class HttpConnection(asyncio.Protocol):
         ID and certificate hash, for the HTTP filters and x-forwarded-client-cert. Set by
         the TLS gate before ``connection_made``."""
         self.rbac: RbacConnection | None = None
+        self.filter_state: dict[int, object] | None = None
+        """Decoder filters' per-connection state (local rate limit buckets), by filter."""
         """What the HTTP RBAC filters keep for this connection (from its first request)."""
         self.closed = False
         self.draining = False

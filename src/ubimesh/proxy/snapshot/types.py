@@ -324,6 +324,9 @@ class VirtualHost:
     domains: tuple[str, ...]
     routes: tuple[Route, ...]
     headers: HeaderMutation = NO_HEADER_MUTATION
+    typed_per_filter_config: tuple[tuple[str, Any], ...] = ()
+    """Per-virtual-host filter overrides: (filter name, compiled config) pairs; a route's own
+    entry for the same filter wins."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +417,96 @@ class HttpFilterConfig:
     name: str
     type_name: str
     config: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class FaultConfig:
+    """envoy.extensions.filters.http.fault.v3.HTTPFault (``envoy.filters.http.fault``).
+
+    A percentage is (numerator, denominator) with the numerator capped at the denominator.
+    ``delay`` is the fixed delay in seconds (None: no fixed delay); ``header_delay`` takes the
+    delay from ``x-envoy-fault-delay-request`` (milliseconds) instead. ``abort_status`` is the
+    fixed status (None: none); ``header_abort`` takes it from ``x-envoy-fault-abort-request``.
+    ``max_active_faults`` None means unlimited."""
+
+    stat_prefix: str = ""
+    has_delay: bool = False
+    delay: float | None = None
+    header_delay: bool = False
+    delay_percent: tuple[int, int] = (0, 100)
+    has_abort: bool = False
+    abort_status: int | None = None
+    header_abort: bool = False
+    abort_percent: tuple[int, int] = (0, 100)
+    upstream_cluster: str = ""
+    headers: tuple[HeaderMatcher, ...] = ()
+    max_active_faults: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBucketConfig:
+    """envoy.type.v3.TokenBucket: ``fill_interval`` in seconds (Envoy requires >= 50 ms)."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: float
+
+
+class RateLimitActionKind(enum.Enum):
+    """The route RateLimit.Action kinds ubimesh implements for local rate limits."""
+
+    REQUEST_HEADERS = "request_headers"
+    REMOTE_ADDRESS = "remote_address"
+    GENERIC_KEY = "generic_key"
+    HEADER_VALUE_MATCH = "header_value_match"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitAction:
+    """One RateLimit.Action: it yields the descriptor entry (``key``, value) for a request.
+
+    REQUEST_HEADERS: the value of header ``header_name`` (absent: the descriptor is dropped,
+    or with ``skip_if_absent`` this entry only). REMOTE_ADDRESS: the downstream address.
+    GENERIC_KEY: ``value``. HEADER_VALUE_MATCH: ``value`` when ``headers`` all match (or, with
+    ``expect_match`` false, when they do not)."""
+
+    kind: RateLimitActionKind
+    key: str
+    value: str = ""
+    header_name: str = ""
+    skip_if_absent: bool = False
+    headers: tuple[HeaderMatcher, ...] = ()
+    expect_match: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRateLimitDescriptor:
+    """A configured descriptor (its entries, in order) and its own token bucket."""
+
+    entries: tuple[tuple[str, str], ...]
+    token_bucket: TokenBucketConfig
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRateLimitConfig:
+    """envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit, as a filter's config
+    or as a route's / virtual host's typed_per_filter_config. ``token_bucket`` None: the
+    default bucket never limits. Enabled / enforced fractions are the RuntimeFractionalPercent
+    default values (ubimesh has no runtime); absent means 0 % (Envoy)."""
+
+    stat_prefix: str
+    token_bucket: TokenBucketConfig | None = None
+    enabled: tuple[int, int] = (0, 100)
+    enforced: tuple[int, int] = (0, 100)
+    status: int = 429
+    response_headers_to_add: tuple[HeaderValueOption, ...] = ()
+    request_headers_to_add_when_not_enforced: tuple[HeaderValueOption, ...] = ()
+    per_downstream_connection: bool = False
+    x_ratelimit_headers: bool = False
+    descriptors: tuple[LocalRateLimitDescriptor, ...] = ()
+    rate_limits: tuple[tuple[RateLimitAction, ...], ...] = ()
+    """The filter's own ``rate_limits``: each entry's actions build one request descriptor."""
+    always_consume_default_token_bucket: bool = True
 
 
 @dataclass(frozen=True, slots=True)

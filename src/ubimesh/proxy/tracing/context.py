@@ -10,9 +10,10 @@ ignored together with its tracestate; a tracestate that breaks the grammar is dr
 from __future__ import annotations
 
 import os
+from typing import Final
 
 #: The request headers tracing looks at (one pass over the header list finds them all).
-TRACE_HEADERS = frozenset(
+TRACE_HEADERS: Final = frozenset(
     {
         "b3",
         "x-b3-traceid",

@@ -23,6 +23,7 @@ def encode(spans: list[Span], local: LocalInfo, service_name: str) -> bytes:
     """One resource (this proxy: ``service.name``), one scope, the spans."""
     out = []
     for s in spans:
+        tags = s.tag_dict()
         start_ns = s.start_us * 1000
         span: dict[str, Any] = {
             "traceId": s.trace_id if len(s.trace_id) == 32 else s.trace_id.rjust(32, "0"),
@@ -32,13 +33,13 @@ def encode(spans: list[Span], local: LocalInfo, service_name: str) -> bytes:
             "startTimeUnixNano": str(start_ns),
             "endTimeUnixNano": str(start_ns + s.duration_us * 1000),
             "flags": (1 if s.sampled else 0) | (_REMOTE_PARENT if s.parent_id else _LOCAL_ROOT),
-            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in s.tags.items()],
+            "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in tags.items()],
         }
         if s.parent_id:
             span["parentSpanId"] = s.parent_id
         if s.tracestate:
             span["traceState"] = s.tracestate
-        if s.tags.get("error") == "true":
+        if tags.get("error") == "true":
             span["status"] = {"code": _ERROR}
         out.append(span)
     resource = [

@@ -16,16 +16,18 @@ decision stable for a request id. Envoy's ConnectionManagerUtility::mutateTracin
 from __future__ import annotations
 
 import random
+from typing import Final
 
-NOT_TRACEABLE = 0
-SAMPLING = 1
-SERVICE_FORCED = 2
-CLIENT_FORCED = 3
+# Final: compiled callers use the values directly instead of looking the names up.
+NOT_TRACEABLE: Final = 0
+SAMPLING: Final = 1
+SERVICE_FORCED: Final = 2
+CLIENT_FORCED: Final = 3
 
 _REASON_OF = {"9": SAMPLING, "a": SERVICE_FORCED, "b": CLIENT_FORCED}
 _NIBBLE_OF = ("4", "9", "a", "b")
-_UUID_LENGTH = 36
-_TRACE_BYTE = 14
+_UUID_LENGTH: Final = 36
+_TRACE_BYTE: Final = 14
 
 
 def percent_numerator(percent: float) -> int:

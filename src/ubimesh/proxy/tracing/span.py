@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ubimesh.proxy.snapshot.types import (
     CustomTag,
@@ -34,6 +34,7 @@ from ubimesh.proxy.snapshot.types import (
 )
 from ubimesh.proxy.tracing import context as tc
 from ubimesh.proxy.tracing import sampler
+from ubimesh.proxy.tracing.context import TRACE_HEADERS
 from ubimesh.proxy.tracing.local import LOCAL
 
 if TYPE_CHECKING:
@@ -42,7 +43,9 @@ if TYPE_CHECKING:
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
     from ubimesh.telemetry.stats import Store
 
-_B3_WRITTEN = frozenset({"b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled"})
+_B3_WRITTEN: Final = frozenset(
+    {"b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled"}
+)
 
 
 def new_span_id() -> str:
@@ -54,10 +57,21 @@ def new_span_id() -> str:
 
 
 class Span:
-    """One stream's span; finished spans wait in an exporter's queue until sent."""
+    """One sampled stream's span; finished spans wait in an exporter's queue until sent.
 
-    __slots__ = ("client", "duration_us", "name", "parent_id", "sampled", "shared", "span_id",
-                 "start_mono", "start_us", "tags", "trace_id", "tracestate")  # fmt: skip
+    Only a sampled request gets one (an unsampled one only carries its ids upstream). The
+    span keeps a compact record of what its tags are made of: the request's values, taken
+    when it starts (the router rewrites the headers in place when it forwards them), and the
+    response's, taken when it finishes. ``tag_dict`` builds Envoy's tags from the record at
+    export time, off the request path. ``tags``, when set, are the span's tags as given.
+    """
+
+    __slots__ = ("client", "client_trace_id", "cluster", "custom", "downstream_cluster",
+                 "duration_us", "host", "http10", "method", "name", "parent_id", "path", "peer",
+                 "proto", "recorded", "request_id", "request_size", "response_flags",
+                 "response_size", "sampled", "shared", "span_id", "start_mono", "start_us",
+                 "status", "tags", "trace_id", "tracestate", "upstream_address",
+                 "user_agent")  # fmt: skip
 
     def __init__(
         self,
@@ -83,7 +97,31 @@ class Span:
         self.start_us = 0
         self.start_mono = 0.0
         self.duration_us = 0
-        self.tags: dict[str, str] = {}
+        self.tags: dict[str, str] | None = None
+        """Explicit tags; None: built from the record by ``tag_dict``."""
+        self.recorded = False
+        """Whether the request record below was taken (``HcmTracer.start``)."""
+        self.request_id = ""
+        self.client_trace_id = ""
+        self.proto = ""
+        self.host = ""
+        self.path = ""
+        """Already cut to the tracing's max_path_tag_length."""
+        self.method = ""
+        self.downstream_cluster = ""
+        self.user_agent = ""
+        self.http10 = False
+        self.peer = ""
+        self.custom: dict[str, str] | None = None
+        """The custom tags' values (HCM's then route's), None without custom tags."""
+        self.request_size = 0
+        self.response_size = 0
+        self.status = 0
+        self.response_flags = ""
+        self.cluster: str | None = None
+        """The upstream cluster's name, None when the request got no cluster."""
+        self.upstream_address: object = None
+        """The upstream host's SocketAddress (printed at export), None without a host."""
 
     def __repr__(self) -> str:
         return (
@@ -91,13 +129,59 @@ class Span:
             f"{'CLIENT' if self.client else 'SERVER'} sampled={self.sampled} {self.name!r})"
         )
 
+    def tag_dict(self) -> dict[str, str]:
+        """The span's tags, as Envoy's HCM sets them: the request's, the custom tags (which
+        may replace them), then the response's (which replace any custom tag of their name)."""
+        given = self.tags
+        if given is not None:
+            return given
+        if not self.recorded:
+            return {}
+        local = LOCAL
+        # One dict display for the tags every span has (the cheapest way to build them), then
+        # the optional ones; the tags' order carries no meaning in either export format.
+        tags = {
+            "node_id": local.node_id,
+            "http.url": self.proto + "://" + self.host + self.path,
+            "http.method": self.method,
+            "downstream_cluster": self.downstream_cluster,
+            "user_agent": self.user_agent,
+            "http.protocol": "HTTP/1.0" if self.http10 else "HTTP/1.1",
+            "peer.address": self.peer,
+        }
+        if local.zone:
+            tags["zone"] = local.zone
+        if self.request_id:
+            tags["guid:x-request-id"] = self.request_id
+        if self.client_trace_id:
+            tags["guid:x-client-trace-id"] = self.client_trace_id
+        custom = self.custom
+        if custom is not None:
+            tags.update(custom)
+        tags["request_size"] = str(self.request_size)
+        tags["response_size"] = str(self.response_size)
+        tags["component"] = "proxy"
+        cluster = self.cluster
+        if cluster is not None:
+            tags["upstream_cluster"] = cluster
+            tags["upstream_cluster.name"] = cluster
+            if self.upstream_address is not None:
+                tags["upstream_address"] = str(self.upstream_address)
+        status = self.status
+        tags["http.status_code"] = str(status)
+        tags["response_flags"] = self.response_flags or "-"
+        # Envoy marks 5xx, and a stream that ended without a response, as errors.
+        if status >= 500 or status == 0:
+            tags["error"] = "true"
+        return tags
+
 
 class HcmTracer:
     """One HCM's tracing: built from its TracingConfig when the HCM runtime is built."""
 
     __slots__ = ("client_n", "config", "custom_tags", "egress", "exporter", "n_client_enabled",
                  "n_not_traceable", "n_random", "n_service_forced", "otel", "overall_n",
-                 "random_n", "shared", "trace_id_128bit", "w3c")  # fmt: skip
+                 "path_limit", "random_n", "shared", "trace_id_128bit", "w3c")  # fmt: skip
 
     def __init__(
         self, config: TracingConfig, stats: Store, stat_prefix: str, clusters: ClusterManager
@@ -116,6 +200,7 @@ class HcmTracer:
         self.random_n = sampler.percent_numerator(config.random_sampling)
         self.overall_n = sampler.percent_numerator(config.overall_sampling)
         self.custom_tags = config.custom_tags
+        self.path_limit = config.max_path_tag_length
         p = f"http.{stat_prefix}.tracing."
         self.n_random = stats.counter(p + "random_sampling")
         self.n_service_forced = stats.counter(p + "service_forced")
@@ -126,11 +211,32 @@ class HcmTracer:
 
     def start(self, stream: ActiveStream, route: Route | None) -> Span | None:
         """Decide, extract, start the stream's span and inject this hop's context into the
-        request headers. None when the request is not traced at all (malformed B3).
+        request headers. Returns the span of a sampled request; None for an unsampled one
+        (its context still goes upstream, but nothing is reported, so nothing is kept) and for
+        one that is not traced at all (malformed B3).
         ``route`` (the matched one, if any) may carry tracing settings and a decorator."""
         headers = stream.headers
-        found = tc.collect(headers.items)
-        rid = headers.get_first("x-request-id")
+        # One pass over the request headers finds the x-request-id and the trace headers
+        # (usually none at an edge).
+        rid: str | None = None
+        rid_at = -1
+        rid_count = 0
+        found: dict[str, list[str]] | None = None
+        for i, (k, v) in enumerate(headers.items):
+            if k == "x-request-id":
+                if rid is None:
+                    rid = v
+                    rid_at = i
+                rid_count += 1
+            elif k in TRACE_HEADERS:
+                if found is None:
+                    found = {k: [v]}
+                else:
+                    values = found.get(k)
+                    if values is None:
+                        found[k] = [v]
+                    else:
+                        values.append(v)
         client_n, random_n, overall_n = self.client_n, self.random_n, self.overall_n
         route_tracing = route.tracing if route is not None else None
         if route_tracing is not None:
@@ -149,7 +255,10 @@ class HcmTracer:
             overall=overall_n,
         )
         if new_rid is not None and new_rid != rid:
-            headers.set("x-request-id", new_rid)
+            if rid_count == 1:
+                headers.items[rid_at] = ("x-request-id", new_rid)
+            else:
+                headers.set("x-request-id", new_rid)
         if reason == sampler.SAMPLING:
             self.n_random.value += 1
         elif reason == sampler.NOT_TRACEABLE:
@@ -159,127 +268,165 @@ class HcmTracer:
         else:
             self.n_service_forced.value += 1
         traced = reason != sampler.NOT_TRACEABLE
-        span = self._start_otel(stream, found, traced) if self.otel else None
-        if not self.otel:
+        if self.otel:
+            span = self._start_otel(stream, found, traced)
+        elif found is None:
+            span = self._start_zipkin_root(stream, traced)
+        else:
             span = self._start_zipkin(stream, found, traced)
-        if span is None:
+        if span is _MALFORMED:
             return None
         if route is not None and route.decorator:
             # The route's operation names the span (Envoy's Decorator::apply); an egress HCM
-            # also tells the next hop, whose ingress span takes the name from the header.
-            span.name = route.decorator
+            # also tells the next hop (sampled or not), whose ingress span takes the name from
+            # the header.
             if self.egress and route.decorator_propagate:
                 headers.set("x-envoy-decorator-operation", route.decorator)
+            if span is not None:
+                span.name = route.decorator
+        if span is None:
+            return None
         now = time.time()
         span.start_mono = stream.start_time
         span.start_us = int((now - (time.monotonic() - stream.start_time)) * 1_000_000)
-        if span.sampled:
-            self._request_tags(stream, span, new_rid, found)
-            if route_tracing is not None and route_tracing.custom_tags:
-                self._custom_tags(stream, span, route_tracing.custom_tags)
+        self._record_request(stream, span, new_rid, found)
+        if route_tracing is not None and route_tracing.custom_tags:
+            self._custom_tags(stream, span, route_tracing.custom_tags)
         return span
 
+    def _start_zipkin_root(self, stream: ActiveStream, traced: bool) -> Span | None:
+        """Zipkin without incoming trace headers (the common case at an edge): this hop starts
+        the trace; an unsampled one only sends its ids upstream, as Envoy's."""
+        span_id = new_span_id()
+        trace_id = new_span_id() + span_id if self.trace_id_128bit else span_id
+        items = stream.headers.items
+        items.append(("x-b3-traceid", trace_id))
+        items.append(("x-b3-spanid", span_id))
+        items.append(("x-b3-sampled", "1" if traced else "0"))
+        if self.w3c:
+            stream.headers.set("traceparent", tc.traceparent(trace_id, span_id, traced))
+        if not traced:
+            return None
+        # Envoy reports an ingress span as shared even when it starts the trace.
+        return Span(trace_id, span_id, "", sampled=True, client=self.egress,
+                    shared=self.shared, name=stream.host_header)  # fmt: skip
+
     def _start_zipkin(
-        self, stream: ActiveStream, found: dict[str, list[str]] | None, traced: bool
+        self, stream: ActiveStream, found: dict[str, list[str]], traced: bool
     ) -> Span | None:
-        ctx: tc.SpanContext | None = None
-        if found is not None:
-            try:
-                ctx = tc.extract_b3(found)
-            except tc.Malformed:
-                return None
-            if (ctx is None or not ctx.has_ids) and self.w3c:
-                w3c = tc.extract_w3c(found)
-                if w3c is not None:
-                    if ctx is not None and ctx.sampled != tc.UNKNOWN:
-                        w3c.sampled = ctx.sampled
-                    ctx = w3c
+        """Zipkin with incoming trace headers. ``_MALFORMED`` when the B3 headers are broken;
+        None when the request is not sampled (its context goes upstream all the same)."""
+        try:
+            ctx = tc.extract_b3(found)
+        except tc.Malformed:
+            return _MALFORMED
+        if (ctx is None or not ctx.has_ids) and self.w3c:
+            w3c = tc.extract_w3c(found)
+            if w3c is not None:
+                if ctx is not None and ctx.sampled != tc.UNKNOWN:
+                    w3c.sampled = ctx.sampled
+                ctx = w3c
         sampled = traced if ctx is None or ctx.sampled == tc.UNKNOWN else ctx.sampled == 1
-        name = stream.host_header
+        shared = False
+        client = self.egress
         if ctx is not None and ctx.has_ids:
+            trace_id = ctx.trace_id
             if self.shared:
-                span = Span(ctx.trace_id, ctx.span_id, ctx.parent_id, sampled=sampled,
-                            client=False, shared=True, name=name)  # fmt: skip
+                span_id, parent_id, shared, client = ctx.span_id, ctx.parent_id, True, False
             else:
-                span = Span(ctx.trace_id, new_span_id(), ctx.span_id, sampled=sampled,
-                            client=self.egress, name=name)  # fmt: skip
+                span_id, parent_id = new_span_id(), ctx.span_id
             single = ctx.single_b3
         else:
             span_id = new_span_id()
             trace_id = new_span_id() + span_id if self.trace_id_128bit else span_id
+            parent_id = ""
             # Envoy reports an ingress span as shared even when it starts the trace.
-            span = Span(trace_id, span_id, "", sampled=sampled, client=self.egress,
-                        shared=self.shared, name=name)  # fmt: skip
+            shared = self.shared
             single = ctx is not None and ctx.single_b3
         headers = stream.headers
-        if found is not None:
-            headers.items = [kv for kv in headers.items if kv[0] not in _B3_WRITTEN]
-        headers.items.extend(
-            tc.b3_headers(span.trace_id, span.span_id, span.parent_id, sampled, single=single)
-        )
+        headers.items = [kv for kv in headers.items if kv[0] not in _B3_WRITTEN]
+        headers.items.extend(tc.b3_headers(trace_id, span_id, parent_id, sampled, single=single))
         if self.w3c:
-            headers.set("traceparent", tc.traceparent(span.trace_id, span.span_id, sampled))
-        return span
+            headers.set("traceparent", tc.traceparent(trace_id, span_id, sampled))
+        if not sampled:
+            return None
+        return Span(trace_id, span_id, parent_id, sampled=True, client=client, shared=shared,
+                    name=stream.host_header)  # fmt: skip
 
     def _start_otel(
         self, stream: ActiveStream, found: dict[str, list[str]] | None, traced: bool
-    ) -> Span:
+    ) -> Span | None:
+        """OpenTelemetry: a new span id, child of the traceparent's; None when not sampled."""
         ctx = tc.extract_w3c(found) if found is not None else None
-        host = stream.host_header
-        name = "egress " + host if self.egress else "ingress"
         if ctx is not None:
-            span = Span(ctx.trace_id, new_span_id(), ctx.span_id, sampled=ctx.sampled == 1,
-                        client=self.egress, name=name, tracestate=ctx.tracestate)  # fmt: skip
+            trace_id, span_id, parent_id = ctx.trace_id, new_span_id(), ctx.span_id
+            sampled = ctx.sampled == 1
+            tracestate = ctx.tracestate
         else:
-            span = Span(new_span_id() + new_span_id(), new_span_id(), "", sampled=traced,
-                        client=self.egress, name=name)  # fmt: skip
+            trace_id, span_id, parent_id = new_span_id() + new_span_id(), new_span_id(), ""
+            sampled = traced
+            tracestate = ""
         headers = stream.headers
-        headers.set("traceparent", tc.traceparent(span.trace_id, span.span_id, span.sampled))
-        if span.tracestate:
-            headers.set("tracestate", span.tracestate)
+        headers.set("traceparent", tc.traceparent(trace_id, span_id, sampled))
+        if tracestate:
+            headers.set("tracestate", tracestate)
         elif found is not None and "tracestate" in found:
             # A tracestate without a valid traceparent (or one that broke the grammar) is
             # dropped with it (W3C).
             headers.remove("tracestate")
-        return span
+        if not sampled:
+            return None
+        name = "egress " + stream.host_header if self.egress else "ingress"
+        return Span(trace_id, span_id, parent_id, sampled=True, client=self.egress, name=name,
+                    tracestate=tracestate)  # fmt: skip
 
-    def _request_tags(
+    def _record_request(
         self,
         stream: ActiveStream,
         span: Span,
         request_id: str | None,
         found: dict[str, list[str]] | None,
     ) -> None:
-        """The tags read from the request, taken now: the router rewrites the headers in
-        place when it forwards them."""
-        headers = stream.headers
-        tags = span.tags
-        local = LOCAL
-        tags["node_id"] = local.node_id
-        if local.zone:
-            tags["zone"] = local.zone
+        """Record what the request's tags are made of, now: the router rewrites the headers
+        in place when it forwards them."""
+        span.recorded = True
         if request_id:
-            tags["guid:x-request-id"] = request_id
+            span.request_id = request_id
         if found is not None and "x-client-trace-id" in found:
-            tags["guid:x-client-trace-id"] = found["x-client-trace-id"][0]
-        proto = headers.get_first("x-forwarded-proto") or "http"
+            span.client_trace_id = found["x-client-trace-id"][0]
+        proto: str | None = None
+        downstream: str | None = None
+        agent: str | None = None
+        # One pass for the three headers (each the first of its name, as get_first).
+        for k, v in stream.headers.items:
+            if k == "x-forwarded-proto":
+                if proto is None:
+                    proto = v
+            elif k == "user-agent":
+                if agent is None:
+                    agent = v
+            elif k == "x-envoy-downstream-service-cluster" and downstream is None:
+                downstream = v
+        span.proto = proto or "http"
+        span.host = stream.host_header
         path = stream.path
-        limit = self.config.max_path_tag_length
-        if len(path) > limit:
-            path = path[:limit]
-        tags["http.url"] = f"{proto}://{stream.host_header}{path}"
-        tags["http.method"] = stream.method
-        tags["downstream_cluster"] = headers.get_first("x-envoy-downstream-service-cluster") or "-"
-        tags["user_agent"] = headers.get_first("user-agent") or "-"
-        tags["http.protocol"] = "HTTP/1.0" if stream.http10 else "HTTP/1.1"
-        tags["peer.address"] = stream.conn.remote[0]
+        if len(path) > self.path_limit:
+            path = path[: self.path_limit]
+        span.path = path
+        span.method = stream.method
+        span.downstream_cluster = downstream or "-"
+        span.user_agent = agent or "-"
+        span.http10 = stream.http10
+        span.peer = stream.conn.remote[0]
         if self.custom_tags:
             self._custom_tags(stream, span, self.custom_tags)
 
     @staticmethod
     def _custom_tags(stream: ActiveStream, span: Span, custom_tags: tuple[CustomTag, ...]) -> None:
         headers = stream.headers
-        tags = span.tags
+        tags = span.custom
+        if tags is None:
+            tags = span.custom = {}
         for custom in custom_tags:
             if custom.kind is CustomTagKind.REQUEST_HEADER:
                 value = headers.get(custom.value)
@@ -293,26 +440,24 @@ class HcmTracer:
     # -- finish ---------------------------------------------------------------------------------
 
     def finish(self, stream: ActiveStream, span: Span) -> None:
-        """The stream ended: tag and queue a sampled span (never blocks)."""
+        """The stream ended: record the response in the span and queue it (never blocks)."""
         if not span.sampled:
             return
         span.duration_us = max(1, int((time.monotonic() - span.start_mono) * 1_000_000))
-        tags = span.tags
-        status = stream.status
-        tags["request_size"] = str(stream.bytes_received)
-        tags["response_size"] = str(stream.bytes_sent)
-        tags["component"] = "proxy"
+        span.status = stream.status
+        span.request_size = stream.bytes_received
+        span.response_size = stream.bytes_sent
+        span.response_flags = stream.flags
         up = stream.upstream
-        cluster = up.cluster if up is not None else None
-        if cluster is not None:
-            tags["upstream_cluster"] = cluster.name
-            tags["upstream_cluster.name"] = cluster.name
-            host = up.host if up is not None else None
-            if host is not None:
-                tags["upstream_address"] = str(host.address)
-        tags["http.status_code"] = str(status)
-        tags["response_flags"] = stream.flags or "-"
-        # Envoy marks 5xx, and a stream that ended without a response, as errors.
-        if status >= 500 or status == 0:
-            tags["error"] = "true"
+        if up is not None:
+            cluster = up.cluster
+            if cluster is not None:
+                span.cluster = cluster.name
+                host = up.host
+                if host is not None:
+                    span.upstream_address = host.address
         self.exporter.add(span)
+
+
+#: What the Zipkin start returns for malformed B3 headers (the request is not traced at all).
+_MALFORMED = Span("", "", "", sampled=False, client=False)

@@ -12,6 +12,8 @@ from typing import Any
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
@@ -31,6 +33,8 @@ HttpConnectionManager = http_connection_manager_pb2.HttpConnectionManager
 TcpProxy = tcp_proxy_pb2.TcpProxy
 Router = router_pb2.Router
 HttpRbac = http_rbac_pb2.RBAC
+HttpFault = fault_pb2.HTTPFault
+LocalRateLimit = local_rate_limit_pb2.LocalRateLimit
 NetworkRbac = network_rbac_pb2.RBAC
 TlsInspector = tls_inspector_pb2.TlsInspector
 UpstreamHttpProtocolOptions = http_protocol_options_pb2.HttpProtocolOptions
@@ -44,6 +48,8 @@ HCM_TYPE = HttpConnectionManager.DESCRIPTOR.full_name
 TCP_PROXY_TYPE = TcpProxy.DESCRIPTOR.full_name
 ROUTER_TYPE = Router.DESCRIPTOR.full_name
 HTTP_RBAC_TYPE = HttpRbac.DESCRIPTOR.full_name
+HTTP_FAULT_TYPE = HttpFault.DESCRIPTOR.full_name
+LOCAL_RATELIMIT_TYPE = LocalRateLimit.DESCRIPTOR.full_name
 NETWORK_RBAC_TYPE = NetworkRbac.DESCRIPTOR.full_name
 TLS_INSPECTOR_TYPE = TlsInspector.DESCRIPTOR.full_name
 UPSTREAM_HTTP_OPTIONS_TYPE = UpstreamHttpProtocolOptions.DESCRIPTOR.full_name
@@ -59,7 +65,12 @@ NETWORK_FILTERS: Mapping[str, Any] = {
 }
 #: The network filters that end a chain (the others go before them).
 TERMINAL_NETWORK_FILTERS = frozenset({HCM_TYPE, TCP_PROXY_TYPE})
-HTTP_FILTERS: Mapping[str, Any] = {ROUTER_TYPE: Router, HTTP_RBAC_TYPE: HttpRbac}
+HTTP_FILTERS: Mapping[str, Any] = {
+    ROUTER_TYPE: Router,
+    HTTP_RBAC_TYPE: HttpRbac,
+    HTTP_FAULT_TYPE: HttpFault,
+    LOCAL_RATELIMIT_TYPE: LocalRateLimit,
+}
 LISTENER_FILTERS: Mapping[str, Any] = {TLS_INSPECTOR_TYPE: TlsInspector}
 ACCESS_LOGGERS: Mapping[str, Any] = {FILE_ACCESS_LOG_TYPE: FileAccessLog}
 DOWNSTREAM_TRANSPORT_SOCKETS: Mapping[str, Any] = {DOWNSTREAM_TLS_TYPE: DownstreamTlsContext}

@@ -21,6 +21,8 @@ from ubimesh.proxy.xds import dynamic, extensions, rbac
 from ubimesh.proxy.xds import tracing as xds_tracing
 from ubimesh.proxy.xds.access_log import access_logs
 from ubimesh.proxy.xds.context import Ctx, item, join, timeout, wrapped
+from ubimesh.proxy.xds.fault import http_fault
+from ubimesh.proxy.xds.local_ratelimit import local_ratelimit
 from ubimesh.proxy.xds.route import route_configuration
 
 _NOT_YET = "not implemented yet"
@@ -345,8 +347,8 @@ _ROUTER_HINTS = {
 
 
 def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, ...]:
-    """HttpConnectionManager.http_filters: RBAC filters in their order, then the router, which
-    must be last."""
+    """HttpConnectionManager.http_filters: RBAC, fault and local rate limit filters in their
+    order, then the router, which must be last."""
     if not filters:
         ctx.error(
             path,
@@ -390,7 +392,14 @@ def http_filters(ctx: Ctx, filters: Any, path: str) -> tuple[HttpFilterConfig, .
                     f"non-terminal filter {flt.name!r} ({type_name}) is the last filter in an "
                     f"HTTP filter chain; end it with the router ({extensions.ROUTER_TYPE})",
                 )
-            out.append(HttpFilterConfig(flt.name, type_name, rbac.http_rbac(ctx, config, tpath)))
+            compiled_filter: object
+            if type_name == extensions.HTTP_FAULT_TYPE:
+                compiled_filter = http_fault(ctx, config, tpath)
+            elif type_name == extensions.LOCAL_RATELIMIT_TYPE:
+                compiled_filter = local_ratelimit(ctx, config, tpath)
+            else:
+                compiled_filter = rbac.http_rbac(ctx, config, tpath)
+            out.append(HttpFilterConfig(flt.name, type_name, compiled_filter))
     return tuple(out)
 
 

@@ -24,6 +24,7 @@ from ubimesh.proxy.snapshot.types import (
 )
 from ubimesh.proxy.xds import common
 from ubimesh.proxy.xds.context import Ctx, item, join, seconds, timeout, wrapped
+from ubimesh.proxy.xds.local_ratelimit import per_filter_configs
 from ubimesh.proxy.xds.tracing import route_decorator, route_tracing
 
 HEADERS = common.HEADER_MUTATION_FIELDS
@@ -44,20 +45,28 @@ _ROUTE_CONFIGURATION_HINTS = {
     "request_mirror_policies": "set request_mirror_policies on the routes' route actions",
 }
 
-_VIRTUAL_HOST = {"name", "domains", "routes", *HEADERS}
+_VIRTUAL_HOST = {"name", "domains", "routes", "typed_per_filter_config", *HEADERS}
 _VIRTUAL_HOST_HINTS = {
     "require_tls": "downstream TLS is " + _NOT_YET,
     "retry_policy": "retries are " + _NOT_YET,
     "cors": "the CORS filter is " + _NOT_YET,
-    "rate_limits": "rate limiting is " + _NOT_YET,
-    "typed_per_filter_config": "per-route filter configuration (RBACPerRoute) is " + _NOT_YET,
+    "rate_limits": "route rate_limits are " + _NOT_YET + "; put local rate limit actions in "
+    "the LocalRateLimit filter's own rate_limits",
     "request_mirror_policies": "set request_mirror_policies on the routes' route actions",
 }
 
-_ROUTE = {"name", "match", "route", "redirect", "direct_response", "decorator", "tracing", *HEADERS}
-_ROUTE_HINTS = {
-    "typed_per_filter_config": "per-route filter configuration (RBACPerRoute) is " + _NOT_YET,
+_ROUTE = {
+    "name",
+    "match",
+    "route",
+    "redirect",
+    "direct_response",
+    "decorator",
+    "tracing",
+    "typed_per_filter_config",
+    *HEADERS,
 }
+_ROUTE_HINTS: dict[str, str] = {}
 
 _ROUTE_MATCH = {
     "prefix",
@@ -91,7 +100,8 @@ _ROUTE_ACTION = {
 }
 _ROUTE_ACTION_HINTS = {
     "retry_policy": "retries are " + _NOT_YET,
-    "rate_limits": "rate limiting is " + _NOT_YET,
+    "rate_limits": "route rate_limits are " + _NOT_YET + "; put local rate limit actions in "
+    "the LocalRateLimit filter's own rate_limits",
     "cors": "the CORS filter is " + _NOT_YET,
     "max_stream_duration": "stream durations are " + _NOT_YET,
 }
@@ -223,6 +233,9 @@ class _RouteConfigScope:
             domains=tuple(domains),
             routes=routes,
             headers=common.header_mutation(ctx, msg, path),
+            typed_per_filter_config=per_filter_configs(
+                ctx, msg.typed_per_filter_config, join(path, "typed_per_filter_config")
+            ),
         )
 
     # -- routes --------------------------------------------------------------------------------
@@ -255,6 +268,9 @@ class _RouteConfigScope:
             tracing=route_tracing(ctx, msg.tracing, join(path, "tracing"))
             if msg.HasField("tracing")
             else None,
+            typed_per_filter_config=per_filter_configs(
+                ctx, msg.typed_per_filter_config, join(path, "typed_per_filter_config")
+            ),
         )
 
     def route_action(self, msg: Any, path: str) -> RouteAction:
