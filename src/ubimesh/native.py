@@ -51,7 +51,6 @@ HOT_MODULES = (
     "ubimesh/proxy/tracing/sampler.py",
     "ubimesh/proxy/tracing/span.py",
     "ubimesh/telemetry/mesh_metrics.py",
-    "ubimesh/telemetry/stats.py",
 )
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent  # .../ubimesh
