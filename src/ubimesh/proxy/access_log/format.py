@@ -27,14 +27,17 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ubimesh.proto.headers import Headers
-from ubimesh.proxy.routing.formatter import DEFAULT_START_TIME_FORMAT, compile_time_format
+from ubimesh.proxy.routing.formatter import (
+    DEFAULT_START_TIME_FORMAT,
+    compile_time_format,
+    scan_format,
+)
+from ubimesh.proxy.routing.formatter import (
+    FormatError as FormatError,
+)
 
 Address = tuple[str, int]
 Value = str | int | None
-
-
-class FormatError(ValueError):
-    """A format Envoy (or ubimesh) refuses; the message names the command."""
 
 
 class LogEntry:
@@ -385,9 +388,6 @@ def _request_values(index: dict[str, int], e: LogEntry) -> list[str | None] | No
     return values
 
 
-_COMMAND = re.compile(r"%([A-Z0-9_]+)(?:\(([^)]*)\))?(?::([0-9]+))?%")
-
-
 def _compile_command(
     name: str, arg: str | None, length: str | None, headers: _RequestHeaders
 ) -> _Op:
@@ -438,26 +438,15 @@ def _compile_command(
 def _parse(text: str, headers: _RequestHeaders) -> tuple[list[_Op], str]:
     """``text`` as its commands, each with the literal text before it, and the literal text
     after the last one; raises :class:`FormatError`."""
+    pairs, tail = scan_format(
+        text,
+        lambda j: f"incorrect format {text!r}: no valid command at position {j} "
+        "(commands are %NAME%, %NAME(arg)% or %NAME(arg):LENGTH%; %% is a literal %)",
+    )
     ops: list[_Op] = []
     literal: list[str] = []
-    i = 0
-    n = len(text)
-    while i < n:
-        j = text.find("%", i)
-        if j < 0:
-            literal.append(text[i:])
-            break
-        literal.append(text[i:j])
-        if text.startswith("%%", j):
-            literal.append("%")
-            i = j + 2
-            continue
-        m = _COMMAND.match(text, j)
-        if m is None:
-            raise FormatError(
-                f"incorrect format {text!r}: no valid command at position {j} "
-                "(commands are %NAME%, %NAME(arg)% or %NAME(arg):LENGTH%; %% is a literal %)"
-            )
+    for before, m in pairs:
+        literal.append(before)
         op = _compile_command(m.group(1), m.group(2), m.group(3), headers)
         if op.kind == _K_CONST:
             # Known now (HOSTNAME): part of the literal text, in a text line.
@@ -466,7 +455,7 @@ def _parse(text: str, headers: _RequestHeaders) -> tuple[list[_Op], str]:
             op.text = "".join(literal)
             literal.clear()
             ops.append(op)
-        i = m.end()
+    literal.append(tail)
     return ops, "".join(literal)
 
 

@@ -142,37 +142,50 @@ def literal_format(text: str) -> CompiledFormat:
 _COMMAND = re.compile(r"%([A-Z0-9_]+)(?:\(([^)]*)\))?(?::([0-9]+))?%")
 
 
-def compile_format(value: str) -> CompiledFormat:
-    """Compile ``value``; raises :class:`FormatError` where Envoy would refuse it."""
-    parts: list[str | Operator] = []
+def scan_format(
+    text: str, bad_command: Callable[[int], str]
+) -> tuple[list[tuple[str, re.Match[str]]], str]:
+    """Envoy's substitution format ``text`` as (literal text before, command) pairs, with
+    ``%%`` read as a literal ``%``, and the literal text after the last command. Raises
+    :class:`FormatError` with ``bad_command(position)`` where a ``%`` starts no valid command.
+    Shared by header values and access log formats, which compile the commands each their own
+    way."""
+    pairs: list[tuple[str, re.Match[str]]] = []
     literal: list[str] = []
     i = 0
-    n = len(value)
+    n = len(text)
     while i < n:
-        j = value.find("%", i)
+        j = text.find("%", i)
         if j < 0:
-            literal.append(value[i:])
+            literal.append(text[i:])
             break
-        literal.append(value[i:j])
-        if value.startswith("%%", j):
+        literal.append(text[i:j])
+        if text.startswith("%%", j):
             literal.append("%")
             i = j + 2
             continue
-        m = _COMMAND.match(value, j)
+        m = _COMMAND.match(text, j)
         if m is None:
-            raise FormatError(
-                f"Incorrect configuration: {value}. Couldn't find valid command at position {j}"
-            )
-        op = _compile_command(m.group(1), m.group(2), m.group(3))
-        text = "".join(literal)
+            raise FormatError(bad_command(j))
+        pairs.append(("".join(literal), m))
+        literal.clear()
+        i = m.end()
+    return pairs, "".join(literal)
+
+
+def compile_format(value: str) -> CompiledFormat:
+    """Compile ``value``; raises :class:`FormatError` where Envoy would refuse it."""
+    pairs, tail = scan_format(
+        value,
+        lambda j: f"Incorrect configuration: {value}. Couldn't find valid command at position {j}",
+    )
+    parts: list[str | Operator] = []
+    for text, m in pairs:
         if text:
             parts.append(text)
-        literal.clear()
-        parts.append(op)
-        i = m.end()
-    text = "".join(literal)
-    if text:
-        parts.append(text)
+        parts.append(_compile_command(m.group(1), m.group(2), m.group(3)))
+    if tail:
+        parts.append(tail)
     return CompiledFormat(value, parts)
 
 
