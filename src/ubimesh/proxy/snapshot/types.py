@@ -16,6 +16,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ubimesh.proxy.snapshot.circuit_breakers import CircuitBreakers
+from ubimesh.proxy.snapshot.health_check import HealthCheck
+from ubimesh.proxy.snapshot.outlier import OutlierDetection
+from ubimesh.proxy.snapshot.retry import RetryPolicy
+
 if TYPE_CHECKING:
     from ubimesh.policy.rbac import RbacConfig
 
@@ -265,6 +270,8 @@ class RouteAction:
     cluster_not_found_response_code: int = 503
     upgrade_websocket: bool | None = None
     """Per-route override of the HCM's websocket upgrade (None: follow the HCM)."""
+    retry_policy: RetryPolicy | None = None
+    """The route's retry policy (or its virtual host's); None: no retries."""
 
 
 class RedirectResponseCode(enum.IntEnum):
@@ -919,6 +926,12 @@ class Cluster:
     telemetry: TelemetryMeta | None = None
     """``metadata.filter_metadata["ubimesh.telemetry"]``: the destination's labels in mesh
     metrics."""
+    circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
+    outlier_detection: OutlierDetection | None = None
+    """None: outlier detection off (Envoy's default when the field is absent)."""
+    health_checks: tuple[HealthCheck, ...] = ()
+    healthy_panic_threshold: float = 50.0
+    """common_lb_config.healthy_panic_threshold in percent; 0 disables panic mode."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from ubimesh.proxy.snapshot.types import (
     LocalityEndpoints,
     SocketAddress,
 )
+from ubimesh.proxy.upstream.circuit_breaker import ClusterResources
 from ubimesh.proxy.upstream.host import Host
 from ubimesh.proxy.upstream.lb import MASK64, Picker, build_picker
 from ubimesh.proxy.upstream.priority import (
@@ -169,6 +170,8 @@ class UpstreamCluster:
         manager); None for plaintext."""
         self.tls_stats: Any = None
         self.stats = ClusterStats(stats, spec.name)
+        self.resources = ClusterResources(spec.circuit_breakers)
+        """Circuit breakers per routing priority (``circuit_breaker.py``)."""
         self.hosts: list[Host] = []
         self.priority_load = PriorityLoad((), ())
         """The current priority load (healthy and degraded percentages per level)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ubimesh.proxy.snapshot.types import Locality, SocketAddress
+from ubimesh.proxy.upstream.outlier import HostMonitor
 
 
 class Host:
@@ -22,6 +23,7 @@ class Host:
         "hostname",
         "locality",
         "locality_weight",
+        "outlier",
         "pool",
         "priority",
         "weight",
@@ -51,6 +53,8 @@ class Host:
         self.healthy = healthy
         self.active_requests = 0
         self.pool: Any = None
+        self.outlier: HostMonitor | None = None
+        """Outlier detection's monitor of this host (see ``outlier.py``); None when off."""
 
     def __repr__(self) -> str:
         return f"Host({self.cluster_name}:{self.address})"
