@@ -11,6 +11,10 @@ policies, closed loop, and reports the throughput ratio (issue 5 bar; benchlib/r
 tracing off, then on at 100 % and at 1 % sampling, and reports the throughput ratios (issue 6
 bars; benchlib/telemetry.py).
 
+``--scenario resilience`` runs ubimesh alone, the S1 setup without and with a retry policy,
+circuit breakers and outlier detection, closed loop, and reports the throughput ratio when
+nothing fails (issue 7 bar; benchlib/resilience.py).
+
 Run it with ``bash bench/run.sh [options]`` (which installs what is missing first), or with
 ``python bench/run.py [options]`` from an environment that already has everything. See
 bench/README.md for the method and for how to read the results.
@@ -46,7 +50,7 @@ from typing import Any
 
 import psutil
 
-from benchlib import configs, mtls_pair, rbac, telemetry
+from benchlib import configs, mtls_pair, rbac, resilience, telemetry
 from benchlib.loads import LoadResult, run_h2load, run_wrk
 from benchlib.procs import (
     BenchError,
@@ -71,7 +75,7 @@ from benchlib.report import DIRECT, chart, markdown, summarise, write_json
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 ALL_PROXIES = ("ubimesh", "envoy", "nginx", "haproxy")
-SCENARIOS = ("s1", "mtls-pair", "rbac", "telemetry")
+SCENARIOS = ("s1", "mtls-pair", "rbac", "telemetry", "resilience")
 # Per-scenario defaults of the options whose default depends on the scenario.
 SCENARIO_DEFAULTS = {
     "s1": {"proxies": ",".join(ALL_PROXIES), "sizes": "1k,16k", "rates": "1000,5000",
@@ -81,10 +85,12 @@ SCENARIO_DEFAULTS = {
     "rbac": {"proxies": ",".join(rbac.PRODUCTS), "sizes": "1k", "rates": "", "wrk_conns": "50"},
     "telemetry": {"proxies": ",".join(telemetry.PRODUCTS), "sizes": "1k", "rates": "",
                   "wrk_conns": "50"},
+    "resilience": {"proxies": ",".join(resilience.PRODUCTS), "sizes": "1k", "rates": "",
+                   "wrk_conns": "50"},
 }  # fmt: skip
 #: The proxies each scenario can run.
 SCENARIO_PRODUCTS = {"s1": ALL_PROXIES, "mtls-pair": mtls_pair.PRODUCTS, "rbac": rbac.PRODUCTS,
-                     "telemetry": telemetry.PRODUCTS}
+                     "telemetry": telemetry.PRODUCTS, "resilience": resilience.PRODUCTS}
 MB = 1024 * 1024
 # The proxy's admin counter of requests sent upstream (Envoy's name; ubimesh mirrors it).
 # Notes that mean someone else's work disturbed a run (see --noise-retries).
@@ -130,7 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="s1: one proxy, plain HTTP; mtls-pair: a pair of proxies with mTLS between them; "
         "rbac: ubimesh without and with an RBAC filter of 100 policies (closed loop); "
         "telemetry: ubimesh with metrics, access log and tracing off, and on at 100 %% and 1 %% "
-        "sampling (closed loop)",
+        "sampling (closed loop); resilience: ubimesh without and with retries, circuit breakers "
+        "and outlier detection, nothing failing (closed loop)",
     )
     p.add_argument(
         "--proxies",
@@ -303,6 +310,11 @@ def preflight(args: argparse.Namespace) -> Tools:
                     f"{t}.yaml": rbac.bootstrap(t, free_port(), free_port(), free_port(), sizes)
                     for t in rbac.TARGETS
                 }
+            elif args.scenario == "resilience":
+                samples = {
+                    f"{t}.yaml": resilience.bootstrap(t, free_port(), free_port(), free_port())
+                    for t in resilience.TARGETS
+                }
             elif args.scenario == "telemetry":
                 samples = {
                     f"{t}.yaml": telemetry.bootstrap(t, free_port(), free_port(), free_port(),
@@ -430,9 +442,11 @@ def start_proxy(ctx: Context, name: str) -> Target:
     port, side_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     stats_url = None
-    if name in ("ubimesh", "envoy", rbac.WITH_RBAC, *telemetry.BARS):
+    if name in ("ubimesh", "envoy", rbac.WITH_RBAC, resilience.WITH_RESILIENCE, *telemetry.BARS):
         if name == rbac.WITH_RBAC:
             cfg = rbac.rbac_bootstrap(port, side_port, ctx.upstream_port, list(args.sizes))
+        elif name == resilience.WITH_RESILIENCE:
+            cfg = resilience.resilience_bootstrap(port, side_port, ctx.upstream_port)
         elif name in telemetry.BARS:
             cfg = telemetry.bootstrap(name, port, side_port, ctx.upstream_port, workdir)
         elif name == "ubimesh":
@@ -440,7 +454,7 @@ def start_proxy(ctx: Context, name: str) -> Target:
         else:
             cfg = configs.envoy_bare_bootstrap(port, side_port, ctx.upstream_port)
         path = configs.write_text(workdir / f"{name}.bootstrap.yaml", configs.dump_yaml(cfg))
-        if name in ("ubimesh", rbac.WITH_RBAC, *telemetry.BARS):
+        if name in ("ubimesh", rbac.WITH_RBAC, resilience.WITH_RESILIENCE, *telemetry.BARS):
             assert tools.ubimesh is not None
             cmd = [*tools.ubimesh, "-c", str(path), "--concurrency", "1"]
         else:
@@ -856,6 +870,8 @@ def write_outputs(
         subject = mtls_pair.target_name(subject)
     if args.scenario == "rbac":
         subject = rbac.WITH_RBAC
+    if args.scenario == "resilience":
+        subject = resilience.WITH_RESILIENCE
     if args.scenario == "telemetry":
         subject = telemetry.FULL
     text = markdown(rows, meta, targets, sizes, subject)
@@ -863,6 +879,8 @@ def write_outputs(
         text += "\n" + mtls_pair.pair_section(rows, runs)
     if args.scenario == "rbac":
         text += "\n" + rbac.bar_section(rows)
+    if args.scenario == "resilience":
+        text += "\n" + resilience.bar_section(rows)
     if args.scenario == "telemetry":
         text += "\n" + telemetry.bar_section(rows)
     (outdir / "results.md").write_text(text)
@@ -904,6 +922,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scenario == "rbac":
         # The two targets compared with each other; no direct baseline (not what the bar is).
         names = list(rbac.TARGETS)
+        args.no_direct = True
+    if args.scenario == "resilience":
+        names = list(resilience.TARGETS)
         args.no_direct = True
     if args.scenario == "telemetry":
         names = list(telemetry.TARGETS)

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
-from benchlib import configs, mtls_pair, rbac, telemetry
+from benchlib import configs, mtls_pair, rbac, resilience, telemetry
 from benchlib.loads import parse_h2load, parse_wrk, percentile
 from benchlib.report import markdown, summarise
 
@@ -348,3 +348,33 @@ def test_telemetry_bar_section() -> None:
     assert "| ubimesh-telemetry | 100 % | 10,000 | 7,600 | 0.760 |" in text
     assert "| ubimesh-telemetry-1pct | 1 % | 10,000 | 8,700 | 0.870 |" in text
     assert text.count("PASS") == 1 and text.count("FAIL") == 1
+
+
+# --------------------------------------------------------------------------------------
+# Scenario resilience
+
+
+def test_resilience_scenario_defaults_and_bootstrap() -> None:
+    from ubimesh.proxy.xds import load_bootstrap_dict
+
+    args = run.parse_args(["--scenario", "resilience", "--quick"])
+    assert args.proxies == ["ubimesh"] and args.rates == [] and args.wrk_conns == [50]
+    snapshot = load_bootstrap_dict(resilience.resilience_bootstrap(10000, 10001, 10002))
+    (cluster,) = snapshot.clusters.values()
+    assert cluster.outlier_detection is not None
+    assert cluster.circuit_breakers.default.max_requests == 10000
+    http = snapshot.listeners[0].filter_chains[0].filters[0]
+    route = http.route_config.virtual_hosts[0].routes[0]  # type: ignore[union-attr]
+    assert route.action.retry_policy is not None and route.action.retry_policy.num_retries == 2
+    plain = load_bootstrap_dict(resilience.bootstrap("ubimesh", 10000, 10001, 10002))
+    assert next(iter(plain.clusters.values())).outlier_detection is None
+
+
+def test_resilience_bar_section() -> None:
+    rows = [
+        {"target": t, "size": "1k", "load": "wrk c50", "kind": "closed", "rps": rps,
+         "cpu_us_per_req": cpu, "rep": 1}
+        for t, rps, cpu in (("ubimesh", 10000.0, 90.0), ("ubimesh-resilience", 9400.0, 95.0))
+    ]  # fmt: skip
+    text = resilience.bar_section(rows)
+    assert "| 1k | wrk c50 | 10,000 | 9,400 | 0.940 | 90.0 | 95.0 | FAIL |" in text

@@ -390,11 +390,11 @@ def test_live_update_invalid_update_nack_and_cache(mesh: Mesh) -> None:
     assert ack.response_nonce
 
     # An update ubimesh refuses is NACKed with the field's path; the old routing stays.
-    mesh.ads.set(RDS, "r3", [route_config("routes", "a", retry_policy={"num_retries": 2})])
+    mesh.ads.set(RDS, "r3", [route_config("routes", "a", hedge_policy={"initial_requests": 2})])
     nack = mesh.ads.wait_request(lambda r: r.type_url == RDS and r.HasField("error_detail"))
     assert nack.version_info == "r2"
     assert nack.error_detail.code == 3
-    assert "rds[routes].virtual_hosts[0].routes[0].route.retry_policy" in nack.error_detail.message
+    assert "rds[routes].virtual_hosts[0].routes[0].route.hedge_policy" in nack.error_detail.message
     assert "not supported by ubimesh" in nack.error_detail.message
     assert mesh.get() == (200, "b")
 

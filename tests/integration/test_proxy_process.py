@@ -59,7 +59,7 @@ def _get(port: int, target: str, timeout: float = 5.0) -> Response:
     [
         ("hcm", "static_resources.listeners[0].filter_chains[0].filters[0].typed_config"
                 ".delayed_close_timeout"),
-        ("cluster", "static_resources.clusters[0].circuit_breakers"),
+        ("cluster", "static_resources.clusters[0].circuit_breakers.per_host_thresholds"),
     ],
 )  # fmt: skip
 def test_unsupported_field_exits_nonzero_and_names_the_field(
@@ -69,7 +69,7 @@ def test_unsupported_field_exits_nonzero_and_names_the_field(
     if where == "hcm":
         b.listeners[0][1]["delayed_close_timeout"] = "2s"
     else:
-        b.clusters[0]["circuit_breakers"] = {"thresholds": [{"max_connections": 10}]}
+        b.clusters[0]["circuit_breakers"] = {"per_host_thresholds": [{"max_connections": 10}]}
     admin_port, port = free_ports(2)
     config = tmp_path / f"unsupported-{where}.yaml"
     config.write_text(yaml.safe_dump(b.render(admin_port, {"main": port}), sort_keys=False))

@@ -43,7 +43,9 @@ Compared exactly on purpose, although one might expect otherwise:
 * ``x-envoy-expected-rq-timeout-ms``: Envoy's router sends it upstream on every routed request
   (the route timeout, 15000 by default).  It is deterministic and visible to upstream
   applications, so an Envoy-compatible proxy must send it with the same value; a difference is
-  reported rather than hidden.
+  reported rather than hidden.  Only when the upstreams of one request saw different values
+  (a retry carries what is left of the route timeout, which depends on timing) do they all
+  become ``<remaining ms>``.
 * ``x-forwarded-for``, ``x-forwarded-proto``, ``x-envoy-internal``: everything runs on loopback,
   so their values are deterministic.
 * ``user-agent``, ``accept-encoding``: the clients send none unless a case says so.

@@ -128,7 +128,10 @@ def test_cluster_picks_follow_priority_load(
     for i in unhealthy:
         if i < len(hs):
             hs[i].healthy = False
-    spec = Cluster("q", DiscoveryType.STATIC, lb_policy=LbPolicy.ROUND_ROBIN)
+    # Panic off (test_lb_panic.py covers it): only healthy hosts, by the priority load.
+    spec = Cluster(
+        "q", DiscoveryType.STATIC, lb_policy=LbPolicy.ROUND_ROBIN, healthy_panic_threshold=0.0
+    )
     c = UpstreamCluster(spec, Store(), hs, rng=random.Random(seed))
     picked = [c.choose_host() for _ in range(PICKS)]
     if not any(h.healthy for h in hs):

@@ -588,6 +588,17 @@ def observe(
     upstreams = sorted(
         (norm.record(r) for r in records), key=lambda r: (r["upstream"], r["target"], r["method"])
     )
+    timeouts = {
+        v for up in upstreams for n, v in up["headers"] if n == "x-envoy-expected-rq-timeout-ms"
+    }
+    if len(timeouts) > 1:
+        # Retries: a retry carries what is left of the route timeout, which depends on how long
+        # the earlier attempts took (test_retries_differential checks it is below the first's).
+        for up in upstreams:
+            up["headers"] = [
+                [n, "<remaining ms>" if n == "x-envoy-expected-rq-timeout-ms" else v]
+                for n, v in up["headers"]
+            ]
     obs: dict[str, Any] = {"request": spec.label()}
     if resp.status is None:
         obs["status"] = None

@@ -191,11 +191,13 @@ class _Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         record: Callable[[RequestRecord], None],
+        default_status: int = 200,
     ) -> None:
         self.name = name
         self.reader = reader
         self.writer = writer
         self.record = record
+        self.default_status = default_status
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else ""
 
@@ -331,7 +333,7 @@ class _Connection:
         keep_alive: bool,
         minor: int,
     ) -> bool:
-        status = 200
+        status = self.default_status
         if b"x-echo-status" in by_name:
             raw_status = by_name[b"x-echo-status"][-1]
             if not raw_status.isdigit() or not 100 <= int(raw_status) <= 999:
@@ -390,9 +392,12 @@ class _Connection:
 
 
 class _EchoServer:
-    def __init__(self, name: str, record: Callable[[RequestRecord], None]) -> None:
+    def __init__(
+        self, name: str, record: Callable[[RequestRecord], None], default_status: int = 200
+    ) -> None:
         self.name = name
         self.record = record
+        self.default_status = default_status
         self.server: asyncio.Server | None = None
         self.port = 0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -409,7 +414,9 @@ class _EchoServer:
         if task is not None:
             self.tasks.add(task)
         try:
-            await _Connection(self.name, reader, writer, self.record).run()
+            await _Connection(
+                self.name, reader, writer, self.record, self.default_status
+            ).run()
         finally:
             if task is not None:
                 self.tasks.discard(task)
@@ -504,12 +511,14 @@ class EchoServerPool:
         self.close()
 
 
-async def serve_forever(name: str, host: str, port: int, log_requests: bool = False) -> None:
+async def serve_forever(
+    name: str, host: str, port: int, log_requests: bool = False, status: int = 200
+) -> None:
     def record(rec: RequestRecord) -> None:
         if log_requests:
             print(json.dumps(rec.to_json()), file=sys.stderr, flush=True)
 
-    server = _EchoServer(name, record)
+    server = _EchoServer(name, record, status)
     bound = await server.start(host, port)
     print(bound, flush=True)
     stop = asyncio.Event()
@@ -526,8 +535,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="echo")
     parser.add_argument("--log-requests", action="store_true", help="print each record on stderr")
+    parser.add_argument(
+        "--status", type=int, default=200, help="status of requests without x-echo-status"
+    )
     args = parser.parse_args(argv)
-    asyncio.run(serve_forever(args.name, args.host, args.port, args.log_requests))
+    asyncio.run(serve_forever(args.name, args.host, args.port, args.log_requests, args.status))
 
 
 if __name__ == "__main__":

@@ -121,8 +121,16 @@ def start_echo_process(
     name: str = "echo",
     host: str = LOOPBACK,
     prefix: Sequence[str] = (),
+    port: int = 0,
+    extra: Sequence[str] = (),
+    log_name: str = "",
 ) -> tuple[ManagedProcess, int]:
-    """Start the HTTP echo upstream as a process (under ``prefix``); returns it and its port."""
+    """Start the HTTP echo upstream as a process (under ``prefix``); returns it and its port.
+
+    ``port`` 0 picks a free one (give the old port to restart a killed upstream in place);
+    ``extra`` are more echo_upstream options (``--status 503``, ``--log-requests``); the log
+    goes to ``workdir/<log_name or name>.log``.
+    """
     argv = [
         *prefix,
         sys.executable,
@@ -131,11 +139,12 @@ def start_echo_process(
         "--host",
         host,
         "--port",
-        "0",
+        str(port),
         "--name",
         name,
+        *extra,
     ]
-    proc = ManagedProcess(name, argv, workdir / f"{name}.log", REPO)
+    proc = ManagedProcess(name, argv, workdir / f"{log_name or name}.log", REPO)
     try:
         line = wait_log_line(proc)
         return proc, int(line.strip())

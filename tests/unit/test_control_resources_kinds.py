@@ -50,7 +50,24 @@ def test_mesh_defaults_and_effective_mesh() -> None:
         "trustDomain": "cluster.local",
         "mtls": {"mode": "STRICT"},
         "authorization": {"defaultAction": "DENY"},
-        "defaults": {"connectTimeout": "1s", "requestTimeout": "15s", "lbPolicy": "ROUND_ROBIN"},
+        "defaults": {
+            "connectTimeout": "1s",
+            "requestTimeout": "15s",
+            "lbPolicy": "ROUND_ROBIN",
+            "retries": {
+                "attempts": 2,
+                "retryOn": ["connect-failure", "refused-stream", "reset", "gateway-error"],
+                "budgetPercent": 20,
+                "minRetryConcurrency": 10,
+            },
+            "outlierDetection": {
+                "enabled": True,
+                "consecutiveErrors": 5,
+                "interval": "2s",
+                "baseEjectionTime": "10s",
+                "maxEjectionPercent": 100,
+            },
+        },
     }
     assert spec_of("Mesh", None) == defaults
     assert spec_of("Mesh", {"defaults": {"lbPolicy": "RANDOM"}})["defaults"] == {
@@ -61,6 +78,27 @@ def test_mesh_defaults_and_effective_mesh() -> None:
                                                                       defaults)
     given = validate_document(doc("Mesh", {"trustDomain": "example.org"}))
     assert effective_mesh([given]) is given
+
+
+def test_resilience_fields_are_checked_and_a_service_overrides_field_by_field() -> None:
+    assert errors(
+        "Mesh",
+        {"defaults": {"retries": {"attempts": 11, "retryOn": ["5xx", "teapot"]},
+                      "outlierDetection": {"interval": "soon", "maxEjectionPercent": 101}}},
+    ) == [
+        "spec.defaults.retries.attempts: 11 is out of range; expected retries after the first "
+        "try, 0..10",
+        "spec.defaults.retries.retryOn[1]: 'teapot' is not supported; expected one of: "
+        "connect-failure, refused-stream, reset, gateway-error, 5xx, retriable-4xx",
+        "spec.defaults.outlierDetection.interval: 'soon' is not a duration; expected a duration "
+        'such as "1s", "250ms" or "1m30s"',
+        "spec.defaults.outlierDetection.maxEjectionPercent: 101 is out of range; expected a "
+        "percentage 0..100 of the endpoints",
+    ]
+    # A Service's own fields carry no defaults: what it leaves out comes from the Mesh.
+    assert spec_of("Service", {"ports": [PORT], "retries": {"attempts": 0}})["retries"] == {
+        "attempts": 0
+    }
 
 
 def test_mesh_errors() -> None:

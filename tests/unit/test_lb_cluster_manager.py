@@ -110,7 +110,16 @@ def test_update_keeps_runtime_health_unless_configured_status_changes() -> None:
     assert c is not None
     h1, h2 = c.hosts
     c.set_host_health(h1, False)  # e.g. an active health check failed
-    cm.update({"a": static("a", (0, [ep(1), ep(2, health=2)]), lb_policy=LbPolicy.RANDOM)})
+    cm.update(
+        {
+            "a": static(
+                "a",
+                (0, [ep(1), ep(2, health=2)]),
+                lb_policy=LbPolicy.RANDOM,
+                healthy_panic_threshold=0.0,  # no panic: no healthy host means no host
+            )
+        }
+    )
     c2 = cm.get("a")
     assert c2 is not None and c2.hosts == [h1, h2]
     assert not h1.healthy  # the configured status did not change: runtime health stays

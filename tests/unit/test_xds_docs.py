@@ -61,7 +61,7 @@ def whitelists() -> dict[str, set[str]]:
 
 def test_the_doc_has_tables(tables: dict[str, dict[str, set[str]]]) -> None:
     assert len(tables) > 40
-    assert "retry_policy" in tables["envoy.config.route.v3.RouteAction"]["no"]
+    assert "hedge_policy" in tables["envoy.config.route.v3.RouteAction"]["no"]
 
 
 def test_every_walked_message_is_documented_with_its_supported_fields(
@@ -97,7 +97,9 @@ def test_documented_fields_exist_and_refused_ones_are_not_supported(
 def test_a_refused_field_in_the_doc_is_refused_by_the_translator() -> None:
     # Spot check one "no" row end to end.
     source = parse_text(FULL.read_text())
-    source["static_resources"]["clusters"][0]["outlier_detection"] = {}
+    source["static_resources"]["clusters"][0]["upstream_connection_options"] = {}
     with pytest.raises(ConfigErrors) as info:
         load_bootstrap_dict(source)
-    assert [e.path for e in info.value.errors] == ["static_resources.clusters[0].outlier_detection"]
+    assert [e.path for e in info.value.errors] == [
+        "static_resources.clusters[0].upstream_connection_options"
+    ]

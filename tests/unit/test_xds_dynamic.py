@@ -160,12 +160,12 @@ def test_the_whole_set_translates_into_one_snapshot() -> None:
 
 def test_errors_in_delivered_resources_name_the_resource() -> None:
     resources = delivered(
-        lds=[listener()], rds=[routes(retry_policy={"num_retries": 1})], cds=[eds_cluster()],
+        lds=[listener()], rds=[routes(hedge_policy={"initial_requests": 2})], cds=[eds_cluster()],
         eds=[assignment(address="web.example")],
     )  # fmt: skip
     found = errors_of(base(), resources)
     paths = [p for p, _ in found]
-    assert "rds[routes].virtual_hosts[0].routes[0].route.retry_policy" in paths
+    assert "rds[routes].virtual_hosts[0].routes[0].route.hedge_policy" in paths
     assert (
         "eds[web].endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address" in paths
     )

@@ -723,8 +723,8 @@ REFUSED = [
      _set("router", respect_expected_rq_timeout=True), ""),
     (RC + ".vhds", _set("rc", vhds={"config_source": {"ads": {}}}), "VHDS"),
     (VH + ".require_tls", _set("vhost", require_tls="ALL"), "TLS"),
-    (VH + ".retry_policy", _set("vhost", retry_policy={"num_retries": 2}), "retries"),
-    (R0 + ".route.retry_policy", _set("action", retry_policy={"num_retries": 2}), "retries"),
+    (VH + ".hedge_policy", _set("vhost", hedge_policy={"initial_requests": 2}), "hedging"),
+    (R0 + ".route.hedge_policy", _set("action", hedge_policy={"initial_requests": 2}), "hedging"),
     (R0 + ".route.max_stream_duration", _set("action", max_stream_duration={}), ""),
     (R0 + ".route.cluster_specifier_plugin", lambda d: route(d).update(route={
         "cluster_specifier_plugin": "plugin"}), ""),
@@ -761,11 +761,23 @@ REFUSED = [
     (C0 + ".type", _set("cluster", type="ORIGINAL_DST", lb_policy="CLUSTER_PROVIDED"),
      "ORIGINAL_DST"),
     (C0 + ".lb_policy", _set("cluster", lb_policy="MAGLEV"), "MAGLEV"),
-    (C0 + ".circuit_breakers", _set("cluster", circuit_breakers={"thresholds": [{}]}),
-     "circuit breakers"),
-    (C0 + ".health_checks", _set("cluster", health_checks=[{
-        "timeout": "1s", "interval": "1s", "tcp_health_check": {}}]), "health"),
-    (C0 + ".outlier_detection", _set("cluster", outlier_detection={}), "outlier"),
+    (C0 + ".circuit_breakers.per_host_thresholds",
+     _set("cluster", circuit_breakers={"per_host_thresholds": [{}]}), "per-host"),
+    (C0 + ".circuit_breakers.thresholds[0].max_connection_pools",
+     _set("cluster", circuit_breakers={"thresholds": [{"max_connection_pools": 2}]}),
+     "pool"),
+    (C0 + ".health_checks[0].grpc_health_check", _set("cluster", health_checks=[{
+        "timeout": "1s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+        "grpc_health_check": {}}]), "gRPC"),
+    (C0 + ".health_checks[0].http_health_check.service_name_matcher", _set(
+        "cluster", health_checks=[{
+            "timeout": "1s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1,
+            "http_health_check": {"path": "/", "service_name_matcher": {"exact": "x"}}}]),
+     "healthchecked"),
+    (C0 + ".outlier_detection.monitors", _set("cluster", outlier_detection={
+        "monitors": [{"name": "m"}]}), "extensions"),
+    (C0 + ".common_lb_config.zone_aware_lb_config", _set("cluster", common_lb_config={
+        "zone_aware_lb_config": {}}), "zone"),
     (C0 + ".transport_socket", _set("cluster", transport_socket={
         "name": "envoy.transport_sockets.raw_buffer",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets"
@@ -1110,28 +1122,28 @@ def test_every_error_is_reported_at_once() -> None:
     listener(d)["address"]["socket_address"]["address"] = "localhost"
     hcm(d)["tracing"] = {}
     route(d)["route"]["cluster"] = "nope"
-    route(d)["route"]["retry_policy"] = {"num_retries": 1}
+    route(d)["route"]["hedge_policy"] = {"initial_requests": 2}
     vhost(d)["domains"] = ["a", "a"]
     cluster(d)["connect_timeout"] = "0s"
-    cluster(d)["circuit_breakers"] = {}
+    cluster(d)["circuit_breakers"] = {"per_host_thresholds": [{}]}
     paths = {p for p, _m in errors_of(d)}
     assert paths == {
         L0 + ".address.socket_address.address",
         HCM + ".tracing.provider",
         R0 + ".route.cluster",
-        R0 + ".route.retry_policy",
+        R0 + ".route.hedge_policy",
         VH + ".domains[1]",
         C0 + ".connect_timeout",
-        C0 + ".circuit_breakers",
+        C0 + ".circuit_breakers.per_host_thresholds",
     }
 
 
 def test_errors_inside_a_refused_field_are_not_repeated() -> None:
     d = base()
-    route(d)["route"]["retry_policy"] = {"num_retriez": 1}  # misspelt inside a refused field
+    route(d)["route"]["hedge_policy"] = {"initial_requestz": 2}  # misspelt inside a refused field
     assert errors_of(d) == [
-        (R0 + ".route.retry_policy",
-         "not supported by ubimesh (retries are not implemented yet); remove it, or see "
+        (R0 + ".route.hedge_policy",
+         "not supported by ubimesh (request hedging is not implemented yet); remove it, or see "
          "docs/envoy-compat.md for the supported subset"),
     ]
 

@@ -115,6 +115,9 @@ class HostStatus:
     cx_active: int = 0
     rq_active: int = 0
     rq_pending_active: int = 0
+    # outlier detection's last success rate pass (-1: none)
+    success_rate: float = -1.0
+    local_origin_success_rate: float = -1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,9 @@ class ClusterStatus:
     observability_name: str = ""
     added_via_api: bool = False
     circuit_breakers: tuple[CircuitBreakerThresholds, ...] = ()
+    outlier: tuple[float, ...] | None = None
+    """With outlier detection: the success rate average and ejection threshold, external
+    then local origin (-1 when unknown), printed as Envoy's ``outlier::`` lines."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,12 +296,29 @@ _FLAG_TO_EDS = {
 }
 
 
+_OUTLIER_LINES = (
+    "success_rate_average",
+    "success_rate_ejection_threshold",
+    "local_origin_success_rate_average",
+    "local_origin_success_rate_ejection_threshold",
+)
+
+
+def _number(value: float) -> str:
+    """A double as Envoy's fmt prints it: shortest form, no ``.0`` on whole numbers."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def clusters_text(clusters: Sequence[ClusterStatus]) -> str:
     """Envoy's /clusters text: ``cluster::...`` and ``cluster::host:port::stat::value`` lines."""
     out: list[str] = []
     for c in clusters:
         n = c.name
         out.append(f"{n}::observability_name::{c.observability_name or n}")
+        if c.outlier is not None:
+            for label, value in zip(_OUTLIER_LINES, c.outlier, strict=False):
+                out.append(f"{n}::outlier::{label}::{_number(value)}")
         for cb in c.circuit_breakers:
             prio = "high_priority" if cb.priority.upper() == "HIGH" else "default_priority"
             out.append(f"{n}::{prio}::max_connections::{cb.max_connections}")
@@ -316,8 +339,8 @@ def clusters_text(clusters: Sequence[ClusterStatus]) -> str:
             out.append(f"{p}::sub_zone::{h.locality.sub_zone}")
             out.append(f"{p}::canary::false")
             out.append(f"{p}::priority::{h.priority}")
-            out.append(f"{p}::success_rate::-1")
-            out.append(f"{p}::local_origin_success_rate::-1")
+            out.append(f"{p}::success_rate::{_number(h.success_rate)}")
+            out.append(f"{p}::local_origin_success_rate::{_number(h.local_origin_success_rate)}")
     return "".join(line + "\n" for line in out)
 
 

@@ -21,12 +21,13 @@ UT     upstream request timeout                    router (504, or reset after t
 UR     upstream remote reset                       router (reset reasons not listed here)
 UF     upstream connection failure                 router (pool failure: 503), tcp_proxy
 UC     upstream connection termination             router (connection closed by upstream)
-UO     upstream overflow (circuit breaker)         router, when a pool reports overflow
-                                                   (no circuit breakers yet: never today)
+UO     upstream overflow (circuit breaker)         router (503 on a pending or requests
+                                                   overflow; a retry the retries breaker
+                                                   refused), tcp_proxy (max_connections)
 NR     no route                                    HCM (404)
 DC     downstream connection termination           HCM (client went away mid-exchange)
-URX    retry limit / TCP connect attempts          tcp_proxy (every host tried failed); HTTP
-                                                   retries do not exist yet
+URX    retry limit / TCP connect attempts          tcp_proxy (every host tried failed), router
+                                                   (HTTP retries ran out on a failure)
 SI     stream idle timeout                         HCM
 DPE    downstream protocol error                   HCM (400, 426, 431 and codec errors)
 UPE    upstream protocol error                     router (malformed upstream response)

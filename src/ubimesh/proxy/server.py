@@ -174,7 +174,11 @@ class ProxyServer:
                         HostStatus(
                             address=h.address,
                             hostname=h.hostname,
-                            health_flags=() if h.healthy else ("failed_eds_health",),
+                            health_flags=h.flag_names(),
+                            success_rate=getattr(h.outlier, "success_rate", -1.0),
+                            local_origin_success_rate=getattr(
+                                h.outlier, "local_success_rate", -1.0
+                            ),
                             weight=h.weight,
                             priority=h.priority,
                             locality=h.locality,
@@ -182,7 +186,14 @@ class ProxyServer:
                             rq_active=h.active_requests,
                         )
                     )
-            out.append(ClusterStatus(name=name, hosts=tuple(hosts)))
+            detector = cluster.outlier if cluster is not None else None
+            out.append(
+                ClusterStatus(
+                    name=name,
+                    hosts=tuple(hosts),
+                    outlier=tuple(detector.sr_numbers) if detector is not None else None,
+                )
+            )
         return out
 
     def listeners_view(self) -> list[ListenerStatus]:

@@ -20,7 +20,7 @@ import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ubimesh.control.compiler import envoy, mtls, telemetry_meta
+from ubimesh.control.compiler import envoy, mtls, resilience, telemetry_meta
 from ubimesh.control.compiler.durations import duration
 from ubimesh.control.compiler.index import ExternalService, Index, Service, ServicePort
 from ubimesh.control.compiler.model import Message
@@ -88,6 +88,7 @@ class ClusterRegistry:
                     name, self.connect_timeout(target.service), self.lb_policy(target.service)
                 )
                 mtls.secure_cluster(built, self._index, target.service, target.port)
+                resilience.harden_cluster(built, self._index, target.service)
                 telemetry_meta.service_cluster(built, self._index, target.service)
             self._clusters[name] = built
         return built

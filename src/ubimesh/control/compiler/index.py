@@ -39,6 +39,23 @@ class MeshDefaults:
     #: ``spec.authorization.defaultAction``: DENY or ALLOW (compiler/authz.py). The default
     #: must equal the Mesh schema's.
     default_action: str = "DENY"
+    #: ``spec.defaults.retries`` and ``spec.defaults.outlierDetection`` as (field, value)
+    #: pairs, lists as tuples (compiler/resilience.py reads them; defaults are the schema's).
+    retries: Settings = ()
+    outlier_detection: Settings = ()
+
+
+#: A settings object as sorted (field, value) pairs, so that the dataclasses holding it stay
+#: hashable; lists become tuples.
+Settings = tuple[tuple[str, Any], ...]
+
+
+def _settings(raw: object) -> Settings:
+    if not isinstance(raw, Mapping):
+        return ()
+    return tuple(
+        sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in raw.items())
+    )
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,9 @@ class Service:
     lb_policy: str | None
     connect_timeout: str | None
     request_timeout: str | None
+    #: The Service's own ``retries`` / ``outlierDetection`` fields (each overrides the mesh's).
+    retries: Settings = ()
+    outlier_detection: Settings = ()
 
     @property
     def fqdn(self) -> str:
@@ -259,6 +279,8 @@ def _service(r: Resource) -> Service:
         lb_policy=s.get("lbPolicy"),
         connect_timeout=s.get("connectTimeout"),
         request_timeout=s.get("requestTimeout"),
+        retries=_settings(s.get("retries")),
+        outlier_detection=_settings(s.get("outlierDetection")),
     )
 
 
@@ -459,6 +481,8 @@ def _mesh(resources: Iterable[Resource]) -> MeshDefaults:
         lb_policy=str(d.get("lbPolicy") or base.lb_policy),
         mtls_mode=mode,
         default_action=_default_action(mesh, authorization, base),
+        retries=_settings(d.get("retries")),
+        outlier_detection=_settings(d.get("outlierDetection")),
     )
 
 

@@ -28,7 +28,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.type.v3 import percent_pb2
 
-from ubimesh.control.compiler import matchers
+from ubimesh.control.compiler import matchers, resilience
 from ubimesh.control.compiler.clusters import ClusterRegistry
 from ubimesh.control.compiler.durations import duration, parse_nanos
 from ubimesh.control.compiler.index import HTTPRoute, Index, Service, ServicePort
@@ -128,11 +128,13 @@ class RouteBuilder:
                         rc.Route(
                             name=route_name,
                             match=matchers.smi_match(match),
-                            route=self._action(targets, timeout),
+                            route=self._action(targets, timeout, [service]),
                         )
                     )
             targets = ((root, 1),)  # what the split's matches do not select goes to the root
-        catch_all = rc.Route(match=rc.RouteMatch(prefix="/"), route=self._action(targets, timeout))
+        catch_all = rc.Route(
+            match=rc.RouteMatch(prefix="/"), route=self._action(targets, timeout, [service])
+        )
         routes.append(catch_all)
         return routes
 
@@ -194,7 +196,7 @@ class RouteBuilder:
             out.direct_response.status = status
             return out
         used.update(name for name, _ in targets)
-        action = self._action(targets, self._rule_timeout(rule, services, where))
+        action = self._action(targets, self._rule_timeout(rule, services, where), services)
         for f in filters:
             kind = f.get("type")
             if kind == "RequestMirror":
@@ -297,8 +299,11 @@ class RouteBuilder:
             return duration(text, f"{where}.timeouts.{field}")
         return self.service_timeout(services)
 
-    @staticmethod
-    def _action(targets: Targets, timeout: Message) -> Message:
+    def _action(
+        self, targets: Targets, timeout: Message, services: Sequence[Service] = ()
+    ) -> Message:
+        """A RouteAction to ``targets`` with ``timeout`` and the retry policy of ``services``
+        (compiler/resilience.py; the mesh's when none is given, e.g. ExternalServices)."""
         action = rc.RouteAction()
         if len(targets) == 1:
             action.cluster = targets[0][0]
@@ -307,6 +312,9 @@ class RouteBuilder:
                 cw = action.weighted_clusters.clusters.add(name=name)
                 cw.weight.value = weight
         action.timeout.CopyFrom(timeout)
+        retry = resilience.retry_policy(self.index, services)
+        if retry is not None:
+            action.retry_policy.CopyFrom(retry)
         return action
 
 

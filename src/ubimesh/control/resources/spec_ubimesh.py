@@ -142,6 +142,51 @@ ACCESS_LOG: Final = Obj(
     }
 )
 
+#: Conditions a mesh route retries on (Envoy retry_on names; docs/resources.md "Resilience").
+RETRY_ON: Final = Enum(
+    "connect-failure", "refused-stream", "reset", "gateway-error", "5xx", "retriable-4xx"
+)
+#: ``retries`` of Mesh ``spec.defaults`` (with its defaults) and of a Service (each field
+#: overrides the mesh's). A non-idempotent request is retried only when nothing reached the
+#: upstream, whatever ``retryOn`` says (docs/envoy-compat.md).
+RETRIES_FIELDS: Final = {
+    "attempts": Int(0, 10, "retries after the first try, 0..10"),
+    "perTryTimeout": DURATION,
+    "retryOn": ListOf(RETRY_ON, min_items=1, unique_items=True),
+    "budgetPercent": Int(1, 100, "a percentage 1..100 of the active requests"),
+    "minRetryConcurrency": Int(0, 1000, "an integer 0..1000"),
+}
+#: ``outlierDetection``: eject an endpoint after consecutive errors (5xx, connect failures,
+#: timeouts, resets), for ``baseEjectionTime`` times the number of its ejections.
+OUTLIER_FIELDS: Final = {
+    "enabled": Bool(),
+    "consecutiveErrors": Int(1, 1000, "an integer 1..1000"),
+    "interval": DURATION,
+    "baseEjectionTime": DURATION,
+    "maxEjectionPercent": Int(0, 100, "a percentage 0..100 of the endpoints"),
+}
+RETRY_DEFAULTS: Final = {
+    "attempts": 2,
+    "retryOn": ["connect-failure", "refused-stream", "reset", "gateway-error"],
+    "budgetPercent": 20,
+    "minRetryConcurrency": 10,
+}
+OUTLIER_DEFAULTS: Final = {
+    "enabled": True,
+    "consecutiveErrors": 5,
+    "interval": "2s",
+    "baseEjectionTime": "10s",
+    "maxEjectionPercent": 100,
+}
+
+
+def _fields(nodes: dict[str, Node], defaults: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: (opt(node, defaults[name]) if name in defaults else opt(node))
+        for name, node in nodes.items()
+    }
+
+
 MESH: Final = Obj(
     {
         "trustDomain": opt(TRUST_DOMAIN, "cluster.local"),
@@ -163,6 +208,8 @@ MESH: Final = Obj(
                     "connectTimeout": opt(DURATION, "1s"),
                     "requestTimeout": opt(DURATION, "15s"),
                     "lbPolicy": opt(LB_POLICY, "ROUND_ROBIN"),
+                    "retries": opt(Obj(_fields(RETRIES_FIELDS, RETRY_DEFAULTS)), FILL),
+                    "outlierDetection": opt(Obj(_fields(OUTLIER_FIELDS, OUTLIER_DEFAULTS)), FILL),
                 }
             ),
             FILL,
@@ -198,6 +245,8 @@ SERVICE: Final = Obj(
         "lbPolicy": opt(LB_POLICY),
         "connectTimeout": opt(DURATION),
         "requestTimeout": opt(DURATION),
+        "retries": opt(Obj(_fields(RETRIES_FIELDS, {}))),
+        "outlierDetection": opt(Obj(_fields(OUTLIER_FIELDS, {}))),
     }
 )
 

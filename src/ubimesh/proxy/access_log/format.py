@@ -440,8 +440,10 @@ def _parse(text: str, headers: _RequestHeaders) -> tuple[list[_Op], str]:
     after the last one; raises :class:`FormatError`."""
     pairs, tail = scan_format(
         text,
-        lambda j: f"incorrect format {text!r}: no valid command at position {j} "
-        "(commands are %NAME%, %NAME(arg)% or %NAME(arg):LENGTH%; %% is a literal %)",
+        lambda j: (
+            f"incorrect format {text!r}: no valid command at position {j} "
+            "(commands are %NAME%, %NAME(arg)% or %NAME(arg):LENGTH%; %% is a literal %)"
+        ),
     )
     ops: list[_Op] = []
     literal: list[str] = []

@@ -44,10 +44,12 @@ class AccessLog:
         self.sink: FileSink = file_sink(config.path, store)
 
     def log(self, entry: LogEntry) -> None:
+        """Log ``entry`` if the filter passes. The line is rendered later, with the sink's
+        next batch (``FileSink.defer``): the request path only queues the entry."""
         f = self.filter
         if f is not None and not f(entry):
             return
-        self.sink.write(self.format.render(entry))
+        self.sink.defer(self.format, entry)
 
 
 AccessLogs = tuple[AccessLog, ...]

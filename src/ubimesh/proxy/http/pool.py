@@ -7,20 +7,27 @@ cleanly on a reusable connection, the connection goes back to its host's ``Http1
 
 Pool contract: ``Http1Pool.acquire(cb)`` calls ``cb.on_pool_ready(conn)`` (synchronously when an
 idle connection exists, later otherwise) or ``cb.on_pool_failure(reason)`` exactly once, unless
-the caller first calls ``Http1Pool.cancel(cb)``. Idle connections are reused last-in first-out
-(the warmest one first) and closed after the cluster's idle timeout.
+the caller first calls ``Http1Pool.cancel(cb)``. ``on_pool_failure`` may come synchronously
+too: ``OVERFLOW`` when the cluster's circuit breakers have no pending-request slot left (the
+router answers 503 with flag UO), ``CONNECTION_TERMINATION`` on a closed pool. Idle
+connections are reused last-in first-out (the warmest one first) and closed after the
+cluster's idle timeout. Every queue here is bounded: waiting requests by the cluster's
+``max_pending_requests``, connections being made by its ``max_connections`` (plus at most one
+per host that has none), idle connections by ``MAX_IDLE_PER_HOST``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
 from ubimesh.proxy.tls.buffered import BufferedApp
+from ubimesh.proxy.upstream.circuit_breaker import Resource, ResourceManager
 from ubimesh.proxy.upstream.host import Host
 
 if TYPE_CHECKING:
@@ -89,6 +96,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.write_paused = False
+        self.cx_resource: Resource | None = None
+        """The circuit-breaker slot (cluster ``connections``) this connection holds until it
+        closes; None once given back."""
         # Per-response state.
         self._headers: list[tuple[str, str]] = []
         self._flags = 0
@@ -269,15 +279,42 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 def pool_for(host: Host, cluster: UpstreamCluster) -> Http1Pool:
-    """The host's connection pool, made on first use."""
+    """The host's connection pool, made on first use.
+
+    A host (and its pool) can outlive its ``UpstreamCluster``: a reload that leaves the
+    connection settings alone rebuilds the cluster around the same hosts. The first request
+    through the new cluster points the pool at the new cluster's circuit breakers; what the
+    old ones admitted is given back to them (each connection and pending request remembers its
+    ``Resource``)."""
     pool: Http1Pool | None = host.pool
     if pool is None:
         pool = host.pool = Http1Pool(host, cluster)
+    elif pool.owner is not cluster:
+        pool.adopt(cluster)
     return pool
 
 
 class Http1Pool:
-    """Keep-alive connections to one host."""
+    """Keep-alive connections to one host, and the requests waiting for one.
+
+    Envoy's HTTP/1 pool with the cluster's circuit breakers (routing priority DEFAULT, the only
+    one routes can use):
+
+    * an idle connection serves a request at once (last in, first out);
+    * otherwise the request waits in ``queue`` (FIFO) for a connection. Waiting takes one of
+      the cluster's ``max_pending_requests``; when none is left the request fails at once with
+      ``OVERFLOW`` (``upstream_rq_pending_overflow``), so the queue is bounded;
+    * a new connection is opened while more requests wait than connections are being made,
+      if the cluster's ``max_connections`` allows it; else ``upstream_cx_overflow`` is counted
+      and the request waits for a busy connection of this host to be released. A host with no
+      connection at all still gets one (Envoy does the same: otherwise its waiting requests
+      could never be served);
+    * a failed connect fails every waiting request (Envoy purges its pending streams: the
+      caller decides whether to try elsewhere);
+    * a released connection goes to the oldest waiting request, on the next loop iteration
+      (Envoy's "upstream ready" callback), not from inside the parser callback that ended the
+      previous response.
+    """
 
     def __init__(self, host: Host, cluster: UpstreamCluster) -> None:
         self.host = host
@@ -285,20 +322,43 @@ class Http1Pool:
         self.buffer_limit = spec.per_connection_buffer_limit_bytes
         self.max_requests = spec.max_requests_per_connection or 0
         self.idle: list[UpstreamConnection] = []
-        self.waiting: set[UpstreamCallbacks] = set()
-        """Acquires whose connection is being made (cancel() removes one)."""
+        self.queue: deque[UpstreamCallbacks] = deque()
+        """Requests waiting for a connection, oldest first."""
+        self.pending: dict[UpstreamCallbacks, Resource] = {}
+        """The requests in ``queue`` -> the pending-requests resource each one holds."""
+        self.connecting = 0
+        """Connections being made (each will serve the oldest waiting request, or go idle)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.active = 0
         self.closed = False
         self.loop = asyncio.get_running_loop()
         self._sweeper: asyncio.TimerHandle | None = None
-        # The cluster's connection stats (the same objects tcp_proxy and /clusters use).
-        self.stats = cluster.stats
+        self._serve_soon: asyncio.Handle | None = None
         # The cluster's TLS endpoint (UpstreamTlsContext), None for plaintext. A pool serves
         # one cluster version: a change of transport socket makes new hosts and pools, so TLS
         # and plaintext connections never share a pool.
         self.tls: TlsEndpoint | None = cluster.tls
         self.tls_stats: TlsStats | None = cluster.tls_stats
+        self.owner = cluster
+        # The cluster's connection stats (the same objects tcp_proxy and /clusters use) and
+        # circuit breakers.
+        self.stats = cluster.stats
+        self.resources: ResourceManager = cluster.resources.default
+        self._pool_resource: Resource | None = self.resources.connection_pools
+        self._pool_resource.inc()
+
+    def adopt(self, cluster: UpstreamCluster) -> None:
+        """Serve ``cluster``, a rebuild of the one this pool was made for (same connection
+        settings): new connections and waiting requests count against its circuit breakers."""
+        self.owner = cluster
+        self.stats = cluster.stats
+        self.resources = cluster.resources.default
+        if self._pool_resource is not None and not self.closed:
+            self._pool_resource.dec()
+            self._pool_resource = self.resources.connection_pools
+            self._pool_resource.inc()
+
+    # -- requests ---------------------------------------------------------------------------
 
     def acquire(self, cb: UpstreamCallbacks) -> None:
         idle = self.idle
@@ -307,16 +367,83 @@ class Http1Pool:
             if not conn.closed:
                 cb.on_pool_ready(conn)
                 return
-        self.waiting.add(cb)
-        task = self.loop.create_task(self._connect(cb))
+        if self.closed:
+            cb.on_pool_failure(CONNECTION_TERMINATION)
+            return
+        res = self.resources.pending_requests
+        stats = self.stats
+        if res.count >= res.max:  # Resource.can_create, inlined
+            stats.upstream_rq_pending_overflow.value += 1
+            cb.on_pool_failure(OVERFLOW)
+            return
+        res.inc()
+        stats.upstream_rq_pending_total.value += 1
+        stats.upstream_rq_pending_active.value += 1
+        self.pending[cb] = res
+        queue = self.queue
+        queue.append(cb)
+        if len(queue) > self.connecting:
+            self._try_connect()
+
+    def cancel(self, cb: UpstreamCallbacks) -> None:
+        """Forget a waiting request (no callback follows); does nothing for one that was
+        served or failed already."""
+        res = self.pending.pop(cb, None)
+        if res is not None:
+            self.queue.remove(cb)
+            res.dec()
+            self.stats.upstream_rq_pending_active.value -= 1
+
+    def _next_waiting(self) -> UpstreamCallbacks:
+        """Take the oldest waiting request out of the queue (there is one)."""
+        cb = self.queue.popleft()
+        self.pending.pop(cb).dec()
+        self.stats.upstream_rq_pending_active.value -= 1
+        return cb
+
+    def _fail_waiting(self, reason: str) -> None:
+        """Fail every request waiting now. Requests that arrive meanwhile (a caller trying
+        again from its failure callback) wait for the next connection instead."""
+        queue = self.queue
+        failed = list(queue)
+        queue.clear()
+        pending = self.pending
+        active = self.stats.upstream_rq_pending_active
+        for cb in failed:
+            pending.pop(cb).dec()
+            active.value -= 1
+        for cb in failed:
+            cb.on_pool_failure(reason)
+
+    def _serve_waiting(self) -> None:
+        """Give idle connections to waiting requests, oldest request first."""
+        self._serve_soon = None
+        idle = self.idle
+        queue = self.queue
+        while queue and idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self._next_waiting().on_pool_ready(conn)
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _try_connect(self) -> None:
+        """Open one more connection if the cluster's max_connections allows it (or this host
+        has none at all)."""
+        res = self.resources.connections
+        if res.count >= res.max:  # Resource.can_create, inlined
+            self.stats.upstream_cx_overflow.value += 1
+            if self.active or self.connecting:
+                return
+        res.inc()
+        self.connecting += 1
+        proto = UpstreamConnection(self)
+        proto.cx_resource = res
+        task = self.loop.create_task(self._connect(proto))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def cancel(self, cb: UpstreamCallbacks) -> None:
-        """Forget a pending acquire; a connection that arrives later goes idle."""
-        self.waiting.discard(cb)
-
-    async def _connect(self, cb: UpstreamCallbacks) -> None:
+    async def _connect(self, proto: UpstreamConnection) -> None:
         addr = self.host.address
         stats = self.stats
         stats.upstream_cx_total.value += 1
@@ -324,15 +451,17 @@ class Http1Pool:
         timeout = self.cluster.connect_timeout
         verifier = None
         options: dict[str, Any] = {}
-        proto = UpstreamConnection(self)
         factory: Callable[[], asyncio.BaseProtocol] = lambda: proto  # noqa: E731
         try:
             if tls is not None:
                 # Raises TlsUnavailable (a ValueError) when a secret is missing; the handshake
                 # is part of the connect timeout.
                 context, verifier = tls.current()
-                options = {"ssl": context, "server_hostname": tls.sni,
-                           "ssl_handshake_timeout": timeout}
+                options = {
+                    "ssl": context,
+                    "server_hostname": tls.sni,
+                    "ssl_handshake_timeout": timeout,
+                }
                 # Decrypted bytes go through a reused buffer (tls/buffered.py).
                 factory = lambda: BufferedApp(proto)  # noqa: E731
             await asyncio.wait_for(
@@ -341,30 +470,28 @@ class Http1Pool:
             )
         except TimeoutError:
             stats.upstream_cx_connect_timeout.value += 1
-            self._failed(cb, CONNECTION_TIMEOUT)
+            self._failed(proto, CONNECTION_TIMEOUT)
             return
         except (OSError, ValueError) as exc:
             # ssl.SSLError (a failed handshake) is an OSError.
             log.debug("connect to %s failed: %s", addr, exc)
             if tls is not None and self.tls_stats is not None:
                 self.tls_stats.connection_error.value += 1
-            self._failed(cb, CONNECTION_FAILURE)
+            self._failed(proto, CONNECTION_FAILURE)
             return
+        self.connecting -= 1
         stats.upstream_cx_active.value += 1
         self.active += 1
         if verifier is not None and not self._verified(proto, verifier):
             proto.abort()
-            self._failed(cb, CONNECTION_FAILURE)
+            stats.upstream_cx_connect_fail.value += 1
+            self._fail_waiting(CONNECTION_FAILURE)
             return
         if self.closed:
             proto.abort()
-            if cb in self.waiting:
-                self.waiting.discard(cb)
-                cb.on_pool_failure(CONNECTION_TERMINATION)
             return
-        if cb in self.waiting:
-            self.waiting.discard(cb)
-            cb.on_pool_ready(proto)
+        if self.queue:
+            self._next_waiting().on_pool_ready(proto)
         else:
             self.release(proto)
 
@@ -387,11 +514,20 @@ class Http1Pool:
             tls_stats.handshake.value += 1
         return True
 
-    def _failed(self, cb: UpstreamCallbacks, reason: str) -> None:
+    def _failed(self, proto: UpstreamConnection, reason: str) -> None:
+        """A connect that did not complete: give its connection back, fail the waiters."""
+        self.connecting -= 1
+        self._release_cx(proto)
         self.stats.upstream_cx_connect_fail.value += 1
-        if cb in self.waiting:
-            self.waiting.discard(cb)
-            cb.on_pool_failure(reason)
+        self._fail_waiting(reason)
+
+    @staticmethod
+    def _release_cx(conn: UpstreamConnection) -> None:
+        """Give the connection's circuit-breaker slot back (once)."""
+        res = conn.cx_resource
+        if res is not None:
+            conn.cx_resource = None
+            res.dec()
 
     def release(self, conn: UpstreamConnection) -> None:
         max_requests = self.max_requests
@@ -405,19 +541,26 @@ class Http1Pool:
         loop = self.loop
         conn.idle_since = loop.time()
         self.idle.append(conn)
+        if self.queue and self._serve_soon is None:
+            self._serve_soon = loop.call_soon(self._serve_waiting)
         if self._sweeper is None and self.cluster.idle_timeout:
             self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
 
     def on_closed(self, conn: UpstreamConnection) -> None:
         self.active -= 1
         self.stats.upstream_cx_active.value -= 1
+        self._release_cx(conn)
         try:
             self.idle.remove(conn)
         except ValueError:
             pass
+        if len(self.queue) > self.connecting and not self.closed:
+            # A slot of this host's (and the cluster's) connections is free again.
+            self._try_connect()
 
     def close(self) -> None:
-        """Close idle connections now; busy ones close when their request ends."""
+        """Close idle connections now and fail the waiting requests; busy connections close
+        when their request ends."""
         self.closed = True
         for conn in self.idle:
             conn.abort()
@@ -425,6 +568,13 @@ class Http1Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._serve_soon is not None:
+            self._serve_soon.cancel()
+            self._serve_soon = None
+        if self._pool_resource is not None:
+            self._pool_resource.dec()
+            self._pool_resource = None
+        self._fail_waiting(CONNECTION_TERMINATION)
 
     def _sweep_interval(self) -> float:
         timeout = self.cluster.idle_timeout or 1.0

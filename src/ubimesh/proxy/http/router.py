@@ -1,4 +1,4 @@
-"""The router: the terminal HTTP filter. It turns a matched route into an upstream request.
+"""The router: the terminal HTTP filter. It turns a matched route into upstream requests.
 
 For a ``RouteAction`` it picks the cluster (plain, weighted or from a header), asks the
 cluster's load balancer for a host, takes a connection from that host's pool, rewrites the
@@ -8,7 +8,19 @@ is never waited for.
 
 Timeouts (Envoy's semantics): the route ``timeout`` runs from the end of the downstream request
 to the end of the upstream response; expiry before the response started is a 504 "upstream
-request timeout" (flag UT), after it a reset.
+request timeout" (flag UT), after it a reset. The retry policy's ``per_try_timeout`` bounds
+each attempt from the moment it has a connection and the whole request was received, until
+its response headers.
+
+Retries (the route's or virtual host's ``retry_policy``; decisions in ``retry.py``): while a
+retry is still possible the router keeps the request head and the body chunks it has received
+(references, no copies), up to the downstream connection's buffer limit, past which retries
+are off for the request. A failed attempt (a retriable status, a reset or connect failure, a
+per-try timeout) is retried after Envoy's jittered backoff on a host chosen again, avoiding
+hosts already tried with the previous_hosts predicate. Once response headers are forwarded
+nothing is retried. A request whose method is not idempotent is retried only when none of it
+reached the upstream (ubimesh's rule, stricter than Envoy's). Every attempt holds the
+cluster's ``requests`` circuit breaker resource, and a scheduled retry its ``retries`` one.
 """
 
 from __future__ import annotations
@@ -20,13 +32,39 @@ from typing import TYPE_CHECKING
 
 from ubimesh.proxy.http.codec import LAST_CHUNK, chunk, encode_headers
 from ubimesh.proxy.http.pool import (
+    CONNECTION_FAILURE,
+    OVERFLOW,
+    PROTOCOL_ERROR,
     RESPONSE_HOP_BY_HOP,
     RH_HOP_BY_HOP,
     Http1Pool,
     UpstreamConnection,
     pool_for,
 )
-from ubimesh.proxy.response_flags import NC, UH, UT, add_flag, pool_failure_flag, reset_flag
+from ubimesh.proxy.http.retry import (
+    IDEMPOTENT_METHODS,
+    LIMIT_EXCEEDED,
+    NO,
+    YES,
+    Backoff,
+    PreviousPriorities,
+    RetryStats,
+    choose_host_with_load,
+    retry_on_headers,
+    retry_on_reset,
+)
+from ubimesh.proxy.http.retry import OVERFLOW as RETRY_OVERFLOW
+from ubimesh.proxy.response_flags import (
+    NC,
+    UH,
+    UO,
+    URX,
+    UT,
+    add_flag,
+    pool_failure_flag,
+    reset_flag,
+)
+from ubimesh.proxy.snapshot.retry import RETRY_ON_ENVOY_RATE_LIMITED, RetryPolicy
 from ubimesh.proxy.snapshot.types import (
     DirectResponseAction,
     MirrorPolicy,
@@ -36,15 +74,35 @@ from ubimesh.proxy.snapshot.types import (
     WeightedClusterEntry,
 )
 from ubimesh.proxy.upstream.host import Host
+from ubimesh.proxy.upstream.outlier import (
+    EXT_ORIGIN_REQUEST_FAILED,
+    LOCAL_ORIGIN_CONNECT_FAILED,
+    LOCAL_ORIGIN_CONNECT_SUCCESS,
+    LOCAL_ORIGIN_TIMEOUT,
+)
 
 if TYPE_CHECKING:
+    from ubimesh.proto.headers import Headers
     from ubimesh.proxy.network.hcm_config import HcmRuntime, RequestStats
     from ubimesh.proxy.network.http_manager import ActiveStream
+    from ubimesh.proxy.upstream.circuit_breaker import ResourceManager
     from ubimesh.proxy.upstream.cluster_manager import UpstreamCluster
+    from ubimesh.telemetry.stats import Store
 
 _HEAD = "HEAD"
 
 _rand = random.random
+
+#: The retry counters of each cluster stat prefix, made when a request of it first fails.
+_retry_stats: dict[str, RetryStats] = {}
+
+
+def retry_stats(store: Store, prefix: str) -> RetryStats:
+    """The ``RetryStats`` of the cluster whose stat prefix is ``prefix`` in ``store``."""
+    found = _retry_stats.get(prefix)
+    if found is None or found.store is not store:
+        found = _retry_stats[prefix] = RetryStats(store, prefix)
+    return found
 
 
 def route_request(stream: ActiveStream, route: Route) -> None:
@@ -70,37 +128,82 @@ def route_request(stream: ActiveStream, route: Route) -> None:
         raise AssertionError(f"unknown route action {action!r}")
 
 
-def upstream_failure_body(reason: str) -> bytes:
+#: Pool failure reasons as Envoy words them in the local reply (its StreamResetReason text):
+#: a refused or failed connect is a "remote connection failure".
+_REASON_TEXT = {CONNECTION_FAILURE: "remote connection failure"}
+
+
+def upstream_failure_body(reason: str, retried: bool = False) -> bytes:
+    """Envoy's local reply body for a failure before the response headers."""
     return (
-        "upstream connect error or disconnect/reset before headers. reset reason: " + reason
+        "upstream connect error or disconnect/reset before headers. "
+        + ("retried and the latest " if retried else "")
+        + "reset reason: "
+        + _REASON_TEXT.get(reason, reason)
     ).encode()
 
 
 class UpstreamRequest:
-    """The router's side of one stream: one upstream attempt (retries come later)."""
+    """The router's side of one stream: its upstream attempts (one unless retried)."""
 
     __slots__ = (
         "action",
+        "attempt_timer",
+        "attempts",
+        "backoff",
+        "backoff_timer",
+        "body",
+        "body_bytes",
         "chunked",
         "cluster",
         "conn",
         "done",
         "ended",
+        "ended_at",
         "entry",
+        "hash_key",
         "hcm",
+        "head_headers",
         "host",
+        "idempotent",
+        "in_flight",
         "mirrors",
         "paused_upstream",
+        "per_try",
+        "policy",
         "pool",
+        "priorities",
         "ready",
+        "resources",
         "response_started",
+        "retries_left",
+        "retry_held",
         "route",
+        "rq_held",
         "rstats",
         "sent_at",
         "stream",
         "timeout",
         "timer",
+        "tried",
     )  # fmt: skip
+
+    # Set only where they are used, never read before (not in __init__: the request path
+    # without a retry policy does not pay for them).
+    resources: ResourceManager
+    """The circuit breakers of the current attempt's cluster (set when it starts)."""
+    hash_key: int | None
+    head_headers: Headers | None
+    """The request headers before the first attempt's rewrites, for the next attempts."""
+    body_bytes: int
+    idempotent: bool
+    retries_left: int
+    backoff: Backoff
+    tried: list[Host] | None
+    """The hosts attempted (previous_hosts only)."""
+    priorities: PreviousPriorities | None
+    ended_at: float
+    """When the downstream request ended (monotonic), for a retry's expected timeout."""
 
     def __init__(
         self, stream: ActiveStream, route: Route, action: RouteAction, hcm: HcmRuntime
@@ -127,6 +230,23 @@ class UpstreamRequest:
         # Envoy's router would take x-envoy-upstream-rq-timeout-ms from internal requests;
         # without an internal address configuration there are none (the HCM strips it).
         self.timeout = action.timeout
+        self.rq_held = False
+        """This attempt holds the cluster's ``requests`` resource (from its connection on)."""
+        self.in_flight = False
+        """An attempt is under way (from choosing its host to its end)."""
+        self.attempts = 0
+        self.per_try: float | None = None
+        self.attempt_timer: asyncio.TimerHandle | None = None
+        # Retry state: with no retry policy, ``policy`` and ``body`` stay None and the request
+        # path reads nothing else of it.
+        self.policy: RetryPolicy | None = None
+        """The retry policy while a retry is still possible; None once it is not."""
+        self.body: list[bytes] | None = None
+        """The request body chunks received so far, kept while a retry is possible."""
+        self.retry_held: ResourceManager | None = None
+        """The resource manager whose ``retries`` this request holds (a retry is scheduled or
+        under way), as Envoy holds it until the next retry decision."""
+        self.backoff_timer: asyncio.TimerHandle | None = None
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -141,18 +261,55 @@ class UpstreamRequest:
             stream.send_local_reply(action.cluster_not_found_response_code, b"", NC)
             return
         self.cluster = cluster
-        hash_key = hcm.hash_key(stream, action) if action.hash_policies else None
+        hash_key = self.hash_key = hcm.hash_key(stream, action) if action.hash_policies else None
         host = cluster.choose_host(hash_key)
         if host is None:
             cluster.stats.upstream_cx_none_healthy.value += 1
             stream.send_local_reply(503, b"no healthy upstream", UH)
             return
-        self.host = host
-        pool = self.pool = pool_for(host, cluster)
-        host.active_requests += 1
         self.rstats = hcm.request_stats(cluster.name)
+        policy = action.retry_policy
+        if policy is not None:
+            self._setup_retries(policy)
         if action.mirror_policies:
             self._start_mirrors()
+        self._start_attempt(cluster, host)
+
+    def _setup_retries(self, policy: RetryPolicy) -> None:
+        per_try = policy.per_try_timeout
+        timeout = self.timeout
+        if per_try is not None and not (timeout and per_try >= timeout):
+            # As Envoy: a per-try timeout not shorter than the route timeout is ignored.
+            self.per_try = per_try
+        if not policy.on or self.stream.upgrade:
+            return
+        self.policy = policy
+        self.retries_left = policy.num_retries
+        self.idempotent = self.stream.method in IDEMPOTENT_METHODS
+        self.backoff = Backoff(policy.base_interval, policy.max_interval)
+        self.tried = [] if policy.previous_hosts else None
+        frequency = policy.previous_priorities
+        self.priorities = PreviousPriorities(frequency) if frequency else None
+
+    def _start_attempt(self, cluster: UpstreamCluster, host: Host) -> None:
+        self.attempts += 1
+        self.host = host
+        self.in_flight = True
+        host.active_requests += 1
+        if self.policy is not None:
+            # The retry modifiers learn every attempted host (Envoy's onHostAttempted).
+            if self.tried is not None:
+                self.tried.append(host)
+            if self.priorities is not None:
+                self.priorities.on_host_attempted(host)
+        pool = self.pool = pool_for(host, cluster)
+        resources = self.resources = cluster.resources.default
+        if not resources.requests.can_create():
+            # max_requests: Envoy's pool fails the stream as an overflow (never retried),
+            # counted as an active-request overflow.
+            cluster.stats.upstream_rq_active_overflow.value += 1
+            self.on_pool_failure(OVERFLOW)
+            return
         pool.acquire(self)
 
     def _start_mirrors(self) -> None:
@@ -182,17 +339,35 @@ class UpstreamRequest:
             return
         stream = self.stream
         self.conn = conn
+        self.resources.requests.inc()
+        self.rq_held = True
+        host = self.host
+        assert host is not None
+        monitor = host.outlier
+        if monitor is not None:
+            monitor.put_local_origin(LOCAL_ORIGIN_CONNECT_SUCCESS)
         rs = self.rstats
         if rs is not None:
             rs.rq_total.value += 1  # Envoy counts a request once it has a connection
         conn.attach(self, stream.method == _HEAD)
+        if self.ready:
+            # A retry of a request already sent once (attempts that failed to connect sent
+            # nothing: the first one that connects takes the path below).
+            self._send_retry(conn)
+            return
         pending = stream.take_pending_body()
         if self.mirrors:
             # Shadows copy the request before the primary rewrites its headers in place.
             for m in self.mirrors:
                 m.send_head(pending)
+        if self.policy is not None:
+            # Keep what a retry sends again: the headers before this attempt's rewrites, and
+            # the body chunks (the list itself; later chunks are appended to it).
+            self.head_headers = stream.headers.copy()
+            self.body = pending = pending if pending is not None else []
+            self.body_bytes = sum([len(p) for p in pending])
         head = self.hcm.build_upstream_head(
-            stream, self.route, self.action, self.host, self.entry, self.timeout
+            stream, self.route, self.action, host, self.entry, self.per_try or self.timeout
         )
         self.sent_at = time.monotonic()
         if pending:
@@ -203,6 +378,8 @@ class UpstreamRequest:
         else:
             conn.write(head)
         self.ready = True
+        if self.body is not None and self.body_bytes > stream.conn.buffer_limit:
+            self._abandon_retries()
         if stream.request_complete:
             self.decode_end()
         if conn.write_paused:
@@ -212,40 +389,112 @@ class UpstreamRequest:
             # response: do not read this response faster than the client takes it.
             self.pause_upstream_reading()
 
+    def _send_retry(self, conn: UpstreamConnection) -> None:
+        """Write a retry attempt: the head built again from the kept headers, the kept body,
+        and the end of the request if it has ended."""
+        stream = self.stream
+        saved = self.head_headers
+        if saved is not None:
+            # Each attempt rewrites a fresh copy, so header rules apply once per attempt.
+            stream.headers = saved.copy()
+        head = self.hcm.build_upstream_head(
+            stream, self.route, self.action, self.host, self.entry, self._expected_timeout()
+        )
+        body = self.body
+        if body:
+            if self.chunked:
+                head += b"".join([chunk(p) for p in body])
+            else:
+                head += b"".join(body)
+        if self.ended and self.chunked:
+            head += LAST_CHUNK
+        conn.write(head)
+        if self.ended:
+            self._arm_per_try()
+        if conn.write_paused:
+            self.on_upstream_pause()
+
+    def _expected_timeout(self) -> float | None:
+        """x-envoy-expected-rq-timeout-ms for a retry, as Envoy's setTimeoutHeaders: the
+        per-try timeout, or the route timeout, bounded by what is left of the route timeout."""
+        timeout = self.timeout
+        expected = self.per_try or timeout
+        if not expected:
+            return None
+        expected_ms = int(expected * 1000)
+        if timeout and self.ended:
+            left = int(timeout * 1000) - int((time.monotonic() - self.ended_at) * 1000)
+            expected_ms = max(1, min(expected_ms, left))
+        return (expected_ms + 0.5) / 1000.0
+
     def on_pool_failure(self, reason: str) -> None:
         if self.done:
             return
-        if self.rstats is not None:
-            self.rstats.rq_pending_failure.value += 1
-        self._fail_before_response(reason, pool_failure_flag(reason))
+        self._end_attempt()
+        rs = self.rstats
+        if rs is not None and reason != OVERFLOW:
+            rs.rq_pending_failure.value += 1
+        result = NO
+        if reason != OVERFLOW:
+            host = self.host
+            monitor = host.outlier if host is not None else None
+            if monitor is not None:
+                monitor.put_local_origin(LOCAL_ORIGIN_CONNECT_FAILED)
+            policy = self.policy
+            if policy is not None:
+                # Nothing reached the upstream: even a non-idempotent request may go again.
+                result = self._decide(retry_on_reset(policy, True, False))
+                if result == YES:
+                    self._retry_later()
+                    return
+        elif self.retry_held is not None:
+            result = self._decide(False)  # Envoy never retries an overflow
+        self._fail_before_response(reason, pool_failure_flag(reason), result)
 
     # -- decode path (request body) -------------------------------------------------------------
 
     def decode_data(self, data: bytes) -> None:
         conn = self.conn
-        if conn is None:
-            return
-        if self.chunked:
-            conn.write(chunk(data))
-        else:
-            conn.write(data)
+        body = self.body
+        if body is not None:
+            body.append(data)
+            self.body_bytes += len(data)
+            if self.body_bytes > self.stream.conn.buffer_limit:
+                self._abandon_retries()
+                if self.done:
+                    return
+        if conn is not None:
+            if self.chunked:
+                conn.write(chunk(data))
+            else:
+                conn.write(data)
         if self.mirrors:
             for m in self.mirrors:
                 m.send_body(data)
 
     def decode_end(self) -> None:
-        conn = self.conn
-        if conn is None or self.ended:
+        if self.ended:
             return
         self.ended = True
-        if self.chunked:
-            conn.write(LAST_CHUNK)
+        if self.policy is not None:
+            self.ended_at = time.monotonic()
+        conn = self.conn
+        if conn is not None:
+            if self.chunked:
+                conn.write(LAST_CHUNK)
+            if self.per_try is not None:
+                self._arm_per_try()
         if self.mirrors:
             for m in self.mirrors:
                 m.send_end()
         timeout = self.timeout
         if timeout and self.timer is None and not self.done and not self.stream.upgrade:
             self.timer = self.hcm.loop.call_later(timeout, self._on_timeout)
+
+    def _arm_per_try(self) -> None:
+        per_try = self.per_try
+        if per_try is not None and self.attempt_timer is None and not self.stream.upgrade:
+            self.attempt_timer = self.hcm.loop.call_later(per_try, self._on_per_try_timeout)
 
     def on_downstream_upgrade_bytes(self, rest: bytes) -> None:
         """Bytes after an upgrade request's head: they belong to the tunnel."""
@@ -268,8 +517,36 @@ class UpstreamRequest:
     ) -> None:
         if self.done:
             return
-        self.response_started = True
+        host = self.host
+        monitor = host.outlier if host is not None else None
+        if monitor is not None:
+            monitor.put_http_status(status)
         stream = self.stream
+        policy = self.policy
+        if policy is not None:
+            # A status the policy does not retry (the usual case) costs a set lookup and a bit
+            # test; envoy-ratelimited decides on a response header.
+            if (
+                status in policy.statuses or policy.on & RETRY_ON_ENVOY_RATE_LIMITED
+            ) and retry_on_headers(policy, status, headers):
+                # A response: the request reached the upstream.
+                result = self._decide(self.idempotent)
+                if result == YES:
+                    self._retry_stats().count_retried(status)
+                    self._retry_later()
+                    return
+                if result != NO:  # NO: not idempotent, the policy does not apply
+                    stream.flags = add_flag(stream.flags, URX if result == LIMIT_EXCEEDED else UO)
+            elif self.retry_held is not None:
+                self._decide(False)
+            self._stop_retrying()
+        self.response_started = True
+        timer = self.attempt_timer
+        if timer is not None:
+            # The per-try timeout no longer applies once the response has started (Envoy
+            # ignores its expiry from then on).
+            timer.cancel()
+            self.attempt_timer = None
         if flags & RH_HOP_BY_HOP:
             headers = [kv for kv in headers if kv[0] not in RESPONSE_HOP_BY_HOP]
         out = headers
@@ -324,14 +601,27 @@ class UpstreamRequest:
         self.conn = None
         if self.done:
             return
-        if self.rstats is not None:
-            self.rstats.rq_rx_reset.value += 1
+        # No upstream_rq_rx_reset: on HTTP/1 the upstream can only close the connection,
+        # which Envoy does not count as a remote stream reset (that is HTTP/2's RST_STREAM).
         flag = reset_flag(reason)
         if self.response_started:
             self.stream.flags = add_flag(self.stream.flags, flag)
             self.stream.reset()
             return
-        self._fail_before_response(reason, flag)
+        self._end_attempt()
+        host = self.host
+        monitor = host.outlier if host is not None else None
+        if monitor is not None:
+            monitor.put_local_origin(EXT_ORIGIN_REQUEST_FAILED)
+        result = NO
+        policy = self.policy
+        if policy is not None:
+            # The head was written when the connection came: the request reached the upstream.
+            result = self._decide(self.idempotent and retry_on_reset(policy, False, True))
+            if result == YES:
+                self._retry_later()
+                return
+        self._fail_before_response(reason, flag, result)
 
     def on_upstream_upgrade(self, rest: bytes) -> None:
         if rest:
@@ -369,7 +659,169 @@ class UpstreamRequest:
             conn.detach_and_close()
         self._cleanup()
 
+    # -- retries --------------------------------------------------------------------------------
+
+    def _retry_stats(self) -> RetryStats:
+        rs = self.rstats
+        assert rs is not None
+        return retry_stats(rs.store, rs.prefix)
+
+    def _decide(self, would_retry: bool) -> int:
+        """Envoy's RetryStateImpl::shouldRetry: YES (a retry is scheduled: the ``retries``
+        resource is taken and counted), NO, LIMIT_EXCEEDED or OVERFLOW. A retry decided
+        earlier that is followed by a failure no policy retries counts as a success, as in
+        Envoy."""
+        held = self.retry_held
+        if held is None and not would_retry:
+            return NO
+        st = self._retry_stats()
+        if held is not None:
+            self.retry_held = None
+            held.retries.dec()
+            if not would_retry:
+                st.success.value += 1
+        if not would_retry:
+            return NO
+        if self.retries_left <= 0:
+            st.limit_exceeded.value += 1
+            return LIMIT_EXCEEDED
+        self.retries_left -= 1
+        resources = self.resources
+        if not resources.retries.can_create():
+            st.overflow.value += 1
+            return RETRY_OVERFLOW
+        resources.retries.inc()
+        self.retry_held = resources
+        st.retry.value += 1
+        st.backoff_exponential.value += 1
+        return YES
+
+    def _retry_later(self) -> None:
+        """Give up the current attempt and start the next one after the backoff."""
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            # Envoy resets the attempt's stream; on HTTP/1 that closes its connection.
+            conn.detach_and_close()
+        self._end_attempt()
+        self.paused_upstream = False
+        stream = self.stream
+        if stream.conn.read_paused_flow:
+            # The body keeps arriving into the retry buffer (bounded by the buffer limit).
+            stream.conn.resume_reading_for_upstream()
+        self.backoff_timer = self.hcm.loop.call_later(self.backoff.next(), self._do_retry)
+
+    def _do_retry(self) -> None:
+        self.backoff_timer = None
+        if self.done:
+            return
+        cluster = self.cluster
+        assert cluster is not None
+        # The cluster may have been replaced (CDS, reload) meanwhile: take the current one.
+        current = self.hcm.clusters.get(cluster.name)
+        host = self._choose_retry_host(current) if current is not None else None
+        if current is None or host is None:
+            cluster.stats.upstream_cx_none_healthy.value += 1
+            self._release_retry()
+            if self.rstats is not None:
+                self.rstats.charge_local(503)
+            self.stream.send_local_reply(503, b"no healthy upstream", UH)
+            return
+        self.cluster = current
+        self._start_attempt(current, host)
+
+    def _choose_retry_host(self, cluster: UpstreamCluster) -> Host | None:
+        """A host for a retry: with previous_priorities, from the priority levels not tried
+        yet; with previous_hosts, chosen again up to host_selection_retry_max_attempts times
+        while it is one already tried (then the last choice stands, as in Envoy)."""
+        hash_key = self.hash_key
+        priorities = self.priorities
+        load = priorities.priority_load(cluster) if priorities is not None else None
+        if load is None:
+            host = cluster.choose_host(hash_key)
+        else:
+            host = choose_host_with_load(cluster, load, hash_key)
+        tried = self.tried
+        policy = self.policy
+        if tried is not None and policy is not None:
+            n = policy.host_selection_max_attempts
+            while n > 0 and host is not None and host in tried:
+                if load is None:
+                    host = cluster.choose_host(hash_key)
+                else:
+                    host = choose_host_with_load(cluster, load, hash_key)
+                n -= 1
+        return host
+
+    def _abandon_retries(self) -> None:
+        """The request body outgrew the buffer limit: retries are off for this request
+        (Envoy's retry_or_shadow_abandoned). Between attempts nothing can carry the request
+        on: 507, as Envoy answers."""
+        self._retry_stats().abandoned.value += 1
+        self._stop_retrying()
+        if self.conn is None and not self.done:
+            self.body = None
+            if self.rstats is not None:
+                self.rstats.charge_local(507)
+            self.stream.send_local_reply(
+                507, b"exceeded request buffer limit while retrying upstream"
+            )
+
+    def _stop_retrying(self) -> None:
+        """No more retries for this request: drop the kept request and the retries
+        resource."""
+        self.policy = None
+        self.body = None
+        self.head_headers = None
+        self._release_retry()
+
+    def _release_retry(self) -> None:
+        held = self.retry_held
+        if held is not None:
+            self.retry_held = None
+            held.retries.dec()
+
     # -- endings --------------------------------------------------------------------------------
+
+    def _end_attempt(self) -> None:
+        """The current attempt is over: its host's request count, its ``requests`` resource
+        and its per-try timer are released."""
+        if not self.in_flight:
+            return
+        self.in_flight = False
+        host = self.host
+        if host is not None:
+            host.active_requests -= 1
+        if self.rq_held:
+            self.rq_held = False
+            self.resources.requests.dec()
+        timer = self.attempt_timer
+        if timer is not None:
+            timer.cancel()
+            self.attempt_timer = None
+
+    def _on_per_try_timeout(self) -> None:
+        self.attempt_timer = None
+        if self.done or self.response_started:
+            return
+        self._retry_stats().per_try_timeout.value += 1
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.detach_and_close()
+        self._end_attempt()
+        host = self.host
+        monitor = host.outlier if host is not None else None
+        if monitor is not None:
+            monitor.put_local_origin(LOCAL_ORIGIN_TIMEOUT)
+        result = NO
+        policy = self.policy
+        if policy is not None:
+            result = self._decide(self.idempotent and retry_on_reset(policy, False, True))
+            if result == YES:
+                self._retry_later()
+                return
+        self._timeout_reply(result)
 
     def _on_timeout(self) -> None:
         self.timer = None
@@ -385,14 +837,39 @@ class UpstreamRequest:
         self.conn = None
         if conn is not None:
             conn.detach_and_close()
+        awaiting = self.in_flight
+        if awaiting:
+            host = self.host
+            monitor = host.outlier if host is not None else None
+            if monitor is not None:
+                monitor.put_local_origin(LOCAL_ORIGIN_TIMEOUT)
+        self._end_attempt()
+        if awaiting and self.rstats is not None:
+            # Envoy charges the 504 to an attempt that was awaiting its response, not to a
+            # request caught between attempts.
+            self.rstats.charge_local(504)
+        self.stream.send_local_reply(504, b"upstream request timeout", UT)
+
+    def _timeout_reply(self, result: int) -> None:
+        if result != NO:
+            self.stream.flags = add_flag(self.stream.flags, URX if result == LIMIT_EXCEEDED else UO)
         if self.rstats is not None:
             self.rstats.charge_local(504)
         self.stream.send_local_reply(504, b"upstream request timeout", UT)
 
-    def _fail_before_response(self, reason: str, flag: str) -> None:
+    def _fail_before_response(self, reason: str, flag: str, result: int = NO) -> None:
+        stream = self.stream
+        if result != NO:
+            stream.flags = add_flag(stream.flags, URX if result == LIMIT_EXCEEDED else UO)
+        # Envoy answers a malformed upstream response with 502, other failures with 503.
+        status = 502 if reason == PROTOCOL_ERROR else 503
         if self.rstats is not None:
-            self.rstats.charge_local(503)
-        self.stream.send_local_reply(503, upstream_failure_body(reason), flag)
+            self.rstats.charge_local(status)
+        # A circuit breaker overflow is marked for the downstream, as Envoy does.
+        extra = [("x-envoy-overloaded", "true")] if reason == OVERFLOW else None
+        stream.send_local_reply(
+            status, upstream_failure_body(reason, self.attempts > 1), flag, extra=extra
+        )
 
     def on_stream_done(self) -> None:
         """The HCM is finished with the stream (response written, reset or timed out)."""
@@ -405,6 +882,10 @@ class UpstreamRequest:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        backoff_timer = self.backoff_timer
+        if backoff_timer is not None:
+            backoff_timer.cancel()
+            self.backoff_timer = None
         conn = self.conn
         self.conn = None
         if conn is not None:
@@ -413,9 +894,10 @@ class UpstreamRequest:
         pool = self.pool
         if pool is not None:
             pool.cancel(self)
-        host = self.host
-        if host is not None:
-            host.active_requests -= 1
+        self._end_attempt()
+        if self.retry_held is not None:
+            self._release_retry()
+        self.body = None
         stream = self.stream
         if stream.conn.read_paused_flow:
             stream.conn.resume_reading_for_upstream()

@@ -3,7 +3,9 @@
 The listener creates one ``TcpProxyProtocol`` per downstream connection. It picks the cluster
 (``cluster``, or one of ``weighted_clusters`` at random by weight), asks the cluster for a host
 and connects to it within the cluster's ``connect_timeout``, trying other hosts up to
-``max_connect_attempts`` times. Bytes then flow both ways untouched.
+``max_connect_attempts`` times. Bytes then flow both ways untouched. With outlier detection on
+the cluster, each attempt is reported to the host's monitor (connect failure, timeout, or a
+connection made: Envoy's LOCAL_ORIGIN_CONNECT_SUCCESS_FINAL).
 
 Flow control mirrors Envoy's watermarks with asyncio's: each side's write buffer gets
 ``high = limit`` and ``low = limit / 2`` (downstream: the listener's per-connection buffer limit,
@@ -27,7 +29,10 @@ Stats (Envoy's names): ``tcp.<stat_prefix>.downstream_cx_total``, ``downstream_c
 ``upstream_cx_total``, ``upstream_cx_active``, ``upstream_cx_connect_fail``,
 ``upstream_cx_connect_timeout``, ``upstream_cx_connect_attempts_exceeded``,
 ``upstream_cx_none_healthy``, ``upstream_cx_rx_bytes_total``, ``upstream_cx_tx_bytes_total``,
-``upstream_cx_destroy[_local|_remote]``. The ``*_bytes_buffered`` gauges are not kept: they
+``upstream_cx_destroy[_local|_remote]``, ``upstream_cx_overflow``. The cluster's circuit
+breakers bound the upstream connections (``max_connections``, counted from the start of each
+connect attempt): past the limit the downstream connection is closed at once with flag UO, as
+in Envoy. The ``*_bytes_buffered`` gauges are not kept: they
 would cost a buffer-size query per chunk; ``TcpProxyProtocol.buffered_bytes()`` answers it on
 demand.
 
@@ -64,15 +69,21 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ubimesh.proxy.access_log.logger import AccessLogs, connection_entry, log_connection
-from ubimesh.proxy.response_flags import NC, UF, UH, URX, add_flag
+from ubimesh.proxy.response_flags import NC, UF, UH, UO, URX, add_flag
 from ubimesh.proxy.snapshot.types import TcpProxyConfig, TelemetryMeta
 from ubimesh.proxy.tls.buffered import BufferedApp
 from ubimesh.proxy.upstream.host import Host
+from ubimesh.proxy.upstream.outlier import (
+    LOCAL_ORIGIN_CONNECT_FAILED,
+    LOCAL_ORIGIN_CONNECT_SUCCESS_FINAL,
+    LOCAL_ORIGIN_TIMEOUT,
+)
 from ubimesh.telemetry.stats import Counter, Gauge, Store
 
 if TYPE_CHECKING:
     from ubimesh.proxy.http.rbac import NetworkRbac
     from ubimesh.proxy.tls.peer import PeerInfo
+    from ubimesh.proxy.upstream.circuit_breaker import Resource
     from ubimesh.proxy.upstream.cluster import ClusterStats, UpstreamCluster
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
     from ubimesh.telemetry.mesh_metrics import MeshMetrics, TcpSeries
@@ -279,6 +290,9 @@ class TcpProxyProtocol(asyncio.Protocol):
         self.host: Host | None = None
         """The upstream host this connection is proxied to (once connected)."""
         self._counted_host: Host | None = None
+        self._cx_held: Resource | None = None
+        """The cluster's ``connections`` circuit-breaker slot this connection holds, from the
+        start of a connect attempt until the upstream connection is gone."""
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._pending_full = False
@@ -476,7 +490,14 @@ class TcpProxyProtocol(asyncio.Protocol):
         timeout = cluster.spec.connect_timeout
         attempts = max(1, self._config.max_connect_attempts)
         tried: list[Host] = []
+        cx = cluster.resources.default.connections
         for _ in range(attempts):
+            if not cx.can_create():
+                # Envoy checks max_connections before it picks a host: the connection is
+                # closed, flag UO.
+                cst.upstream_cx_overflow.value += 1
+                self.flags = add_flag(self.flags, UO)
+                return False
             host = cluster.choose_host()
             n = 0
             while host is not None and host in tried and n < _HOST_RESELECT_ATTEMPTS:
@@ -491,6 +512,8 @@ class TcpProxyProtocol(asyncio.Protocol):
             self.host = host
             addr = host.address
             tls = cluster.tls
+            cx.inc()
+            self._cx_held = cx
             try:
                 async with asyncio.timeout(timeout):
                     if tls is None:
@@ -512,21 +535,30 @@ class TcpProxyProtocol(asyncio.Protocol):
                 cst.upstream_cx_connect_timeout.value += 1
                 cst.upstream_cx_connect_fail.value += 1
                 self.flags = add_flag(self.flags, UF)
+                if host.outlier is not None:
+                    host.outlier.put_local_origin(LOCAL_ORIGIN_TIMEOUT)
                 log.debug("tcp_proxy: connect to %s timed out", addr)
             except (OSError, ValueError) as e:
                 # ssl.SSLError is an OSError; a missing TLS secret a ValueError.
                 cst.upstream_cx_connect_fail.value += 1
                 self.flags = add_flag(self.flags, UF)
+                if host.outlier is not None:
+                    host.outlier.put_local_origin(LOCAL_ORIGIN_CONNECT_FAILED)
                 if tls is not None and cluster.tls_stats is not None:
                     cluster.tls_stats.connection_error.value += 1
                 log.debug("tcp_proxy: connect to %s failed: %s", addr, e)
             else:
+                if self._up is not None and host.outlier is not None:
+                    # Envoy's TCP proxy: the connection is the whole transaction.
+                    host.outlier.put_local_origin(LOCAL_ORIGIN_CONNECT_SUCCESS_FINAL)
                 if self._up is not None or self._down_closed:
                     return True
                 cst.upstream_cx_connect_fail.value += 1  # the upstream's certificate failed
                 self.flags = add_flag(self.flags, UF)
             finally:
                 self._tls_verifier = None
+                if self._up is None:
+                    self._release_cx()
             if self._down_closed:
                 return False
         self.host = None
@@ -593,6 +625,7 @@ class TcpProxyProtocol(asyncio.Protocol):
 
     def _upstream_lost(self, exc: Exception | None) -> None:
         self._up_closed = True
+        self._release_cx()
         counted = self._counted_host
         if counted is not None:
             counted.active_requests -= 1
@@ -623,6 +656,13 @@ class TcpProxyProtocol(asyncio.Protocol):
             self._resume_downstream()
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _release_cx(self) -> None:
+        """Give the connection's circuit-breaker slot back (once)."""
+        cx = self._cx_held
+        if cx is not None:
+            self._cx_held = None
+            cx.dec()
 
     def _mesh_opened(self) -> None:
         """Count the connection in the mesh metrics once its fate is known (connected, or

@@ -7,14 +7,20 @@ level for its healthy hosts and one for its degraded hosts (``lb.py``), and the 
 as a 100-slot table of pickers. When a single picker takes all the load, which is the usual case,
 ``choose_host`` calls it directly without drawing a priority.
 
-Health: ``Host.healthy`` False means the host takes no traffic. A host can also be *degraded*
-(configured ``health_status: DEGRADED``, later active health checks): it is still
-``healthy`` but only takes the load its priority level cannot serve with fully healthy hosts,
-as in Envoy. The degraded set is kept here rather than on ``Host``.
+Health: each host carries Envoy's health flags (``host.py``): EDS ``health_status``, active
+health checks (``health_check.py``) and outlier detection (``outlier.py``) each set their own
+bit, and a host with any ``FAILED_*`` bit is unhealthy. A *degraded* host is still healthy but
+only takes the load its priority level cannot serve with fully healthy hosts, as in Envoy.
 
-Not implemented yet: the panic threshold (Envoy's default 50 %: when too few hosts are healthy
-Envoy balances over all hosts, unhealthy included; ubimesh picks among healthy hosts only, and
-returns None when there are none), locality weighted balancing, zone aware routing, subsets.
+Panic threshold (``Cluster.healthy_panic_threshold``, Envoy's default 50 %, 0 disables it),
+as Envoy's ``LoadBalancerBase`` computes it: a priority level whose healthy plus degraded
+share of its (non-excluded) hosts is below the threshold is *in panic*, unless the levels
+together are fully available (normalized total availability 100). A level in panic balances
+over all its hosts, unhealthy included. When every level is in panic (*total panic*), the load
+is spread over the levels by their host counts instead of their health. Each pick from a level
+in panic counts ``lb_healthy_panic``.
+
+Not implemented yet: locality weighted balancing, zone aware routing, subsets.
 """
 
 from __future__ import annotations
@@ -31,29 +37,49 @@ from ubimesh.proxy.snapshot.types import (
     SocketAddress,
 )
 from ubimesh.proxy.upstream.circuit_breaker import ClusterResources
-from ubimesh.proxy.upstream.host import Host
+from ubimesh.proxy.upstream.host import (
+    DEGRADED_EDS_HEALTH,
+    DEGRADED_MASK,
+    EXCLUDED_MASK,
+    FAILED_EDS_HEALTH,
+    FAILED_MASK,
+    HEALTH_DEGRADED,
+    HEALTH_DRAINING,
+    HEALTH_HEALTHY,
+    HEALTH_TIMEOUT,
+    HEALTH_UNHEALTHY,
+    HEALTH_UNKNOWN,
+    Host,
+    eds_flags,
+)
 from ubimesh.proxy.upstream.lb import MASK64, Picker, build_picker
 from ubimesh.proxy.upstream.priority import (
     PriorityLoad,
     choose_priority,
+    level_health,
     priority_load_for_counts,
 )
 from ubimesh.telemetry.stats import Counter, Gauge, Store
 
-# envoy.config.core.v3.HealthStatus
-HEALTH_UNKNOWN = 0
-HEALTH_HEALTHY = 1
-HEALTH_UNHEALTHY = 2
-HEALTH_DRAINING = 3
-HEALTH_TIMEOUT = 4
-HEALTH_DEGRADED = 5
+__all__ = [
+    "HEALTH_DEGRADED",
+    "HEALTH_DRAINING",
+    "HEALTH_HEALTHY",
+    "HEALTH_TIMEOUT",
+    "HEALTH_UNHEALTHY",
+    "HEALTH_UNKNOWN",
+    "ClusterStats",
+    "UpstreamCluster",
+    "endpoint_health",
+    "host_for_endpoint",
+]
 
 
 def endpoint_health(status: int) -> tuple[bool, bool]:
-    """``(healthy, degraded)`` for a configured health_status (UNKNOWN counts as healthy)."""
-    if status in (HEALTH_UNHEALTHY, HEALTH_DRAINING, HEALTH_TIMEOUT):
-        return False, False
-    return True, status == HEALTH_DEGRADED
+    """``(healthy, degraded)`` for a configured health_status (UNKNOWN counts as healthy;
+    DRAINING does not: it is excluded)."""
+    flags = eds_flags(status)
+    return not flags & (FAILED_MASK | EXCLUDED_MASK), bool(flags & DEGRADED_MASK)
 
 
 def host_for_endpoint(
@@ -64,8 +90,7 @@ def host_for_endpoint(
     hostname: str = "",
 ) -> Host:
     """A new Host for ``endpoint`` of ``group`` (``address`` overrides a DNS endpoint's)."""
-    healthy, _ = endpoint_health(endpoint.health_status)
-    return Host(
+    host = Host(
         endpoint.address if address is None else address,
         cluster_name=cluster_name,
         hostname=endpoint.hostname or hostname,
@@ -73,8 +98,9 @@ def host_for_endpoint(
         priority=group.priority,
         locality=group.locality,
         locality_weight=group.load_balancing_weight,
-        healthy=healthy,
     )
+    host.set_eds_status(endpoint.health_status)
+    return host
 
 
 class ClusterStats:
@@ -82,7 +108,8 @@ class ClusterStats:
 
     Connection stats are for whoever opens upstream connections (tcp_proxy here, the HTTP pool
     elsewhere); ``upstream_rq_*`` belong to the HTTP side and are not created here, except
-    ``upstream_rq_total``, which Envoy's TCP pool also counts (one per proxied connection).
+    ``upstream_rq_total``, which Envoy's TCP pool also counts (one per proxied connection),
+    and the circuit breakers' pending and overflow counters.
     """
 
     __slots__ = (
@@ -108,9 +135,15 @@ class ClusterStats:
         "upstream_cx_idle_timeout",
         "upstream_cx_max_requests",
         "upstream_cx_none_healthy",
+        "upstream_cx_overflow",
         "upstream_cx_rx_bytes_total",
         "upstream_cx_total",
         "upstream_cx_tx_bytes_total",
+        "upstream_rq_active_overflow",
+        "upstream_rq_pending_active",
+        "upstream_rq_pending_overflow",
+        "upstream_rq_pending_total",
+        "upstream_rq_retry_overflow",
         "upstream_rq_total",
     )
 
@@ -146,6 +179,17 @@ class ClusterStats:
         self.upstream_cx_rx_bytes_total: Counter = c(p + "upstream_cx_rx_bytes_total")
         self.upstream_cx_tx_bytes_total: Counter = c(p + "upstream_cx_tx_bytes_total")
         self.upstream_rq_total: Counter = c(p + "upstream_rq_total")
+        # Circuit breakers (upstream/circuit_breaker.py): overflows of max_connections (the
+        # pool and tcp_proxy), max_pending_requests (the pool), max_requests (the router;
+        # Envoy >= 1.38 counts it as an active-request overflow, not a pending one) and
+        # max_retries or the retry budget (the router); requests waiting in the pool for a
+        # connection.
+        self.upstream_cx_overflow: Counter = c(p + "upstream_cx_overflow")
+        self.upstream_rq_active_overflow: Counter = c(p + "upstream_rq_active_overflow")
+        self.upstream_rq_pending_overflow: Counter = c(p + "upstream_rq_pending_overflow")
+        self.upstream_rq_retry_overflow: Counter = c(p + "upstream_rq_retry_overflow")
+        self.upstream_rq_pending_total: Counter = c(p + "upstream_rq_pending_total")
+        self.upstream_rq_pending_active: Gauge = g(p + "upstream_rq_pending_active")
 
 
 PickFn = Callable[[int | None], Host]
@@ -160,7 +204,7 @@ class UpstreamCluster:
         stats: Store,
         hosts: Iterable[Host] = (),
         *,
-        degraded: Iterable[Host] = (),
+        degraded: Iterable[Host] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.name = spec.name
@@ -170,7 +214,7 @@ class UpstreamCluster:
         manager); None for plaintext."""
         self.tls_stats: Any = None
         self.stats = ClusterStats(stats, spec.name)
-        self.resources = ClusterResources(spec.circuit_breakers)
+        self.resources = ClusterResources(spec.circuit_breakers, stats, spec.name)
         """Circuit breakers per routing priority (``circuit_breaker.py``)."""
         self.hosts: list[Host] = []
         self.priority_load = PriorityLoad((), ())
@@ -181,7 +225,14 @@ class UpstreamCluster:
         self._random = self._rng.random
         self._getrandbits = self._rng.getrandbits
         self._hash_lb = spec.lb_policy in (LbPolicy.RING_HASH, LbPolicy.MAGLEV)
-        self._degraded: set[Host] = set()
+        self._members: set[Host] = set()
+        self.panic: tuple[bool, ...] = (False,)
+        """Per priority level: whether it is in panic (balances over all its hosts)."""
+        self.outlier: Any = None
+        """The cluster's outlier detector (``outlier.OutlierDetector``); None when off."""
+        self.health_checker: Any = None
+        """The cluster's active health checker (``health_check.HealthChecker``); None when
+        the cluster has no health checks."""
         self._only: PickFn | None = None
         self._fast: Callable[[], Host] | None = None
         self._table: list[PickFn] = []
@@ -216,56 +267,95 @@ class UpstreamCluster:
 
     # -- membership and health --------------------------------------------------------------
 
-    def set_hosts(self, hosts: Iterable[Host], *, degraded: Iterable[Host] = ()) -> None:
-        """Replace the host set (``degraded`` lists hosts of it that are degraded) and rebuild."""
+    def set_hosts(self, hosts: Iterable[Host], *, degraded: Iterable[Host] | None = None) -> None:
+        """Replace the host set and rebuild. ``degraded``, when given, lists the hosts of the
+        set that EDS marks degraded (their ``DEGRADED_EDS_HEALTH`` bit is set, the others'
+        cleared); other flags are left as the hosts carry them."""
         self.hosts = list(hosts)
-        members = set(self.hosts)
-        self._degraded = {h for h in degraded if h in members}
+        if degraded is not None:
+            marked = {id(h) for h in degraded}
+            for h in self.hosts:
+                if id(h) in marked:
+                    h.health_flags |= DEGRADED_EDS_HEALTH
+                else:
+                    h.health_flags &= ~DEGRADED_EDS_HEALTH
+        # New hosts get their monitor and health check session (and a new checked host its
+        # initial FAILED_ACTIVE_HC) before the balancer sees them.
+        if self.outlier is not None:
+            self.outlier.sync_hosts(self.hosts)
+        if self.health_checker is not None:
+            self.health_checker.sync_hosts(self.hosts)
         self.stats.membership_change.inc()
         self.refresh()
 
     def is_degraded(self, host: Host) -> bool:
-        return host in self._degraded
+        return host.degraded
 
     def set_host_health(self, host: Host, healthy: bool, *, degraded: bool = False) -> None:
-        """Mark a host (un)healthy or degraded; rebuilds the balancer only on a change."""
-        was_degraded = host in self._degraded
-        if host.healthy == healthy and was_degraded == degraded:
+        """Set a host's EDS verdict (unhealthy, or healthy and possibly degraded); rebuilds
+        the balancer only on a change."""
+        flags = host.health_flags & ~(FAILED_EDS_HEALTH | DEGRADED_EDS_HEALTH)
+        if not healthy:
+            flags |= FAILED_EDS_HEALTH
+        elif degraded:
+            flags |= DEGRADED_EDS_HEALTH
+        self.set_flags(host, flags)
+
+    def set_flags(self, host: Host, flags: int) -> None:
+        """Give ``host`` these health flags; rebuilds the balancer when that changes which
+        hosts are healthy, degraded or excluded."""
+        old = host.health_flags
+        if old == flags:
             return
-        host.healthy = healthy
-        if degraded:
-            self._degraded.add(host)
-        else:
-            self._degraded.discard(host)
-        self.refresh()
+        host.health_flags = flags
+        mask = FAILED_MASK | DEGRADED_MASK | EXCLUDED_MASK
+        if (old & mask) != (flags & mask) and host in self._members:
+            self.refresh()
 
     def refresh(self) -> None:
-        """Recompute the priority load and rebuild the pickers from the hosts' current state.
-
-        Call after changing hosts' ``healthy`` or ``weight`` directly.
-        """
+        """Recompute the priority load and panic, and rebuild the pickers from the hosts'
+        current flags. Call after changing hosts' flags or ``weight`` directly."""
         spec = self.spec
         hosts = self.hosts
+        self._members = set(hosts)
         n_levels = (max(h.priority for h in hosts) + 1) if hosts else 1
-        totals = [0] * n_levels
+        everyone: list[list[Host]] = [[] for _ in range(n_levels)]
+        counted = [0] * n_levels
         healthy: list[list[Host]] = [[] for _ in range(n_levels)]
         degraded: list[list[Host]] = [[] for _ in range(n_levels)]
         max_weight = 0
+        excluded = 0
         for h in hosts:
             p = h.priority
-            totals[p] += 1
+            everyone[p].append(h)
             if h.weight > max_weight:
                 max_weight = h.weight
-            if h.healthy:
-                (degraded if h in self._degraded else healthy)[p].append(h)
+            f = h.health_flags
+            if f & EXCLUDED_MASK:
+                excluded += 1
+                continue
+            counted[p] += 1
+            if not f & FAILED_MASK:
+                (degraded if f & DEGRADED_MASK else healthy)[p].append(h)
         load = priority_load_for_counts(
             spec.overprovisioning_factor,
-            [(totals[p], len(healthy[p]), len(degraded[p])) for p in range(n_levels)],
+            [(counted[p], len(healthy[p]), len(degraded[p])) for p in range(n_levels)],
         )
+        panic = self._panic_levels(load, counted, healthy, degraded)
+        if panic and all(panic) and hosts:
+            load = _total_panic_load([len(e) for e in everyone])
+        rng = self._rng
+        panic_stat = self.stats.lb_healthy_panic
         pickers: list[tuple[Picker | None, Picker | None]] = []
         for p in range(n_levels):
-            hp = build_picker(spec, healthy[p], self._rng) if load.healthy[p] else None
-            dp = build_picker(spec, degraded[p], self._rng) if load.degraded[p] else None
+            if panic and panic[p] and (load.healthy[p] or load.degraded[p]):
+                inner = build_picker(spec, everyone[p], rng)
+                assert inner is not None
+                everything = _PanicPicker(inner, panic_stat)
+                pickers.append((everything, everything))
+                continue
+            hp = build_picker(spec, healthy[p], rng) if load.healthy[p] else None
+            dp = build_picker(spec, degraded[p], rng) if load.degraded[p] else None
             pickers.append((hp, dp))
         slots: list[Picker] = []
         if load.total:
@@ -275,6 +365,7 @@ class UpstreamCluster:
                 assert picker is not None
                 slots.append(picker)
         self.priority_load = load
+        self.panic = tuple(panic) if panic else (False,) * n_levels
         self.pickers = pickers
         self._table = [pk.pick for pk in slots]
         single = slots[0] if len({id(pk) for pk in slots}) == 1 else None
@@ -285,7 +376,68 @@ class UpstreamCluster:
         st.membership_total.set(len(hosts))
         st.membership_healthy.set(sum(len(x) for x in healthy))
         st.membership_degraded.set(sum(len(x) for x in degraded))
+        st.membership_excluded.set(excluded)
         st.max_host_weight.set(max_weight)
+
+    def _panic_levels(
+        self,
+        load: PriorityLoad,
+        counted: list[int],
+        healthy: list[list[Host]],
+        degraded: list[list[Host]],
+    ) -> list[bool]:
+        """Envoy's ``recalculatePerPriorityPanic``: which levels are in panic (empty: none)."""
+        threshold = min(100.0, self.spec.healthy_panic_threshold)
+        if threshold <= 0:
+            return []
+        factor = self.spec.overprovisioning_factor
+        availability = sum(
+            level_health(factor, len(healthy[p]), n) + level_health(factor, len(degraded[p]), n)
+            for p, n in enumerate(counted)
+        )
+        if availability >= 100:  # normalized total availability 100: nobody panics
+            return []
+        out = []
+        for p, n in enumerate(counted):
+            if n == 0:
+                out.append(True)
+                continue
+            available = 100.0 * (len(healthy[p]) + len(degraded[p])) / n
+            out.append(available < threshold)
+        return out if any(out) else []
 
     def __repr__(self) -> str:
         return f"UpstreamCluster({self.name!r}, hosts={len(self.hosts)})"
+
+
+class _PanicPicker:
+    """A level in panic: picks among all its hosts and counts ``lb_healthy_panic`` per pick."""
+
+    __slots__ = ("_inner", "_stat", "fast")
+
+    def __init__(self, inner: Picker, stat: Counter) -> None:
+        self._inner = inner
+        self._stat = stat
+        inner_fast = inner.fast
+        self.fast: Callable[[], Host] | None = None
+        if inner_fast is not None:
+
+            def fast() -> Host:
+                stat.value += 1
+                return inner_fast()
+
+            self.fast = fast
+
+    def pick(self, hash_key: int | None) -> Host:
+        self._stat.value += 1
+        return self._inner.pick(hash_key)
+
+
+def _total_panic_load(counts: list[int]) -> PriorityLoad:
+    """Envoy's ``recalculateLoadInTotalPanic``: load by host count, remainder to the first
+    non-empty level."""
+    total = sum(counts)
+    shares = [100 * n // total for n in counts]
+    first = next(i for i, n in enumerate(counts) if n)
+    shares[first] += 100 - sum(shares)
+    return PriorityLoad(tuple(shares), (0,) * len(counts))

@@ -20,6 +20,13 @@ hosts that went away are closed with ``host.pool.close()``. A changed cluster wh
 settings changed (transport socket, buffer limit, timeouts, max requests per connection) gets
 fresh hosts, since pools built for the old settings must not be reused.
 
+Health: a cluster with ``outlier_detection`` gets an ``OutlierDetector`` (``outlier.py``) and one
+with ``health_checks`` a ``HealthChecker`` (``health_check.py``), started with the manager (or at
+once when the cluster comes with an update) and stopped, timers and tasks cancelled, when the
+cluster is replaced or removed. Hosts carry their health flags and their monitor and session,
+so a rebuilt cluster's new detector and checker adopt the state of the hosts it keeps (an
+ejected host stays ejected, a failed one failed), as Envoy keeps host health across updates.
+
 Stats: ``cluster_manager.cluster_added|cluster_modified|cluster_removed`` (counters),
 ``cluster_manager.active_clusters|warming_clusters`` (gauges) and the per-cluster stats of
 ``ClusterStats``.
@@ -45,11 +52,12 @@ from ubimesh.proxy.tls.manager import TlsManager
 from ubimesh.proxy.upstream.cluster import (
     ClusterStats,
     UpstreamCluster,
-    endpoint_health,
     host_for_endpoint,
 )
 from ubimesh.proxy.upstream.dns import resolve
-from ubimesh.proxy.upstream.host import Host
+from ubimesh.proxy.upstream.health_check import HC_FLAGS, HealthChecker, HealthCheckSession
+from ubimesh.proxy.upstream.host import FAILED_OUTLIER_CHECK, Host
+from ubimesh.proxy.upstream.outlier import OutlierDetector
 from ubimesh.telemetry.stats import Store
 
 __all__ = ["ClusterManager", "ClusterStats", "UpstreamCluster"]
@@ -121,7 +129,6 @@ class _DnsDriver:
             if not candidates:
                 continue
             src = candidates.pop(0)
-            healthy, _ = endpoint_health(t.endpoint.health_status)
             status_changed = src.endpoint.health_status != t.endpoint.health_status
             for h in src.hosts:
                 h.weight = max(1, t.endpoint.weight)
@@ -129,7 +136,7 @@ class _DnsDriver:
                 h.locality = t.group.locality
                 h.locality_weight = t.group.load_balancing_weight
                 if status_changed:
-                    h.healthy = healthy
+                    h.set_eds_status(t.endpoint.health_status)
             t.hosts = list(src.hosts)
         if any(t.hosts for t in self.targets):
             self.resolved_once = True
@@ -242,18 +249,12 @@ class _DnsDriver:
             self.manager.warming_done()
 
     def _apply(self) -> None:
+        # Hosts carry their EDS flags (set when made, or when the configured status changed).
         cluster = self.cluster
-        known = set(cluster.hosts)
-        degraded: list[Host] = []
-        for t in self.targets:
-            cfg_degraded = endpoint_health(t.endpoint.health_status)[1]
-            for h in t.hosts:
-                if (h in known and cluster.is_degraded(h)) or (h not in known and cfg_degraded):
-                    degraded.append(h)
         all_hosts = self.hosts()
         if not all_hosts:
             cluster.stats.update_empty.inc()
-        cluster.set_hosts(all_hosts, degraded=degraded)
+        cluster.set_hosts(all_hosts)
 
 
 class ClusterManager:
@@ -309,10 +310,21 @@ class ClusterManager:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start DNS resolution and wait (at most ``dns_timeout``) for the first round."""
+        """Start DNS resolution, outlier detection and active health checks, and wait (at
+        most ``dns_timeout``) for the first round of resolutions and (at most the checks'
+        timeout) for every host's first health check, as Envoy's cluster warming does."""
         self._loop = asyncio.get_running_loop()
         for driver in self._drivers.values():
             driver.start(self._loop)
+        for cluster in self._clusters.values():
+            if cluster.outlier is not None:
+                cluster.outlier.start(self._loop)
+            if cluster.health_checker is not None:
+                cluster.health_checker.start(self._loop)
+        checkers = [c.health_checker for c in self._clusters.values() if c.health_checker]
+        if checkers:
+            bound = max(hc.config.timeout for hc in checkers) + 0.5
+            await asyncio.gather(*(hc.wait_first(bound) for hc in checkers))
         waiting = [
             d.first for d in self._drivers.values() if d.first is not None and not d.first.done()
         ]
@@ -327,13 +339,18 @@ class ClusterManager:
                 )
 
     async def stop(self) -> None:
-        """Stop DNS refreshes and close every host's pool."""
+        """Stop DNS refreshes, outlier detection and health checks; close every host's pool."""
         self._stopped = True
         drivers = list(self._drivers.values())
         for d in drivers:
             d.stop()
         self._drivers.clear()
         tasks = [d.task for d in drivers if d.task is not None]
+        for cluster in self._clusters.values():
+            checker = cluster.health_checker
+            if checker is not None:
+                tasks.extend(s.task for s in checker.sessions.values() if s.task is not None)
+            self._stop_health(cluster, removed=False)
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
         for cluster in self._clusters.values():
@@ -377,6 +394,7 @@ class ClusterManager:
         keep: list[Host] | tuple[()],
     ) -> None:
         cluster.closed = True
+        self._stop_health(cluster, removed=not keep)
         if driver is not None:
             driver.stop()
             if not driver.resolved_once:
@@ -397,6 +415,7 @@ class ClusterManager:
         if spec.type in _DNS_TYPES:
             cluster = UpstreamCluster(spec, self._store, rng=rng)
             self._attach_tls(cluster)
+            self._attach_health(cluster)
             driver = _DnsDriver(self, cluster, old_driver)
             if driver.resolved_once:
                 driver._apply()
@@ -406,9 +425,10 @@ class ClusterManager:
             if self._loop is not None and not self._stopped:
                 driver.start(self._loop)
             return cluster
-        hosts, degraded = self._static_hosts(spec, previous)
-        cluster = UpstreamCluster(spec, self._store, hosts, degraded=degraded, rng=rng)
+        hosts = self._static_hosts(spec, previous)
+        cluster = UpstreamCluster(spec, self._store, hosts, rng=rng)
         self._attach_tls(cluster)
+        self._attach_health(cluster)
         return cluster
 
     def _attach_tls(self, cluster: UpstreamCluster) -> None:
@@ -420,10 +440,54 @@ class ClusterManager:
             cluster.tls = self.tls.endpoint(context)
             cluster.tls_stats = TlsStats(self._store.counter, f"cluster.{cluster.name}.")
 
+    def _attach_health(self, cluster: UpstreamCluster) -> None:
+        """Give the cluster its outlier detector and health checker (which adopt the state of
+        the hosts it kept), or clear what a previous configuration left on its hosts."""
+        spec = cluster.spec
+        rng = random.Random(self._rng.random()) if self._rng is not None else None
+        running = self._loop is not None and not self._stopped
+        if spec.outlier_detection is not None:
+            detector = OutlierDetector(cluster, spec.outlier_detection, self._store, rng=rng)
+            cluster.outlier = detector
+            detector.sync_hosts(cluster.hosts)
+            if running:
+                assert self._loop is not None
+                detector.start(self._loop)
+        else:
+            for h in cluster.hosts:
+                h.outlier = None
+                h.health_flags &= ~FAILED_OUTLIER_CHECK
+        if spec.health_checks:
+            checker = HealthChecker(cluster, spec.health_checks[0], self._store, rng=rng)
+            cluster.health_checker = checker
+            checker.sync_hosts(cluster.hosts)
+            if running:
+                assert self._loop is not None
+                checker.start(self._loop)
+        else:
+            for h in cluster.hosts:
+                if isinstance(h.health_checker, HealthCheckSession):
+                    h.health_checker.stop()
+                h.health_checker = None
+                h.health_flags &= ~HC_FLAGS
+        cluster.refresh()
+
     @staticmethod
-    def _static_hosts(
-        spec: Cluster, previous: UpstreamCluster | None
-    ) -> tuple[list[Host], list[Host]]:
+    def _stop_health(cluster: UpstreamCluster, *, removed: bool) -> None:
+        detector = cluster.outlier
+        if detector is not None:
+            detector.stop()
+            if removed:
+                detector.stats.ejections_active.set(0)
+        checker = cluster.health_checker
+        if checker is not None:
+            checker.stop()
+            if removed:
+                checker.stats.healthy.set(0)
+                checker.stats.degraded.set(0)
+
+    @staticmethod
+    def _static_hosts(spec: Cluster, previous: UpstreamCluster | None) -> list[Host]:
         reusable: dict[SocketAddress, list[Host]] = {}
         old_status: dict[SocketAddress, list[int]] = {}
         if previous is not None:
@@ -433,16 +497,11 @@ class ClusterManager:
                 for e in g.endpoints:
                     old_status.setdefault(e.address, []).append(e.health_status)
         hosts: list[Host] = []
-        degraded: list[Host] = []
         for g in spec.endpoints:
             for e in g.endpoints:
-                healthy, is_degraded = endpoint_health(e.health_status)
                 candidates = reusable.get(e.address)
                 if not candidates:
-                    h = host_for_endpoint(spec.name, g, e)
-                    if is_degraded:
-                        degraded.append(h)
-                    hosts.append(h)
+                    hosts.append(host_for_endpoint(spec.name, g, e))
                     continue
                 h = candidates.pop(0)
                 statuses = old_status.get(e.address) or [-1]
@@ -452,16 +511,12 @@ class ClusterManager:
                 h.locality = g.locality
                 h.locality_weight = g.load_balancing_weight
                 h.hostname = e.hostname
-                if same_status:
-                    assert previous is not None
-                    if previous.is_degraded(h):
-                        degraded.append(h)
-                else:
-                    h.healthy = healthy
-                    if is_degraded:
-                        degraded.append(h)
+                if not same_status:
+                    # Envoy keeps a host's flags across updates; only a changed configured
+                    # status replaces its EDS ones (active HC and ejection state stay).
+                    h.set_eds_status(e.health_status)
                 hosts.append(h)
-        return hosts, degraded
+        return hosts
 
     # -- helpers ----------------------------------------------------------------------------
 

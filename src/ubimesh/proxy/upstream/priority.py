@@ -7,8 +7,8 @@ percentages throughout:
    ``factor`` is the overprovisioning factor in percent (default 140) and ``total`` counts every
    host of the level. Degraded hosts get a degraded score the same way.
 2. The normalized total availability is ``min(100, sum(health) + sum(degraded))``. When it is 0
-   nothing can take traffic (Envoy then enters total panic; ubimesh has no panic mode yet, so
-   every load is 0 and the cluster picks no host).
+   nothing can take traffic: every load is 0 here, and the cluster (``cluster.py``) applies
+   Envoy's panic threshold on top (total panic: load by host counts over all hosts).
 3. Load 100 is handed out in priority order, healthy first: level ``i`` receives
    ``min(left, health[i] * 100 // normalized)``. What is left goes to degraded hosts the same
    way, and any rounding remainder to the first level with healthy (else degraded) hosts.

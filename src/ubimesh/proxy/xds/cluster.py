@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ubimesh.proxy.snapshot.circuit_breakers import CircuitBreakers
 from ubimesh.proxy.snapshot.types import (
     Cluster,
     DiscoveryType,
@@ -17,6 +18,9 @@ from ubimesh.proxy.snapshot.types import (
     TelemetryMeta,
 )
 from ubimesh.proxy.xds import common, dynamic, extensions, tls
+from ubimesh.proxy.xds import health_check as _health_check
+from ubimesh.proxy.xds import outlier as _outlier
+from ubimesh.proxy.xds.circuit_breakers import circuit_breakers as _circuit_breakers
 from ubimesh.proxy.xds.context import Ctx, entry, item, join, seconds, timeout, wrapped
 
 _NOT_YET = "not implemented yet"
@@ -38,19 +42,19 @@ _CLUSTER = {
     "eds_cluster_config",
     "transport_socket",
     "metadata",
+    "circuit_breakers",
+    "outlier_detection",
+    "health_checks",
+    "common_lb_config",
 }
 _CLUSTER_HINTS = {
     "respect_dns_ttl": "the resolver (getaddrinfo) reports no TTLs; use dns_refresh_rate",
-    "circuit_breakers": "circuit breakers are " + _NOT_YET,
-    "health_checks": "active health checking is " + _NOT_YET,
-    "outlier_detection": "outlier detection is " + _NOT_YET,
     "transport_socket_matches": "transport socket matches are " + _NOT_YET + "; use "
     "transport_socket",
     "cluster_type": "custom cluster types are not implemented",
     "http_protocol_options": "put explicit_http_config.http_protocol_options in "
     "typed_extension_protocol_options' envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
     "http2_protocol_options": "HTTP/2 upstreams are " + _NOT_YET,
-    "common_lb_config": "common load balancer options are " + _NOT_YET,
     "load_balancing_policy": "use lb_policy",
     "upstream_connection_options": "upstream socket options are " + _NOT_YET,
 }
@@ -92,7 +96,9 @@ _LB_ENDPOINT = {"endpoint", "health_status", "load_balancing_weight"}
 _LB_ENDPOINT_HINTS = {"endpoint_name": "named endpoints are " + _NOT_YET}
 _ENDPOINT = {"address", "hostname"}
 _ENDPOINT_HINTS = {
-    "health_check_config": "active health checking is " + _NOT_YET,
+    "health_check_config": "per-endpoint health check settings (port, hostname, address) are "
+    + _NOT_YET
+    + "; health checks use the endpoint's address and the check's host",
     "additional_addresses": "additional endpoint addresses are " + _NOT_YET,
 }
 
@@ -206,7 +212,50 @@ def cluster(ctx: Ctx, msg: Any, path: str) -> Cluster:
         least_request=least_request,
         transport_socket=context,
         telemetry=telemetry,
+        circuit_breakers=_circuit_breakers_of(ctx, msg, path),
+        outlier_detection=(
+            _outlier.outlier_detection(ctx, msg.outlier_detection, join(path, "outlier_detection"))
+            if msg.HasField("outlier_detection")
+            else None
+        ),
+        health_checks=_health_check.health_checks(ctx, msg, path),
+        healthy_panic_threshold=_panic_threshold(ctx, msg, path),
     )
+
+
+_COMMON_LB = {"healthy_panic_threshold"}
+_COMMON_LB_HINTS = {
+    "ignore_new_hosts_until_first_hc": "new hosts of a health checked cluster start failed "
+    "until their first check passes (Envoy's default); excluding them is " + _NOT_YET,
+    "zone_aware_lb_config": "zone aware routing is " + _NOT_YET,
+    "locality_weighted_lb_config": "locality weighted balancing is " + _NOT_YET,
+    "update_merge_window": "host updates are applied at once (no merge window)",
+    "close_connections_on_host_set_change": _NOT_YET,
+    "consistent_hashing_lb_config": _NOT_YET,
+    "override_host_status": "host overrides are " + _NOT_YET,
+}
+
+
+def _panic_threshold(ctx: Ctx, msg: Any, path: str) -> float:
+    """common_lb_config.healthy_panic_threshold in percent (Envoy's default 50; 0 disables
+    panic mode)."""
+    if not msg.HasField("common_lb_config"):
+        return 50.0
+    cpath = join(path, "common_lb_config")
+    ctx.fields(msg.common_lb_config, cpath, _COMMON_LB, _COMMON_LB_HINTS)
+    if not msg.common_lb_config.HasField("healthy_panic_threshold"):
+        return 50.0
+    ppath = join(cpath, "healthy_panic_threshold")
+    ctx.fields(msg.common_lb_config.healthy_panic_threshold, ppath, {"value"})
+    # Envoy's own constraint (0 to 100) is checked by ctx.fields.
+    return min(100.0, max(0.0, float(msg.common_lb_config.healthy_panic_threshold.value)))
+
+
+def _circuit_breakers_of(ctx: Ctx, msg: Any, path: str) -> CircuitBreakers:
+    """Cluster.circuit_breakers (``xds/circuit_breakers.py``); Envoy's defaults when unset."""
+    if not msg.HasField("circuit_breakers"):
+        return CircuitBreakers()
+    return _circuit_breakers(ctx, msg.circuit_breakers, join(path, "circuit_breakers"))
 
 
 def _telemetry(ctx: Ctx, msg: Any, path: str) -> TelemetryMeta | None:

@@ -22,6 +22,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import (
+    previous_priorities_config_pb2,
+)
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import symbol_database
@@ -77,6 +81,16 @@ DOWNSTREAM_TRANSPORT_SOCKETS: Mapping[str, Any] = {DOWNSTREAM_TLS_TYPE: Downstre
 UPSTREAM_TRANSPORT_SOCKETS: Mapping[str, Any] = {UPSTREAM_TLS_TYPE: UpstreamTlsContext}
 CLUSTER_PROTOCOL_OPTIONS: Mapping[str, Any] = {
     UPSTREAM_HTTP_OPTIONS_TYPE: UpstreamHttpProtocolOptions
+}
+PreviousHostsPredicate = previous_hosts_pb2.PreviousHostsPredicate
+#: Route retry policies' retry_host_predicate types (the router's previous_hosts).
+RETRY_HOST_PREDICATES: Mapping[str, Any] = {
+    PreviousHostsPredicate.DESCRIPTOR.full_name: PreviousHostsPredicate
+}
+PreviousPrioritiesConfig = previous_priorities_config_pb2.PreviousPrioritiesConfig
+#: Route retry policies' retry_priority types (the router's previous_priorities).
+RETRY_PRIORITIES: Mapping[str, Any] = {
+    PreviousPrioritiesConfig.DESCRIPTOR.full_name: PreviousPrioritiesConfig
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ubimesh.proxy.snapshot.retry import RETRY_ON_NAMES, RetryPolicy, retriable_statuses
 from ubimesh.proxy.snapshot.types import (
     DirectResponseAction,
     HashPolicy,
@@ -22,7 +23,7 @@ from ubimesh.proxy.snapshot.types import (
     VirtualHost,
     WeightedClusterEntry,
 )
-from ubimesh.proxy.xds import common
+from ubimesh.proxy.xds import common, extensions
 from ubimesh.proxy.xds.context import Ctx, item, join, seconds, timeout, wrapped
 from ubimesh.proxy.xds.local_ratelimit import per_filter_configs
 from ubimesh.proxy.xds.tracing import route_decorator, route_tracing
@@ -45,10 +46,14 @@ _ROUTE_CONFIGURATION_HINTS = {
     "request_mirror_policies": "set request_mirror_policies on the routes' route actions",
 }
 
-_VIRTUAL_HOST = {"name", "domains", "routes", "typed_per_filter_config", *HEADERS}
+_VIRTUAL_HOST = {"name", "domains", "routes", "typed_per_filter_config", "retry_policy", *HEADERS}
 _VIRTUAL_HOST_HINTS = {
     "require_tls": "downstream TLS is " + _NOT_YET,
-    "retry_policy": "retries are " + _NOT_YET,
+    "retry_policy_typed_config": "retry policy extensions are " + _NOT_YET + "; use retry_policy",
+    "hedge_policy": "request hedging is " + _NOT_YET,
+    "include_request_attempt_count": "x-envoy-attempt-count is " + _NOT_YET,
+    "include_attempt_count_in_response": "x-envoy-attempt-count is " + _NOT_YET,
+    "include_is_timeout_retry_header": "x-envoy-is-timeout-retry is " + _NOT_YET,
     "cors": "the CORS filter is " + _NOT_YET,
     "rate_limits": "route rate_limits are " + _NOT_YET + "; put local rate limit actions in "
     "the LocalRateLimit filter's own rate_limits",
@@ -97,14 +102,48 @@ _ROUTE_ACTION = {
     "upgrade_configs",
     "host_rewrite_header",
     "cluster_not_found_response_code",
+    "retry_policy",
 }
 _ROUTE_ACTION_HINTS = {
-    "retry_policy": "retries are " + _NOT_YET,
+    "hedge_policy": "request hedging is " + _NOT_YET,
     "rate_limits": "route rate_limits are " + _NOT_YET + "; put local rate limit actions in "
     "the LocalRateLimit filter's own rate_limits",
     "cors": "the CORS filter is " + _NOT_YET,
     "max_stream_duration": "stream durations are " + _NOT_YET,
 }
+
+_RETRY_POLICY = {
+    "retry_on",
+    "num_retries",
+    "per_try_timeout",
+    "retry_host_predicate",
+    "host_selection_retry_max_attempts",
+    "retriable_status_codes",
+    "retry_back_off",
+    "retry_priority",
+}
+_RETRY_POLICY_HINTS = {
+    "per_try_idle_timeout": "per-try idle timeouts are " + _NOT_YET,
+    "retry_options_predicates": "retry options predicates are " + _NOT_YET,
+    "rate_limited_retry_back_off": "rate limited retry backoff is "
+    + _NOT_YET
+    + "; use retry_back_off",
+    "retriable_headers": "retriable_headers is " + _NOT_YET + "; use retriable_status_codes",
+    "retriable_request_headers": "retriable_request_headers is "
+    + _NOT_YET
+    + "; give the requests that should be retried a route of their own",
+}
+_RETRY_BACK_OFF = {"base_interval", "max_interval"}
+_RETRY_HOST_PREDICATE = {"name", "typed_config"}
+_RETRY_PRIORITY = {"name", "typed_config"}
+_PREVIOUS_PRIORITIES = {"update_frequency"}
+#: retry_on values Envoy knows that ubimesh refuses, and why.
+_RETRY_ON_REFUSED = {
+    "retriable-headers": "retriable_headers is " + _NOT_YET,
+    "http3-post-connect-failure": "ubimesh has no HTTP/3 upstreams",
+}
+#: Envoy's retry_on values for gRPC (x-envoy-retry-grpc-on), refused as a group.
+_GRPC_RETRY_ON = {"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"}
 
 _WEIGHTED_CLUSTER = {"clusters", "total_weight"}
 _CLUSTER_WEIGHT = {"name", "weight", *HEADERS}
@@ -187,6 +226,8 @@ class _RouteConfigScope:
         self.validate_clusters = validate_clusters
         self.max_body = max_body
         self.domains: dict[str, str] = {}
+        self.vhost_retry: RetryPolicy | None = None
+        """The retry policy of the virtual host being translated (its routes inherit it)."""
 
     def refer(self, cluster: str, path: str, what: str) -> None:
         if cluster:
@@ -226,6 +267,11 @@ class _RouteConfigScope:
                     )
             else:
                 self.domains[lowered] = dpath
+        self.vhost_retry = (
+            retry_policy(ctx, msg.retry_policy, join(path, "retry_policy"))
+            if msg.HasField("retry_policy")
+            else None
+        )
         routes_path = join(path, "routes")
         routes = tuple(self.route(r, item(routes_path, i)) for i, r in enumerate(msg.routes))
         return VirtualHost(
@@ -328,6 +374,10 @@ class _RouteConfigScope:
             upgrade_websocket=route_upgrades(
                 ctx, msg.upgrade_configs, join(path, "upgrade_configs")
             ),
+            # As in Envoy, a route's retry policy replaces its virtual host's (no merging).
+            retry_policy=retry_policy(ctx, msg.retry_policy, join(path, "retry_policy"))
+            if msg.HasField("retry_policy")
+            else self.vhost_retry,
         )
 
     def weighted_clusters(
@@ -405,6 +455,120 @@ class _RouteConfigScope:
                     f"{self.max_body} (max_direct_response_body_size_bytes)",
                 )
         return DirectResponseAction(msg.status, body)
+
+
+def retry_policy(ctx: Ctx, msg: Any, path: str) -> RetryPolicy:
+    """envoy.config.route.v3.RetryPolicy, on a route or a virtual host. Unknown retry_on
+    values are refused (Envoy ignores them), and so are the gRPC ones (no gRPC upstreams)."""
+    ctx.fields(msg, path, _RETRY_POLICY, _RETRY_POLICY_HINTS)
+    on_path = join(path, "retry_on")
+    names: list[str] = []
+    on = 0
+    for raw in msg.retry_on.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        bit = RETRY_ON_NAMES.get(name)
+        if bit is not None:
+            names.append(name)
+            on |= bit
+        elif name in _RETRY_ON_REFUSED:
+            ctx.unsupported(on_path, f"retry_on value {name!r}: {_RETRY_ON_REFUSED[name]}")
+        elif name in _GRPC_RETRY_ON:
+            ctx.unsupported(
+                on_path, f"retry_on value {name!r}: gRPC retry conditions are " + _NOT_YET
+            )
+        else:
+            ctx.error(
+                on_path,
+                f"unknown retry_on value {name!r} (Envoy would ignore it); use a comma-separated "
+                "list of " + ", ".join(sorted(RETRY_ON_NAMES)),
+            )
+    codes = frozenset(int(c) for c in msg.retriable_status_codes)
+    for i, code in enumerate(msg.retriable_status_codes):
+        if not 100 <= code <= 599:
+            ctx.error(
+                item(join(path, "retriable_status_codes"), i),
+                f"{code} is not an HTTP status code (100-599)",
+            )
+    base, maximum = 0.025, 0.25
+    if msg.HasField("retry_back_off"):
+        bpath = join(path, "retry_back_off")
+        ctx.fields(msg.retry_back_off, bpath, _RETRY_BACK_OFF)
+        base = seconds(msg.retry_back_off.base_interval)
+        maximum = base * 10
+        if msg.retry_back_off.HasField("max_interval"):
+            maximum = seconds(msg.retry_back_off.max_interval)
+            if maximum < base:
+                ctx.error(
+                    join(bpath, "max_interval"),
+                    f"is {maximum:g}s, less than base_interval ({base:g}s); Envoy refuses this: "
+                    "make max_interval at least base_interval",
+                )
+        if base < 0.001:
+            ctx.error(join(bpath, "base_interval"), "must be at least 1ms")
+    previous_hosts = False
+    ppath = join(path, "retry_host_predicate")
+    for i, predicate in enumerate(msg.retry_host_predicate):
+        ipath = item(ppath, i)
+        ctx.fields(predicate, ipath, _RETRY_HOST_PREDICATE)
+        if predicate.HasField("typed_config"):
+            found = extensions.unpack(
+                ctx,
+                predicate.typed_config,
+                join(ipath, "typed_config"),
+                extensions.RETRY_HOST_PREDICATES,
+                "as a retry host predicate",
+            )
+            if found is not None:
+                ctx.fields(found, join(ipath, "typed_config"), ())
+                previous_hosts = True
+        else:
+            ctx.error(
+                join(ipath, "typed_config"),
+                "is required: set it to "
+                "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+            )
+    update_frequency = 0
+    if msg.HasField("retry_priority"):
+        rpath = join(path, "retry_priority")
+        ctx.fields(msg.retry_priority, rpath, _RETRY_PRIORITY)
+        tpath = join(rpath, "typed_config")
+        if msg.retry_priority.HasField("typed_config"):
+            config = extensions.unpack(
+                ctx,
+                msg.retry_priority.typed_config,
+                tpath,
+                extensions.RETRY_PRIORITIES,
+                "as a retry priority",
+            )
+            if config is not None:
+                ctx.fields(config, tpath, _PREVIOUS_PRIORITIES)
+                update_frequency = config.update_frequency
+                if update_frequency <= 0:
+                    ctx.error(join(tpath, "update_frequency"), "must be greater than 0")
+        else:
+            ctx.error(
+                tpath,
+                "is required: set it to envoy.extensions.retry.priority.previous_priorities.v3"
+                ".PreviousPrioritiesConfig",
+            )
+    attempts = msg.host_selection_retry_max_attempts
+    if attempts < 0:
+        ctx.error(join(path, "host_selection_retry_max_attempts"), "must not be negative")
+    return RetryPolicy(
+        retry_on=frozenset(names),
+        num_retries=wrapped(msg, "num_retries", 1),
+        on=on,
+        statuses=retriable_statuses(on, codes),
+        retriable_status_codes=codes,
+        per_try_timeout=timeout(msg, "per_try_timeout", None),
+        base_interval=base,
+        max_interval=maximum,
+        previous_hosts=previous_hosts,
+        host_selection_max_attempts=max(0, attempts),
+        previous_priorities=max(0, update_frequency),
+    )
 
 
 def _valid_wildcard(domain: str) -> bool:

@@ -1,0 +1,119 @@
+"""Scenario ``resilience``: what retries, circuit breakers and outlier detection cost on the
+request path when nothing fails (issue 7 bar: at most 5 % of throughput).
+
+Two targets, both ubimesh with one worker, on the S1 setup (``configs.ubimesh_bootstrap``:
+plain HTTP/1.1, one route, the nginx upstream), measured closed-loop with wrk:
+
+* ``ubimesh``: the S1 bootstrap as it is (Envoy's default circuit breakers, which ubimesh
+  always counts, no retry policy, no outlier detection);
+* ``ubimesh-resilience``: the same with what a mesh route and cluster get by default and more:
+  a route ``retry_policy`` (5xx, reset, connect-failure, gateway-error; 2 retries; a per-try
+  timeout; the previous_hosts predicate), cluster ``circuit_breakers`` with explicit
+  thresholds and a retry budget, and ``outlier_detection`` (consecutive 5xx and gateway
+  failures, success rate).
+
+Nothing fails during the run, so the difference is the bookkeeping every request pays: the
+retry state, the breaker counters, the outlier detector's per-response accounting.
+
+The report adds the bar: rps of ``ubimesh-resilience`` divided by rps of ``ubimesh``, PASS at
+0.95 or more, per size and load.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from benchlib import configs
+
+PRODUCTS = ("ubimesh",)
+PLAIN = "ubimesh"
+WITH_RESILIENCE = "ubimesh-resilience"
+TARGETS = (PLAIN, WITH_RESILIENCE)
+BAR = 0.95
+PREVIOUS_HOSTS = (
+    "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+)
+
+
+def resilience_bootstrap(listen_port: int, admin_port: int, upstream_port: int) -> dict[str, Any]:
+    """The S1 bootstrap with a retry policy, circuit breakers and outlier detection."""
+    cfg = copy.deepcopy(configs.ubimesh_bootstrap(listen_port, admin_port, upstream_port))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    route["retry_policy"] = {
+        "retry_on": "5xx,reset,connect-failure,gateway-error",
+        "num_retries": 2,
+        "per_try_timeout": "5s",
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {"@type": PREVIOUS_HOSTS},
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+    }
+    cluster = cfg["static_resources"]["clusters"][0]
+    cluster["circuit_breakers"] = {
+        "thresholds": [
+            {
+                "priority": "DEFAULT",
+                "max_connections": 10000,
+                "max_pending_requests": 10000,
+                "max_requests": 10000,
+                "retry_budget": {
+                    "budget_percent": {"value": 20.0},
+                    "min_retry_concurrency": 10,
+                },
+            }
+        ]
+    }
+    cluster["outlier_detection"] = {
+        "consecutive_5xx": 5,
+        "consecutive_gateway_failure": 5,
+        "enforcing_consecutive_gateway_failure": 100,
+        "interval": "1s",
+        "base_ejection_time": "10s",
+        "max_ejection_percent": 50,
+    }
+    return cfg
+
+
+def bootstrap(target: str, listen: int, admin: int, upstream: int) -> dict[str, Any]:
+    if target == PLAIN:
+        return configs.ubimesh_bootstrap(listen, admin, upstream)
+    if target == WITH_RESILIENCE:
+        return resilience_bootstrap(listen, admin, upstream)
+    raise ValueError(f"unknown target {target!r} for --scenario resilience")
+
+
+def _f(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def bar_section(rows: list[dict[str, Any]]) -> str:
+    """Markdown: rps with and without the resilience features, their ratio, and the bar."""
+    out = [
+        "## Retries, circuit breakers and outlier detection when nothing fails: the bar",
+        "",
+        f"Bar (issue 7): throughput with them is at least {BAR:.0%} of throughput without "
+        "(closed loop, same proxy, same run). Medians over repetitions.",
+        "",
+        "| size | load | rps without | rps with | ratio | CPU µs/req without | "
+        "CPU µs/req with | bar |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["target"], r["size"], r["load"]): r for r in rows}
+    for (target, size, load), row in by_key.items():
+        if target != WITH_RESILIENCE or row["kind"] != "closed":
+            continue
+        plain = by_key.get((PLAIN, size, load))
+        if plain is None or not plain["rps"]:
+            continue
+        ratio = row["rps"] / plain["rps"]
+        verdict = "PASS" if ratio >= BAR else "FAIL"
+        out.append(
+            f"| {size} | {load} | {_f(plain['rps'])} | {_f(row['rps'])} | {ratio:.3f} | "
+            f"{_f(plain['cpu_us_per_req'], 1)} | {_f(row['cpu_us_per_req'], 1)} | {verdict} |"
+        )
+    return "\n".join(out) + "\n"
