@@ -6,7 +6,9 @@ Generates, in memory, N services (default 1,000) over 10 namespaces with R Traff
 workloads (an http port 8080, every 5th service also a tcp port 9000), and times the whole
 question as the CLI answers it with ``-f``: from the validated resources to the answer
 (compiling the inbound RBAC, translating it, evaluating; printing excluded), for the identity
-of ``svc0`` (or ``--identity``). The bar: under 2 s for 1,000 services and 5,000 rules.
+of ``svc0`` (or ``--identity``). The bar: under 2 s for 1,000 services and 5,000 rules. The
+whole command as a fresh process (imports, reading the YAML, printing) is timed by
+``bench/policy_blast_radius_cli.py``.
 
 ``generate`` is also the integration test's mesh (tests/integration/test_policy_agreement.py):
 its ``address``, ``inbound`` and ``app`` hooks put some workloads on 127.0.0.1 with real ports.

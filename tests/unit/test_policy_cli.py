@@ -157,3 +157,17 @@ def test_invalid_files_and_unreachable_servers_exit_1(
     code, _, err = run(capsys, "can", "--server", "http://127.0.0.1:9", "--token", "t",
                        "--from", "web", "--to", "api")
     assert code == 1 and "cannot reach the control plane at http://127.0.0.1:9" in err
+    # blast-radius checks the set while the listeners compile; an invalid set still gets its
+    # validation errors, before any usage error about the identity.
+    stray = tmp_path / "stray.yaml"
+    stray.write_text(BASE + """
+---
+apiVersion: ubimesh.io/v1alpha1
+kind: Workload
+metadata: {name: stray-1}
+spec: {service: nosuch, address: 10.0.0.9, sidecar: {inboundPorts: {http: 15001}}}
+""")
+    for identity in (WEB, "web", "ghost"):
+        code, out, err = run(capsys, "blast-radius", "-f", str(stray), identity)
+        assert code == 1 and not out, (identity, out)
+        assert "1 validation error(s)" in err and "spec.service: 'nosuch'" in err, err

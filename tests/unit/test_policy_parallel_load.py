@@ -19,10 +19,10 @@ SCRIPT = """
 import os, pickle, sys
 sys.path.insert(0, {bench!r})
 import policy_blast_radius as generator
-from ubimesh.policy import questions
+from ubimesh.policy import questions, split
 from ubimesh.policy.questions import MeshPolicy, blast_radius, diff
 
-assert questions._can_fork(), "expected a single-threaded process on 2+ CPUs"
+assert split.can_fork(), "expected a single-threaded process on 2+ CPUs"
 resources = generator.generate(240, 900, seed=7)
 assert 240 >= questions._PARALLEL_MIN_SERVICES
 identity = "spiffe://cluster.local/ns/ns0/sa/svc0"
@@ -71,6 +71,29 @@ assert len(forks) == 2, forks
 assert len(broken._listeners) == len(alone._listeners) == 240
 assert len(broken._compiled) == len(alone._compiled)  # everything compiled here
 assert answers(broken) == answers(alone)
+
+# `meanwhile` runs once, here, while the child works; when it raises, the child is killed
+# and reaped, and the error is the caller's.
+calls = []
+meant = MeshPolicy(resources)
+meant.load_listeners(meanwhile=lambda: calls.append(os.getpid()))
+assert calls == [os.getpid()] and len(forks) == 3, (calls, forks)
+assert answers(meant) == answers(alone)
+def refuse():
+    raise ValueError("the set is invalid")
+try:
+    MeshPolicy(resources).load_listeners(meanwhile=refuse)
+except ValueError as exc:
+    assert str(exc) == "the set is invalid"
+else:
+    raise AssertionError("meanwhile's error was swallowed")
+assert len(forks) == 4, forks
+try:
+    os.waitpid(-1, os.WNOHANG)
+except ChildProcessError:
+    pass
+else:
+    raise AssertionError("a child was left behind")
 print("OK")
 """
 

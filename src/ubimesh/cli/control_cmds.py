@@ -8,7 +8,6 @@ also exits 1 when there are differences, as kubectl diff does), 2 usage.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -375,6 +374,8 @@ def _control(args: argparse.Namespace) -> int:
             raise ValueError("--collector-max-spans must not be negative")
     except ValueError as exc:
         return _usage(str(exc))
+    import asyncio  # only here: every `ubimesh policy` command imports this module
+
     try:
         return asyncio.run(serve(options))
     except (ValueError, OSError) as exc:

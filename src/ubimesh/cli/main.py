@@ -3,19 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from types import ModuleType
 
 from ubimesh import __version__
-from ubimesh.cli import (
-    agent_cmds,
-    collector_cmds,
-    control_cmds,
-    identity_cmds,
-    policy_cmds,
-    top_cmds,
-    trace_cmds,
+
+#: The module of each sub-command that one lives in (``ubimesh.cli.<module>``, with
+#: ``add_commands`` and ``run``; its ``COMMANDS`` lists the same names, a unit test checks).
+#: A command is dispatched with only its own module imported: the others pull in asyncio,
+#: the control plane's client and more, which a short command such as ``ubimesh policy``
+#: would pay for at every start.
+COMMAND_MODULES = {
+    "control": "control_cmds",
+    "apply": "control_cmds",
+    "get": "control_cmds",
+    "delete": "control_cmds",
+    "diff": "control_cmds",
+    "bootstrap": "control_cmds",
+    "up": "control_cmds",
+    "agent": "agent_cmds",
+    "ca": "identity_cmds",
+    "token": "identity_cmds",
+    "certs": "identity_cmds",
+    "policy": "policy_cmds",
+    "collector": "collector_cmds",
+    "top": "top_cmds",
+    "traces": "trace_cmds",
+    "trace": "trace_cmds",
+}
+#: Their order on ``ubimesh --help``.
+_MODULE_ORDER = (
+    "control_cmds",
+    "agent_cmds",
+    "identity_cmds",
+    "policy_cmds",
+    "collector_cmds",
+    "top_cmds",
+    "trace_cmds",
 )
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"ubimesh.cli.{name}")
 
 #: Envoy's -l levels mapped onto Python logging levels.
 LOG_LEVELS = {
@@ -30,10 +61,16 @@ LOG_LEVELS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: tuple[ModuleType, ...] | None = None) -> argparse.ArgumentParser:
+    """The ``ubimesh`` parser: every command, or only those of ``modules`` (for dispatching
+    one command; ``proxy`` and ``build-native`` are then left out)."""
     parser = argparse.ArgumentParser(prog="ubimesh", description="ubimesh service mesh")
     parser.add_argument("--version", action="version", version=f"ubimesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    if modules is not None:
+        for module in modules:
+            module.add_commands(sub)
+        return parser
 
     proxy = sub.add_parser(
         "proxy",
@@ -85,33 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
         "build-native",
         help="compile the proxy's request path with mypyc (used when it matches the source)",
     )
-    control_cmds.add_commands(sub)
-    agent_cmds.add_commands(sub)
-    identity_cmds.add_commands(sub)
-    policy_cmds.add_commands(sub)
-    collector_cmds.add_commands(sub)
-    top_cmds.add_commands(sub)
-    trace_cmds.add_commands(sub)
+    for name in _MODULE_ORDER:
+        _module(name).add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    code = control_cmds.run(args)
-    if code is None:
-        code = agent_cmds.run(args)
-    if code is None:
-        code = identity_cmds.run(args)
-    if code is None:
-        code = policy_cmds.run(args)
-    if code is None:
-        code = collector_cmds.run(args)
-    if code is None:
-        code = top_cmds.run(args)
-    if code is None:
-        code = trace_cmds.run(args)
-    if code is not None:
-        return code
+    words = sys.argv[1:] if argv is None else argv
+    # The command first (no top-level flag before it): parse and run with its module only.
+    # Anything else (--help, --version, proxy, a typo) gets the whole parser.
+    name = COMMAND_MODULES.get(words[0]) if words else None
+    if name is not None:
+        module = _module(name)
+        args = build_parser((module,)).parse_args(words)
+        # Whether the command is the whole process (the console script, python -m), not a
+        # call from Python: a command may then exit as soon as its output is out.
+        args.own_process = argv is None
+        code = module.run(args)
+        return 2 if code is None else int(code)
+    args = build_parser().parse_args(words)
+    for name in _MODULE_ORDER:
+        code = _module(name).run(args)
+        if code is not None:
+            return int(code)
     if args.command == "build-native":
         from ubimesh import native
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ubimesh.control.api_error import ApiError
@@ -121,11 +122,6 @@ def run(args: argparse.Namespace) -> int | None:
     """Run the sub-command if it is one of these; None otherwise."""
     if args.command not in COMMANDS:
         return None
-    from ubimesh.control.compiler import CompileError
-    from ubimesh.control.resources import ResourceErrors
-    from ubimesh.policy.questions import QuestionError
-    from ubimesh.proxy.xds.errors import ConfigError
-
     # A short-lived command that builds one large graph of long-lived objects (resources,
     # compiled listeners, RBAC rules) and exits: the cyclic collector's passes over it would
     # find nothing to free and cost a noticeable share of the time on a large mesh.
@@ -136,19 +132,48 @@ def run(args: argparse.Namespace) -> int | None:
         if args.policy_command == "blast-radius":
             return _blast_radius(args)
         return _diff(args)
-    except QuestionError as exc:
+    except Exception as exc:
+        # The error classes are imported only now: the evaluator's modules (the compiler, the
+        # proxy's RBAC translator) load while a forked child reads the files
+        # (_file_resources).
+        code = _failed(args, exc)
+        if code is None:
+            raise
+        return code
+
+
+def _failed(args: argparse.Namespace, exc: Exception) -> int | None:
+    """Report ``exc`` and return the exit code, or None for an unexpected exception."""
+    from ubimesh.control.compiler import CompileError
+    from ubimesh.control.resources import ResourceErrors
+    from ubimesh.policy.errors import QuestionError
+    from ubimesh.proxy.xds.errors import ConfigError
+
+    if isinstance(exc, QuestionError):
         print(f"ubimesh policy {args.policy_command}: {exc}", file=sys.stderr)
         return 2
-    except ResourceErrors as exc:
+    if isinstance(exc, ResourceErrors):
         _errors([f"{len(exc.errors)} validation error(s)", *(str(e) for e in exc.errors)])
         return 1
-    except (ApiError, CompileError) as exc:
+    if isinstance(exc, ApiError | CompileError):
         _errors(exc.lines() if isinstance(exc, ApiError) else [str(exc)])
         return 1
-    except ConfigError as exc:
+    if isinstance(exc, ConfigError):
         # The proxy would refuse this configuration too: say so, it is a compiler bug.
         _errors(["the compiled RBAC is not one the proxy accepts:", str(exc)])
         return 1
+    return None
+
+
+def _answered(args: argparse.Namespace, code: int) -> int:
+    """``code``, once the answer is printed. When the command is its own process, the process
+    ends here, output flushed: freeing the mesh's object graph (the caller's locals) and the
+    interpreter's teardown would add a tenth of a second on a large mesh, for nothing."""
+    if getattr(args, "own_process", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _errors(lines: Sequence[str]) -> None:
@@ -178,39 +203,63 @@ def fetch_resources(client: Client) -> list[Resource]:
     ]
 
 
-def _file_resources(names: Sequence[str], base: Sequence[Resource] = ()) -> list[Resource]:
+def _file_resources(
+    names: Sequence[str], base: Sequence[Resource] = (), *, validate: bool = True
+) -> list[Resource]:
     """The resources of ``names`` (over ``base``, replacing what they name again), validated
-    as one set. Raises ResourceErrors or ApiError (a file that cannot be read)."""
+    as one set (unless not ``validate``: each resource is, the set is not). Raises
+    ResourceErrors or ApiError (a file that cannot be read)."""
     from ubimesh.cli.control_cmds import _read_files
-    from ubimesh.control.resources import ResourceErrors, overlay, parse_documents, validate_set
+    from ubimesh.policy.files import read_files
 
-    resources: list[Resource] = []
-    errors = []
-    for name, text in _read_files(names):
-        try:
-            resources.extend(parse_documents(text, name))
-        except ResourceErrors as exc:
-            errors.extend(exc.errors)
-    if errors:
-        raise ResourceErrors(errors)
+    # The evaluator's modules load while a forked child is already reading a large input.
+    resources = read_files(_read_files(names), meanwhile=_import_evaluator)
+    from ubimesh.control.resources import overlay, validate_set
+
     merged = overlay(base, resources) if base else resources
-    validate_set(merged)
+    if validate:
+        validate_set(merged)
     return merged
 
 
+def _import_evaluator() -> None:
+    import ubimesh.policy.questions  # noqa: F401
+
+
 def _mesh(args: argparse.Namespace) -> MeshPolicy:
+    resources = _file_resources(args.filename) if args.filename else _server_resources(args)
     from ubimesh.policy.questions import MeshPolicy
 
-    if args.filename:
-        return MeshPolicy(_file_resources(args.filename))
-    return MeshPolicy(_server_resources(args))
+    return MeshPolicy(resources)
+
+
+def _unchecked_mesh(args: argparse.Namespace) -> tuple[MeshPolicy, Callable[[], None]]:
+    """The mesh, and what checks its resources as a set (``validate_set``; the server's are
+    checked already). For a question about the whole mesh: the check runs while the
+    listeners compile (``load_listeners(meanwhile=...)``), and the caller runs it before
+    reporting any other error, so that an invalid set gets its validation errors, as with
+    ``_mesh``."""
+    if not args.filename:
+        from ubimesh.policy.questions import MeshPolicy
+
+        return MeshPolicy(_server_resources(args)), lambda: None
+    resources = _file_resources(args.filename, validate=False)
+    from ubimesh.control.resources import validate_set
+    from ubimesh.policy.questions import MeshPolicy
+
+    try:
+        mesh = MeshPolicy(resources)
+    except Exception:
+        validate_set(resources)  # the set's own errors, when that is what went wrong
+        raise
+    return mesh, lambda: validate_set(resources)
 
 
 # -- can ---------------------------------------------------------------------------------------
 
 
 def _headers(values: Sequence[str]) -> list[tuple[str, str]]:
-    from ubimesh.policy.questions import QuestionError
+    from ubimesh.policy.errors import QuestionError
 
     headers = []
     for value in values:
@@ -224,7 +273,7 @@ def _headers(values: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _can(args: argparse.Namespace) -> int:
-    from ubimesh.policy.questions import QuestionError, can
+    from ubimesh.policy.errors import QuestionError
 
     method = args.method
     if not method or not all(c.isalnum() or c in "-_" for c in method):
@@ -234,13 +283,15 @@ def _can(args: argparse.Namespace) -> int:
         port = int(port)
     headers = _headers(args.header)
     mesh = _mesh(args)
+    from ubimesh.policy.questions import can
+
     answer = can(mesh, args.source, args.to, namespace=args.namespace, port=port,
                  method=method, path=args.path, headers=headers)
     if args.output == "json":
         print(json.dumps(can_json(answer, method, args.path, headers), indent=2))
     else:
         print(can_table(answer), end="")
-    return 0 if answer.allowed else EXIT_NO
+    return _answered(args, 0 if answer.allowed else EXIT_NO)
 
 
 def _policy(name: str) -> str:
@@ -298,26 +349,34 @@ def can_table(answer: CanAnswer) -> str:
 
 
 def _blast_radius(args: argparse.Namespace) -> int:
-    from ubimesh.policy.questions import QuestionError, blast_radius
+    from ubimesh.policy.errors import QuestionError
 
     if args.max_hops < 0:
         raise QuestionError(f"--max-hops {args.max_hops}: give 0 (no limit) or more")
-    mesh = _mesh(args)
+    mesh, check = _unchecked_mesh(args)
+    from ubimesh.policy.questions import blast_radius
+
     identity = args.identity
-    if not identity.startswith("spiffe://"):
-        identities = mesh.sources(identity, args.namespace, "IDENTITY")
-        if len(identities) != 1:
-            raise QuestionError(
-                f"IDENTITY {identity!r}: the service's workloads run as "
-                f"{len(identities)} identities ({', '.join(identities)}); give one of them"
-            )
-        identity = identities[0]
+    try:
+        if not identity.startswith("spiffe://"):
+            identities = mesh.sources(identity, args.namespace, "IDENTITY")
+            if len(identities) != 1:
+                raise QuestionError(
+                    f"IDENTITY {identity!r}: the service's workloads run as "
+                    f"{len(identities)} identities ({', '.join(identities)}); give one of them"
+                )
+            identity = identities[0]
+    except Exception:
+        check()
+        raise
+    # Every listener is needed; the set is checked while they compile.
+    mesh.load_listeners(meanwhile=check)
     answer = blast_radius(mesh, identity, max_hops=args.max_hops)
     if args.output == "json":
         print(json.dumps(blast_json(answer), indent=2))
     else:
         print(blast_table(answer), end="")
-    return 0
+    return _answered(args, 0)
 
 
 def route_json(route: Route) -> dict[str, Any]:
@@ -374,20 +433,21 @@ def blast_table(answer: BlastRadius) -> str:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from ubimesh.policy.questions import MeshPolicy, diff
-
     current = _file_resources(args.base) if args.base else _server_resources(args)
     changed = _file_resources(args.filename, current)
+    from ubimesh.policy.questions import MeshPolicy, diff
+
     answer = diff(MeshPolicy(current), MeshPolicy(changed))
     if args.output == "json":
         print(json.dumps(diff_json(answer), indent=2))
     else:
         print(diff_table(answer), end="")
+    code = 0
     if args.fail_on == "any" and answer.flips:
-        return EXIT_NO
+        code = EXIT_NO
     if args.fail_on == "new-allow" and answer.count("new-allow"):
-        return EXIT_NO
-    return 0
+        code = EXIT_NO
+    return _answered(args, code)
 
 
 def diff_json(answer: PolicyDiff) -> dict[str, Any]:

@@ -38,14 +38,8 @@ few that do not name identities exactly).
 from __future__ import annotations
 
 import dataclasses
-import os
-import pickle
-import select
-import signal
-import threading
-import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -64,11 +58,12 @@ from ubimesh.control.compiler.index import (
     Workload,
     build_index,
 )
-from ubimesh.control.compiler.model import LISTENER_TYPE
+from ubimesh.control.compiler.model import LISTENER_TYPE, TYPE_URLS, Message, XdsSet
 from ubimesh.control.compiler.mtls import service_identities, spiffe_id
 from ubimesh.control.compiler.sidecar import compile_sidecar
 from ubimesh.control.resources.model import DEFAULT_NAMESPACE, Resource
-from ubimesh.policy import rbac
+from ubimesh.policy import rbac, split
+from ubimesh.policy.errors import QuestionError
 from ubimesh.proto.path import PathAction, normalize_request_path
 from ubimesh.proxy.snapshot.types import PathWithEscapedSlashesAction, StringMatchKind
 from ubimesh.proxy.xds import rbac as xds_rbac
@@ -79,11 +74,6 @@ from ubimesh.proxy.xds.rbac import rbac_config_from_proto
 #: Where a caller with no workload of its own is taken to connect from.
 UNKNOWN_SOURCE_IP = "127.0.0.1"
 SPIFFE_SCHEME = "spiffe://"
-
-
-class QuestionError(ValueError):
-    """The question cannot be answered as asked; the message names the flag, the value and
-    the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,33 +206,41 @@ class _Grant:
     index: int  # position in filter.rules.policies
     names: frozenset[str] | None
     listeners: list[_Listener] = field(default_factory=list)
+    #: With ``names``: the listeners it admits any of them to, with the routes (the same for
+    #: every name: the principals match each of them). Filled on first use.
+    reach: list[tuple[_Listener, tuple[Route, ...]]] | None = None
 
 
-#: From how many services ``load_listeners`` splits the work with a forked child (below, the
+#: From how many services ``load_listeners`` shares the work with a forked child (below, the
 #: fork and the pickling cost more than they save).
 _PARALLEL_MIN_SERVICES = 200
+#: Into how many chunks of services it cuts the work: enough for both processes to end
+#: together (each takes the next chunk when done with one), few enough to cost nothing.
+_CHUNKS = 32
 
 
-def _can_fork() -> bool:
-    # Only from a single-threaded process: a child forked while another thread holds a lock
-    # (logging, imports) could wait on it forever.
-    return (
-        hasattr(os, "fork") and (os.cpu_count() or 1) > 1 and threading.active_count() == 1
-    )
+class _AuthorizationContext(Context):
+    """The compiler's context for compiling listeners only to read their authorization: the
+    listeners' filter chains are the compiler's own, but nothing is spent on what only labels
+    or versions them. Telemetry ``peers`` (a map per destination account, built by walking
+    every workload of the mesh) go to listener metadata, and the set's version digests (a
+    serialization and a hash per resource) to the xDS versions: the questions read neither
+    (``tests/unit/test_policy_context.py`` checks the filter chains are the same)."""
 
+    def telemetry_peers(self, namespace: str, account: str) -> dict[str, str]:
+        return {}
 
-def _read_all(fd: int, timeout: float) -> bytes | None:
-    """Everything from ``fd`` until EOF, or None when that takes longer than ``timeout``."""
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return None
-        chunk = os.read(fd, 1 << 20)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+    def xds_set(
+        self,
+        listeners: Mapping[str, Message],
+        routes: Mapping[str, Message],
+        clusters: Iterable[str],
+        local_clusters: Mapping[str, Message],
+        site: str,
+    ) -> XdsSet:
+        resources: dict[str, Mapping[str, Message]] = {url: {} for url in TYPE_URLS}
+        resources[LISTENER_TYPE] = dict(listeners)
+        return XdsSet(resources=resources, versions={url: "" for url in TYPE_URLS})
 
 
 class MeshPolicy:
@@ -251,7 +249,7 @@ class MeshPolicy:
     def __init__(self, resources: Sequence[Resource]) -> None:
         self.resources = list(resources)
         self.index: Index = build_index(self.resources)
-        self.ctx = Context(self.index)
+        self.ctx: Context = _AuthorizationContext(self.index)
         # Only the inbound listeners' authorization matters here: no access log decoration
         # (tracing is off in a bare Context too), which would cost most of the compile time.
         self.ctx.access_log = None
@@ -477,50 +475,31 @@ class MeshPolicy:
         for service in self.index.services.values():
             yield from self.listeners(service)
 
-    def load_listeners(self) -> None:
+    def load_listeners(self, meanwhile: Callable[[], object] | None = None) -> None:
         """Compile and translate every service's inbound listeners now (``listeners`` then
         only reads the cache). Questions about the whole mesh need them all, and on a large
         mesh this is most of their time: CPU-bound Python, so with more than one CPU a
-        forked child does half of the services and sends its listeners back pickled. The
-        answers are the same either way; when the child fails (or fork is unavailable) this
-        process does the rest itself, which also reports any error with its own message."""
+        forked child takes chunks of the services too and sends their listeners back
+        pickled (``split.share``). The answers are the same either way; what the child does
+        not deliver this process does itself, which also reports any error with its own
+        message. ``meanwhile`` is called once, by this process, while the child has already
+        started (the CLI validates the resource set then)."""
         todo = [s for s in self.index.services.values()
                 if (s.namespace, s.name) not in self._listeners]
-        if len(todo) < _PARALLEL_MIN_SERVICES or not _can_fork():
+        if len(todo) < _PARALLEL_MIN_SERVICES:
+            if meanwhile is not None:
+                meanwhile()
             for service in todo:
                 self.listeners(service)
             return
-        theirs = todo[len(todo) // 2:]
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: its half, pickled into the pipe, then gone
-            code = 1
-            try:
-                os.close(read_fd)
-                found = {(s.namespace, s.name): self.listeners(s) for s in theirs}
-                with os.fdopen(write_fd, "wb") as out:
-                    pickle.dump(found, out, protocol=pickle.HIGHEST_PROTOCOL)
-                code = 0
-            finally:
-                os._exit(code)  # never run the parent's cleanup (atexit, buffered output)
-        os.close(write_fd)
-        data = None
-        try:
-            started = time.monotonic()
-            for service in todo[: len(todo) // 2]:
-                self.listeners(service)
-            # The child has as much to do; if it takes far longer, something is wrong with
-            # it and this process does its half instead.
-            data = _read_all(read_fd, max(5.0, 3 * (time.monotonic() - started)))
-        finally:
-            os.close(read_fd)
-            if data is None:
-                os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
-        if data and os.waitstatus_to_exitcode(status) == 0:
-            self._listeners.update(pickle.loads(data))
-        for service in theirs:  # anything the child did not deliver
-            self.listeners(service)
+        size = -(-len(todo) // _CHUNKS)
+        chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+
+        def work(i: int) -> dict[tuple[str, str], list[_Listener]]:
+            return {(s.namespace, s.name): self.listeners(s) for s in chunks[i]}
+
+        for found in split.share(len(chunks), work, meanwhile).values():
+            self._listeners.update(found)
 
     # -- can ------------------------------------------------------------------------------------
 
@@ -766,16 +745,32 @@ class MeshPolicy:
         )
         for grant in candidates:
             name = grant.filter.rules.policies[grant.index].name
-            for listener in grant.listeners:
-                if not self._admits(grant, identity, listener):
-                    continue
-                network = grant.filter.network or listener.destination.protocol != "http"
-                for route in self.routes_of(name, network):
+            for listener, routes in self._grant_reach(grant, identity):
+                for route in routes:
                     mark = (id(listener), route)
                     if mark not in seen:
                         seen.add(mark)
                         out.append((listener, route, name))
         self._direct[identity] = out
+        return out
+
+    def _grant_reach(
+        self, grant: _Grant, identity: str
+    ) -> list[tuple[_Listener, tuple[Route, ...]]]:
+        """The listeners ``grant`` admits ``identity`` to, with the routes it allows there.
+        For a grant naming identities exactly (``identity`` is one of them: ``direct`` finds
+        it by name) the principals match whichever of them asks, so the answer is the same
+        for all and computed once."""
+        if grant.reach is not None:
+            return grant.reach
+        name = grant.filter.rules.policies[grant.index].name
+        out = []
+        for listener in grant.listeners:
+            if self._admits(grant, identity, listener):
+                network = grant.filter.network or listener.destination.protocol != "http"
+                out.append((listener, self.routes_of(name, network)))
+        if grant.names is not None:
+            grant.reach = out
         return out
 
     def reach_map(self, identity: str) -> dict[tuple[Destination, Route], str]:

@@ -75,11 +75,24 @@ def parse_documents(text: str, source: str) -> list[Resource]:
     with defaults filled. Raises ``ResourceErrors`` listing every problem, duplicates (one key
     twice) included. Cross-references are checked by ``validate_set``."""
     errors: list[ResourceError] = []
-    resources = _parse(text, source, errors)
+    resources, _ = _parse(text, source, errors)
     errors.extend(duplicate_errors(resources))
     if errors:
         raise ResourceErrors(errors)
     return resources
+
+
+def parse_part(
+    text: str, source: str, start: int
+) -> tuple[list[Resource], list[ResourceError], int]:
+    """``parse_documents``' work on a part of file ``source`` whose first document is the
+    file's document ``start`` (1-based), for a caller that cuts a large file at document
+    starts (``---`` lines) and reads the parts in parallel: the resources (sources numbered
+    as in the whole file), the problems (duplicates not checked) and how many documents the
+    part holds, empty ones included."""
+    errors: list[ResourceError] = []
+    resources, count = _parse(text, source, errors, start)
+    return resources, errors, count
 
 
 def load_files(paths: Iterable[str | PathLike[str]]) -> list[Resource]:
@@ -97,7 +110,7 @@ def load_files(paths: Iterable[str | PathLike[str]]) -> list[Resource]:
             errors.append(ResourceError(name, None, "", MISSING, "a readable UTF-8 file",
                                         f"cannot be read ({reason})"))
             continue
-        resources.extend(_parse(text, name, errors))
+        resources.extend(_parse(text, name, errors)[0])
     errors.extend(duplicate_errors(resources))
     if errors:
         raise ResourceErrors(errors)
@@ -131,11 +144,15 @@ def duplicate_errors(resources: Iterable[Resource]) -> list[ResourceError]:
     return errors
 
 
-def _parse(text: str, source: str, errors: list[ResourceError]) -> list[Resource]:
+def _parse(
+    text: str, source: str, errors: list[ResourceError], start: int = 1
+) -> tuple[list[Resource], int]:
+    """The resources of ``text`` (its first document is number ``start``) and its number of
+    documents; problems go to ``errors``."""
     resources: list[Resource] = []
-    index = 0
+    index = start - 1
     try:
-        for index, doc in enumerate(yamlio.load_all(text), start=1):
+        for index, doc in enumerate(yamlio.load_all(text), start=start):
             if doc is None:
                 continue
             where = f"{source}#{index}"
@@ -151,7 +168,7 @@ def _parse(text: str, source: str, errors: list[ResourceError]) -> list[Resource
         problem = getattr(exc, "problem", None) or str(exc)
         errors.append(ResourceError(f"{source}#{index + 1}", None, "", MISSING,
                                     "a YAML or JSON document", f"{at}{problem}"))
-    return resources
+    return resources, index - start + 1
 
 
 def _list_items(doc: dict[str, Any], where: str, errors: list[ResourceError]) -> list[Resource]:

@@ -6,6 +6,7 @@ text that follows the value in an error message).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from fractions import Fraction
@@ -33,6 +34,7 @@ _UNIT_NANOS = {
 }
 
 
+@functools.lru_cache(maxsize=8192)  # names repeat across a mesh's documents
 def dns_label_problem(value: str) -> str | None:
     if _DNS_LABEL.fullmatch(value):
         return None

@@ -12,6 +12,7 @@ bad field yields one error rather than a cascade.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -44,9 +45,11 @@ class Ctx:
         self.issues.append(Issue(path, value, expected, problem))
 
 
+@functools.lru_cache(maxsize=4096)
 def child(path: str, key: str) -> str:
     """The path of field ``key`` under ``path`` ("spec" + "ports" -> "spec.ports"); a key that
-    is not a plain identifier is quoted in brackets (labels['app.kubernetes.io/name'])."""
+    is not a plain identifier is quoted in brackets (labels['app.kubernetes.io/name']).
+    Memoized: every field of every document asks, and the same few hundred paths repeat."""
     if key.replace("-", "_").isidentifier():
         return f"{path}.{key}" if path else key
     return f"{path}[{key!r}]"
@@ -263,6 +266,14 @@ class Obj(Node):
         self.post = post
         self.expected = expected
         self._known = "one of: " + ", ".join(self.fields)
+        #: The fields that matter when absent (required, or with a default), in order.
+        self._absent = [
+            (n, f) for n, f in self.fields.items() if f.required or f.default is not _NONE
+        ]
+        #: Each field's check, bound once (every field of every document is checked).
+        self._checks: dict[str, Callable[[Any, str, Ctx], Any]] = {
+            n: f.node.check for n, f in self.fields.items()
+        }
 
     def check(self, value: Any, path: str, ctx: Ctx) -> Any:
         if not isinstance(value, dict):
@@ -270,13 +281,14 @@ class Obj(Node):
             return value
         before = len(ctx.issues)
         out: dict[str, Any] = {}
+        checks = self._checks
         for k, v in value.items():
-            field = self.fields.get(k) if isinstance(k, str) else None
-            if field is None:
+            check = checks.get(k) if isinstance(k, str) else None
+            if check is None:
                 ctx.fail(child(path, str(k)), MISSING, self._known, "unknown field")
             elif v is not None:  # null means absent, as kubectl reads it
-                out[k] = field.node.check(v, child(path, k), ctx)
-        for name, field in self.fields.items():
+                out[k] = check(v, child(path, k), ctx)
+        for name, field in self._absent:
             if name in out:
                 continue
             if field.required:
