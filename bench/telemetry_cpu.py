@@ -21,6 +21,10 @@ Variants (``--variants``, comma-separated; default all):
                queued, but never encoded or sent (the exporter's share is trace100 - this)
 ``full1`` / ``full100``  the bench's telemetry targets (all three features)
 
+Issue 7's variants (compare with ``--baseline s1``): ``s1`` (the S1 bootstrap, no request
+ids), ``retry`` (+ the resilience scenario's retry policy), ``breakers`` (+ its circuit
+breakers), ``outlier`` (+ its outlier detection), ``resil`` (all three; benchlib/resilience.py).
+
     python bench/telemetry_cpu.py [--rounds 6] [-n 20000] [-c 50] [--variants off,full1]
 
 Before/after a change: copy the source tree twice (``cp -r src /tmp/A``, edit one copy) and
@@ -56,7 +60,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import configs, telemetry
+from benchlib import configs, resilience, telemetry
 from benchlib.procs import (
     ProcessRegistry,
     answers_200,
@@ -67,6 +71,9 @@ from benchlib.procs import (
 )
 
 VARIANTS = ("off", "metrics", "alog", "trace1", "trace100", "trace100nx", "full1", "full100")
+#: Issue 7's variants: the S1 bootstrap (no request ids) with none, one or all of the
+#: resilience scenario's features (bench/benchlib/resilience.py).
+RESILIENCE_VARIANTS = ("s1", "retry", "breakers", "outlier", "resil")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -74,6 +81,26 @@ def variant_bootstrap(
     name: str, listen: int, admin: int, upstream: int, workdir: Path
 ) -> dict[str, Any]:
     """The bootstrap of one variant: the bench's all-off target plus one feature."""
+    if name in RESILIENCE_VARIANTS:
+        cfg = configs.ubimesh_bootstrap(listen, admin, upstream)
+        full = resilience.resilience_bootstrap(listen, admin, upstream)
+        if name == "resil":
+            return full
+        route = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+        full_route = full["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"
+        ]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+        cluster = cfg["static_resources"]["clusters"][0]
+        full_cluster = full["static_resources"]["clusters"][0]
+        if name == "retry":
+            route["retry_policy"] = full_route["retry_policy"]
+        elif name == "breakers":
+            cluster["circuit_breakers"] = full_cluster["circuit_breakers"]
+        elif name == "outlier":
+            cluster["outlier_detection"] = full_cluster["outlier_detection"]
+        return cfg
     if name == "full1":
         return telemetry.bootstrap(telemetry.SAMPLED, listen, admin, upstream, workdir)
     if name == "full100":
@@ -247,7 +274,7 @@ def count_instructions(
     for name in names:
         row = results[name]
         tree = name.partition("@")[2]
-        off = results.get("off@" + tree if tree else "off")
+        off = results.get(f"{args.baseline}@{tree}" if tree else args.baseline)
         delta = f"{(row['Ir'] - off['Ir']) / 1000:+.1f}k" if off is not None else "-"
         l1 = row.get("I1mr", 0) + row.get("D1mr", 0) + row.get("D1mw", 0)
         br = row.get("Bcm", 0) + row.get("Bim", 0)
@@ -264,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=20000, help="requests per variant per round")
     p.add_argument("-c", type=int, default=50, help="h2load connections")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--baseline", default="off", help="the variant Δ compares with (s1 for issue 7's variants)"
+    )
     p.add_argument("--ubimesh-cmd", default="ubimesh proxy")
     p.add_argument("--proxy-cpu", type=int, default=None, help="pin the proxies to this core")
     p.add_argument("--load-cpu", type=int, default=None, help="pin h2load and nginx here")
@@ -284,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     trees = dict(t.split("=", 1) for t in args.tree)
     for v in names:
         kind, _, tree = v.partition("@")
-        if kind not in VARIANTS:
-            p.error(f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+        if kind not in VARIANTS + RESILIENCE_VARIANTS:
+            p.error(f"unknown variant {v!r}; known: {', '.join(VARIANTS + RESILIENCE_VARIANTS)}")
         if tree and tree not in trees:
             p.error(f"variant {v!r}: no --tree {tree}=SRC")
 
@@ -389,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def base_of(name: str) -> float | None:
             tree = name.partition("@")[2]
-            off = "off@" + tree if tree else "off"
+            off = f"{args.baseline}@{tree}" if tree else args.baseline
             return statistics.median(r["us"] for r in rows[off]) if off in rows else None
 
         print(f"\n{args.rounds} rounds x {args.n} requests, {args.c} connections; CPU of the proxy "

@@ -296,6 +296,22 @@ def test_route_timeout_bounds_all_attempts(proxy: Any, connect: Any, ledger: Led
     assert delta["upstream_rq_timeout"] == 1 and delta["upstream_rq_per_try_timeout"] == 1, delta
 
 
+def test_route_timeout_still_ends_a_response_that_stalls(
+    proxy: Any, connect: Any, ledger: Ledger
+) -> None:
+    """The head comes at once (the per-try timeout no longer applies), then the body stalls:
+    the route timeout (0.5 s; the proxy defers arming it behind the shorter per-try timer)
+    still ends the stream."""
+    before = proxy.stats()
+    resp, tid, elapsed = _send(connect, proxy, "/overall", "stall")
+    assert resp.status == 200 and resp.error, resp  # the head came, then the stream was reset
+    assert 0.45 <= elapsed < 1.5, elapsed
+    assert len(ledger.of(tid)) == 1
+    delta = _delta(before, proxy.stats(), "one")
+    assert delta["upstream_rq_timeout"] == 1, delta
+    assert delta.get("upstream_rq_per_try_timeout", 0) == 0, delta
+
+
 def test_connect_failure_is_retried_even_for_post(proxy: Any, connect: Any, ledger: Ledger) -> None:
     """Half the cluster refuses connections: every POST still succeeds, executed once."""
     ids = []

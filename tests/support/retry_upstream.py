@@ -8,7 +8,8 @@ replica of the same :class:`Ledger`) does the n-th step, the last step repeating
 * ``reset``: close the connection without answering;
 * ``hang``: never answer (until the proxy closes the connection or the server stops);
 * ``delayMS``: answer 200 after MS milliseconds;
-* ``partial``: answer 200 with content-length 1000, send 10 bytes, close.
+* ``partial``: answer 200 with content-length 1000, send 10 bytes, close;
+* ``stall``: answer 200 with content-length 1000, send 10 bytes, then nothing more.
 
 A replica can also be told to answer every request the same way (``always=``), whatever the
 script says. Every attempt is written to the shared ledger (replica, method, target, body
@@ -125,6 +126,12 @@ class RetryReplica(ThreadedUpstream):
             if step == "reset":
                 return
             if step == "hang":
+                self._idle_until_closed(conn)
+                return
+            if step == "stall":
+                conn.sock.sendall(
+                    _response_head(200, "OK", [("content-length", "1000")]) + b"s" * 10
+                )
                 self._idle_until_closed(conn)
                 return
             if step == "partial":

@@ -165,7 +165,6 @@ class UpstreamRequest:
         "hcm",
         "head_headers",
         "host",
-        "idempotent",
         "in_flight",
         "mirrors",
         "paused_upstream",
@@ -179,6 +178,7 @@ class UpstreamRequest:
         "retries_left",
         "retry_held",
         "route",
+        "route_deadline",
         "rq_held",
         "rstats",
         "sent_at",
@@ -196,7 +196,6 @@ class UpstreamRequest:
     head_headers: Headers | None
     """The request headers before the first attempt's rewrites, for the next attempts."""
     body_bytes: int
-    idempotent: bool
     retries_left: int
     backoff: Backoff
     tried: list[Host] | None
@@ -237,6 +236,9 @@ class UpstreamRequest:
         self.attempts = 0
         self.per_try: float | None = None
         self.attempt_timer: asyncio.TimerHandle | None = None
+        self.route_deadline = 0.0
+        """When the route timer is deferred behind the per-try timer (see decode_end): the
+        loop time at which it expires; 0.0 otherwise."""
         # Retry state: with no retry policy, ``policy`` and ``body`` stay None and the request
         # path reads nothing else of it.
         self.policy: RetryPolicy | None = None
@@ -284,20 +286,37 @@ class UpstreamRequest:
         if not policy.on or self.stream.upgrade:
             return
         self.policy = policy
+        # The rest of the retry state is made by the first retry decision (_retry_state): a
+        # request that never fails, the usual case, pays for none of it.
+        self.tried = None
+        self.priorities = None
+
+    def _retry_state(self, policy: RetryPolicy) -> None:
+        """Make the state only retries need, at the first retry decision: the retry count,
+        the backoff and the retry modifiers, which learn the one host attempted so far."""
         self.retries_left = policy.num_retries
-        self.idempotent = self.stream.method in IDEMPOTENT_METHODS
         self.backoff = Backoff(policy.base_interval, policy.max_interval)
-        self.tried = [] if policy.previous_hosts else None
+        tried = self.tried = [] if policy.previous_hosts else None
         frequency = policy.previous_priorities
-        self.priorities = PreviousPriorities(frequency) if frequency else None
+        priorities = self.priorities = PreviousPriorities(frequency) if frequency else None
+        host = self.host
+        if host is not None:
+            if tried is not None:
+                tried.append(host)
+            if priorities is not None:
+                priorities.on_host_attempted(host)
+
+    def _idempotent(self) -> bool:
+        return self.stream.method in IDEMPOTENT_METHODS
 
     def _start_attempt(self, cluster: UpstreamCluster, host: Host) -> None:
         self.attempts += 1
         self.host = host
         self.in_flight = True
         host.active_requests += 1
-        if self.policy is not None:
-            # The retry modifiers learn every attempted host (Envoy's onHostAttempted).
+        if self.attempts > 1:
+            # The retry modifiers learn every attempted host (Envoy's onHostAttempted); the
+            # first attempt's host is recorded by _retry_state.
             if self.tried is not None:
                 self.tried.append(host)
             if self.priorities is not None:
@@ -489,7 +508,21 @@ class UpstreamRequest:
                 m.send_end()
         timeout = self.timeout
         if timeout and self.timer is None and not self.done and not self.stream.upgrade:
-            self.timer = self.hcm.loop.call_later(timeout, self._on_timeout)
+            loop = self.hcm.loop
+            if self.attempt_timer is not None:
+                # The per-try timer (shorter: _setup_retries) fires first: the route timer is
+                # only armed when it fires or is cancelled (_restore_route_timer), so that a
+                # request that is answered in time costs one timer, not two.
+                self.route_deadline = loop.time() + timeout
+            else:
+                self.timer = loop.call_later(timeout, self._on_timeout)
+
+    def _restore_route_timer(self) -> None:
+        """Arm the route timer that decode_end deferred, for what is left of it."""
+        deadline = self.route_deadline
+        if deadline and not self.done:
+            self.route_deadline = 0.0
+            self.timer = self.hcm.loop.call_at(deadline, self._on_timeout)
 
     def _arm_per_try(self) -> None:
         per_try = self.per_try
@@ -530,7 +563,7 @@ class UpstreamRequest:
                 status in policy.statuses or policy.on & RETRY_ON_ENVOY_RATE_LIMITED
             ) and retry_on_headers(policy, status, headers):
                 # A response: the request reached the upstream.
-                result = self._decide(self.idempotent)
+                result = self._decide(self._idempotent())
                 if result == YES:
                     self._retry_stats().count_retried(status)
                     self._retry_later()
@@ -542,9 +575,10 @@ class UpstreamRequest:
             self._stop_retrying()
         self.response_started = True
         timer = self.attempt_timer
-        if timer is not None:
+        if timer is not None and not self.route_deadline:
             # The per-try timeout no longer applies once the response has started (Envoy
-            # ignores its expiry from then on).
+            # ignores its expiry from then on). When it stands in for the deferred route
+            # timer it stays: its expiry then arms the route timer.
             timer.cancel()
             self.attempt_timer = None
         if flags & RH_HOP_BY_HOP:
@@ -617,7 +651,7 @@ class UpstreamRequest:
         policy = self.policy
         if policy is not None:
             # The head was written when the connection came: the request reached the upstream.
-            result = self._decide(self.idempotent and retry_on_reset(policy, False, True))
+            result = self._decide(self._idempotent() and retry_on_reset(policy, False, True))
             if result == YES:
                 self._retry_later()
                 return
@@ -682,6 +716,8 @@ class UpstreamRequest:
                 st.success.value += 1
         if not would_retry:
             return NO
+        if self.attempts == 1 and self.policy is not None:
+            self._retry_state(self.policy)
         if self.retries_left <= 0:
             st.limit_exceeded.value += 1
             return LIMIT_EXCEEDED
@@ -799,10 +835,15 @@ class UpstreamRequest:
         if timer is not None:
             timer.cancel()
             self.attempt_timer = None
+        if self.route_deadline:
+            self._restore_route_timer()
 
     def _on_per_try_timeout(self) -> None:
         self.attempt_timer = None
-        if self.done or self.response_started:
+        if self.done:
+            return
+        if self.response_started:
+            self._restore_route_timer()
             return
         self._retry_stats().per_try_timeout.value += 1
         conn = self.conn
@@ -817,7 +858,7 @@ class UpstreamRequest:
         result = NO
         policy = self.policy
         if policy is not None:
-            result = self._decide(self.idempotent and retry_on_reset(policy, False, True))
+            result = self._decide(self._idempotent() and retry_on_reset(policy, False, True))
             if result == YES:
                 self._retry_later()
                 return
