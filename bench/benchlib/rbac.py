@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from benchlib import configs
+from benchlib import configs, report
 
 PRODUCTS = ("ubimesh",)
 PLAIN = "ubimesh"
@@ -101,33 +101,18 @@ def bootstrap(
     raise ValueError(f"unknown target {target!r} for --scenario rbac")
 
 
-def _f(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
 def bar_section(rows: list[dict[str, Any]]) -> str:
     """Markdown: rps with and without RBAC, their ratio, and the bar per size and load."""
-    out = [
-        "## RBAC with 100 policies: the bar",
-        "",
-        f"Bar (issue 5): throughput with RBAC is at least {BAR:.0%} of throughput without it "
-        "(closed loop, same proxy, same run). Medians over repetitions.",
-        "",
-        "| size | load | rps without RBAC | rps with RBAC | ratio | CPU µs/req without | "
-        "CPU µs/req with | bar |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    by_key = {(r["target"], r["size"], r["load"]): r for r in rows}
-    for (target, size, load), row in by_key.items():
-        if target != WITH_RBAC or row["kind"] != "closed":
-            continue
-        plain = by_key.get((PLAIN, size, load))
-        if plain is None or not plain["rps"]:
-            continue
-        ratio = row["rps"] / plain["rps"]
-        verdict = "PASS" if ratio >= BAR else "FAIL"
-        out.append(
-            f"| {size} | {load} | {_f(plain['rps'])} | {_f(row['rps'])} | {ratio:.3f} | "
-            f"{_f(plain['cpu_us_per_req'], 1)} | {_f(row['cpu_us_per_req'], 1)} | {verdict} |"
-        )
-    return "\n".join(out) + "\n"
+    return report.ratio_bar_section(
+        rows,
+        heading="RBAC with 100 policies: the bar",
+        bar_text=(
+            f"Bar (issue 5): throughput with RBAC is at least {BAR:.0%} of throughput without it "
+            "(closed loop, same proxy, same run). Medians over repetitions."
+        ),
+        plain=PLAIN,
+        subject=WITH_RBAC,
+        bar=BAR,
+        without="without RBAC",
+        with_="with RBAC",
+    )

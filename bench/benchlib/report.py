@@ -318,3 +318,46 @@ def chart(
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def ratio_bar_section(
+    rows: list[dict[str, Any]],
+    *,
+    heading: str,
+    bar_text: str,
+    plain: str,
+    subject: str,
+    bar: float,
+    without: str = "without",
+    with_: str = "with",
+) -> str:
+    """Markdown for a "same proxy with and without a feature" bar: per size and closed-loop
+    load, the rps of ``plain`` and ``subject``, their ratio, CPU per request, and PASS when
+    the ratio is at least ``bar``."""
+    out = [
+        f"## {heading}",
+        "",
+        bar_text,
+        "",
+        f"| size | load | rps {without} | rps {with_} | ratio | CPU µs/req without | "
+        "CPU µs/req with | bar |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["target"], r["size"], r["load"]): r for r in rows}
+    for (target, size, load), row in by_key.items():
+        if target != subject or row["kind"] != "closed":
+            continue
+        base = by_key.get((plain, size, load))
+        if base is None or not base["rps"]:
+            continue
+        ratio = row["rps"] / base["rps"]
+        verdict = "PASS" if ratio >= bar else "FAIL"
+        out.append(
+            f"| {size} | {load} | {_num(base['rps'])} | {_num(row['rps'])} | {ratio:.3f} | "
+            f"{_num(base['cpu_us_per_req'], 1)} | {_num(row['cpu_us_per_req'], 1)} | {verdict} |"
+        )
+    return "\n".join(out) + "\n"
