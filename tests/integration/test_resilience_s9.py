@@ -14,8 +14,10 @@ response truncated inside its head, answering 503.  The pass criteria (promise P
 * extra attempts stay within 20 % of the requests plus 10 per second;
 * the 503 replica is ejected, and readmitted once it is healthy again.
 
-A separate test shows that a response that failed after bytes reached the client is never
-re-sent, and another that the per-try and route timeouts fire within 10 % of their setting.
+Separate tests show that a response that failed after bytes reached the client is never
+re-sent, that the per-try and route timeouts fire within 10 % of their setting, and that
+nftables rejecting, then dropping, a replica's traffic inside a network namespace is masked
+the same way (skipped where namespaces cannot be made).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 import pytest
 from tests.support.faults import start_echo_process
+from tests.support.netns import NetNamespace, netns_support
 from tests.support.procs import (
     LOOPBACK,
     ManagedProcess,
@@ -62,11 +65,13 @@ PHASE_S = 2.0
 pytestmark = pytest.mark.skipif(not ubimesh_available()[0], reason="ubimesh is not runnable")
 
 
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
+def _addr(port: int, host: str = LOOPBACK) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
 
 
-def bootstrap(listen: int, admin: int, endpoints: list[int], log: Path) -> dict[str, Any]:
+def bootstrap(
+    listen: int, admin: int, endpoints: list[tuple[str, int]], log: Path
+) -> dict[str, Any]:
     retry = {
         "retry_on": "5xx,reset,connect-failure,gateway-error",
         "num_retries": 3,
@@ -133,7 +138,7 @@ def bootstrap(listen: int, admin: int, endpoints: list[int], log: Path) -> dict[
         "load_assignment": {
             "cluster_name": "replicas",
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _addr(p)}} for p in endpoints]}
+                {"lb_endpoints": [{"endpoint": {"address": _addr(p, h)}} for h, p in endpoints]}
             ],
         },
         "outlier_detection": {
@@ -167,6 +172,21 @@ def bootstrap(listen: int, admin: int, endpoints: list[int], log: Path) -> dict[
                 }
             ],
             "clusters": [replicas],
+        },
+    }
+
+
+def _cluster(name: str, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    """A plain STATIC cluster (the timeout test's "stuck" one)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _addr(p, h)}} for h, p in endpoints]}
+            ],
         },
     }
 
@@ -320,20 +340,10 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
             stuck = runner.start_proxy((LOOPBACK, replicas[0].port), seed=99)
             stuck.request("POST", "/toxics", {"type": "blackhole", "name": "hole"})
             listen, admin = free_ports(2)
-            cfg = bootstrap(listen, admin, [r.fp.port for r in replicas], tmp_path / "access.log")
-            cfg["static_resources"]["clusters"].append(
-                {
-                    "name": "stuck",
-                    "type": "STATIC",
-                    "connect_timeout": "0.25s",
-                    "load_assignment": {
-                        "cluster_name": "stuck",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _addr(stuck.port)}}]}
-                        ],
-                    },
-                }
+            cfg = bootstrap(
+                listen, admin, [(LOOPBACK, r.fp.port) for r in replicas], tmp_path / "access.log"
             )
+            cfg["static_resources"]["clusters"].append(_cluster("stuck", [(LOOPBACK, stuck.port)]))
             path = tmp_path / "proxy.json"
             path.write_text(json.dumps(cfg))
             proxy = start_ubimesh(path, admin, [listen], tmp_path, name="proxy")
@@ -481,3 +491,67 @@ def test_s9_timeouts_fire_within_ten_percent(mesh: Mesh) -> None:
     assert status == 504
     assert 2 * PER_TRY_TIMEOUT * 0.9 <= took <= 2 * PER_TRY_TIMEOUT * 1.1, took
     assert mesh.stat("cluster.stuck.upstream_rq_per_try_timeout") == 2
+
+
+def test_s9_nftables_reject_and_drop_in_a_netns_are_masked(tmp_path: Path) -> None:
+    """The third replica runs in a network namespace (reached over a veth pair); nftables
+    there first rejects its traffic with TCP resets, then drops it: connections are refused,
+    open ones reset or stall, new ones time out. GETs never fail; no POST runs twice."""
+    reason = netns_support()
+    if reason is not None:
+        pytest.skip(f"network-namespace faults unavailable: {reason}")
+    with NetNamespace() as ns:
+        replicas: list[tuple[ManagedProcess, str]] = []
+        endpoint_ports: list[tuple[str, int]] = []
+        proxy: ManagedProcess | None = None
+        try:
+            for i in range(2):
+                proc, port = start_echo_process(
+                    tmp_path, f"n{i}", extra=["--log-requests"], log_name=f"n{i}-0"
+                )
+                replicas.append((proc, f"n{i}"))
+                endpoint_ports.append((LOOPBACK, port))
+            inside, inside_port = start_echo_process(
+                tmp_path,
+                "n2",
+                host=ns.address,
+                prefix=ns.prefix,
+                extra=["--log-requests"],
+                log_name="n2-0",
+            )
+            ns.adopt(inside)
+            replicas.append((inside, "n2"))
+            endpoints = [*endpoint_ports, (ns.address, inside_port)]
+            listen, admin = free_ports(2)
+            cfg = bootstrap(listen, admin, endpoints, tmp_path / "access.log")
+            cfg["static_resources"]["clusters"].append(_cluster("stuck", endpoint_ports[:1]))
+            path = tmp_path / "proxy.json"
+            path.write_text(json.dumps(cfg))
+            proxy = start_ubimesh(path, admin, [listen], tmp_path, name="proxy")
+            load = Load(listen)
+            load.start()
+            everything: list[Outcome] = []
+            try:
+                everything += _phase(load, "baseline")
+                handle = ns.reject(inside_port)
+                everything += _phase(load, "nft reject", lambda: ns.remove(handle))
+                handle = ns.drop(inside_port)
+                everything += _phase(load, "nft drop", lambda: ns.remove(handle))
+            finally:
+                everything += load.stop()
+            executed: dict[str, list[str]] = {}
+            for _, name in replicas:
+                log = (tmp_path / f"{name}-0.log").read_text(errors="replace")
+                for line in log.splitlines():
+                    if line.startswith("{"):
+                        with contextlib.suppress(ValueError):
+                            executed.setdefault(name, []).append(json.loads(line)["target"])
+            posts = [t for ts in executed.values() for t in ts if t.startswith("/ledger/")]
+            assert len(posts) == len(set(posts)), "a POST was executed twice"
+            # The namespaced replica was in the rotation (so the faults hit real traffic).
+            assert any(t.startswith("/get/") for t in executed.get("n2", [])), executed.keys()
+        finally:
+            if proxy is not None:
+                proxy.stop()
+            for proc, _ in replicas:
+                proc.stop()
