@@ -15,7 +15,6 @@ import yaml
 from ubimesh.proxy.http.retry import (
     Backoff,
     PreviousPriorities,
-    RetryStats,
     adjusted_priority_load,
     retry_on_headers,
     retry_on_reset,
@@ -34,7 +33,7 @@ from ubimesh.proxy.snapshot.types import (
     RouteAction,
     SocketAddress,
 )
-from ubimesh.proxy.upstream.cluster import UpstreamCluster
+from ubimesh.proxy.upstream.cluster import ClusterStats, UpstreamCluster
 from ubimesh.proxy.upstream.host import Host
 from ubimesh.proxy.xds import ConfigErrors, load_bootstrap_dict
 from ubimesh.telemetry.stats import Store
@@ -303,7 +302,9 @@ def test_backoff_is_envoys_jittered_exponential() -> None:
 
 def test_retry_stats_names() -> None:
     store = Store()
-    st = RetryStats(store, "cluster.backend.")
+    st = ClusterStats(store, "backend").retry
+    # Made with the cluster, as Envoy's: in /stats at 0 before any retry.
+    assert store.counters["cluster.backend.upstream_rq_retry"].value == 0
     st.count_retried(503)
     st.count_retried(503)
     st.retry.value += 1
@@ -360,3 +361,16 @@ def test_adjusted_load_spreads_like_envoy() -> None:
     load = adjusted_priority_load(cluster, {0})
     assert load is not None and load.healthy == (0, 100, 0)
     assert adjusted_priority_load(cluster, {0, 1, 2}) is None
+
+
+def test_adjusted_load_counts_hosts_as_the_cluster_does() -> None:
+    # A draining host is excluded: it counts in no level's total, for retries either. P0 has
+    # one healthy host of the two that count (score 70), not one of three (46).
+    cluster = _cluster([3, 2])
+    cluster.hosts[0].set_eds_status(3)  # DRAINING
+    cluster.set_host_health(cluster.hosts[1], False)
+    cluster.refresh()
+    assert cluster.priority_load.healthy == (70, 30)
+    assert adjusted_priority_load(cluster, set()) == cluster.priority_load
+    load = adjusted_priority_load(cluster, {1})
+    assert load is not None and load.healthy == (100, 0)

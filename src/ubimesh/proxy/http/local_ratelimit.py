@@ -30,6 +30,7 @@ Stats, Envoy's names: ``<stat_prefix>.http_local_rate_limit.{enabled,enforced,ra
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ubimesh.proto.headers import Headers
@@ -220,22 +221,22 @@ class LocalRateLimitFilter(DecoderFilter):
         # reused while it is cached.
         self.overrides: dict[int, tuple[LocalRateLimitConfig, RateLimiter]] = {}
 
+    def _override(self, entries: Iterable[tuple[str, object]]) -> LocalRateLimitConfig | None:
+        """This filter's entry in a route's or virtual host's typed_per_filter_config."""
+        for name, value in entries:
+            if name == self.name and isinstance(value, LocalRateLimitConfig):
+                return value
+        return None
+
     def limiter_for(self, stream: ActiveStream) -> RateLimiter:
         """The route's override, else the virtual host's, else the filter's own limiter."""
         config: LocalRateLimitConfig | None = None
         route = stream.route
         if route is not None:
-            for name, value in route.typed_per_filter_config:
-                if name == self.name and isinstance(value, LocalRateLimitConfig):
-                    config = value
-                    break
-            if config is None:
-                vhost = stream.vhost
-                if vhost is not None:
-                    for name, value in vhost.typed_per_filter_config:
-                        if name == self.name and isinstance(value, LocalRateLimitConfig):
-                            config = value
-                            break
+            config = self._override(route.typed_per_filter_config)
+            vhost = stream.vhost
+            if config is None and vhost is not None:
+                config = self._override(vhost.typed_per_filter_config)
         if config is None:
             return self.own
         found = self.overrides.get(id(config))

@@ -372,7 +372,7 @@ class Http1Pool:
             return
         res = self.resources.pending_requests
         stats = self.stats
-        if res.count >= res.max:  # Resource.can_create, inlined
+        if not res.can_create():
             stats.upstream_rq_pending_overflow.value += 1
             cb.on_pool_failure(OVERFLOW)
             return
@@ -431,7 +431,7 @@ class Http1Pool:
         """Open one more connection if the cluster's max_connections allows it (or this host
         has none at all)."""
         res = self.resources.connections
-        if res.count >= res.max:  # Resource.can_create, inlined
+        if not res.can_create():
             self.stats.upstream_cx_overflow.value += 1
             if self.active or self.connecting:
                 return

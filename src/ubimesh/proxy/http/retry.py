@@ -2,7 +2,8 @@
 
 The router (``router.py``) owns the per-request state; this module holds what does not depend
 on it: whether a response or a failure is retriable under a policy, Envoy's fully jittered
-exponential backoff, and the cluster's retry counters. Nothing here runs when a request has
+exponential backoff and the previous_priorities load (the retry counters are the cluster's:
+``ClusterStats.retry``). Nothing here runs when a request has
 no retry policy, and on a request with one nothing here runs until an attempt fails.
 
 ubimesh differs from Envoy on purpose in one rule (docs/envoy-compat.md): a request whose
@@ -26,7 +27,6 @@ from ubimesh.proxy.snapshot.retry import (
 from ubimesh.proxy.upstream.host import Host
 from ubimesh.proxy.upstream.lb import build_picker
 from ubimesh.proxy.upstream.priority import PriorityLoad, choose_priority, level_health
-from ubimesh.telemetry.stats import Counter, Store
 
 if TYPE_CHECKING:
     from ubimesh.proxy.upstream.cluster import UpstreamCluster
@@ -123,27 +123,18 @@ class PreviousPriorities:
 
 def adjusted_priority_load(cluster: UpstreamCluster, excluded: set[int]) -> PriorityLoad | None:
     """The cluster's priority load with the ``excluded`` levels taken out (Envoy's
-    RetryPriority adjustForAttemptedPriorities), or None when no other level is available."""
+    RetryPriority adjustForAttemptedPriorities), or None when no other level is available.
+    Host counts per level are the cluster's own (``UpstreamCluster.levels``)."""
     factor = cluster.spec.overprovisioning_factor
-    hosts = cluster.hosts
-    n_levels = (max(h.priority for h in hosts) + 1) if hosts else 0
-    totals = [0] * n_levels
-    healthy = [0] * n_levels
-    degraded = [0] * n_levels
-    for h in hosts:
-        p = h.priority
-        totals[p] += 1
-        if h.healthy:
-            if cluster.is_degraded(h):
-                degraded[p] += 1
-            else:
-                healthy[p] += 1
+    levels = cluster.levels
+    n_levels = len(levels)
     health = [
-        0 if p in excluded else level_health(factor, healthy[p], totals[p]) for p in range(n_levels)
+        0 if p in excluded else level_health(factor, len(healthy), counted)
+        for p, (counted, healthy, _) in enumerate(levels)
     ]
     degraded_health = [
-        0 if p in excluded else level_health(factor, degraded[p], totals[p])
-        for p in range(n_levels)
+        0 if p in excluded else level_health(factor, len(degraded), counted)
+        for p, (counted, _, degraded) in enumerate(levels)
     ]
     total = min(100, sum(health) + sum(degraded_health))
     if total == 0:
@@ -172,64 +163,13 @@ def choose_host_with_load(
     if picker is None:
         # A level the cluster's own load gives nothing has no picker yet: make one for this
         # choice (retries only).
-        hosts = [
-            h
-            for h in cluster.hosts
-            if h.priority == p and h.healthy and cluster.is_degraded(h) == is_degraded
-        ]
-        picker = build_picker(cluster.spec, hosts, random.Random())
+        if p >= len(cluster.levels):
+            return None
+        _, healthy, degraded = cluster.levels[p]
+        picker = build_picker(cluster.spec, degraded if is_degraded else healthy, random.Random())
         if picker is None:
             return None
     return picker.pick(hash_key)
-
-
-class RetryStats:
-    """A cluster's retry counters (``cluster.<name>.upstream_rq_retry*`` and friends, and the
-    ``cluster.<name>.retry.upstream_rq_*`` codes of responses that were retried), fetched from
-    the store the first time a request of the cluster fails."""
-
-    __slots__ = (
-        "abandoned",
-        "backoff_exponential",
-        "by_code",
-        "limit_exceeded",
-        "overflow",
-        "per_try_timeout",
-        "prefix",
-        "retry",
-        "retry_completed",
-        "store",
-        "success",
-    )
-
-    def __init__(self, store: Store, prefix: str) -> None:
-        """``prefix`` is the cluster's stat prefix, ``cluster.<name>.``."""
-        self.store = store
-        self.prefix = prefix
-        c = store.counter
-        self.retry: Counter = c(prefix + "upstream_rq_retry")
-        self.success: Counter = c(prefix + "upstream_rq_retry_success")
-        self.overflow: Counter = c(prefix + "upstream_rq_retry_overflow")
-        self.limit_exceeded: Counter = c(prefix + "upstream_rq_retry_limit_exceeded")
-        self.backoff_exponential: Counter = c(prefix + "upstream_rq_retry_backoff_exponential")
-        self.per_try_timeout: Counter = c(prefix + "upstream_rq_per_try_timeout")
-        self.abandoned: Counter = c(prefix + "retry_or_shadow_abandoned")
-        self.retry_completed: Counter = c(prefix + "retry.upstream_rq_completed")
-        self.by_code: dict[int, tuple[Counter, Counter]] = {}
-
-    def count_retried(self, status: int) -> None:
-        """A response that was retried instead of forwarded (Envoy charges it under
-        ``retry.``: its code, its class and ``retry.upstream_rq_completed``)."""
-        pair = self.by_code.get(status)
-        if pair is None:
-            p = self.prefix + "retry.upstream_rq_"
-            pair = self.by_code[status] = (
-                self.store.counter(f"{p}{status}"),
-                self.store.counter(f"{p}{min(status // 100, 5)}xx"),
-            )
-        pair[0].value += 1
-        pair[1].value += 1
-        self.retry_completed.value += 1
 
 
 __all__ = [
@@ -240,7 +180,6 @@ __all__ = [
     "YES",
     "Backoff",
     "PreviousPriorities",
-    "RetryStats",
     "adjusted_priority_load",
     "choose_host_with_load",
     "retry_on_headers",

@@ -48,7 +48,6 @@ from ubimesh.proxy.http.retry import (
     YES,
     Backoff,
     PreviousPriorities,
-    RetryStats,
     choose_host_with_load,
     retry_on_headers,
     retry_on_reset,
@@ -86,24 +85,12 @@ if TYPE_CHECKING:
     from ubimesh.proxy.network.hcm_config import HcmRuntime, RequestStats
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.upstream.circuit_breaker import ResourceManager
+    from ubimesh.proxy.upstream.cluster import RetryStats
     from ubimesh.proxy.upstream.cluster_manager import UpstreamCluster
-    from ubimesh.telemetry.stats import Store
 
 _HEAD = "HEAD"
 
 _rand = random.random
-
-#: The retry counters of each cluster stat prefix, made when a request of it first fails.
-_retry_stats: dict[str, RetryStats] = {}
-
-
-def retry_stats(store: Store, prefix: str) -> RetryStats:
-    """The ``RetryStats`` of the cluster whose stat prefix is ``prefix`` in ``store``."""
-    found = _retry_stats.get(prefix)
-    if found is None or found.store is not store:
-        found = _retry_stats[prefix] = RetryStats(store, prefix)
-    return found
-
 
 def route_request(stream: ActiveStream, route: Route) -> None:
     """Entry point from the HCM once the filters before the router let the request through."""
@@ -202,7 +189,7 @@ class UpstreamRequest:
     """The hosts attempted (previous_hosts only)."""
     priorities: PreviousPriorities | None
     ended_at: float
-    """When the downstream request ended (monotonic), for a retry's expected timeout."""
+    """When the downstream request ended (loop time), for a retry's expected timeout."""
 
     def __init__(
         self, stream: ActiveStream, route: Route, action: RouteAction, hcm: HcmRuntime
@@ -442,7 +429,7 @@ class UpstreamRequest:
             return None
         expected_ms = int(expected * 1000)
         if timeout and self.ended:
-            left = int(timeout * 1000) - int((time.monotonic() - self.ended_at) * 1000)
+            left = int(timeout * 1000) - int((self.hcm.loop.time() - self.ended_at) * 1000)
             expected_ms = max(1, min(expected_ms, left))
         return (expected_ms + 0.5) / 1000.0
 
@@ -495,8 +482,9 @@ class UpstreamRequest:
         if self.ended:
             return
         self.ended = True
+        loop = self.hcm.loop
         if self.policy is not None:
-            self.ended_at = time.monotonic()
+            self.ended_at = loop.time()
         conn = self.conn
         if conn is not None:
             if self.chunked:
@@ -508,7 +496,6 @@ class UpstreamRequest:
                 m.send_end()
         timeout = self.timeout
         if timeout and self.timer is None and not self.done and not self.stream.upgrade:
-            loop = self.hcm.loop
             if self.attempt_timer is not None:
                 # The per-try timer (shorter: _setup_retries) fires first: the route timer is
                 # only armed when it fires or is cancelled (_restore_route_timer), so that a
@@ -642,20 +629,27 @@ class UpstreamRequest:
             self.stream.flags = add_flag(self.stream.flags, flag)
             self.stream.reset()
             return
+        result = self._sent_attempt_failed(EXT_ORIGIN_REQUEST_FAILED)
+        if result != YES:
+            self._fail_before_response(reason, flag, result)
+
+    def _sent_attempt_failed(self, outlier_result: int) -> int:
+        """An attempt whose request reached the upstream (its head was written when the
+        connection came) failed before its response: a reset or a per-try timeout. End it,
+        tell outlier detection, and retry when the policy allows. Returns the decision; YES
+        means a retry is scheduled and the caller has nothing more to do."""
         self._end_attempt()
         host = self.host
         monitor = host.outlier if host is not None else None
         if monitor is not None:
-            monitor.put_local_origin(EXT_ORIGIN_REQUEST_FAILED)
-        result = NO
+            monitor.put_local_origin(outlier_result)
         policy = self.policy
-        if policy is not None:
-            # The head was written when the connection came: the request reached the upstream.
-            result = self._decide(self._idempotent() and retry_on_reset(policy, False, True))
-            if result == YES:
-                self._retry_later()
-                return
-        self._fail_before_response(reason, flag, result)
+        if policy is None:
+            return NO
+        result = self._decide(self._idempotent() and retry_on_reset(policy, False, True))
+        if result == YES:
+            self._retry_later()
+        return result
 
     def on_upstream_upgrade(self, rest: bytes) -> None:
         if rest:
@@ -696,9 +690,9 @@ class UpstreamRequest:
     # -- retries --------------------------------------------------------------------------------
 
     def _retry_stats(self) -> RetryStats:
-        rs = self.rstats
-        assert rs is not None
-        return retry_stats(rs.store, rs.prefix)
+        cluster = self.cluster
+        assert cluster is not None  # set before any attempt
+        return cluster.stats.retry
 
     def _decide(self, would_retry: bool) -> int:
         """Envoy's RetryStateImpl::shouldRetry: YES (a retry is scheduled: the ``retries``
@@ -850,19 +844,9 @@ class UpstreamRequest:
         self.conn = None
         if conn is not None:
             conn.detach_and_close()
-        self._end_attempt()
-        host = self.host
-        monitor = host.outlier if host is not None else None
-        if monitor is not None:
-            monitor.put_local_origin(LOCAL_ORIGIN_TIMEOUT)
-        result = NO
-        policy = self.policy
-        if policy is not None:
-            result = self._decide(self._idempotent() and retry_on_reset(policy, False, True))
-            if result == YES:
-                self._retry_later()
-                return
-        self._timeout_reply(result)
+        result = self._sent_attempt_failed(LOCAL_ORIGIN_TIMEOUT)
+        if result != YES:
+            self._timeout_reply(result)
 
     def _on_timeout(self) -> None:
         self.timer = None

@@ -81,10 +81,6 @@ class Resource:
         if remaining is not None:
             remaining.value = self.max - count if count < self.max else 0
 
-    def limit(self) -> int:
-        """The maximum now (fixed here; the retry budget's moves with the traffic)."""
-        return self.max
-
     def detach(self) -> None:
         """Stop writing the shared gauges (a newer manager of the same cluster owns them)."""
         self.open = Gauge()
@@ -118,6 +114,7 @@ class RetryBudgetResource(Resource):
         self.pending = pending
 
     def limit(self) -> int:
+        """The number of retries allowed now (it moves with the traffic)."""
         budget = int(self.fraction * (self.requests.count + self.pending.count))
         return max(budget, self.min_concurrency)
 

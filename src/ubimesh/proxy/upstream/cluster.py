@@ -103,6 +103,62 @@ def host_for_endpoint(
     return host
 
 
+class RetryStats:
+    """A cluster's retry counters (``cluster.<name>.upstream_rq_retry*`` and friends; the
+    router counts them), made with the cluster as Envoy makes them; the
+    ``cluster.<name>.retry.upstream_rq_*`` counters of responses that were retried are made
+    when a response is first retried (by code, by class, and completed), as Envoy's are."""
+
+    __slots__ = (
+        "abandoned",
+        "backoff_exponential",
+        "by_code",
+        "limit_exceeded",
+        "overflow",
+        "per_try_timeout",
+        "prefix",
+        "retry",
+        "retry_completed",
+        "store",
+        "success",
+    )
+
+    def __init__(self, store: Store, prefix: str) -> None:
+        """``prefix`` is the cluster's stat prefix, ``cluster.<name>.``."""
+        self.store = store
+        self.prefix = prefix
+        c = store.counter
+        self.retry: Counter = c(prefix + "upstream_rq_retry")
+        self.success: Counter = c(prefix + "upstream_rq_retry_success")
+        self.overflow: Counter = c(prefix + "upstream_rq_retry_overflow")
+        self.limit_exceeded: Counter = c(prefix + "upstream_rq_retry_limit_exceeded")
+        self.backoff_exponential: Counter = c(prefix + "upstream_rq_retry_backoff_exponential")
+        self.per_try_timeout: Counter = c(prefix + "upstream_rq_per_try_timeout")
+        self.abandoned: Counter = c(prefix + "retry_or_shadow_abandoned")
+        # Envoy makes the ``retry.`` counters when a response is first retried.
+        self.retry_completed: Counter | None = None
+        self.by_code: dict[int, tuple[Counter, Counter]] = {}
+
+    def count_retried(self, status: int) -> None:
+        """A response that was retried instead of forwarded (Envoy charges it under
+        ``retry.``: its code, its class and ``retry.upstream_rq_completed``)."""
+        pair = self.by_code.get(status)
+        if pair is None:
+            p = self.prefix + "retry.upstream_rq_"
+            pair = self.by_code[status] = (
+                self.store.counter(f"{p}{status}"),
+                self.store.counter(f"{p}{min(status // 100, 5)}xx"),
+            )
+        pair[0].value += 1
+        pair[1].value += 1
+        completed = self.retry_completed
+        if completed is None:
+            completed = self.retry_completed = self.store.counter(
+                self.prefix + "retry.upstream_rq_completed"
+            )
+        completed.value += 1
+
+
 class ClusterStats:
     """The cluster's stats (``cluster.<name>.*``), fetched once from the store.
 
@@ -120,6 +176,7 @@ class ClusterStats:
         "membership_excluded",
         "membership_healthy",
         "membership_total",
+        "retry",
         "update_attempt",
         "update_empty",
         "update_failure",
@@ -143,7 +200,6 @@ class ClusterStats:
         "upstream_rq_pending_active",
         "upstream_rq_pending_overflow",
         "upstream_rq_pending_total",
-        "upstream_rq_retry_overflow",
         "upstream_rq_total",
     )
 
@@ -182,14 +238,14 @@ class ClusterStats:
         # Circuit breakers (upstream/circuit_breaker.py): overflows of max_connections (the
         # pool and tcp_proxy), max_pending_requests (the pool), max_requests (the router;
         # Envoy >= 1.38 counts it as an active-request overflow, not a pending one) and
-        # max_retries or the retry budget (the router); requests waiting in the pool for a
-        # connection.
+        # max_retries or the retry budget (the router: ``retry.overflow``); requests waiting
+        # in the pool for a connection.
         self.upstream_cx_overflow: Counter = c(p + "upstream_cx_overflow")
         self.upstream_rq_active_overflow: Counter = c(p + "upstream_rq_active_overflow")
         self.upstream_rq_pending_overflow: Counter = c(p + "upstream_rq_pending_overflow")
-        self.upstream_rq_retry_overflow: Counter = c(p + "upstream_rq_retry_overflow")
         self.upstream_rq_pending_total: Counter = c(p + "upstream_rq_pending_total")
         self.upstream_rq_pending_active: Gauge = g(p + "upstream_rq_pending_active")
+        self.retry = RetryStats(store, p)
 
 
 PickFn = Callable[[int | None], Host]
@@ -238,6 +294,10 @@ class UpstreamCluster:
         self._table: list[PickFn] = []
         self.pickers: list[tuple[Picker | None, Picker | None]] = []
         """Per priority level: (picker over healthy hosts, picker over degraded hosts)."""
+        self.levels: list[tuple[int, list[Host], list[Host]]] = []
+        """Per priority level, as the last ``refresh()`` counted them: how many hosts count
+        (not excluded), and the healthy and the degraded ones (retries re-spread the load
+        over these; ``http/retry.py``)."""
         self.set_hosts(hosts, degraded=degraded)
 
     # -- hot path ---------------------------------------------------------------------------
@@ -366,6 +426,7 @@ class UpstreamCluster:
                 slots.append(picker)
         self.priority_load = load
         self.panic = tuple(panic) if panic else (False,) * n_levels
+        self.levels = [(counted[p], healthy[p], degraded[p]) for p in range(n_levels)]
         self.pickers = pickers
         self._table = [pk.pick for pk in slots]
         single = slots[0] if len({id(pk) for pk in slots}) == 1 else None
