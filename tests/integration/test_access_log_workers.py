@@ -11,20 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.bootstrap import FILE, HCM, ROUTER, address
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.procs import LOOPBACK, ManagedProcess, admin_get, free_ports, wait_ready
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-FILE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 REQUESTS = 40
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def bootstrap(admin: int, port: int, echo: int, log: Path) -> dict[str, Any]:
@@ -62,10 +53,10 @@ def bootstrap(admin: int, port: int, echo: int, log: Path) -> dict[str, Any]:
         },
     }
     return {
-        "admin": {"address": _addr(admin)},
+        "admin": {"address": address(admin)},
         "static_resources": {
             "listeners": [
-                {"name": "w", "address": _addr(port), "filter_chains": [{"filters": [hcm]}]}
+                {"name": "w", "address": address(port), "filter_chains": [{"filters": [hcm]}]}
             ],
             "clusters": [
                 {
@@ -73,7 +64,7 @@ def bootstrap(admin: int, port: int, echo: int, log: Path) -> dict[str, Any]:
                     "type": "STATIC",
                     "load_assignment": {
                         "cluster_name": "echo",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(echo)}}]}],
+                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(echo)}}]}],
                     },
                 }
             ],

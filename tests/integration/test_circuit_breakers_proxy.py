@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.support.bootstrap import FILE, HCM, ROUTER, address
 from tests.support.held_upstream import HeldUpstream
 from tests.support.procs import (
     LOOPBACK,
@@ -33,20 +34,10 @@ from tests.support.procs import (
     ubimesh_available,
 )
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
 TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-FILE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 OVERFLOW_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
 #: A refused request is answered by the proxy itself: well under this, even on a busy machine.
 FAST = 0.5
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _log(path: Path, fmt: str) -> list[dict[str, Any]]:
@@ -92,7 +83,7 @@ def _cluster(name: str, port: int, thresholds: dict[str, Any]) -> dict[str, Any]
         "circuit_breakers": {"thresholds": [thresholds]},
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(port)}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(port)}}]}],
         },
     }
 
@@ -194,10 +185,10 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         }
         listeners = [("rq", _http("rq", log)), ("pend", _http("pend", log)), ("tcp", tcp_proxy)]
         bootstrap = {
-            "admin": {"address": _addr(ports["admin"])},
+            "admin": {"address": address(ports["admin"])},
             "static_resources": {
                 "listeners": [
-                    {"name": n, "address": _addr(ports[n]), "filter_chains": [{"filters": [f]}]}
+                    {"name": n, "address": address(ports[n]), "filter_chains": [{"filters": [f]}]}
                     for n, f in listeners
                 ],
                 "clusters": [

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.bootstrap import FILE, HCM, ROUTER, address, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.procs import (
     LOOPBACK,
@@ -34,21 +35,11 @@ from tests.support.procs import (
     ubimesh_available,
 )
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 LRL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
-FILE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 LISTENERS = ("delay", "perconn")
 DELAY = 0.4
 ALL = {"default_value": {"numerator": 100}}
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _hcm(prefix: str, flt: dict[str, Any], log: Path) -> dict[str, Any]:
@@ -125,23 +116,13 @@ def bootstrap(ports: dict[str, int], echo: int, log: Path) -> dict[str, Any]:
         ("perconn", _hcm("perconn", limit, log)),
     ]
     return {
-        "admin": {"address": _addr(ports["admin"])},
+        "admin": {"address": address(ports["admin"])},
         "static_resources": {
             "listeners": [
-                {"name": n, "address": _addr(ports[n]), "filter_chains": [{"filters": [f]}]}
+                {"name": n, "address": address(ports[n]), "filter_chains": [{"filters": [f]}]}
                 for n, f in listeners
             ],
-            "clusters": [
-                {
-                    "name": "echo",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "echo",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(echo)}}]}],
-                    },
-                }
-            ],
+            "clusters": [static_cluster("echo", [echo], connect_timeout="2s")],
         },
     }
 

@@ -26,6 +26,7 @@ import psutil
 import pytest
 import uvloop
 import yaml
+from tests.support.bootstrap import FILE, HCM, ROUTER, address
 from tests.support.held_upstream import HeldUpstream
 from tests.support.procs import (
     LOOPBACK,
@@ -34,13 +35,6 @@ from tests.support.procs import (
     start_ubimesh,
     ubimesh_available,
 )
-
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-FILE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 SERVICE_TIME = 0.2
 LIMITS = {"max_connections": 10, "max_requests": 10, "max_pending_requests": 5}
@@ -51,10 +45,6 @@ RSS_BUDGET = 64 * 1024 * 1024
 CB = "cluster.svc.circuit_breakers.default."
 
 pytestmark = pytest.mark.slow
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _bootstrap(admin: int, port: int, upstream: int, log: Path) -> dict[str, Any]:
@@ -87,12 +77,12 @@ def _bootstrap(admin: int, port: int, upstream: int, log: Path) -> dict[str, Any
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
     return {
-        "admin": {"address": _addr(admin)},
+        "admin": {"address": address(admin)},
         "static_resources": {
             "listeners": [
                 {
                     "name": "main",
-                    "address": _addr(port),
+                    "address": address(port),
                     "filter_chains": [{"filters": [{"name": "hcm", "typed_config": hcm}]}],
                 }
             ],
@@ -104,7 +94,7 @@ def _bootstrap(admin: int, port: int, upstream: int, log: Path) -> dict[str, Any
                     "load_assignment": {
                         "cluster_name": "svc",
                         "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _addr(upstream)}}]}
+                            {"lb_endpoints": [{"endpoint": {"address": address(upstream)}}]}
                         ],
                     },
                 }

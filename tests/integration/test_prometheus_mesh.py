@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.pki import Pki
 from tests.support.procs import (
     LOOPBACK,
@@ -35,11 +36,6 @@ from tests.support.procs import (
 )
 from tests.support.upstreams import ScriptedUpstream
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 TLS_DOWN = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 META = "ubimesh.telemetry"
 WEB = "spiffe://example.org/ns/shop/sa/web"
@@ -54,10 +50,6 @@ if PROMETHEUS is None and os.environ.get("CI"):
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None, reason="no prometheus binary (run scripts/setup: Debian package prometheus)"
 )
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _hcm(prefix: str, cluster: str) -> dict[str, Any]:
@@ -83,15 +75,7 @@ def _hcm(prefix: str, cluster: str) -> dict[str, Any]:
 
 
 def _cluster(name: str, port: int, meta: dict[str, str] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(port)}}]}],
-        },
-    }
+    out = static_cluster(name, [port], connect_timeout="1s")
     if meta is not None:
         out["metadata"] = {"filter_metadata": {META: meta}}
     return out
@@ -128,24 +112,24 @@ def bootstrap(ports: dict[str, int], app: int, dead: int, files: dict[str, Path]
         },
     }
     return {
-        "admin": {"address": _addr(ports["admin"])},
+        "admin": {"address": address(ports["admin"])},
         "static_resources": {
             "listeners": [
                 {
                     "name": "a",
-                    "address": _addr(ports["a"]),
+                    "address": address(ports["a"]),
                     "filter_chains": [{"filters": [_hcm("a", "a")], "transport_socket": mtls}],
                     "metadata": {"filter_metadata": {META: inbound("a")}},
                 },
                 {
                     "name": "b",
-                    "address": _addr(ports["b"]),
+                    "address": address(ports["b"]),
                     "filter_chains": [{"filters": [_hcm("b", "b")]}],
                     "metadata": {"filter_metadata": {META: inbound("b")}},
                 },
                 {
                     "name": "out",
-                    "address": _addr(ports["out"]),
+                    "address": address(ports["out"]),
                     "filter_chains": [{"filters": [_hcm("out", "outbound_a")]}],
                     "metadata": {
                         "filter_metadata": {META: {**own, "reporter": "source", "principal": WEB}}

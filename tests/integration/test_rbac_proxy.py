@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.pki import Pki
 from tests.support.procs import (
@@ -26,21 +27,12 @@ from tests.support.procs import (
     start_ubimesh,
 )
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HRBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 NRBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
 TLS_DOWN = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 WEB = "spiffe://example.org/ns/shop/sa/web"
 LISTENERS = ("internal", "always", "never", "mtls", "gated")
 POLICY = "shop/web-to-api/0"  # a name with characters a stat name cannot carry
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _rbac() -> dict[str, Any]:
@@ -114,7 +106,7 @@ def bootstrap(ports: dict[str, int], echo_port: int, files: dict[str, Path]) -> 
             chain["transport_socket"] = _tls(files)
         out: dict[str, Any] = {
             "name": name,
-            "address": _addr(ports[name]),
+            "address": address(ports[name]),
             "filter_chains": [chain],
         }
         if mode is not None:
@@ -138,7 +130,7 @@ def bootstrap(ports: dict[str, int], echo_port: int, files: dict[str, Path]) -> 
         },
     }
     return {
-        "admin": {"address": _addr(ports["admin"])},
+        "admin": {"address": address(ports["admin"])},
         "static_resources": {
             "listeners": [
                 listener("internal", None, _hcm("internal")),
@@ -147,19 +139,7 @@ def bootstrap(ports: dict[str, int], echo_port: int, files: dict[str, Path]) -> 
                 listener("mtls", "internal", _hcm("mtls"), tls=True),
                 listener("gated", None, gate, _hcm("gated"), tls=True),
             ],
-            "clusters": [
-                {
-                    "name": "echo",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "echo",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _addr(echo_port)}}]}
-                        ],
-                    },
-                }
-            ],
+            "clusters": [static_cluster("echo", [echo_port], connect_timeout="2s")],
         },
     }
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.bootstrap import FILE, HCM, ROUTER, address, static_cluster
 from tests.support.faults import start_echo_process
 from tests.support.netns import NetNamespace, netns_support
 from tests.support.procs import (
@@ -47,12 +48,6 @@ from tests.support.procs import (
 
 from ubimesh.testing.faultproxy import FaultProxyThread, ProxyHandle
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-FILE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 PREVIOUS_HOSTS = (
     "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
 )
@@ -63,10 +58,6 @@ CLIENTS = 3
 PHASE_S = 2.0
 
 pytestmark = pytest.mark.skipif(not ubimesh_available()[0], reason="ubimesh is not runnable")
-
-
-def _addr(port: int, host: str = LOOPBACK) -> dict[str, Any]:
-    return {"socket_address": {"address": host, "port_value": port}}
 
 
 def bootstrap(
@@ -130,18 +121,11 @@ def bootstrap(
         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
-    replicas = {
-        "name": "replicas",
-        "type": "STATIC",
-        "connect_timeout": "0.25s",
-        "lb_policy": "ROUND_ROBIN",
-        "load_assignment": {
-            "cluster_name": "replicas",
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _addr(p, h)}} for h, p in endpoints]}
-            ],
-        },
-        "outlier_detection": {
+    replicas = static_cluster(
+        "replicas",
+        endpoints,
+        lb_policy="ROUND_ROBIN",
+        outlier_detection={
             "consecutive_5xx": 5,
             "interval": "0.5s",
             "base_ejection_time": "1s",
@@ -149,7 +133,7 @@ def bootstrap(
             # most the percentage, 1/3 but not 2/3.
             "max_ejection_percent": 50,
         },
-        "circuit_breakers": {
+        circuit_breakers={
             "thresholds": [
                 {
                     "priority": "DEFAULT",
@@ -160,33 +144,18 @@ def bootstrap(
                 }
             ]
         },
-    }
+    )
     return {
-        "admin": {"address": _addr(admin)},
+        "admin": {"address": address(admin)},
         "static_resources": {
             "listeners": [
                 {
                     "name": "in",
-                    "address": _addr(listen),
+                    "address": address(listen),
                     "filter_chains": [{"filters": [{"name": "hcm", "typed_config": hcm}]}],
                 }
             ],
             "clusters": [replicas],
-        },
-    }
-
-
-def _cluster(name: str, endpoints: list[tuple[str, int]]) -> dict[str, Any]:
-    """A plain STATIC cluster (the timeout test's "stuck" one)."""
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "0.25s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _addr(p, h)}} for h, p in endpoints]}
-            ],
         },
     }
 
@@ -343,7 +312,9 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
             cfg = bootstrap(
                 listen, admin, [(LOOPBACK, r.fp.port) for r in replicas], tmp_path / "access.log"
             )
-            cfg["static_resources"]["clusters"].append(_cluster("stuck", [(LOOPBACK, stuck.port)]))
+            cfg["static_resources"]["clusters"].append(
+                static_cluster("stuck", [(LOOPBACK, stuck.port)])
+            )
             path = tmp_path / "proxy.json"
             path.write_text(json.dumps(cfg))
             proxy = start_ubimesh(path, admin, [listen], tmp_path, name="proxy")
@@ -524,7 +495,7 @@ def test_s9_nftables_reject_and_drop_in_a_netns_are_masked(tmp_path: Path) -> No
             endpoints = [*endpoint_ports, (ns.address, inside_port)]
             listen, admin = free_ports(2)
             cfg = bootstrap(listen, admin, endpoints, tmp_path / "access.log")
-            cfg["static_resources"]["clusters"].append(_cluster("stuck", endpoint_ports[:1]))
+            cfg["static_resources"]["clusters"].append(static_cluster("stuck", endpoint_ports[:1]))
             path = tmp_path / "proxy.json"
             path.write_text(json.dumps(cfg))
             proxy = start_ubimesh(path, admin, [listen], tmp_path, name="proxy")

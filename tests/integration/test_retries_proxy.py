@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.procs import LOOPBACK, free_ports
+from tests.support.bootstrap import FILE, address
+from tests.support.procs import free_ports
 from tests.support.retry_upstream import Ledger, RetryReplica
 
 _ids = itertools.count(1)
@@ -33,7 +34,7 @@ PREVIOUS_HOSTS = {
 
 
 def _endpoint(port: int) -> dict[str, Any]:
-    return {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}
+    return {"endpoint": {"address": address(port)}}
 
 
 def _policy(retry_on: str, num_retries: int = 2, **extra: Any) -> dict[str, Any]:
@@ -58,9 +59,6 @@ def replicas(ledger: Ledger) -> Iterator[dict[str, RetryReplica]]:
     yield made
     for r in made.values():
         r.stop()
-
-
-FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +137,7 @@ def proxy(module_proxy_factory: Any, replicas: dict[str, RetryReplica], flags_lo
     access_log = {
         "name": "flags",
         "typed_config": {
-            "@type": FILE_LOG,
+            "@type": FILE,
             "path": str(flags_log),
             "log_format": {
                 "text_format_source": {

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from tests.support.bootstrap import HCM, ROUTER
 from tests.support.control import ControlReplica, control_plane, wait_for
 from tests.support.procs import (
     LOOPBACK,
@@ -46,11 +47,6 @@ from ubimesh.identity.workload import WorkloadCertificate, WorkloadIdentity
 WEB = "spiffe://cluster.local/ns/default/sa/web"
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 ADS = {"ads": {}, "resource_api_version": "V3"}
 RENEWAL_WITHIN = 15.0  # 20 s lifetime: renewal at 9..11 s after issuance
 

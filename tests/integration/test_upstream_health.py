@@ -21,15 +21,11 @@ from typing import Any
 
 import pytest
 from tests.integration.conftest import ProxyFactory
+from tests.support.bootstrap import HCM, ROUTER, address
 from tests.support.faults import REPO, wait_log_line
 from tests.support.procs import LOOPBACK, ManagedProcess, envoy_binary, free_ports
 
 TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-HCM_TYPE = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 #: Fast checks: a dead host is failed within 2 x 0.2 s (+ connect errors are immediate).
 HEALTH_CHECK = {
@@ -146,15 +142,13 @@ class Config:
         listeners = [
             {
                 "name": name,
-                "address": {"socket_address": {"address": LOOPBACK, "port_value": ports[name]}},
+                "address": address(ports[name]),
                 "filter_chains": [{"filters": [f]}],
             }
             for name, f in self.filters.items()
         ]
         return {
-            "admin": {
-                "address": {"socket_address": {"address": LOOPBACK, "port_value": admin_port}}
-            },
+            "admin": {"address": address(admin_port)},
             "static_resources": {"listeners": listeners, "clusters": self.clusters},
         }
 
@@ -164,11 +158,11 @@ def http_listener(cluster: str) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
-            "@type": HCM_TYPE,
+            "@type": HCM,
             "stat_prefix": "in",
             "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": route}]},
             "http_filters": [
-                {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}}
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
             ],
         },
     }
@@ -182,7 +176,7 @@ def tcp_listener(cluster: str) -> dict[str, Any]:
 
 
 def lb_endpoint(port: int, **extra: Any) -> dict[str, Any]:
-    ep = {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}
+    ep = {"endpoint": {"address": address(port)}}
     return {**ep, **extra}
 
 

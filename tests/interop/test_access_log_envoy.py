@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.bootstrap import FILE, HCM, ROUTER, address, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.pki import Pki
 from tests.support.procs import (
@@ -36,15 +37,9 @@ from tests.support.procs import (
 
 pytestmark = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HRBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 NRBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
 TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-FILE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 TLS_DOWN = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 INSPECTOR = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 WEB = "spiffe://example.org/ns/shop/sa/web"
@@ -79,10 +74,6 @@ LISTENER_LOG = (
     "%DOWNSTREAM_LOCAL_ADDRESS% %REQUESTED_SERVER_NAME% %REQ(:METHOD)% %PROTOCOL% "
     "%CONNECTION_TERMINATION_DETAILS%\n"
 )
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _log(path: Path, fmt: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -193,17 +184,17 @@ def bootstrap(
         },
     }
     return {
-        "admin": {"address": _addr(ports["admin"])},
+        "admin": {"address": address(ports["admin"])},
         "static_resources": {
             "listeners": [
                 {
                     "name": "http",
-                    "address": _addr(ports["http"]),
+                    "address": address(ports["http"]),
                     "filter_chains": [{"filters": [_hcm("http", http_logs, rbac=True)]}],
                 },
                 {
                     "name": "mtls",
-                    "address": _addr(ports["mtls"]),
+                    "address": address(ports["mtls"]),
                     "listener_filters": inspector,
                     "filter_chains": [
                         {"filters": [_hcm("mtls", mtls_log)], "transport_socket": _tls(files)}
@@ -211,7 +202,7 @@ def bootstrap(
                 },
                 {
                     "name": "gated",
-                    "address": _addr(ports["gated"]),
+                    "address": address(ports["gated"]),
                     "listener_filters": inspector,
                     "access_log": listener_log,
                     "filter_chains": [
@@ -220,7 +211,7 @@ def bootstrap(
                 },
                 {
                     "name": "nochain",
-                    "address": _addr(ports["nochain"]),
+                    "address": address(ports["nochain"]),
                     "access_log": listener_log,
                     "filter_chains": [
                         {"filter_chain_match": {"destination_port": 1}, "filters": [tcp]}
@@ -228,23 +219,11 @@ def bootstrap(
                 },
                 {
                     "name": "tcp",
-                    "address": _addr(ports["tcp"]),
+                    "address": address(ports["tcp"]),
                     "filter_chains": [{"filters": [logged_tcp]}],
                 },
             ],
-            "clusters": [
-                {
-                    "name": "echo",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "echo",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _addr(echo_port)}}]}
-                        ],
-                    },
-                }
-            ],
+            "clusters": [static_cluster("echo", [echo_port], connect_timeout="2s")],
         },
     }
 

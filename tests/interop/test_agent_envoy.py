@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.control import ControlReplica, control_plane, wait_for
 from tests.support.procs import (
     LOOPBACK,
@@ -51,11 +52,6 @@ EDGE = f"spiffe://{TD}/ns/default/sa/edge"
 WEB = f"spiffe://{TD}/ns/default/sa/web"
 OTHER = f"spiffe://{TD}/ns/default/sa/other"
 TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HTTP2 = {
     "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -71,10 +67,6 @@ AGENT_SDS = {
     },
     "resource_api_version": "V3",
 }
-
-
-def address(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def common_tls(sds: dict[str, Any], peer: str) -> dict[str, Any]:
@@ -136,16 +128,7 @@ def listener(name: str, port: int, routes: list[dict[str, Any]],
 
 
 def cluster(name: str, port: int, tls: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "transport_socket": tls,
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(port)}}]}],
-        },
-    }
+    return static_cluster(name, [port], connect_timeout="1s", transport_socket=tls)
 
 
 def to_cluster(name: str, prefix: str = "/") -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.procs import (
     LOOPBACK,
@@ -38,21 +39,12 @@ pytestmark = [
     pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary"),
 ]
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 LRL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 HRBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 LISTENERS = ("abort", "noabort", "hdr", "match", "rl", "desc", "shadow", "order")
 HOUR = "3600s"
 ALL = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _fault(**config: Any) -> dict[str, Any]:
@@ -221,25 +213,13 @@ def bootstrap(ports: dict[str, int], echo_port: int) -> dict[str, Any]:
         ),
     }
     return {
-        "admin": {"address": _addr(ports["admin"])},
+        "admin": {"address": address(ports["admin"])},
         "static_resources": {
             "listeners": [
-                {"name": n, "address": _addr(ports[n]), "filter_chains": [{"filters": [f]}]}
+                {"name": n, "address": address(ports[n]), "filter_chains": [{"filters": [f]}]}
                 for n, f in filters.items()
             ],
-            "clusters": [
-                {
-                    "name": "echo",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "echo",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _addr(echo_port)}}]}
-                        ],
-                    },
-                }
-            ],
+            "clusters": [static_cluster("echo", [echo_port], connect_timeout="2s")],
         },
     }
 

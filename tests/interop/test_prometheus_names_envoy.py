@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.procs import (
     LOOPBACK,
@@ -37,11 +38,6 @@ pytestmark = [
     pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary"),
 ]
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 LISTENERS = ("web", "tcp")
 
@@ -70,20 +66,8 @@ SAME_VALUES = (
 )
 
 
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
-
-
 def _cluster(name: str, port: int) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(port)}}]}],
-        },
-    }
+    return static_cluster(name, [port], connect_timeout="1s")
 
 
 def bootstrap(ports: dict[str, int], echo: int, dead: int) -> dict[str, Any]:
@@ -100,12 +84,12 @@ def bootstrap(ports: dict[str, int], echo: int, dead: int) -> dict[str, Any]:
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
     }
     return {
-        "admin": {"address": _addr(ports["admin"])},
+        "admin": {"address": address(ports["admin"])},
         "static_resources": {
             "listeners": [
                 {
                     "name": "web",
-                    "address": _addr(ports["web"]),
+                    "address": address(ports["web"]),
                     "filter_chains": [
                         {
                             "filters": [
@@ -119,7 +103,7 @@ def bootstrap(ports: dict[str, int], echo: int, dead: int) -> dict[str, Any]:
                 },
                 {
                     "name": "tcp",
-                    "address": _addr(ports["tcp"]),
+                    "address": address(ports["tcp"]),
                     "filter_chains": [
                         {
                             "filters": [

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.pki import Pki
 from tests.support.procs import (
@@ -48,11 +49,6 @@ pytestmark = [
     pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary"),
 ]
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HRBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 NRBAC = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
 TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -65,10 +61,6 @@ LISTENERS = ("http", "deny", "edge", "mtls", "tcp", "tcp_tls", "http_net")
 ANY: list[dict[str, Any]] = [{"any": True}]
 
 # -- the bootstrap --------------------------------------------------------------------------------
-
-
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _path(kind: str, value: str) -> dict[str, Any]:
@@ -320,10 +312,10 @@ def bootstrap(ports: dict[str, int], echo_port: int, files: dict[str, Path]) -> 
         chain: dict[str, Any] = {"filters": filters}
         if tls:
             chain["transport_socket"] = _tls(files)
-        return {"name": name, "address": _addr(ports[name]), "filter_chains": [chain]}
+        return {"name": name, "address": address(ports[name]), "filter_chains": [chain]}
 
     return {
-        "admin": {"address": _addr(ports["admin"])},
+        "admin": {"address": address(ports["admin"])},
         "static_resources": {
             "listeners": [
                 listener("http", [_hcm("main", main_filters)]),
@@ -337,19 +329,7 @@ def bootstrap(ports: dict[str, int], echo_port: int, files: dict[str, Path]) -> 
                 listener("tcp_tls", [tls_rbac, _tcp_proxy("tcp_tls")], tls=True),
                 listener("http_net", [net_http_rbac, _hcm("net_http", [])]),
             ],
-            "clusters": [
-                {
-                    "name": "echo",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "echo",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _addr(echo_port)}}]}
-                        ],
-                    },
-                }
-            ],
+            "clusters": [static_cluster("echo", [echo_port], connect_timeout="2s")],
         },
     }
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.procs import (
     LOOPBACK,
     ManagedProcess,
@@ -43,29 +44,12 @@ pytestmark = [
     pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary"),
 ]
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 BACKOFF = {"base_interval": "0.01s", "max_interval": "0.02s"}
 _ids = itertools.count(1)
 
 
-def _addr(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
-
-
 def _cluster(name: str, ports: list[int]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(p)}} for p in ports]}],
-        },
-    }
+    return static_cluster(name, ports, connect_timeout="1s")
 
 
 def _route(prefix: str, cluster: str, policy: dict[str, Any] | None, timeout: str = "5s") -> Any:
@@ -183,12 +167,12 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
                 ],
             }
             boot = {
-                "admin": {"address": _addr(ports["admin"])},
+                "admin": {"address": address(ports["admin"])},
                 "static_resources": {
                     "listeners": [
                         {
                             "name": "main",
-                            "address": _addr(ports["main"]),
+                            "address": address(ports["main"]),
                             "filter_chains": [
                                 {
                                     "filters": [

@@ -19,6 +19,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.pki import Pki
 from tests.support.procs import LOOPBACK, envoy_binary, free_ports, start_envoy, start_ubimesh
@@ -28,19 +29,10 @@ pytestmark = [
     pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary"),
 ]
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _TLS_V3 = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
 ENVOY_ID = "spiffe://example.org/ns/edge/sa/envoy"
 UBIMESH_ID = "spiffe://example.org/ns/mesh/sa/ubimesh"
 WRONG_ID = "spiffe://example.org/ns/mesh/sa/somebody-else"
-
-
-def _address(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
 def _tls(kind: str, files: dict[str, Path], me: str, peer_id: str, **extra: Any) -> dict[str, Any]:
@@ -89,19 +81,11 @@ def _listener(name: str, port: int, cluster: str, tls: dict[str, Any] | None) ->
     }
     if tls is not None:
         chain["transport_socket"] = tls
-    return {"name": name, "address": _address(port), "filter_chains": [chain]}
+    return {"name": name, "address": address(port), "filter_chains": [chain]}
 
 
 def _cluster(name: str, port: int, tls: dict[str, Any] | None) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "2s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(port)}}]}],
-        },
-    }
+    cluster = static_cluster(name, [port], connect_timeout="2s")
     if tls is not None:
         cluster["transport_socket"] = tls
     return cluster
@@ -128,7 +112,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         return _tls("UpstreamTlsContext", files, me, peer)
 
     ubimesh = {
-        "admin": {"address": _address(ports["u_admin"])},
+        "admin": {"address": address(ports["u_admin"])},
         "static_resources": {
             "listeners": [
                 _listener("in", ports["u_in"], "echo", down("ubimesh", ENVOY_ID)),
@@ -146,7 +130,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         },
     }
     envoy = {
-        "admin": {"address": _address(ports["e_admin"])},
+        "admin": {"address": address(ports["e_admin"])},
         "static_resources": {
             "listeners": [
                 _listener("in", ports["e_in"], "echo", down("envoy", UBIMESH_ID)),

@@ -28,6 +28,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.support.bootstrap import address, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.procs import (
     LOOPBACK,
@@ -55,10 +56,6 @@ PROPS = settings(
 # -- the proxy -----------------------------------------------------------------------------------
 
 
-def _address(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
-
-
 def _bootstrap(admin_port: int, listen_port: int, upstream_port: int) -> dict[str, Any]:
     hcm = {
         "@type": HCM_TYPE,
@@ -78,12 +75,12 @@ def _bootstrap(admin_port: int, listen_port: int, upstream_port: int) -> dict[st
         ],
     }
     return {
-        "admin": {"address": _address(admin_port)},
+        "admin": {"address": address(admin_port)},
         "static_resources": {
             "listeners": [
                 {
                     "name": "main",
-                    "address": _address(listen_port),
+                    "address": address(listen_port),
                     "filter_chains": [
                         {
                             "filters": [
@@ -96,19 +93,7 @@ def _bootstrap(admin_port: int, listen_port: int, upstream_port: int) -> dict[st
                     ],
                 }
             ],
-            "clusters": [
-                {
-                    "name": "echo",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": "echo",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _address(upstream_port)}}]}
-                        ],
-                    },
-                }
-            ],
+            "clusters": [static_cluster("echo", [upstream_port], connect_timeout="1s")],
         },
     }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
 from tests.support.pki import Pki
 
 from ubimesh.proxy.snapshot.types import (
@@ -30,11 +31,6 @@ from ubimesh.proxy.xds.context import Ctx
 from ubimesh.proxy.xds.parse import parse_message
 from ubimesh.proxy.xds.translate import translate_bootstrap
 
-HCM = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-    ".HttpConnectionManager"
-)
-ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 DOWN = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 UP = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 CHAIN = "static_resources.listeners[0].filter_chains[0]"
@@ -96,27 +92,7 @@ def config(
             "name": "envoy.transport_sockets.tls",
             "typed_config": {"@type": DOWN, **down},
         }
-    cluster: dict[str, Any] = {
-        "name": "b",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": "b",
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {
-                                    "socket_address": {"address": "127.0.0.1", "port_value": 1}
-                                }
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
+    cluster = static_cluster("b", [1], connect_timeout="1s")
     if up is not None:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -126,7 +102,7 @@ def config(
         "listeners": [
             {
                 "name": "l",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                "address": address(0),
                 "filter_chains": [chain],
             }
         ],
