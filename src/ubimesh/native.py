@@ -52,6 +52,7 @@ HOT_MODULES = (
     "ubimesh/proxy/tracing/sampler.py",
     "ubimesh/proxy/tracing/span.py",
     "ubimesh/proxy/upstream/circuit_breaker.py",
+    "ubimesh/proxy/upstream/host.py",
     "ubimesh/proxy/upstream/outlier.py",
     "ubimesh/telemetry/mesh_metrics.py",
 )

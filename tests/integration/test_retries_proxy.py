@@ -103,6 +103,10 @@ def proxy(module_proxy_factory: Any, replicas: dict[str, RetryReplica], flags_lo
         _route("/cf", "mixed", _policy("connect-failure", 3)),
         _route("/pertry", "one", _policy("5xx", 1, per_try_timeout="0.3s")),
         _route("/overall", "one", _policy("5xx", 5, per_try_timeout="0.3s"), timeout="0.5s"),
+        # A per-try timeout without any retry_on: timeouts apply, nothing is retried.
+        _route(
+            "/tryonly", "one", {"per_try_timeout": "0.3s", "num_retries": 3}, timeout="0.5s"
+        ),
         _route(
             "/prev",
             "trio",
@@ -308,6 +312,38 @@ def test_route_timeout_still_ends_a_response_that_stalls(
     delta = _delta(before, proxy.stats(), "one")
     assert delta["upstream_rq_timeout"] == 1, delta
     assert delta.get("upstream_rq_per_try_timeout", 0) == 0, delta
+
+
+@pytest.mark.parametrize(
+    ("script", "status", "low", "high", "stat"),
+    [("hang", 504, 0.25, 0.45, "upstream_rq_per_try_timeout"),
+     ("stall", 200, 0.45, 1.5, "upstream_rq_timeout")],
+)  # fmt: skip
+def test_per_try_timeout_without_retry_on(
+    proxy: Any,
+    connect: Any,
+    ledger: Ledger,
+    script: str,
+    status: int,
+    low: float,
+    high: float,
+    stat: str,
+) -> None:
+    """A policy with a per-try timeout and no retry_on: a hanging upstream is cut at the
+    per-try timeout (0.3 s) and not tried again; a response whose body stalls is ended by the
+    route timeout (0.5 s), which the proxy defers behind the per-try timer."""
+    before = proxy.stats()
+    resp, tid, elapsed = _send(connect, proxy, "/tryonly", script)
+    assert resp.status == status, resp
+    if status == 504:
+        assert resp.body == b"upstream request timeout", resp
+    else:
+        assert resp.error, resp  # the head came, then the stream was reset
+    assert low <= elapsed < high, elapsed
+    assert len(ledger.of(tid)) == 1
+    delta = _delta(before, proxy.stats(), "one")
+    assert delta[stat] == 1, delta
+    assert delta.get("upstream_rq_retry", 0) == 0, delta
 
 
 def test_connect_failure_is_retried_even_for_post(proxy: Any, connect: Any, ledger: Ledger) -> None:

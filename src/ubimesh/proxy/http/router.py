@@ -30,6 +30,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
+from ubimesh.proto.headers import Headers
 from ubimesh.proxy.http.codec import LAST_CHUNK, chunk, encode_headers
 from ubimesh.proxy.http.pool import (
     CONNECTION_FAILURE,
@@ -81,7 +82,6 @@ from ubimesh.proxy.upstream.outlier import (
 )
 
 if TYPE_CHECKING:
-    from ubimesh.proto.headers import Headers
     from ubimesh.proxy.network.hcm_config import HcmRuntime, RequestStats
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.upstream.circuit_breaker import ResourceManager
@@ -146,11 +146,12 @@ class UpstreamRequest:
         "conn",
         "done",
         "ended",
-        "ended_at",
+        "ended_mark",
+        "ended_mark_delay",
         "entry",
         "hash_key",
         "hcm",
-        "head_headers",
+        "head_items",
         "host",
         "in_flight",
         "mirrors",
@@ -164,8 +165,10 @@ class UpstreamRequest:
         "response_started",
         "retries_left",
         "retry_held",
+        "retry_on",
+        "retry_statuses",
         "route",
-        "route_deadline",
+        "route_deferred",
         "rq_held",
         "rstats",
         "sent_at",
@@ -180,16 +183,25 @@ class UpstreamRequest:
     resources: ResourceManager
     """The circuit breakers of the current attempt's cluster (set when it starts)."""
     hash_key: int | None
-    head_headers: Headers | None
-    """The request headers before the first attempt's rewrites, for the next attempts."""
+    head_items: list[tuple[str, str]] | None
+    """The request header list before the first attempt's rewrites, for the next attempts (a
+    list copy: a ``Headers`` copy costs about three times as much, on every request with a
+    retry policy)."""
     body_bytes: int
     retries_left: int
+    retry_on: int
+    """The policy's ``on`` bits, read per response while ``policy`` is set."""
+    retry_statuses: frozenset[int]
+    """The statuses the policy retries."""
     backoff: Backoff
     tried: list[Host] | None
     """The hosts attempted (previous_hosts only)."""
     priorities: PreviousPriorities | None
-    ended_at: float
-    """When the downstream request ended (loop time), for a retry's expected timeout."""
+    ended_mark: asyncio.TimerHandle | None
+    """The timer decode_end armed (per-try or route), set only with a retry policy: the
+    downstream request ended ``ended_mark_delay`` before it expires (``_ended_at``). Reading
+    the loop's clock costs a Python method call; the timer already knows the time."""
+    ended_mark_delay: float
 
     def __init__(
         self, stream: ActiveStream, route: Route, action: RouteAction, hcm: HcmRuntime
@@ -223,9 +235,9 @@ class UpstreamRequest:
         self.attempts = 0
         self.per_try: float | None = None
         self.attempt_timer: asyncio.TimerHandle | None = None
-        self.route_deadline = 0.0
-        """When the route timer is deferred behind the per-try timer (see decode_end): the
-        loop time at which it expires; 0.0 otherwise."""
+        self.route_deferred = False
+        """The route timer is deferred behind the per-try timer (see decode_end); it expires
+        ``timeout`` after the request ended (``_ended_at``)."""
         # Retry state: with no retry policy, ``policy`` and ``body`` stay None and the request
         # path reads nothing else of it.
         self.policy: RetryPolicy | None = None
@@ -265,14 +277,17 @@ class UpstreamRequest:
         self._start_attempt(cluster, host)
 
     def _setup_retries(self, policy: RetryPolicy) -> None:
-        per_try = policy.per_try_timeout
+        # One read of the interpreted dataclass (see RetryPolicy.hot), not three.
+        on, statuses, per_try = policy.hot
         timeout = self.timeout
         if per_try is not None and not (timeout and per_try >= timeout):
             # As Envoy: a per-try timeout not shorter than the route timeout is ignored.
             self.per_try = per_try
-        if not policy.on or self.stream.upgrade:
+        if not on or self.stream.upgrade:
             return
         self.policy = policy
+        self.retry_on = on
+        self.retry_statuses = statuses
         # The rest of the retry state is made by the first retry decision (_retry_state): a
         # request that never fails, the usual case, pays for none of it.
         self.tried = None
@@ -369,9 +384,16 @@ class UpstreamRequest:
         if self.policy is not None:
             # Keep what a retry sends again: the headers before this attempt's rewrites, and
             # the body chunks (the list itself; later chunks are appended to it).
-            self.head_headers = stream.headers.copy()
-            self.body = pending = pending if pending is not None else []
-            self.body_bytes = sum([len(p) for p in pending])
+            self.head_items = stream.headers.items.copy()
+            if pending is None:
+                self.body = pending = []
+                self.body_bytes = 0
+            else:
+                self.body = pending
+                size = 0
+                for p in pending:
+                    size += len(p)
+                self.body_bytes = size
         head = self.hcm.build_upstream_head(
             stream, self.route, self.action, host, self.entry, self.per_try or self.timeout
         )
@@ -399,10 +421,10 @@ class UpstreamRequest:
         """Write a retry attempt: the head built again from the kept headers, the kept body,
         and the end of the request if it has ended."""
         stream = self.stream
-        saved = self.head_headers
+        saved = self.head_items
         if saved is not None:
             # Each attempt rewrites a fresh copy, so header rules apply once per attempt.
-            stream.headers = saved.copy()
+            stream.headers = Headers(saved)
         head = self.hcm.build_upstream_head(
             stream, self.route, self.action, self.host, self.entry, self._expected_timeout()
         )
@@ -429,7 +451,7 @@ class UpstreamRequest:
             return None
         expected_ms = int(expected * 1000)
         if timeout and self.ended:
-            left = int(timeout * 1000) - int((self.hcm.loop.time() - self.ended_at) * 1000)
+            left = int(timeout * 1000) - int((self.hcm.loop.time() - self._ended_at()) * 1000)
             expected_ms = max(1, min(expected_ms, left))
         return (expected_ms + 0.5) / 1000.0
 
@@ -483,8 +505,6 @@ class UpstreamRequest:
             return
         self.ended = True
         loop = self.hcm.loop
-        if self.policy is not None:
-            self.ended_at = loop.time()
         conn = self.conn
         if conn is not None:
             if self.chunked:
@@ -500,15 +520,35 @@ class UpstreamRequest:
                 # The per-try timer (shorter: _setup_retries) fires first: the route timer is
                 # only armed when it fires or is cancelled (_restore_route_timer), so that a
                 # request that is answered in time costs one timer, not two.
-                self.route_deadline = loop.time() + timeout
+                self.route_deferred = True
             else:
                 self.timer = loop.call_later(timeout, self._on_timeout)
+        if self.policy is not None or self.route_deferred:
+            # Only this decode_end arms timers before the request has ended, so the one it
+            # armed, if any, dates the end (_ended_at: retries' expected timeout, the deferred
+            # route timer).
+            if self.attempt_timer is not None:
+                self.ended_mark = self.attempt_timer
+                self.ended_mark_delay = self.per_try or 0.0
+            elif self.timer is not None:
+                self.ended_mark = self.timer
+                self.ended_mark_delay = timeout or 0.0
+            else:
+                self.ended_mark = None
+
+    def _ended_at(self) -> float:
+        """The loop time at which the downstream request ended (a request with a retry
+        policy that has ended; "now" when decode_end armed no timer)."""
+        mark = self.ended_mark
+        if mark is None:
+            return self.hcm.loop.time()
+        return mark.when() - self.ended_mark_delay
 
     def _restore_route_timer(self) -> None:
         """Arm the route timer that decode_end deferred, for what is left of it."""
-        deadline = self.route_deadline
-        if deadline and not self.done:
-            self.route_deadline = 0.0
+        if self.route_deferred and not self.done:
+            self.route_deferred = False
+            deadline = self._ended_at() + (self.timeout or 0.0)
             self.timer = self.hcm.loop.call_at(deadline, self._on_timeout)
 
     def _arm_per_try(self) -> None:
@@ -547,7 +587,7 @@ class UpstreamRequest:
             # A status the policy does not retry (the usual case) costs a set lookup and a bit
             # test; envoy-ratelimited decides on a response header.
             if (
-                status in policy.statuses or policy.on & RETRY_ON_ENVOY_RATE_LIMITED
+                status in self.retry_statuses or self.retry_on & RETRY_ON_ENVOY_RATE_LIMITED
             ) and retry_on_headers(policy, status, headers):
                 # A response: the request reached the upstream.
                 result = self._decide(self._idempotent())
@@ -562,7 +602,7 @@ class UpstreamRequest:
             self._stop_retrying()
         self.response_started = True
         timer = self.attempt_timer
-        if timer is not None and not self.route_deadline:
+        if timer is not None and not self.route_deferred:
             # The per-try timeout no longer applies once the response has started (Envoy
             # ignores its expiry from then on). When it stands in for the deferred route
             # timer it stays: its expiry then arms the route timer.
@@ -802,7 +842,7 @@ class UpstreamRequest:
         resource."""
         self.policy = None
         self.body = None
-        self.head_headers = None
+        self.head_items = None
         self._release_retry()
 
     def _release_retry(self) -> None:
@@ -829,7 +869,7 @@ class UpstreamRequest:
         if timer is not None:
             timer.cancel()
             self.attempt_timer = None
-        if self.route_deadline:
+        if self.route_deferred:
             self._restore_route_timer()
 
     def _on_per_try_timeout(self) -> None:

@@ -7,7 +7,7 @@ decision costs one bit test or one set lookup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # retry_on conditions, as bits (Envoy's RetryPolicy::RETRY_ON_*).
 RETRY_ON_5XX = 1
@@ -80,3 +80,13 @@ class RetryPolicy:
     previous_priorities: int = 0
     """``envoy.retry_priorities.previous_priorities``'s ``update_frequency``: every that many
     attempts, retries leave out the priority levels already tried; 0: no retry priority."""
+    hot: tuple[int, frozenset[int], float | None] = field(
+        init=False, repr=False, compare=False
+    )
+    """(``on``, ``statuses``, ``per_try_timeout``): what the router reads on every request
+    with this policy, in one attribute. This class is interpreted; each attribute read from
+    the compiled router goes through Python's generic lookup (about 160 instructions under
+    callgrind), so one read of a tuple replaces three."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hot", (self.on, self.statuses, self.per_try_timeout))

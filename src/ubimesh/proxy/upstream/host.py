@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ubimesh.proxy.snapshot.types import Locality, SocketAddress
 
 if TYPE_CHECKING:
-    from ubimesh.proxy.upstream.outlier import HostMonitor
+    from ubimesh.proxy.upstream.outlier import HostOutlier
 
 # Envoy's Host::HealthFlag bits (envoy/upstream/host_description.h), in Envoy's order: the
 # order /clusters prints them in.
@@ -118,7 +118,7 @@ class Host:
         """Envoy's health flags (the bits above)."""
         self.active_requests = 0
         self.pool: Any = None
-        self.outlier: HostMonitor | None = None
+        self.outlier: HostOutlier | None = None
         """Outlier detection's monitor of this host (see ``outlier.py``); None when off."""
         self.health_checker: Any = None
         """The active health check session of this host (``health_check.py``); None when the

@@ -57,7 +57,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ubimesh.proxy.snapshot.outlier import OutlierDetection
 from ubimesh.proxy.upstream.host import FAILED_ACTIVE_HC, FAILED_OUTLIER_CHECK, Host
@@ -73,14 +73,6 @@ LOCAL_ORIGIN_CONNECT_SUCCESS = 3
 LOCAL_ORIGIN_CONNECT_SUCCESS_FINAL = 4
 EXT_ORIGIN_REQUEST_FAILED = 5
 EXT_ORIGIN_REQUEST_SUCCESS = 6
-
-
-class HostMonitor(Protocol):
-    """What the data path calls on ``host.outlier``."""
-
-    def put_http_status(self, status: int) -> None: ...
-
-    def put_local_origin(self, result: int) -> None: ...
 
 
 # Envoy's OutlierEjectionType, by the stat name suffix each one counts under.
@@ -139,7 +131,9 @@ class OutlierStats:
 
 class HostOutlier:
     """One host's monitor: its consecutive error counts, its request counts of the current
-    interval, and its ejection history. Implements ``HostMonitor``."""
+    interval, and its ejection history. The data path calls ``put_http_status`` and
+    ``put_local_origin`` on ``host.outlier``: ``Host`` names this class (not a protocol), so
+    that compiled callers make native calls rather than Python method calls."""
 
     __slots__ = (
         "c5xx",
