@@ -55,6 +55,7 @@ HOT_MODULES = (
     "ubimesh/proxy/upstream/host.py",
     "ubimesh/proxy/upstream/outlier.py",
     "ubimesh/telemetry/mesh_metrics.py",
+    "ubimesh/telemetry/stats.py",
 )
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent  # .../ubimesh

@@ -2,7 +2,12 @@
 
 The request path fetches its ``Counter``/``Gauge``/``Histogram`` objects once (when a listener,
 filter chain or cluster is built) and then bumps plain attributes, which costs about as much as
-an integer add. Names follow Envoy's (``http.<stat_prefix>.downstream_rq_total``,
+an integer add. That holds because this module is compiled with the request path
+(``ubimesh.native``): from compiled code, ``counter.value += 1`` and ``Histogram.record`` are
+struct field accesses and a C call, where an interpreted class would cost Python's generic
+attribute protocol (type and MRO lookups, a boxed int or float) for every access.
+
+Names follow Envoy's (``http.<stat_prefix>.downstream_rq_total``,
 ``cluster.<name>.upstream_rq_total``, ...), so dashboards built for Envoy read them unchanged.
 
 ``Store.snapshot()`` turns the store into plain data that crosses process boundaries; the main
@@ -11,17 +16,45 @@ process merges the workers' snapshots with ``merge_snapshots`` for /stats.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 #: Envoy's default histogram bucket bounds, in milliseconds. Floats, not ints: ``record``
-#: bisects a float sample over them, and a float-to-float comparison is about twice as fast as a
-#: float-to-int one (this runs several times per request).
+#: compares a float sample with them several times per request; compiled, a float bound unboxes
+#: directly (an int one would be converted each time), and interpreted, a float-to-float
+#: comparison is about twice as fast as a float-to-int one.
 DEFAULT_BUCKETS_MS: tuple[float, ...] = (
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
     30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 )  # fmt: skip
+
+
+def _python_class(cls: type[_T]) -> type[_T]:
+    """Keep ``cls`` an ordinary Python class when mypyc compiles this module (mypyc turns a class
+    with a decorator it does not know into one). For classes off the request path that need
+    what a native class lacks: ``Store`` is a ``weakref.WeakKeyDictionary`` key (tcp_proxy,
+    circuit_breaker) and native instances cannot be weakly referenced; ``StatsSnapshot`` is
+    pickled between processes, which then need not agree on whether the build is in use."""
+    return cls
+
+
+def bucket_index(bounds: tuple[float, ...], value: float) -> int:
+    """``bisect.bisect_left(bounds, value)`` for sorted ``bounds``: the index of the first bound
+    not below ``value`` (``len(bounds)`` when none is; 0 for NaN, as bisect gives).
+
+    Compiled, a linear scan costs a few instructions a bound (an unboxed double compare), less
+    than ``bisect`` (which boxes ``value`` and compares float objects) or a binary search (tagged
+    integer arithmetic): most samples land in the first few buckets (durations of a few
+    milliseconds, bodies of a few kB), and one past the last bound scans them all (19 at most)."""
+    i = 0
+    for bound in bounds:
+        if bound < value:
+            i += 1
+        else:
+            return i
+    return i
 
 
 class Counter:
@@ -63,20 +96,23 @@ class Histogram:
     __slots__ = ("bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...] = DEFAULT_BUCKETS_MS) -> None:
-        # As floats whatever the caller passed (see DEFAULT_BUCKETS_MS: faster bisection).
+        # As floats whatever the caller passed (see DEFAULT_BUCKETS_MS: faster comparisons).
         self.bounds: tuple[float, ...] = tuple([float(b) for b in bounds])
-        self.counts = [0] * (len(bounds) + 1)
+        self.counts: list[int] = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.count = 0
 
     def record(self, value_ms: float) -> None:
-        """Count one sample. Hot-path callers in compiled modules inline these three lines
-        (``ubimesh.telemetry.mesh_metrics``, ``HcmRuntime.observe``): keep them in step."""
-        self.counts[bisect.bisect_left(self.bounds, value_ms)] += 1
+        """Count one sample (a sample equal to a bound goes in that bound's bucket, as
+        Prometheus's ``le``). From compiled code this is a direct C call."""
+        counts = self.counts
+        i = bucket_index(self.bounds, value_ms)
+        counts[i] = counts[i] + 1  # not ``+=``: mypyc compiles that to a generic number add
         self.sum += value_ms
         self.count += 1
 
 
+@_python_class
 @dataclass
 class StatsSnapshot:
     """Plain-data copy of a store: safe to pickle, send to another process and merge."""
@@ -86,8 +122,10 @@ class StatsSnapshot:
     histograms: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@_python_class
 class Store:
-    """All stats of one process, by name. Asking twice for a name returns the same object."""
+    """All stats of one process, by name. Asking twice for a name returns the same object.
+    An ordinary Python class even when compiled (weakly referenced: see ``_python_class``)."""
 
     def __init__(self) -> None:
         self.counters: dict[str, Counter] = {}
