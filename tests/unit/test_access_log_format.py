@@ -230,7 +230,7 @@ def test_address_text_follows_the_entry() -> None:
     assert fmt(http_entry()) == "10.1.2.3:51000 10.0.0.1:15006"
 
 
-def test_request_headers_found_in_one_pass() -> None:
+def test_request_headers_first_value_and_alternatives() -> None:
     # Several commands on the same and on different headers, first value wins, an empty
     # value is "not available" (the alternative is used), pseudo-headers from the request.
     headers = Headers(
@@ -271,3 +271,29 @@ def test_http_entry_upstream_host_follows_the_address() -> None:
     assert fmt(entry_of(stream)) == "10.0.0.8:8080 shop via_upstream"
     up.host = None
     assert fmt(entry_of(stream)) == "- shop via_upstream"
+
+
+def test_http_entry_route_and_cluster_names_follow_the_objects() -> None:
+    # The entry caches the last route's and cluster's name by identity: another route or
+    # cluster must show its own name.
+    from types import SimpleNamespace
+    from typing import Any
+
+    from ubimesh.proxy.access_log.logger import http_entry as entry_of
+
+    up = SimpleNamespace(host=None, cluster=SimpleNamespace(name="c1"), response_started=True)
+    conn = SimpleNamespace(remote=("10.1.2.3", 1), local=("10.0.0.1", 2), tls=None, sni="")
+    stream: Any = SimpleNamespace(
+        conn=conn, start_time=0.0, method="GET", path="/", target="/", host_header="h",
+        http10=False, headers=Headers(), response_headers=[], status=200, flags="",
+        details="", bytes_received=0, bytes_sent=0, route=SimpleNamespace(name="r1"),
+        upstream=up,
+    )  # fmt: skip
+    fmt = compile_text("%ROUTE_NAME% %UPSTREAM_CLUSTER%")
+    assert fmt(entry_of(stream)) == "r1 c1"
+    assert fmt(entry_of(stream)) == "r1 c1"
+    stream.route = SimpleNamespace(name="r2")
+    up.cluster = SimpleNamespace(name="c2")
+    assert fmt(entry_of(stream)) == "r2 c2"
+    stream.route = None
+    assert fmt(entry_of(stream)) == "- c2"

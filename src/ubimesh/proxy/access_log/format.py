@@ -13,9 +13,13 @@ and operators is a string.
 
 Cost: this runs once per logged request, so a format is compiled into a flat list of
 ``_Op`` records (an integer kind plus its precomputed arguments) that one function walks; no
-closure or call per operator beyond ``_value``. The request headers the format names are
-found in one pass over the request's headers (``_request_values``), whatever their number;
-``%START_TIME%`` renders what depends on the whole second once per second.
+closure per operator, only native calls to small typed helpers. Entry fields are read by
+number (``_F_*``: native slot reads), not by name (``getattr`` is a generic lookup). A header
+command scans the request's headers (``Headers.get_first``): a format names a few headers,
+and comparing lower-case names (by length first) is cheaper than hashing every header name of
+the request into a dict. ``%START_TIME%`` renders what depends on the whole second once per
+second. A text line is appended as pieces to a list the sink joins once per batch of lines
+(``LogFormat.render_into``), a value that is not available together with its literal text.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -127,20 +132,21 @@ class LogEntry:
 # Operators: an operator is an _Op of one of these kinds (integers: mypyc compiles the
 # dispatch on them to plain comparisons).
 
-_K_HEADER: Final = 0  # %REQ(name)% of a header (not a pseudo-header): ``main``, its index
+_K_HEADER: Final = 0  # %REQ(name)% of a header (not a pseudo-header), named ``main_name``
 _K_REQ: Final = 1  # any other %REQ(main?alt):len%: ``main``/``alt`` are header sources
-_K_STR: Final = 2  # a str field of the entry (``attr``); "" is not available
-_K_INT: Final = 3  # an int field of the entry (``attr``), always available
+_K_STR: Final = 2  # a str field of the entry (``field``, a _F_* str field); "" is not available
+_K_INT: Final = 3  # an int field of the entry (``field``, a _F_* int field), always available
 _K_FLAGS: Final = 4  # RESPONSE_FLAGS: "-" for none, even with omit_empty_values (as Envoy)
 _K_RESP: Final = 5  # %RESP(main?alt):len%: response header names (":status" from the code)
 _K_START: Final = 6  # START_TIME (``time``)
-_K_ADDRESS: Final = 7  # an address field (``attr``) as ip:port ([ip]:port for IPv6)
+_K_ADDRESS: Final = 7  # an address field (``field``) as ip:port ([ip]:port for IPv6)
 _K_IP: Final = 8  # its IP
 _K_PORT: Final = 9  # its port (a number)
 _K_CONST: Final = 10  # known when compiled (HOSTNAME): folded into the literal text
 
-# Request header sources of %REQ(...)%: a header found by _request_values (its index), or a
-# pseudo-header taken from the entry's request line.
+# Request header sources of %REQ(...)%: a header (named by the op's ``main_name`` or
+# ``alt_name``), or a pseudo-header taken from the entry's request line.
+_SRC_HEADER: Final = 0
 _SRC_NONE: Final = -1  # an unknown pseudo-header: never available
 _SRC_METHOD: Final = -2
 _SRC_PATH: Final = -3
@@ -156,8 +162,97 @@ _PSEUDO = {
 }
 
 
+# Entry fields, by number: ``_str_field``/``_int_field``/``_address_field`` read them with an
+# if-chain that mypyc compiles to native slot reads (``getattr(e, name)`` went through the
+# generic attribute lookup: a type MRO walk and a dict probe by name, about 200 instructions a
+# field, a tenth of a line's cost).
+_F_METHOD: Final = 0
+_F_PATH: Final = 1
+_F_AUTHORITY: Final = 2
+_F_PROTOCOL: Final = 3
+_F_UPSTREAM_HOST: Final = 4
+_F_DETAILS: Final = 5
+_F_TERMINATION_DETAILS: Final = 6
+_F_UPSTREAM_CLUSTER: Final = 7
+_F_ROUTE_NAME: Final = 8
+_F_PEER_URI_SAN: Final = 9
+_F_SNI: Final = 10
+# int fields
+_F_STATUS: Final = 0
+_F_DURATION: Final = 1
+_F_BYTES_RECEIVED: Final = 2
+_F_BYTES_SENT: Final = 3
+# address fields
+_F_REMOTE: Final = 0
+_F_LOCAL: Final = 1
+
 #: The pseudo-headers that are one str field of the entry ("" when not available).
-_PSEUDO_FIELDS = {_SRC_METHOD: "method", _SRC_PATH: "path", _SRC_AUTHORITY: "authority"}
+_PSEUDO_FIELDS = {_SRC_METHOD: _F_METHOD, _SRC_PATH: _F_PATH, _SRC_AUTHORITY: _F_AUTHORITY}
+
+
+def _str_field(e: LogEntry, field: int) -> str:
+    # The fields of Envoy's default format first.
+    if field == _F_METHOD:
+        return e.method
+    if field == _F_PATH:
+        return e.path
+    if field == _F_AUTHORITY:
+        return e.authority
+    if field == _F_PROTOCOL:
+        return e.protocol
+    if field == _F_UPSTREAM_HOST:
+        return e.upstream_host
+    if field == _F_DETAILS:
+        return e.details
+    if field == _F_TERMINATION_DETAILS:
+        return e.termination_details
+    if field == _F_UPSTREAM_CLUSTER:
+        return e.upstream_cluster
+    if field == _F_ROUTE_NAME:
+        return e.route_name
+    if field == _F_PEER_URI_SAN:
+        return e.peer_uri_san
+    return e.sni
+
+
+def _int_field(e: LogEntry, field: int) -> int:
+    if field == _F_STATUS:
+        return e.status
+    if field == _F_DURATION:
+        return e.duration_ms
+    if field == _F_BYTES_RECEIVED:
+        return e.bytes_received
+    return e.bytes_sent
+
+
+def _address_field(e: LogEntry, field: int) -> Address | None:
+    return e.downstream_remote if field == _F_REMOTE else e.downstream_local
+
+
+#: "0" .. "1023": a status, a duration or a small byte count without formatting a number.
+_SMALL_INTS: Final = [str(i) for i in range(1024)]
+
+
+def _int_text(n: int) -> str:
+    return _SMALL_INTS[n] if 0 <= n < 1024 else str(n)
+
+
+_strftime: Final = time.strftime
+_gmtime: Final = time.gmtime
+
+
+def _whole_second_format(fmt: str) -> Callable[[float], str]:
+    """``compile_time_format(fmt)`` for a part of a split START_TIME format (no fraction, no
+    ``%%``), made cheaper where it can be: it runs once per second, about 8,000 instructions
+    of interpreted Python, which the few requests of a quiet second all share. Text without a
+    directive (Envoy's default tail, ``Z``) is a constant; plain strftime directives are one
+    ``time.strftime`` call; Envoy's own ``%s`` / ``%Es`` / ``%E<n>S`` keep the general
+    renderer."""
+    if "%" not in fmt:
+        return lambda t: fmt
+    if re.search("%(E?s|E[0-9]S)", fmt):
+        return compile_time_format(fmt)
+    return lambda t: _strftime(fmt, _gmtime(int(t)))
 
 
 class _StartTime:
@@ -181,8 +276,8 @@ class _StartTime:
             m = fractions[0]
             self.digits = int(m.group(1) or 9)
             self.scale = 10 ** (6 - self.digits) if self.digits <= 6 else 1
-            self.render_head = compile_time_format(fmt[: m.start()])
-            self.render_tail = compile_time_format(fmt[m.end() :])
+            self.render_head = _whole_second_format(fmt[: m.start()])
+            self.render_tail = _whole_second_format(fmt[m.end() :])
         self.second = -1
         self.head = ""
         self.tail = ""
@@ -206,9 +301,33 @@ class _StartTime:
             fraction = str(micros).zfill(6) + "0" * (digits - 6)
         return self.head + fraction + self.tail
 
+    def append_to(self, out: list[str], t: float) -> None:
+        """Append ``text(t)`` to ``out`` as pieces (``out`` is joined later: no concatenation
+        per line)."""
+        if not self.split:
+            out.append(self.render(t))
+            return
+        whole = int(t)
+        if whole != self.second:
+            self.head = self.render_head(whole)
+            self.tail = self.render_tail(whole)
+            self.second = whole
+        micros = int((t - whole) * 1_000_000 + 0.5)
+        if micros > 999_999:  # not min(): under mypyc that boxes both ints for a generic call
+            micros = 999_999
+        digits = self.digits
+        out.append(self.head)
+        if digits == 3:
+            out.append(_THREE_DIGITS[micros // 1000])
+        elif digits <= 6:
+            out.append(str(micros // self.scale).zfill(digits))
+        else:
+            out.append(str(micros).zfill(6) + "0" * (digits - 6))
+        out.append(self.tail)
+
 
 #: "000" .. "999": the milliseconds of Envoy's default START_TIME, without formatting a number.
-_THREE_DIGITS = [f"{i:03d}" for i in range(1000)]
+_THREE_DIGITS: Final = [f"{i:03d}" for i in range(1000)]
 
 
 class _Op:
@@ -216,13 +335,15 @@ class _Op:
     In a text format, ``text`` is the literal text before the command. Ops belong to one
     compiled format and are used on the event loop only (``addr`` is a cache)."""
 
-    __slots__ = ("addr", "addr_text", "alt", "alt_name", "attr", "kind", "main", "main_name",
-                 "max_len", "text", "time")  # fmt: skip
+    __slots__ = ("addr", "addr_text", "alt", "alt_name", "field", "kind", "main", "main_name",
+                 "max_len", "missing", "text", "time")  # fmt: skip
 
-    def __init__(self, kind: int, attr: str = "", text: str = "") -> None:
+    def __init__(self, kind: int, field: int = 0, text: str = "") -> None:
         self.kind = kind
-        self.attr = attr
+        self.field = field
         self.text = text
+        self.missing = ""
+        """In a text format: ``text`` and what a value that is not available prints."""
         self.main = _SRC_NONE
         self.alt = _SRC_NONE
         self.main_name = ""
@@ -243,9 +364,17 @@ def _address(addr: Address) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _request_source(e: LogEntry, values: list[str | None] | None, source: int) -> str | None:
-    if source >= 0:
-        return values[source] if values is not None else None
+def _request_header(e: LogEntry, name: str) -> str:
+    """The first value of request header ``name``; "" when absent (or a TCP entry)."""
+    headers = e.request_headers
+    if headers is None:
+        return ""
+    return headers.get_first(name) or ""
+
+
+def _request_source(e: LogEntry, source: int, name: str) -> str | None:
+    if source == _SRC_HEADER:
+        return _request_header(e, name) or None
     if source == _SRC_METHOD:
         return e.method or None
     if source == _SRC_PATH:
@@ -269,27 +398,38 @@ def _response_header(e: LogEntry, name: str) -> str | None:
     return None
 
 
-def _value(op: _Op, e: LogEntry, values: list[str | None] | None) -> Value:
-    """The value of a command for an entry; None (or "") when not available. ``values``: the
-    request headers the format names (``_request_values``)."""
+def _request_text(op: _Op, e: LogEntry) -> str:
+    """A _K_REQ command's value, "" when not available (a str, not a ``Value``: the text
+    renderer appends it with no boxing or generic comparison)."""
+    v = _request_source(e, op.main, op.main_name)
+    if not v and op.alt != _SRC_NONE:
+        v = _request_source(e, op.alt, op.alt_name)
+    if not v:
+        return ""
+    return v if op.max_len < 0 else v[: op.max_len]
+
+
+def _response_text(op: _Op, e: LogEntry) -> str:
+    """A _K_RESP command's value, "" when not available."""
+    r = _response_header(e, op.main_name)
+    if not r and op.alt_name:
+        r = _response_header(e, op.alt_name)
+    if not r:
+        return ""
+    return r if op.max_len < 0 else r[: op.max_len]
+
+
+def _value(op: _Op, e: LogEntry) -> Value:
+    """The value of a command for an entry; None (or "") when not available."""
     kind = op.kind
     if kind == _K_HEADER:
-        if values is None:
-            return None
-        return values[op.main] or None
+        return _request_header(e, op.main_name) or None
     if kind == _K_REQ:
-        v = _request_source(e, values, op.main)
-        if not v and op.alt != _SRC_NONE:
-            v = _request_source(e, values, op.alt)
-        if not v:
-            return None
-        return v if op.max_len < 0 else v[: op.max_len]
+        return _request_text(op, e) or None
     if kind == _K_STR:
-        s: str = getattr(e, op.attr)
-        return s or None
+        return _str_field(e, op.field) or None
     if kind == _K_INT:
-        n: int = getattr(e, op.attr)
-        return n
+        return _int_field(e, op.field)
     if kind == _K_START:
         t = op.time
         assert t is not None
@@ -297,13 +437,8 @@ def _value(op: _Op, e: LogEntry, values: list[str | None] | None) -> Value:
     if kind == _K_FLAGS:
         return e.flags or "-"
     if kind == _K_RESP:
-        r = _response_header(e, op.main_name)
-        if not r and op.alt_name:
-            r = _response_header(e, op.alt_name)
-        if not r:
-            return None
-        return r if op.max_len < 0 else r[: op.max_len]
-    addr: Address | None = getattr(e, op.attr)
+        return _response_text(op, e) or None
+    addr = _address_field(e, op.field)
     if kind == _K_ADDRESS:
         if addr is None:
             return None
@@ -318,31 +453,31 @@ def _value(op: _Op, e: LogEntry, values: list[str | None] | None) -> Value:
 
 _HOSTNAME = socket.gethostname()
 
-#: Commands without argument: their kind and the entry field they read.
-_SIMPLE: dict[str, tuple[int, str]] = {
-    "RESPONSE_CODE": (_K_INT, "status"),
-    "RESPONSE_CODE_DETAILS": (_K_STR, "details"),
-    "CONNECTION_TERMINATION_DETAILS": (_K_STR, "termination_details"),
-    "RESPONSE_FLAGS": (_K_FLAGS, ""),
-    "DURATION": (_K_INT, "duration_ms"),
-    "BYTES_RECEIVED": (_K_INT, "bytes_received"),
-    "BYTES_SENT": (_K_INT, "bytes_sent"),
-    "PROTOCOL": (_K_STR, "protocol"),
-    "UPSTREAM_HOST": (_K_STR, "upstream_host"),
-    "UPSTREAM_CLUSTER": (_K_STR, "upstream_cluster"),
-    "ROUTE_NAME": (_K_STR, "route_name"),
-    "DOWNSTREAM_REMOTE_ADDRESS": (_K_ADDRESS, "downstream_remote"),
-    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": (_K_IP, "downstream_remote"),
-    "DOWNSTREAM_REMOTE_PORT": (_K_PORT, "downstream_remote"),
-    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": (_K_ADDRESS, "downstream_remote"),
-    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT": (_K_IP, "downstream_remote"),
-    "DOWNSTREAM_DIRECT_REMOTE_PORT": (_K_PORT, "downstream_remote"),
-    "DOWNSTREAM_LOCAL_ADDRESS": (_K_ADDRESS, "downstream_local"),
-    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": (_K_IP, "downstream_local"),
-    "DOWNSTREAM_LOCAL_PORT": (_K_PORT, "downstream_local"),
-    "DOWNSTREAM_PEER_URI_SAN": (_K_STR, "peer_uri_san"),
-    "REQUESTED_SERVER_NAME": (_K_STR, "sni"),
-    "HOSTNAME": (_K_CONST, ""),
+#: Commands without argument: their kind and the entry field they read (a _F_* number).
+_SIMPLE: dict[str, tuple[int, int]] = {
+    "RESPONSE_CODE": (_K_INT, _F_STATUS),
+    "RESPONSE_CODE_DETAILS": (_K_STR, _F_DETAILS),
+    "CONNECTION_TERMINATION_DETAILS": (_K_STR, _F_TERMINATION_DETAILS),
+    "RESPONSE_FLAGS": (_K_FLAGS, 0),
+    "DURATION": (_K_INT, _F_DURATION),
+    "BYTES_RECEIVED": (_K_INT, _F_BYTES_RECEIVED),
+    "BYTES_SENT": (_K_INT, _F_BYTES_SENT),
+    "PROTOCOL": (_K_STR, _F_PROTOCOL),
+    "UPSTREAM_HOST": (_K_STR, _F_UPSTREAM_HOST),
+    "UPSTREAM_CLUSTER": (_K_STR, _F_UPSTREAM_CLUSTER),
+    "ROUTE_NAME": (_K_STR, _F_ROUTE_NAME),
+    "DOWNSTREAM_REMOTE_ADDRESS": (_K_ADDRESS, _F_REMOTE),
+    "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": (_K_IP, _F_REMOTE),
+    "DOWNSTREAM_REMOTE_PORT": (_K_PORT, _F_REMOTE),
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS": (_K_ADDRESS, _F_REMOTE),
+    "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT": (_K_IP, _F_REMOTE),
+    "DOWNSTREAM_DIRECT_REMOTE_PORT": (_K_PORT, _F_REMOTE),
+    "DOWNSTREAM_LOCAL_ADDRESS": (_K_ADDRESS, _F_LOCAL),
+    "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": (_K_IP, _F_LOCAL),
+    "DOWNSTREAM_LOCAL_PORT": (_K_PORT, _F_LOCAL),
+    "DOWNSTREAM_PEER_URI_SAN": (_K_STR, _F_PEER_URI_SAN),
+    "REQUESTED_SERVER_NAME": (_K_STR, _F_SNI),
+    "HOSTNAME": (_K_CONST, 0),
 }
 
 #: Every command name ubimesh implements (for messages and docs).
@@ -353,44 +488,17 @@ SUPPORTED_COMMANDS = tuple(sorted([*_SIMPLE, "REQ", "RESP", "START_TIME"]))
 # Compilation
 
 
-class _RequestHeaders:
-    """The (lower-case, non-pseudo) request header names one format reads, each with its index
-    in the list ``_request_values`` returns; shared by every node of a JSON format."""
-
-    __slots__ = ("index",)
-
-    def __init__(self) -> None:
-        self.index: dict[str, int] = {}
-
-    def source(self, name: str) -> int:
-        pseudo = _PSEUDO.get(name)
-        if pseudo is not None:
-            return pseudo
-        if name[:1] == ":":
-            return _SRC_NONE
-        found = self.index.get(name)
-        if found is None:
-            found = self.index[name] = len(self.index)
-        return found
+def _source(name: str) -> int:
+    """The %REQ(...)% source of a lower-case header name."""
+    pseudo = _PSEUDO.get(name)
+    if pseudo is not None:
+        return pseudo
+    if name[:1] == ":":
+        return _SRC_NONE
+    return _SRC_HEADER
 
 
-def _request_values(index: dict[str, int], e: LogEntry) -> list[str | None] | None:
-    """The first value of each header in ``index`` (by its index; None when absent), in one
-    pass over the request's headers. None for an entry without request headers (TCP)."""
-    headers = e.request_headers
-    if headers is None:
-        return None
-    values: list[str | None] = [None] * len(index)
-    for k, v in headers.items:
-        i = index.get(k)
-        if i is not None and values[i] is None:
-            values[i] = v
-    return values
-
-
-def _compile_command(
-    name: str, arg: str | None, length: str | None, headers: _RequestHeaders
-) -> _Op:
+def _compile_command(name: str, arg: str | None, length: str | None) -> _Op:
     if name in ("REQ", "RESP"):
         if not arg:
             raise FormatError(f"%{name}(...)% requires a header name")
@@ -401,13 +509,15 @@ def _compile_command(
         alt = names[1].lower() if len(names) == 2 else None
         if name == "REQ":
             op = _Op(_K_REQ)
-            op.main = headers.source(main)
+            op.main = _source(main)
+            op.main_name = main
             if alt is not None:
                 # An unknown pseudo-header alternative stays _SRC_NONE: never available.
-                op.alt = headers.source(alt)
+                op.alt = _source(alt)
+                op.alt_name = alt
             elif length is None:
                 # The common cases, one step each: a header, or a request line field.
-                if op.main >= 0:
+                if op.main == _SRC_HEADER:
                     op.kind = _K_HEADER
                 elif op.main in _PSEUDO_FIELDS:
                     return _Op(_K_STR, _PSEUDO_FIELDS[op.main])
@@ -431,13 +541,14 @@ def _compile_command(
         )
     if arg is not None or length is not None:
         raise FormatError(f"%{name}% does not take any parameters or length")
-    kind, attr = simple
-    return _Op(kind, attr, _HOSTNAME if kind == _K_CONST else "")
+    kind, field = simple
+    return _Op(kind, field, _HOSTNAME if kind == _K_CONST else "")
 
 
-def _parse(text: str, headers: _RequestHeaders) -> tuple[list[_Op], str]:
+def _parse(text: str, empty: str) -> tuple[list[_Op], str]:
     """``text`` as its commands, each with the literal text before it, and the literal text
-    after the last one; raises :class:`FormatError`."""
+    after the last one; raises :class:`FormatError`. ``empty``: what a value that is not
+    available prints ("-", or "" with omit_empty_values)."""
     pairs, tail = scan_format(
         text,
         lambda j: (
@@ -449,45 +560,69 @@ def _parse(text: str, headers: _RequestHeaders) -> tuple[list[_Op], str]:
     literal: list[str] = []
     for before, m in pairs:
         literal.append(before)
-        op = _compile_command(m.group(1), m.group(2), m.group(3), headers)
+        op = _compile_command(m.group(1), m.group(2), m.group(3))
         if op.kind == _K_CONST:
             # Known now (HOSTNAME): part of the literal text, in a text line.
             literal.append(op.text)
         else:
             op.text = "".join(literal)
+            # RESPONSE_FLAGS prints "-" for none, even with omit_empty_values (as Envoy).
+            op.missing = op.text + ("-" if op.kind == _K_FLAGS else empty)
             literal.clear()
             ops.append(op)
     literal.append(tail)
     return ops, "".join(literal)
 
 
-def _render_text(
-    ops: list[_Op], tail: str, e: LogEntry, values: list[str | None] | None, empty: str
-) -> str:
-    # The most common kinds inline (this runs once per request); the others via _value.
+def _render_text(ops: list[_Op], tail: str, e: LogEntry) -> str:
     out: list[str] = []
+    _render_text_into(out, ops, tail, e)
+    return "".join(out)
+
+
+def _render_text_into(out: list[str], ops: list[_Op], tail: str, e: LogEntry) -> None:
+    """Append the pieces of a text line to ``out`` (joined by the caller, a whole batch of
+    lines at once: one join, not one per line). Each piece costs an append and a share of
+    the join (about 100 instructions), so a value that is not available goes in as one
+    precomputed piece with its literal text (``_Op.missing``)."""
+    # The kinds of Envoy's default format inline (this runs once per request); others via
+    # _value.
     for op in ops:
-        out.append(op.text)
         kind = op.kind
         if kind == _K_STR:
-            s: str = getattr(e, op.attr)
-            out.append(s or empty)
+            v = _str_field(e, op.field)
         elif kind == _K_INT:
-            n: int = getattr(e, op.attr)
-            out.append(str(n))
+            v = _int_text(_int_field(e, op.field))
         elif kind == _K_HEADER:
-            h = values[op.main] if values is not None else None
-            out.append(h or empty)
+            v = _request_header(e, op.main_name)
+        elif kind == _K_START:
+            out.append(op.text)
+            t = op.time
+            assert t is not None
+            t.append_to(out, e.start_time)
+            continue
+        elif kind == _K_FLAGS:
+            v = e.flags
+        elif kind == _K_REQ:
+            v = _request_text(op, e)
+        elif kind == _K_RESP:
+            v = _response_text(op, e)
         else:
-            v = _value(op, e, values)
-            if v is None or v == "":
-                out.append(empty)
-            elif isinstance(v, str):
-                out.append(v)
-            else:
-                out.append(str(v))
+            v = _value_text(op, e)
+        if v:
+            out.append(op.text)
+            out.append(v)
+        else:
+            out.append(op.missing)
     out.append(tail)
-    return "".join(out)
+
+
+def _value_text(op: _Op, e: LogEntry) -> str:
+    """``_value`` as text, "" when not available."""
+    v = _value(op, e)
+    if v is None:
+        return ""
+    return v if isinstance(v, str) else str(v)
 
 
 #: Envoy's default access log format (when an access log names none).
@@ -504,27 +639,32 @@ Formatter = Callable[[LogEntry], str]
 
 class LogFormat:
     """A compiled format: ``render`` makes the whole log line of an entry (text formats carry
-    their own newline). The access log calls ``render`` directly (a native method call under
-    the compiled build, where calling a ``Formatter`` goes through Python's call protocol)."""
+    their own newline); ``render_into`` appends the same line to a list, possibly in pieces.
+    The sink calls ``render_into`` directly (a native method call under the compiled build,
+    where calling a ``Formatter`` goes through Python's call protocol)."""
 
     __slots__ = ()
 
     def render(self, e: LogEntry) -> str:
         raise NotImplementedError
 
+    def render_into(self, e: LogEntry, out: list[str]) -> None:
+        """Append the line of ``e`` to ``out``, in one or more pieces (the sink joins a whole
+        batch of lines at once)."""
+        out.append(self.render(e))
+
 
 class _TextFormat(LogFormat):
-    __slots__ = ("empty", "index", "ops", "tail")
+    __slots__ = ("ops", "tail")
 
     def __init__(self, text: str, omit_empty_values: bool) -> None:
-        headers = _RequestHeaders()
-        self.ops, self.tail = _parse(text, headers)
-        self.index = headers.index
-        self.empty = "" if omit_empty_values else "-"
+        self.ops, self.tail = _parse(text, "" if omit_empty_values else "-")
 
     def render(self, e: LogEntry) -> str:
-        values = _request_values(self.index, e) if self.index else None
-        return _render_text(self.ops, self.tail, e, values, self.empty)
+        return _render_text(self.ops, self.tail, e)
+
+    def render_into(self, e: LogEntry, out: list[str]) -> None:
+        _render_text_into(out, self.ops, self.tail, e)
 
 
 def compile_text(text: str, omit_empty_values: bool = False) -> Formatter:
@@ -553,13 +693,13 @@ class _JsonNode:
         self.object: list[_JsonNode] = []
 
 
-def _json_node(key: str, value: Any, where: str, headers: _RequestHeaders) -> _JsonNode:
+def _json_node(key: str, value: Any, where: str) -> _JsonNode:
     if isinstance(value, dict):
         node = _JsonNode(key, _N_OBJECT)
-        node.object = _json_object(value, where, headers)
+        node.object = _json_object(value, where)
         return node
     if isinstance(value, str):
-        ops, tail = _parse(value, headers)
+        ops, tail = _parse(value, "-")
         if not ops:
             node = _JsonNode(key, _N_CONST)
             node.const = tail
@@ -580,13 +720,11 @@ def _json_node(key: str, value: Any, where: str, headers: _RequestHeaders) -> _J
     )
 
 
-def _json_object(obj: dict[str, Any], where: str, headers: _RequestHeaders) -> list[_JsonNode]:
-    return [_json_node(k, obj[k], f"{where}.{k}", headers) for k in sorted(obj)]
+def _json_object(obj: dict[str, Any], where: str) -> list[_JsonNode]:
+    return [_json_node(k, obj[k], f"{where}.{k}") for k in sorted(obj)]
 
 
-def _render_object(
-    nodes: list[_JsonNode], e: LogEntry, values: list[str | None] | None, omit: bool
-) -> dict[str, Any]:
+def _render_object(nodes: list[_JsonNode], e: LogEntry, omit: bool) -> dict[str, Any]:
     # The most common kinds inline, as in _render_text.
     out: dict[str, Any] = {}
     v: Any
@@ -597,14 +735,14 @@ def _render_object(
             assert op is not None
             k = op.kind
             if k == _K_STR:
-                v = getattr(e, op.attr)
+                v = _str_field(e, op.field)
             elif k == _K_INT:
-                out[node.key] = getattr(e, op.attr)
+                out[node.key] = _int_field(e, op.field)
                 continue
             elif k == _K_HEADER:
-                v = values[op.main] if values is not None else None
+                v = _request_header(e, op.main_name)
             else:
-                v = _value(op, e, values)
+                v = _value(op, e)
             if v is None or v == "":
                 if omit:
                     continue
@@ -612,20 +750,18 @@ def _render_object(
         elif kind == _N_CONST:
             v = node.const
         elif kind == _N_MIXED:
-            v = _render_text(node.ops, node.tail, e, values, "-")
+            v = _render_text(node.ops, node.tail, e)
         else:
-            v = _render_object(node.object, e, values, omit)
+            v = _render_object(node.object, e, omit)
         out[node.key] = v
     return out
 
 
 class _JsonFormat(LogFormat):
-    __slots__ = ("dumps", "index", "nodes", "omit", "option")
+    __slots__ = ("dumps", "nodes", "omit", "option")
 
     def __init__(self, obj: dict[str, Any], omit_empty_values: bool) -> None:
-        headers = _RequestHeaders()
-        self.nodes = _json_object(obj, "", headers)
-        self.index = headers.index
+        self.nodes = _json_object(obj, "")
         self.omit = omit_empty_values
         # orjson (several times faster than json here; keys are already in sorted order).
         # Loaded only for a JSON format: it pulls in datetime, which the proxy otherwise
@@ -636,8 +772,7 @@ class _JsonFormat(LogFormat):
         self.option: int = orjson.OPT_APPEND_NEWLINE
 
     def render(self, e: LogEntry) -> str:
-        values = _request_values(self.index, e) if self.index else None
-        obj = _render_object(self.nodes, e, values, self.omit)
+        obj = _render_object(self.nodes, e, self.omit)
         return self.dumps(obj, option=self.option).decode()
 
 
