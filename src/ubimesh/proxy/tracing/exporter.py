@@ -31,6 +31,10 @@ import httptools
 from ubimesh.proxy.snapshot.types import SocketAddress, TracingProvider, TracingProviderKind
 from ubimesh.proxy.tracing import local as local_mod
 
+# The encoders are imported with the exporter (when an HCM's tracer is built), not at the
+# first batch: an import there ran inside the request path's measured window.
+from ubimesh.proxy.tracing import otlp, zipkin
+
 if TYPE_CHECKING:
     from ubimesh.proxy.tracing.span import Span
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
@@ -133,11 +137,19 @@ class Exporter:
         self.reports_dropped = stats.counter(p + "reports_dropped")
         self.reports_failed = stats.counter(p + "reports_failed")
         self.reports_skipped = stats.counter(p + "reports_skipped_no_cluster")
+        # The module's limits, read once (compiled, each read of a module global is a dict
+        # lookup on every span); tests change them before they make an exporter.
+        self.batch_spans = BATCH_SPANS
+        self.max_queued = MAX_QUEUED_SPANS
         self.queue: list[Span] = []
         self.in_flight = 0
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.idle: list[tuple[SocketAddress, CollectorConnection]] = []
+        if self.zipkin:
+            # The address Zipkin spans report (looked up once, through the interfaces) is
+            # found now rather than while the first batch is encoded, among requests.
+            local_mod.local_ipv4()
         """Keep-alive connections not in use, with the collector address each goes to."""
         headers = {
             "content-type": "application/json",
@@ -155,11 +167,11 @@ class Exporter:
 
     def add(self, span: Span) -> None:
         queue = self.queue
-        if len(queue) >= MAX_QUEUED_SPANS:
+        if len(queue) >= self.max_queued:
             self.spans_dropped.value += 1
             return
         queue.append(span)
-        if len(queue) >= BATCH_SPANS:
+        if len(queue) >= self.batch_spans:
             self._flush()
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._on_timer)
@@ -171,8 +183,8 @@ class Exporter:
 
     def _flush(self) -> None:
         while self.queue and self.in_flight < MAX_IN_FLIGHT:
-            batch = self.queue[:BATCH_SPANS]
-            del self.queue[:BATCH_SPANS]
+            batch = self.queue[: self.batch_spans]
+            del self.queue[: self.batch_spans]
             self._start_send(batch)
         if self.queue and self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._on_timer)
@@ -186,11 +198,7 @@ class Exporter:
     def encode(self, batch: list[Span]) -> bytes:
         local = local_mod.LOCAL
         if self.zipkin:
-            from ubimesh.proxy.tracing import zipkin
-
             return zipkin.encode(batch, local)
-        from ubimesh.proxy.tracing import otlp
-
         return otlp.encode(batch, local, self.provider.service_name or "unknown_service:envoy")
 
     async def _send(self, batch: list[Span]) -> None:
@@ -203,7 +211,7 @@ class Exporter:
             log.debug("span export to %s failed: %r", self.provider.cluster, exc)
         finally:
             self.in_flight -= 1
-        if len(self.queue) >= BATCH_SPANS:
+        if len(self.queue) >= self.batch_spans:
             self._flush()
 
     async def _post(self, batch: list[Span]) -> None:
@@ -256,8 +264,8 @@ class Exporter:
             self.timer.cancel()
             self.timer = None
         while self.queue:
-            batch = self.queue[:BATCH_SPANS]
-            del self.queue[:BATCH_SPANS]
+            batch = self.queue[: self.batch_spans]
+            del self.queue[: self.batch_spans]
             self._start_send(batch)
         if self.tasks:
             _done, pending = await asyncio.wait(set(self.tasks), timeout=timeout)

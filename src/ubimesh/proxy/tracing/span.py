@@ -21,14 +21,15 @@ Span identity, as Envoy's tracers make it (checked against Envoy 1.40):
 
 from __future__ import annotations
 
-import random
+import os
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ubimesh.proxy.snapshot.types import (
     CustomTag,
     CustomTagKind,
     Route,
+    RouteTracing,
     TracingConfig,
     TracingProviderKind,
 )
@@ -46,14 +47,57 @@ if TYPE_CHECKING:
 _B3_WRITTEN: Final = frozenset(
     {"b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled"}
 )
+#: The x-b3-sampled header items, made once (a tuple built per request, and freed, cost more
+#: than the list append it goes into). Typed Any so that compiled code appends the object
+#: itself: as ``tuple[str, str]`` it would be unboxed and boxed into a new tuple at each use.
+_SAMPLED_1: Final[Any] = ("x-b3-sampled", "1")
+_SAMPLED_0: Final[Any] = ("x-b3-sampled", "0")
+
+
+_ZERO16: Final = "0" * 16
+#: Ids are cut from random bytes drawn for this many at a time, as Envoy's random generator
+#: prefetches 256 64-bit values: one getrandom call and one hex conversion per 256 ids.
+_IDS_PER_DRAW: Final = 256
+
+
+class _IdSource:
+    """Random 64-bit ids as 16 hex digits, cut from a buffer of hex digits drawn in bulk.
+
+    A ``random.getrandbits`` call plus a ``{:016x}`` format cost about 4k instructions per id
+    (the format goes through ``str.format``'s general machinery); a slice of the buffer costs
+    about a tenth of that."""
+
+    __slots__ = ("at", "digits")
+
+    def __init__(self) -> None:
+        self.digits = ""
+        self.at = 0
+
+    def forget(self) -> None:
+        """Drop the buffer: a forked worker must not hand out ids its parent drew."""
+        self.digits = ""
+        self.at = 0
+
+    def take(self) -> str:
+        """A random non-zero 64-bit id, 16 lower-case hex digits."""
+        while True:
+            at = self.at
+            if at + 16 > len(self.digits):
+                self.digits = os.urandom(8 * _IDS_PER_DRAW).hex()
+                at = 0
+            self.at = at + 16
+            value = self.digits[at : at + 16]
+            if value != _ZERO16:
+                return value
+
+
+_IDS: Final = _IdSource()
+os.register_at_fork(after_in_child=_IDS.forget)
 
 
 def new_span_id() -> str:
     """A random non-zero 64-bit id, 16 hex digits."""
-    value = random.getrandbits(64)
-    while not value:
-        value = random.getrandbits(64)
-    return f"{value:016x}"
+    return _IDS.take()
 
 
 class Span:
@@ -179,9 +223,10 @@ class Span:
 class HcmTracer:
     """One HCM's tracing: built from its TracingConfig when the HCM runtime is built."""
 
-    __slots__ = ("client_n", "config", "custom_tags", "egress", "exporter", "n_client_enabled",
-                 "n_not_traceable", "n_random", "n_service_forced", "otel", "overall_n",
-                 "path_limit", "random_n", "shared", "trace_id_128bit", "w3c")  # fmt: skip
+    __slots__ = ("client_n", "config", "custom_tags", "egress", "exporter", "memo_decorator",
+                 "memo_route", "memo_tracing", "n_client_enabled", "n_not_traceable", "n_random",
+                 "n_service_forced", "otel", "overall_n", "path_limit", "random_n", "shared",
+                 "trace_id_128bit", "w3c")  # fmt: skip
 
     def __init__(
         self, config: TracingConfig, stats: Store, stat_prefix: str, clusters: ClusterManager
@@ -206,6 +251,11 @@ class HcmTracer:
         self.n_service_forced = stats.counter(p + "service_forced")
         self.n_client_enabled = stats.counter(p + "client_enabled")
         self.n_not_traceable = stats.counter(p + "not_traceable")
+        # The last route seen and what tracing reads of it: routes are frozen, and reading
+        # two attributes of one (not compiled) costs about 300 instructions a request.
+        self.memo_route: Route | None = None
+        self.memo_tracing: RouteTracing | None = None
+        self.memo_decorator = ""
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -238,7 +288,18 @@ class HcmTracer:
                     else:
                         values.append(v)
         client_n, random_n, overall_n = self.client_n, self.random_n, self.overall_n
-        route_tracing = route.tracing if route is not None else None
+        route_tracing: RouteTracing | None = None
+        decorator = ""
+        if route is not None:
+            if route is self.memo_route:
+                route_tracing = self.memo_tracing
+                decorator = self.memo_decorator
+            else:
+                route_tracing = route.tracing
+                decorator = route.decorator
+                self.memo_route = route
+                self.memo_tracing = route_tracing
+                self.memo_decorator = decorator
         if route_tracing is not None:
             # Envoy takes all three from the route when it has a tracing block.
             client_n = sampler.percent_numerator(route_tracing.client_sampling)
@@ -276,14 +337,14 @@ class HcmTracer:
             span = self._start_zipkin(stream, found, traced)
         if span is _MALFORMED:
             return None
-        if route is not None and route.decorator:
+        if route is not None and decorator:
             # The route's operation names the span (Envoy's Decorator::apply); an egress HCM
             # also tells the next hop (sampled or not), whose ingress span takes the name from
             # the header.
             if self.egress and route.decorator_propagate:
-                headers.set("x-envoy-decorator-operation", route.decorator)
+                headers.set("x-envoy-decorator-operation", decorator)
             if span is not None:
-                span.name = route.decorator
+                span.name = decorator
         if span is None:
             return None
         now = time.time()
@@ -302,7 +363,7 @@ class HcmTracer:
         items = stream.headers.items
         items.append(("x-b3-traceid", trace_id))
         items.append(("x-b3-spanid", span_id))
-        items.append(("x-b3-sampled", "1" if traced else "0"))
+        items.append(_SAMPLED_1 if traced else _SAMPLED_0)
         if self.w3c:
             stream.headers.set("traceparent", tc.traceparent(trace_id, span_id, traced))
         if not traced:
@@ -460,4 +521,4 @@ class HcmTracer:
 
 
 #: What the Zipkin start returns for malformed B3 headers (the request is not traced at all).
-_MALFORMED = Span("", "", "", sampled=False, client=False)
+_MALFORMED: Final = Span("", "", "", sampled=False, client=False)
