@@ -55,7 +55,7 @@ PER_TRY_TIMEOUT = 0.5
 ROUTE_TIMEOUT = 1.0
 REPLICAS = 3
 CLIENTS = 3
-PHASE_S = 2.0
+PHASE_S = 1.2
 
 pytestmark = pytest.mark.skipif(not ubimesh_available()[0], reason="ubimesh is not runnable")
 

@@ -160,7 +160,7 @@ def test_upstream_view_sees_what_it_should() -> None:
     assert upstream_view("/%2561dmin") == "/%61dmin"
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(path=request_paths(), action=st.sampled_from(ACTIONS))
 @example(path="/..;/admin", action=Escaped.UNESCAPE_AND_REDIRECT)
 @example(path="/x/%2e%2e;/admin", action=Escaped.UNESCAPE_AND_REDIRECT)
@@ -174,7 +174,7 @@ def test_forwarded_paths_are_fixed_points(path: str, action: Escaped) -> None:
     assert again == (PathAction.FORWARD, out), (path, kind, out, again)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(path=request_paths(), action=st.sampled_from(ACTIONS))
 @example(path="/..;/admin", action=Escaped.UNESCAPE_AND_REDIRECT)
 @example(path="/public/%2e%2e;jsessionid=1/admin", action=Escaped.UNESCAPE_AND_REDIRECT)

@@ -383,7 +383,7 @@ _requests = st.builds(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(_rules, _connections, st.lists(_requests, min_size=1, max_size=4))
 def test_the_cut_gives_the_same_answers(
     r: RbacRules,
@@ -410,14 +410,14 @@ def test_the_cut_gives_the_same_answers(
 _texts = st.text(alphabet="aAbB/-.", max_size=6)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.sampled_from(["exact", "prefix", "suffix", "contains"]), _texts, st.booleans(), _texts)
 def test_string_matching_equals_the_routers(kind: str, value: str, ignore: bool, s: str) -> None:
     router = string_test(StringMatchKind(kind), value, ignore, None)
     assert text_matches(kind, value, ignore, None, s) is router(s)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.sampled_from(list(HeaderMatchKind)),
     _texts,
@@ -465,7 +465,7 @@ def test_rules_survive_pickling() -> None:
 # -- what the proxy keeps per connection ----------------------------------------------------------
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(_rules, _connections, _requests, _requests)
 def test_requests_that_agree_on_what_the_rules_read_get_the_same_decision(
     r: RbacRules,
