@@ -175,9 +175,9 @@ class ProxyServer:
                             address=h.address,
                             hostname=h.hostname,
                             health_flags=h.flag_names(),
-                            success_rate=getattr(h.outlier, "success_rate", -1.0),
-                            local_origin_success_rate=getattr(
-                                h.outlier, "local_success_rate", -1.0
+                            success_rate=h.outlier.success_rate if h.outlier else -1.0,
+                            local_origin_success_rate=(
+                                h.outlier.local_success_rate if h.outlier else -1.0
                             ),
                             weight=h.weight,
                             priority=h.priority,

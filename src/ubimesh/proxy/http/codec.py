@@ -38,9 +38,29 @@ def status_line(code: int) -> bytes:
     return line
 
 
+def _append_header_lines(parts: list[str], headers: list[tuple[str, str]]) -> None:
+    # Pieces for one join, not a string per line: an f-string per header line costs about
+    # 500 instructions and an allocation under mypyc (bench/telemetry_cpu.py --callgrind).
+    for k, v in headers:
+        parts.append(k)
+        parts.append(": ")
+        parts.append(v)
+        parts.append("\r\n")
+
+
 def encode_headers(headers: list[tuple[str, str]]) -> bytes:
     """``name: value`` lines for a head; the caller adds the start line and final CRLF."""
-    return "".join([f"{k}: {v}\r\n" for k, v in headers]).encode("latin-1")
+    parts: list[str] = []
+    _append_header_lines(parts, headers)
+    return "".join(parts).encode("latin-1")
+
+
+def encode_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
+    """A whole HTTP/1.1 request head: the request line, the header lines and the empty line."""
+    parts = [method, " ", target, " HTTP/1.1\r\n"]
+    _append_header_lines(parts, headers)
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")
 
 
 def chunk(data: bytes) -> bytes:

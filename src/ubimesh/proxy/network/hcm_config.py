@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from ubimesh.proto import path as pathnorm
 from ubimesh.proto.headers import Headers
 from ubimesh.proxy.access_log.logger import AccessLogs, build_access_logs, log_stream
+from ubimesh.proxy.http.codec import encode_request_head
 from ubimesh.proxy.http.rbac import HttpRbac, NetworkRbac
 from ubimesh.proxy.http.router import route_request
 from ubimesh.proxy.routing.formatter import FormatContext
@@ -659,16 +660,7 @@ class HcmRuntime:
         if stream.chunked:
             headers.remove("content-length")
             headers.add("transfer-encoding", "chunked")
-        # One join of every piece: a string per header line (an f-string) costs about 500
-        # instructions and an allocation each under mypyc (bench/telemetry_cpu.py --callgrind).
-        parts = [stream.method, " ", path, " HTTP/1.1\r\n"]
-        for k, v in headers.items:
-            parts.append(k)
-            parts.append(": ")
-            parts.append(v)
-            parts.append("\r\n")
-        parts.append("\r\n")
-        return "".join(parts).encode("latin-1")
+        return encode_request_head(stream.method, path, headers.items)
 
     def _header_rules(
         self, vhost: VirtualHost, route: Route, entry: WeightedClusterEntry | None
