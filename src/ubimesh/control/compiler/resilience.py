@@ -31,7 +31,6 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.retry.priority.previous_priorities.v3 import (
     previous_priorities_config_pb2 as previous_priorities_pb2,
 )
-from google.protobuf import any_pb2
 
 from ubimesh.control.compiler.durations import duration
 from ubimesh.control.compiler.index import Index, Service, Settings
@@ -62,12 +61,6 @@ def _where(service: Service | None, field: str) -> str:
     return f"Service {service.namespace}/{service.name}: spec.{field}"
 
 
-def _packed(message: Message) -> Message:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
-
-
 def retry_policy(index: Index, services: Sequence[Service]) -> Message | None:
     """The RetryPolicy of a route to ``services`` (the first one's settings; the mesh's when
     there is none), or None when retries are off (``attempts: 0``)."""
@@ -85,20 +78,11 @@ def retry_policy(index: Index, services: Sequence[Service]) -> Message | None:
     if per_try:
         where = _where(service if service and service.retries else None, "retries")
         policy.per_try_timeout.CopyFrom(duration(str(per_try), f"{where}.perTryTimeout"))
-    policy.retry_host_predicate.append(
-        rc.RetryPolicy.RetryHostPredicate(
-            name=PREVIOUS_HOSTS, typed_config=_packed(previous_hosts_pb2.PreviousHostsPredicate())
-        )
-    )
-    policy.retry_priority.CopyFrom(
-        rc.RetryPolicy.RetryPriority(
-            name=PREVIOUS_PRIORITIES,
-            typed_config=_packed(
-                previous_priorities_pb2.PreviousPrioritiesConfig(
-                    update_frequency=TRIES_PER_PRIORITY
-                )
-            ),
-        )
+    predicate = policy.retry_host_predicate.add(name=PREVIOUS_HOSTS)
+    predicate.typed_config.Pack(previous_hosts_pb2.PreviousHostsPredicate())
+    policy.retry_priority.name = PREVIOUS_PRIORITIES
+    policy.retry_priority.typed_config.Pack(
+        previous_priorities_pb2.PreviousPrioritiesConfig(update_frequency=TRIES_PER_PRIORITY)
     )
     return policy
 

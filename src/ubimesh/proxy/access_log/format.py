@@ -285,20 +285,7 @@ class _StartTime:
     def text(self, t: float) -> str:
         if not self.split:
             return self.render(t)
-        whole = int(t)
-        if whole != self.second:
-            # A new second: the cache is keyed by it, so it can never show a stale second.
-            self.head = self.render_head(whole)
-            self.tail = self.render_tail(whole)
-            self.second = whole
-        micros = min(int((t - whole) * 1_000_000 + 0.5), 999_999)
-        digits = self.digits
-        if digits == 3:
-            fraction = _THREE_DIGITS[micros // 1000]
-        elif digits <= 6:
-            fraction = str(micros // self.scale).zfill(digits)
-        else:
-            fraction = str(micros).zfill(6) + "0" * (digits - 6)
+        fraction = self._fraction(t)
         return self.head + fraction + self.tail
 
     def append_to(self, out: list[str], t: float) -> None:
@@ -307,8 +294,17 @@ class _StartTime:
         if not self.split:
             out.append(self.render(t))
             return
+        fraction = self._fraction(t)
+        out.append(self.head)
+        out.append(fraction)
+        out.append(self.tail)
+
+    def _fraction(self, t: float) -> str:
+        """The fraction digits of ``t`` (a split format), after ``head`` and ``tail`` are made
+        those of its second."""
         whole = int(t)
         if whole != self.second:
+            # A new second: the cache is keyed by it, so it can never show a stale second.
             self.head = self.render_head(whole)
             self.tail = self.render_tail(whole)
             self.second = whole
@@ -316,14 +312,11 @@ class _StartTime:
         if micros > 999_999:  # not min(): under mypyc that boxes both ints for a generic call
             micros = 999_999
         digits = self.digits
-        out.append(self.head)
         if digits == 3:
-            out.append(_THREE_DIGITS[micros // 1000])
-        elif digits <= 6:
-            out.append(str(micros // self.scale).zfill(digits))
-        else:
-            out.append(str(micros).zfill(6) + "0" * (digits - 6))
-        out.append(self.tail)
+            return _THREE_DIGITS[micros // 1000]
+        if digits <= 6:
+            return str(micros // self.scale).zfill(digits)
+        return str(micros).zfill(6) + "0" * (digits - 6)
 
 
 #: "000" .. "999": the milliseconds of Envoy's default START_TIME, without formatting a number.

@@ -28,6 +28,7 @@ from ubimesh.telemetry.stats import Store
 if TYPE_CHECKING:
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.tls.peer import PeerInfo
+    from ubimesh.proxy.upstream.cluster_manager import UpstreamCluster
 
 
 class AccessLog:
@@ -145,11 +146,10 @@ _monotonic: Final = time.monotonic
 _wall_clock: Final = time.time
 
 
-def _name_of_route(route: Route) -> str:
-    cache = _route_name
-    if route is not cache.of:
-        cache.name = route.name
-        cache.of = route
+def _name_of(cache: _Name, of: Route | UpstreamCluster) -> str:
+    if of is not cache.of:
+        cache.name = of.name
+        cache.of = of
     return cache.name
 
 
@@ -173,11 +173,7 @@ def http_entry(stream: ActiveStream) -> LogEntry:
             upstream_host = cache.text
         cluster = up.cluster
         if cluster is not None:
-            names = _cluster_name
-            if cluster is not names.of:
-                names.name = cluster.name
-                names.of = cluster
-            upstream_cluster = names.name
+            upstream_cluster = _name_of(_cluster_name, cluster)
     elif route is not None:
         action = route.action
         # Envoy knows the route's cluster as soon as the route is picked (an RBAC denial
@@ -204,7 +200,7 @@ def http_entry(stream: ActiveStream) -> LogEntry:
         stream.bytes_sent,
         upstream_host,
         upstream_cluster,
-        _name_of_route(route) if route is not None else "",
+        _name_of(_route_name, route) if route is not None else "",
         conn.remote,
         conn.local,
         _peer_uri_san(tls) if tls is not None else "",

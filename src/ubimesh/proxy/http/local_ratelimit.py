@@ -234,9 +234,10 @@ class LocalRateLimitFilter(DecoderFilter):
         route = stream.route
         if route is not None:
             config = self._override(route.typed_per_filter_config)
-            vhost = stream.vhost
-            if config is None and vhost is not None:
-                config = self._override(vhost.typed_per_filter_config)
+            if config is None:
+                vhost = stream.vhost
+                if vhost is not None:
+                    config = self._override(vhost.typed_per_filter_config)
         if config is None:
             return self.own
         found = self.overrides.get(id(config))

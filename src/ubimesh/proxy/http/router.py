@@ -92,6 +92,7 @@ _HEAD = "HEAD"
 
 _rand = random.random
 
+
 def route_request(stream: ActiveStream, route: Route) -> None:
     """Entry point from the HCM once the filters before the router let the request through."""
     action = route.action
@@ -113,6 +114,13 @@ def route_request(stream: ActiveStream, route: Route) -> None:
         stream.send_local_reply(action.status, body, extra=extra)
     else:  # pragma: no cover - the translator produces only the three kinds above
         raise AssertionError(f"unknown route action {action!r}")
+
+
+def _flag_retry_result(stream: ActiveStream, result: int) -> None:
+    """Mark a retry decision that ends the request: URX when the retries ran out, UO when the
+    retries circuit breaker refused one; nothing for NO."""
+    if result != NO:
+        stream.flags = add_flag(stream.flags, URX if result == LIMIT_EXCEEDED else UO)
 
 
 #: Pool failure reasons as Envoy words them in the local reply (its StreamResetReason text):
@@ -504,7 +512,6 @@ class UpstreamRequest:
         if self.ended:
             return
         self.ended = True
-        loop = self.hcm.loop
         conn = self.conn
         if conn is not None:
             if self.chunked:
@@ -522,7 +529,7 @@ class UpstreamRequest:
                 # request that is answered in time costs one timer, not two.
                 self.route_deferred = True
             else:
-                self.timer = loop.call_later(timeout, self._on_timeout)
+                self.timer = self.hcm.loop.call_later(timeout, self._on_timeout)
         if self.policy is not None or self.route_deferred:
             # Only this decode_end arms timers before the request has ended, so the one it
             # armed, if any, dates the end (_ended_at: retries' expected timeout, the deferred
@@ -595,8 +602,7 @@ class UpstreamRequest:
                     self._retry_stats().count_retried(status)
                     self._retry_later()
                     return
-                if result != NO:  # NO: not idempotent, the policy does not apply
-                    stream.flags = add_flag(stream.flags, URX if result == LIMIT_EXCEEDED else UO)
+                _flag_retry_result(stream, result)  # NO: not idempotent, no flag
             elif self.retry_held is not None:
                 self._decide(False)
             self._stop_retrying()
@@ -807,21 +813,19 @@ class UpstreamRequest:
         hash_key = self.hash_key
         priorities = self.priorities
         load = priorities.priority_load(cluster) if priorities is not None else None
-        if load is None:
-            host = cluster.choose_host(hash_key)
-        else:
-            host = choose_host_with_load(cluster, load, hash_key)
         tried = self.tried
         policy = self.policy
+        again = 0
         if tried is not None and policy is not None:
-            n = policy.host_selection_max_attempts
-            while n > 0 and host is not None and host in tried:
-                if load is None:
-                    host = cluster.choose_host(hash_key)
-                else:
-                    host = choose_host_with_load(cluster, load, hash_key)
-                n -= 1
-        return host
+            again = policy.host_selection_max_attempts
+        while True:
+            if load is None:
+                host = cluster.choose_host(hash_key)
+            else:
+                host = choose_host_with_load(cluster, load, hash_key)
+            if again <= 0 or host is None or tried is None or host not in tried:
+                return host
+            again -= 1
 
     def _abandon_retries(self) -> None:
         """The request body outgrew the buffer limit: retries are off for this request
@@ -916,16 +920,14 @@ class UpstreamRequest:
         self.stream.send_local_reply(504, b"upstream request timeout", UT)
 
     def _timeout_reply(self, result: int) -> None:
-        if result != NO:
-            self.stream.flags = add_flag(self.stream.flags, URX if result == LIMIT_EXCEEDED else UO)
+        _flag_retry_result(self.stream, result)
         if self.rstats is not None:
             self.rstats.charge_local(504)
         self.stream.send_local_reply(504, b"upstream request timeout", UT)
 
     def _fail_before_response(self, reason: str, flag: str, result: int = NO) -> None:
         stream = self.stream
-        if result != NO:
-            stream.flags = add_flag(stream.flags, URX if result == LIMIT_EXCEEDED else UO)
+        _flag_retry_result(stream, result)
         # Envoy answers a malformed upstream response with 502, other failures with 503.
         status = 502 if reason == PROTOCOL_ERROR else 503
         if self.rstats is not None:

@@ -66,7 +66,6 @@ class RetryPolicy:
     num_retries: int = 1
     on: int = 0
     statuses: frozenset[int] = frozenset()
-    retriable_status_codes: frozenset[int] = frozenset()
     per_try_timeout: float | None = None
     """Per attempt, from the moment the attempt has a connection and the whole request was
     received; None: none."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from ubimesh.proxy.http.codec import encode_headers
 from ubimesh.proxy.snapshot.types import SocketAddress, TracingProvider, TracingProviderKind
 from ubimesh.proxy.tracing import local as local_mod
 
@@ -146,11 +147,11 @@ class Exporter:
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.idle: list[tuple[SocketAddress, CollectorConnection]] = []
+        """Keep-alive connections not in use, with the collector address each goes to."""
         if self.zipkin:
             # The address Zipkin spans report (looked up once, through the interfaces) is
             # found now rather than while the first batch is encoded, among requests.
             local_mod.local_ipv4()
-        """Keep-alive connections not in use, with the collector address each goes to."""
         headers = {
             "content-type": "application/json",
             "host": provider.host,
@@ -160,10 +161,10 @@ class Exporter:
         }
         # Everything but the content-length is the same for every POST.
         self.head_start = (
-            f"POST {provider.path} HTTP/1.1\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            + "content-length: "
-        ).encode("latin-1")
+            f"POST {provider.path} HTTP/1.1\r\n".encode("latin-1")
+            + encode_headers(list(headers.items()))
+            + b"content-length: "
+        )
 
     def add(self, span: Span) -> None:
         queue = self.queue

@@ -64,6 +64,12 @@ def request_id_integer(request_id: str) -> int | None:
     value = _plain_hex8(request_id)
     if value >= 0:
         return value
+    return _int_prefix(request_id)
+
+
+def _int_prefix(request_id: str) -> int | None:
+    """The first 8 characters by ``int``'s rules (signs, spaces, ``0x``), None when invalid:
+    the slow way, for ids ``_plain_hex8`` does not take."""
     if len(request_id) < 8:
         return None
     try:
@@ -111,7 +117,7 @@ def decide(
         return NOT_TRACEABLE, None
     value = _plain_hex8(request_id)
     if value < 0:
-        general = request_id_integer(request_id)
+        general = _int_prefix(request_id)
         if general is None:
             return NOT_TRACEABLE, request_id
         value = general

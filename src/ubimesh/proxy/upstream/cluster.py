@@ -43,14 +43,7 @@ from ubimesh.proxy.upstream.host import (
     EXCLUDED_MASK,
     FAILED_EDS_HEALTH,
     FAILED_MASK,
-    HEALTH_DEGRADED,
-    HEALTH_DRAINING,
-    HEALTH_HEALTHY,
-    HEALTH_TIMEOUT,
-    HEALTH_UNHEALTHY,
-    HEALTH_UNKNOWN,
     Host,
-    eds_flags,
 )
 from ubimesh.proxy.upstream.lb import MASK64, Picker, build_picker
 from ubimesh.proxy.upstream.priority import (
@@ -60,26 +53,6 @@ from ubimesh.proxy.upstream.priority import (
     priority_load_for_counts,
 )
 from ubimesh.telemetry.stats import Counter, Gauge, Store
-
-__all__ = [
-    "HEALTH_DEGRADED",
-    "HEALTH_DRAINING",
-    "HEALTH_HEALTHY",
-    "HEALTH_TIMEOUT",
-    "HEALTH_UNHEALTHY",
-    "HEALTH_UNKNOWN",
-    "ClusterStats",
-    "UpstreamCluster",
-    "endpoint_health",
-    "host_for_endpoint",
-]
-
-
-def endpoint_health(status: int) -> tuple[bool, bool]:
-    """``(healthy, degraded)`` for a configured health_status (UNKNOWN counts as healthy;
-    DRAINING does not: it is excluded)."""
-    flags = eds_flags(status)
-    return not flags & (FAILED_MASK | EXCLUDED_MASK), bool(flags & DEGRADED_MASK)
 
 
 def host_for_endpoint(
@@ -260,7 +233,6 @@ class UpstreamCluster:
         stats: Store,
         hosts: Iterable[Host] = (),
         *,
-        degraded: Iterable[Host] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.name = spec.name
@@ -298,7 +270,7 @@ class UpstreamCluster:
         """Per priority level, as the last ``refresh()`` counted them: how many hosts count
         (not excluded), and the healthy and the degraded ones (retries re-spread the load
         over these; ``http/retry.py``)."""
-        self.set_hosts(hosts, degraded=degraded)
+        self.set_hosts(hosts)
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -327,18 +299,9 @@ class UpstreamCluster:
 
     # -- membership and health --------------------------------------------------------------
 
-    def set_hosts(self, hosts: Iterable[Host], *, degraded: Iterable[Host] | None = None) -> None:
-        """Replace the host set and rebuild. ``degraded``, when given, lists the hosts of the
-        set that EDS marks degraded (their ``DEGRADED_EDS_HEALTH`` bit is set, the others'
-        cleared); other flags are left as the hosts carry them."""
+    def set_hosts(self, hosts: Iterable[Host]) -> None:
+        """Replace the host set and rebuild; the hosts keep the health flags they carry."""
         self.hosts = list(hosts)
-        if degraded is not None:
-            marked = {id(h) for h in degraded}
-            for h in self.hosts:
-                if id(h) in marked:
-                    h.health_flags |= DEGRADED_EDS_HEALTH
-                else:
-                    h.health_flags &= ~DEGRADED_EDS_HEALTH
         # New hosts get their monitor and health check session (and a new checked host its
         # initial FAILED_ACTIVE_HC) before the balancer sees them.
         if self.outlier is not None:
@@ -401,7 +364,7 @@ class UpstreamCluster:
             spec.overprovisioning_factor,
             [(counted[p], len(healthy[p]), len(degraded[p])) for p in range(n_levels)],
         )
-        panic = self._panic_levels(load, counted, healthy, degraded)
+        panic = self._panic_levels(counted, healthy, degraded)
         if panic and all(panic) and hosts:
             load = _total_panic_load([len(e) for e in everyone])
         rng = self._rng
@@ -442,7 +405,6 @@ class UpstreamCluster:
 
     def _panic_levels(
         self,
-        load: PriorityLoad,
         counted: list[int],
         healthy: list[list[Host]],
         degraded: list[list[Host]],

@@ -446,6 +446,7 @@ class ClusterManager:
         spec = cluster.spec
         rng = random.Random(self._rng.random()) if self._rng is not None else None
         running = self._loop is not None and not self._stopped
+        before = [h.health_flags for h in cluster.hosts]
         if spec.outlier_detection is not None:
             detector = OutlierDetector(cluster, spec.outlier_detection, self._store, rng=rng)
             cluster.outlier = detector
@@ -470,7 +471,11 @@ class ClusterManager:
                     h.health_checker.stop()
                 h.health_checker = None
                 h.health_flags &= ~HC_FLAGS
-        cluster.refresh()
+        # The cluster built its balancer from these hosts already: rebuild it only when a
+        # flag changed (a new checked host starts failed; a dropped checker or detector
+        # clears its bits).
+        if [h.health_flags for h in cluster.hosts] != before:
+            cluster.refresh()
 
     @staticmethod
     def _stop_health(cluster: UpstreamCluster, *, removed: bool) -> None:

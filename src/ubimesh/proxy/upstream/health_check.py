@@ -163,6 +163,13 @@ class HealthChecker:
         self.closed = False
         http = config.http
         self.host_header = (http.host or cluster.name) if http is not None else ""
+        self.request = b""
+        """The HTTP check's request, the same for every host."""
+        if http is not None:
+            self.request = (
+                f"{http.method} {http.path} HTTP/1.1\r\nhost: {self.host_header}\r\n"
+                "user-agent: Envoy/HC\r\n\r\n"
+            ).encode("latin-1")
 
     # -- membership and lifecycle -----------------------------------------------------------
 
@@ -276,8 +283,9 @@ class HealthChecker:
         outlier detection about a pass."""
         if self.closed or host.health_checker is None:
             return
-        self.cluster.set_flags(host, flags)
-        self.update_gauges()
+        if flags != host.health_flags:
+            self.cluster.set_flags(host, flags)
+            self.update_gauges()
         detector = self.cluster.outlier
         if healthy_result and detector is not None:
             detector.on_health_check_success(host)
@@ -296,13 +304,6 @@ class HealthCheckSession:
         """Done once the host has had its first result (made when the session starts)."""
         self.task: asyncio.Task[None] | None = None
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        http = checker.config.http
-        self._request = b""
-        if http is not None:
-            self._request = (
-                f"{http.method} {http.path} HTTP/1.1\r\nhost: {checker.host_header}\r\n"
-                "user-agent: Envoy/HC\r\n\r\n"
-            ).encode("latin-1")
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.task is None:
@@ -381,7 +382,7 @@ class HealthCheckSession:
         if self._conn is None:
             self._conn = await self._connect()
         reader, writer = self._conn
-        writer.write(self._request)
+        writer.write(self.checker.request)
         response = _Response(http.response_buffer_size if http.receive else 0)
         parser = httptools.HttpResponseParser(response)
         response.parser = parser

@@ -40,6 +40,10 @@ _DEFAULT = 0
 _HIGH = 1
 _PRIORITY_NAMES = {_DEFAULT: "DEFAULT", _HIGH: "HIGH"}
 
+# Envoy's defaults, as the snapshot types carry them.
+_T = Thresholds()
+_B = RetryBudget()
+
 
 def circuit_breakers(ctx: Ctx, msg: Any, path: str) -> CircuitBreakers:
     """Cluster.circuit_breakers. A priority without thresholds keeps Envoy's defaults."""
@@ -73,10 +77,10 @@ def _thresholds(ctx: Ctx, msg: Any, path: str) -> Thresholds:
     if msg.HasField("retry_budget"):
         budget = _retry_budget(ctx, msg.retry_budget, join(path, "retry_budget"))
     return Thresholds(
-        max_connections=wrapped(msg, "max_connections", 1024),
-        max_pending_requests=wrapped(msg, "max_pending_requests", 1024),
-        max_requests=wrapped(msg, "max_requests", 1024),
-        max_retries=wrapped(msg, "max_retries", 3),
+        max_connections=wrapped(msg, "max_connections", _T.max_connections),
+        max_pending_requests=wrapped(msg, "max_pending_requests", _T.max_pending_requests),
+        max_requests=wrapped(msg, "max_requests", _T.max_requests),
+        max_retries=wrapped(msg, "max_retries", _T.max_retries),
         retry_budget=budget,
         track_remaining=msg.track_remaining,
     )
@@ -85,11 +89,11 @@ def _thresholds(ctx: Ctx, msg: Any, path: str) -> Thresholds:
 def _retry_budget(ctx: Ctx, msg: Any, path: str) -> RetryBudget:
     """Thresholds.retry_budget: each field keeps Envoy's default when unset (20 %, 3)."""
     ctx.fields(msg, path, _RETRY_BUDGET)
-    percent = 20.0
+    percent = _B.budget_percent
     if msg.HasField("budget_percent"):
         ctx.fields(msg.budget_percent, join(path, "budget_percent"), _PERCENT)
         percent = msg.budget_percent.value
     return RetryBudget(
         budget_percent=percent,
-        min_retry_concurrency=wrapped(msg, "min_retry_concurrency", 3),
+        min_retry_concurrency=wrapped(msg, "min_retry_concurrency", _B.min_retry_concurrency),
     )

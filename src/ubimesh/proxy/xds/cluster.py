@@ -248,7 +248,7 @@ def _panic_threshold(ctx: Ctx, msg: Any, path: str) -> float:
     ppath = join(cpath, "healthy_panic_threshold")
     ctx.fields(msg.common_lb_config.healthy_panic_threshold, ppath, {"value"})
     # Envoy's own constraint (0 to 100) is checked by ctx.fields.
-    return min(100.0, max(0.0, float(msg.common_lb_config.healthy_panic_threshold.value)))
+    return float(msg.common_lb_config.healthy_panic_threshold.value)
 
 
 def _circuit_breakers_of(ctx: Ctx, msg: Any, path: str) -> CircuitBreakers:

@@ -561,7 +561,6 @@ def retry_policy(ctx: Ctx, msg: Any, path: str) -> RetryPolicy:
         num_retries=wrapped(msg, "num_retries", 1),
         on=on,
         statuses=retriable_statuses(on, codes),
-        retriable_status_codes=codes,
         per_try_timeout=timeout(msg, "per_try_timeout", None),
         base_interval=base,
         max_interval=maximum,
