@@ -82,25 +82,8 @@ def variant_bootstrap(
 ) -> dict[str, Any]:
     """The bootstrap of one variant: the bench's all-off target plus one feature."""
     if name in RESILIENCE_VARIANTS:
-        cfg = configs.ubimesh_bootstrap(listen, admin, upstream)
-        full = resilience.resilience_bootstrap(listen, admin, upstream)
-        if name == "resil":
-            return full
-        route = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-            "typed_config"
-        ]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-        full_route = full["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-            "typed_config"
-        ]["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-        cluster = cfg["static_resources"]["clusters"][0]
-        full_cluster = full["static_resources"]["clusters"][0]
-        if name == "retry":
-            route["retry_policy"] = full_route["retry_policy"]
-        elif name == "breakers":
-            cluster["circuit_breakers"] = full_cluster["circuit_breakers"]
-        elif name == "outlier":
-            cluster["outlier_detection"] = full_cluster["outlier_detection"]
-        return cfg
+        features = {"s1": (), "resil": resilience.FEATURES}.get(name, (name,))
+        return resilience.resilience_bootstrap(listen, admin, upstream, features)
     if name == "full1":
         return telemetry.bootstrap(telemetry.SAMPLED, listen, admin, upstream, workdir)
     if name == "full100":

@@ -36,46 +36,60 @@ PREVIOUS_HOSTS = (
 )
 
 
-def resilience_bootstrap(listen_port: int, admin_port: int, upstream_port: int) -> dict[str, Any]:
-    """The S1 bootstrap with a retry policy, circuit breakers and outlier detection."""
-    cfg = copy.deepcopy(configs.ubimesh_bootstrap(listen_port, admin_port, upstream_port))
+RETRY_POLICY: dict[str, Any] = {
+    "retry_on": "5xx,reset,connect-failure,gateway-error",
+    "num_retries": 2,
+    "per_try_timeout": "5s",
+    "retry_host_predicate": [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": PREVIOUS_HOSTS},
+        }
+    ],
+    "host_selection_retry_max_attempts": 3,
+}
+CIRCUIT_BREAKERS: dict[str, Any] = {
+    "thresholds": [
+        {
+            "priority": "DEFAULT",
+            "max_connections": 10000,
+            "max_pending_requests": 10000,
+            "max_requests": 10000,
+            "retry_budget": {
+                "budget_percent": {"value": 20.0},
+                "min_retry_concurrency": 10,
+            },
+        }
+    ]
+}
+OUTLIER_DETECTION: dict[str, Any] = {
+    "consecutive_5xx": 5,
+    "consecutive_gateway_failure": 5,
+    "enforcing_consecutive_gateway_failure": 100,
+    "interval": "1s",
+    "base_ejection_time": "10s",
+    "max_ejection_percent": 50,
+}
+
+#: What ``resilience_bootstrap`` adds (all by default; telemetry_cpu.py measures each alone).
+FEATURES = ("retry", "breakers", "outlier")
+
+
+def resilience_bootstrap(
+    listen_port: int, admin_port: int, upstream_port: int, features: tuple[str, ...] = FEATURES
+) -> dict[str, Any]:
+    """The S1 bootstrap with a retry policy, circuit breakers and outlier detection (those of
+    ``features``)."""
+    cfg = configs.ubimesh_bootstrap(listen_port, admin_port, upstream_port)  # a new dict
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
-    route["retry_policy"] = {
-        "retry_on": "5xx,reset,connect-failure,gateway-error",
-        "num_retries": 2,
-        "per_try_timeout": "5s",
-        "retry_host_predicate": [
-            {
-                "name": "envoy.retry_host_predicates.previous_hosts",
-                "typed_config": {"@type": PREVIOUS_HOSTS},
-            }
-        ],
-        "host_selection_retry_max_attempts": 3,
-    }
     cluster = cfg["static_resources"]["clusters"][0]
-    cluster["circuit_breakers"] = {
-        "thresholds": [
-            {
-                "priority": "DEFAULT",
-                "max_connections": 10000,
-                "max_pending_requests": 10000,
-                "max_requests": 10000,
-                "retry_budget": {
-                    "budget_percent": {"value": 20.0},
-                    "min_retry_concurrency": 10,
-                },
-            }
-        ]
-    }
-    cluster["outlier_detection"] = {
-        "consecutive_5xx": 5,
-        "consecutive_gateway_failure": 5,
-        "enforcing_consecutive_gateway_failure": 100,
-        "interval": "1s",
-        "base_ejection_time": "10s",
-        "max_ejection_percent": 50,
-    }
+    if "retry" in features:
+        route["retry_policy"] = copy.deepcopy(RETRY_POLICY)
+    if "breakers" in features:
+        cluster["circuit_breakers"] = copy.deepcopy(CIRCUIT_BREAKERS)
+    if "outlier" in features:
+        cluster["outlier_detection"] = copy.deepcopy(OUTLIER_DETECTION)
     return cfg
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.support.bootstrap import FILE, HCM, ROUTER, address
+from tests.support.bootstrap import FILE, HCM, ROUTER, address, listener, static_cluster
 from tests.support.held_upstream import HeldUpstream
 from tests.support.procs import (
     LOOPBACK,
@@ -77,15 +77,9 @@ def _http(name: str, log: Path) -> dict[str, Any]:
 
 
 def _cluster(name: str, port: int, thresholds: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "connect_timeout": "2s",
-        "circuit_breakers": {"thresholds": [thresholds]},
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address(port)}}]}],
-        },
-    }
+    return static_cluster(
+        name, [port], connect_timeout="2s", circuit_breakers={"thresholds": [thresholds]}
+    )
 
 
 @dataclass
@@ -187,10 +181,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         bootstrap = {
             "admin": {"address": address(ports["admin"])},
             "static_resources": {
-                "listeners": [
-                    {"name": n, "address": address(ports[n]), "filter_chains": [{"filters": [f]}]}
-                    for n, f in listeners
-                ],
+                "listeners": [listener(n, ports[n], f) for n, f in listeners],
                 "clusters": [
                     _cluster("rq", rq.port, {"max_requests": 2, "track_remaining": True}),
                     _cluster(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.bootstrap import FILE, HCM, ROUTER, address, static_cluster
+from tests.support.bootstrap import FILE, HCM, ROUTER, address, listener, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.procs import (
     LOOPBACK,
@@ -118,10 +118,7 @@ def bootstrap(ports: dict[str, int], echo: int, log: Path) -> dict[str, Any]:
     return {
         "admin": {"address": address(ports["admin"])},
         "static_resources": {
-            "listeners": [
-                {"name": n, "address": address(ports[n]), "filter_chains": [{"filters": [f]}]}
-                for n, f in listeners
-            ],
+            "listeners": [listener(n, ports[n], f) for n, f in listeners],
             "clusters": [static_cluster("echo", [echo], connect_timeout="2s")],
         },
     }

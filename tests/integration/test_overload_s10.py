@@ -26,7 +26,7 @@ import psutil
 import pytest
 import uvloop
 import yaml
-from tests.support.bootstrap import FILE, HCM, ROUTER, address
+from tests.support.bootstrap import FILE, HCM, ROUTER, address, listener, static_cluster
 from tests.support.held_upstream import HeldUpstream
 from tests.support.procs import (
     LOOPBACK,
@@ -79,25 +79,14 @@ def _bootstrap(admin: int, port: int, upstream: int, log: Path) -> dict[str, Any
     return {
         "admin": {"address": address(admin)},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "main",
-                    "address": address(port),
-                    "filter_chains": [{"filters": [{"name": "hcm", "typed_config": hcm}]}],
-                }
-            ],
+            "listeners": [listener("main", port, {"name": "hcm", "typed_config": hcm})],
             "clusters": [
-                {
-                    "name": "svc",
-                    "connect_timeout": "2s",
-                    "circuit_breakers": {"thresholds": [LIMITS]},
-                    "load_assignment": {
-                        "cluster_name": "svc",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": address(upstream)}}]}
-                        ],
-                    },
-                }
+                static_cluster(
+                    "svc",
+                    [upstream],
+                    connect_timeout="2s",
+                    circuit_breakers={"thresholds": [LIMITS]},
+                )
             ],
         },
     }

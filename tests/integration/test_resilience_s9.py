@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.bootstrap import FILE, HCM, ROUTER, address, static_cluster
+from tests.support.bootstrap import FILE, HCM, ROUTER, address, listener, static_cluster
 from tests.support.faults import start_echo_process
 from tests.support.netns import NetNamespace, netns_support
 from tests.support.procs import (
@@ -148,13 +148,7 @@ def bootstrap(
     return {
         "admin": {"address": address(admin)},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "in",
-                    "address": address(listen),
-                    "filter_chains": [{"filters": [{"name": "hcm", "typed_config": hcm}]}],
-                }
-            ],
+            "listeners": [listener("in", listen, {"name": "hcm", "typed_config": hcm})],
             "clusters": [replicas],
         },
     }

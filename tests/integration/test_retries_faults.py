@@ -41,24 +41,22 @@ def faulty(
 ) -> Iterator[tuple[Any, Ledger, dict[str, ProxyHandle]]]:
     ledger = Ledger()
     replicas = [RetryReplica(name, ledger) for name in ("e", "f", "g")]
-    runner = FaultProxyThread()
-    runner.__enter__()
     try:
-        handles = {r.name: runner.start_proxy(("127.0.0.1", r.port)) for r in replicas}
-        b = proxy_factory.bootstrap()
-        b.add_cluster("replicas", [h.port for h in handles.values()])
-        b.add_listener(
-            "main",
-            routes=[
-                {
-                    "match": {"prefix": "/"},
-                    "route": {"cluster": "replicas", "timeout": "5s", "retry_policy": POLICY},
-                }
-            ],
-        )
-        yield proxy_factory.start(b), ledger, handles
+        with FaultProxyThread() as runner:
+            handles = {r.name: runner.start_proxy(("127.0.0.1", r.port)) for r in replicas}
+            b = proxy_factory.bootstrap()
+            b.add_cluster("replicas", [h.port for h in handles.values()])
+            b.add_listener(
+                "main",
+                routes=[
+                    {
+                        "match": {"prefix": "/"},
+                        "route": {"cluster": "replicas", "timeout": "5s", "retry_policy": POLICY},
+                    }
+                ],
+            )
+            yield proxy_factory.start(b), ledger, handles
     finally:
-        runner.__exit__(None, None, None)
         for r in replicas:
             r.stop()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import sys
 import threading
 import time
 from collections import Counter
@@ -21,8 +20,8 @@ from typing import Any
 
 import pytest
 from tests.integration.conftest import ProxyFactory
-from tests.support.bootstrap import HCM, ROUTER, address
-from tests.support.faults import REPO, wait_log_line
+from tests.support.bootstrap import HCM, ROUTER, address, listener
+from tests.support.faults import start_echo_process
 from tests.support.procs import LOOPBACK, ManagedProcess, envoy_binary, free_ports
 
 TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -52,11 +51,10 @@ class EchoProcess:
 
     def start(self) -> None:
         self.runs += 1
-        argv = [sys.executable, "-m", "tests.support.echo_upstream", "--port", str(self.port),
-                "--name", self.name]  # fmt: skip
-        tag = f"{self.name}-{self.runs}"
-        self.proc = ManagedProcess(tag, argv, self.workdir / f"{tag}.log", REPO)
-        assert int(wait_log_line(self.proc).strip()) == self.port
+        self.proc, port = start_echo_process(
+            self.workdir, self.name, port=self.port, log_name=f"{self.name}-{self.runs}"
+        )
+        assert port == self.port
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -139,14 +137,7 @@ class Config:
         return list(self.filters)
 
     def render(self, admin_port: int, ports: dict[str, int]) -> dict[str, Any]:
-        listeners = [
-            {
-                "name": name,
-                "address": address(ports[name]),
-                "filter_chains": [{"filters": [f]}],
-            }
-            for name, f in self.filters.items()
-        ]
+        listeners = [listener(name, ports[name], f) for name, f in self.filters.items()]
         return {
             "admin": {"address": address(admin_port)},
             "static_resources": {"listeners": listeners, "clusters": self.clusters},

@@ -12,7 +12,6 @@ bucket holds a few tokens and refills once an hour, so the sequence decides ever
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 from collections.abc import Iterator
@@ -21,18 +20,17 @@ from typing import Any
 
 import pytest
 
-from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
-from tests.support.echo_upstream import EchoServerPool
-from tests.support.procs import (
-    LOOPBACK,
-    ManagedProcess,
-    admin_get,
-    envoy_binary,
-    free_ports,
-    start_envoy,
-    start_ubimesh,
-    ubimesh_available,
+from tests.support.bootstrap import (
+    HCM,
+    ROUTER,
+    Proxy,
+    address,
+    listener,
+    proxy_pair,
+    static_cluster,
 )
+from tests.support.echo_upstream import EchoServerPool
+from tests.support.procs import LOOPBACK, admin_get, envoy_binary, ubimesh_available
 
 pytestmark = [
     pytest.mark.envoy,
@@ -215,20 +213,10 @@ def bootstrap(ports: dict[str, int], echo_port: int) -> dict[str, Any]:
     return {
         "admin": {"address": address(ports["admin"])},
         "static_resources": {
-            "listeners": [
-                {"name": n, "address": address(ports[n]), "filter_chains": [{"filters": [f]}]}
-                for n, f in filters.items()
-            ],
+            "listeners": [listener(n, ports[n], f) for n, f in filters.items()],
             "clusters": [static_cluster("echo", [echo_port], connect_timeout="2s")],
         },
     }
-
-
-@dataclass
-class Proxy:
-    name: str
-    ports: dict[str, int]
-    proc: ManagedProcess
 
 
 @dataclass
@@ -244,18 +232,12 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
         pytest.skip(f"ubimesh proxy does not run: {why}")
     work = tmp_path_factory.mktemp("fault-rl-differential")
     echo = EchoServerPool()
-    result = Farm(echo, [])
     try:
-        for name, start in (("envoy", start_envoy), ("ubimesh", start_ubimesh)):
-            ports = dict(zip(("admin", *LISTENERS), free_ports(len(LISTENERS) + 1), strict=True))
-            path = work / f"{name}.json"
-            path.write_text(json.dumps(bootstrap(ports, echo.port("echo"))))
-            proc = start(path, ports["admin"], [ports[n] for n in LISTENERS], work)
-            result.proxies.append(Proxy(name, ports, proc))
-        yield result
+        with proxy_pair(
+            work, LISTENERS, lambda _name, ports: bootstrap(ports, echo.port("echo"))
+        ) as proxies:
+            yield Farm(echo, proxies)
     finally:
-        for proxy in result.proxies:
-            proxy.proc.stop()
         echo.close()
 
 

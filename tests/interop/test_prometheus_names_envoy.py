@@ -10,7 +10,6 @@ stats filter) and are left out.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import time
@@ -20,18 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
+from tests.support.bootstrap import HCM, ROUTER, Proxy, address, proxy_pair, static_cluster
 from tests.support.echo_upstream import EchoServerPool
-from tests.support.procs import (
-    LOOPBACK,
-    ManagedProcess,
-    admin_get,
-    envoy_binary,
-    free_ports,
-    start_envoy,
-    start_ubimesh,
-    ubimesh_available,
-)
+from tests.support.procs import LOOPBACK, admin_get, envoy_binary, free_ports, ubimesh_available
 
 pytestmark = [
     pytest.mark.envoy,
@@ -125,13 +115,6 @@ def bootstrap(ports: dict[str, int], echo: int, dead: int) -> dict[str, Any]:
     }
 
 
-@dataclass
-class Proxy:
-    name: str
-    ports: dict[str, int]
-    proc: ManagedProcess
-
-
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     ok, why = ubimesh_available()
@@ -140,29 +123,25 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     work = tmp_path_factory.mktemp("prometheus-names")
     echo = EchoServerPool()
     (dead,) = free_ports(1)
-    proxies: list[Proxy] = []
+
+    def config(name: str, ports: dict[str, int]) -> dict[str, Any]:
+        boot = bootstrap(ports, echo.port("echo"), dead)
+        if name == "envoy":
+            # Envoy publishes histograms to the admin page at each flush (default 5 s).
+            boot["stats_flush_interval"] = "0.1s"
+        return boot
+
     try:
-        for name, start in (("envoy", start_envoy), ("ubimesh", start_ubimesh)):
-            ports = dict(zip(("admin", *LISTENERS), free_ports(len(LISTENERS) + 1), strict=True))
-            path = work / f"{name}.json"
-            config = bootstrap(ports, echo.port("echo"), dead)
-            if name == "envoy":
-                # Envoy publishes histograms to the admin page at each flush (default 5 s).
-                config["stats_flush_interval"] = "0.1s"
-            path.write_text(json.dumps(config))
-            proc = start(path, ports["admin"], [ports[n] for n in LISTENERS], work)
-            proxies.append(Proxy(name, ports, proc))
-        for proxy in proxies:
-            _traffic(proxy)
-        out = {}
-        for proxy in proxies:
-            status, body = admin_get(proxy.ports["admin"], "/stats/prometheus", timeout=5)
-            assert status == 200, body[:500]
-            out[proxy.name] = body.decode()
-        yield out
+        with proxy_pair(work, LISTENERS, config) as proxies:
+            for proxy in proxies:
+                _traffic(proxy)
+            out = {}
+            for proxy in proxies:
+                status, body = admin_get(proxy.ports["admin"], "/stats/prometheus", timeout=5)
+                assert status == 200, body[:500]
+                out[proxy.name] = body.decode()
+            yield out
     finally:
-        for proxy in proxies:
-            proxy.proc.stop()
         echo.close()
 
 

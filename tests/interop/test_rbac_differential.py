@@ -18,31 +18,21 @@ of the comparison (tests/integration/test_rbac_proxy.py checks it).
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
+from tests.support.bootstrap import HCM, ROUTER, Proxy, address, proxy_pair, static_cluster
 from tests.support.echo_upstream import EchoServerPool
 from tests.support.pki import Pki
-from tests.support.procs import (
-    LOOPBACK,
-    ManagedProcess,
-    admin_get,
-    envoy_binary,
-    free_ports,
-    start_envoy,
-    start_ubimesh,
-    ubimesh_available,
-)
+from tests.support.procs import LOOPBACK, admin_get, envoy_binary, ubimesh_available
 
 pytestmark = [
     pytest.mark.envoy,
@@ -338,17 +328,10 @@ def bootstrap(ports: dict[str, int], echo_port: int, files: dict[str, Path]) -> 
 
 
 @dataclass
-class Proxy:
-    name: str
-    ports: dict[str, int]
-    proc: ManagedProcess
-
-
-@dataclass
 class Farm:
     echo: EchoServerPool
     files: dict[str, Path]
-    proxies: list[Proxy] = field(default_factory=list)
+    proxies: list[Proxy]
 
 
 @pytest.fixture(scope="module")
@@ -369,18 +352,12 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     for name, chain_key in leaves.items():
         files[name], files[name + "_key"] = pki.write_leaf(work, name, chain_key)
     echo = EchoServerPool()
-    result = Farm(echo, files)
     try:
-        for name, start in (("envoy", start_envoy), ("ubimesh", start_ubimesh)):
-            ports = dict(zip(("admin", *LISTENERS), free_ports(len(LISTENERS) + 1), strict=True))
-            path = work / f"{name}.json"
-            path.write_text(json.dumps(bootstrap(ports, echo.port("echo"), files)))
-            proc = start(path, ports["admin"], [ports[n] for n in LISTENERS], work)
-            result.proxies.append(Proxy(name, ports, proc))
-        yield result
+        with proxy_pair(
+            work, LISTENERS, lambda _name, ports: bootstrap(ports, echo.port("echo"), files)
+        ) as proxies:
+            yield Farm(echo, files, proxies)
     finally:
-        for proxy in result.proxies:
-            proxy.proc.stop()
         echo.close()
 
 

@@ -16,7 +16,6 @@ send again a POST that reached the upstream; Envoy does.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import socket
 import time
@@ -26,17 +25,16 @@ from typing import Any
 
 import pytest
 
-from tests.support.bootstrap import HCM, ROUTER, address, static_cluster
-from tests.support.procs import (
-    LOOPBACK,
-    ManagedProcess,
-    admin_get,
-    envoy_binary,
-    free_ports,
-    start_envoy,
-    start_ubimesh,
-    ubimesh_available,
+from tests.support.bootstrap import (
+    HCM,
+    ROUTER,
+    Proxy,
+    address,
+    listener,
+    proxy_pair,
+    static_cluster,
 )
+from tests.support.procs import LOOPBACK, admin_get, envoy_binary, free_ports, ubimesh_available
 from tests.support.retry_upstream import Ledger, RetryReplica
 
 pytestmark = [
@@ -131,16 +129,31 @@ STATS = (
 
 
 @dataclass
-class Proxy:
-    name: str
-    ports: dict[str, int]
-    proc: ManagedProcess
-
-
-@dataclass
 class Farm:
     ledger: Ledger
     proxies: list[Proxy]
+
+
+def _bootstrap(ports: dict[str, int], replica_port: int, closed: int) -> dict[str, Any]:
+    hcm = {
+        "@type": HCM,
+        "stat_prefix": "main",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": ROUTES}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+    }
+    network_filter = {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+    return {
+        "admin": {"address": address(ports["admin"])},
+        "static_resources": {
+            "listeners": [listener("main", ports["main"], network_filter)],
+            "clusters": [
+                _cluster("one", [replica_port]),
+                _cluster("closed", [closed]),
+                _budget("budget0", replica_port, 0),
+                _budget("budget1", replica_port, 1),
+            ],
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -151,56 +164,13 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     work = tmp_path_factory.mktemp("retries-differential")
     ledger = Ledger()
     replica = RetryReplica("a", ledger)
-    result = Farm(ledger, [])
     try:
         (closed,) = free_ports(1)  # nobody listens on it
-        for name, start in (("envoy", start_envoy), ("ubimesh", start_ubimesh)):
-            ports = dict(zip(("admin", "main"), free_ports(2), strict=True))
-            hcm = {
-                "@type": HCM,
-                "stat_prefix": "main",
-                "route_config": {
-                    "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": ROUTES}]
-                },
-                "http_filters": [
-                    {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
-                ],
-            }
-            boot = {
-                "admin": {"address": address(ports["admin"])},
-                "static_resources": {
-                    "listeners": [
-                        {
-                            "name": "main",
-                            "address": address(ports["main"]),
-                            "filter_chains": [
-                                {
-                                    "filters": [
-                                        {
-                                            "name": "envoy.filters.network.http_connection_manager",
-                                            "typed_config": hcm,
-                                        }
-                                    ]
-                                }
-                            ],
-                        }
-                    ],
-                    "clusters": [
-                        _cluster("one", [replica.port]),
-                        _cluster("closed", [closed]),
-                        _budget("budget0", replica.port, 0),
-                        _budget("budget1", replica.port, 1),
-                    ],
-                },
-            }
-            path = work / f"{name}.json"
-            path.write_text(json.dumps(boot))
-            proc = start(path, ports["admin"], [ports["main"]], work)
-            result.proxies.append(Proxy(name, ports, proc))
-        yield result
+        with proxy_pair(
+            work, ["main"], lambda _name, ports: _bootstrap(ports, replica.port, closed)
+        ) as proxies:
+            yield Farm(ledger, proxies)
     finally:
-        for proxy in result.proxies:
-            proxy.proc.stop()
         replica.stop()
 
 

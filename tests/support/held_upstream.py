@@ -16,7 +16,7 @@ import contextlib
 import threading
 import time
 
-LOOPBACK = "127.0.0.1"
+from tests.support.procs import LOOPBACK
 
 
 class HeldUpstream:

@@ -298,6 +298,14 @@ def test_backoff_is_envoys_jittered_exponential() -> None:
         b2.n = 1
         firsts.add(b2.next())
     assert min(firsts) == 0.0 and max(firsts) == 0.009
+    # The ceiling grows: later backoffs reach past the earlier ceilings, up to max_interval.
+    thirds = set()
+    for seed in range(200):
+        b3 = Backoff(0.01, 0.05, random.Random(seed))
+        draws3 = [b3.next() for _ in range(4)]
+        thirds.add(draws3[2])
+        assert draws3[3] <= 0.05
+    assert max(thirds) > 0.03  # the third ceiling is 0.07 (capped at 0.05), the second 0.03
 
 
 def test_retry_stats_names() -> None:
