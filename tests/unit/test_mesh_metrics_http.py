@@ -89,7 +89,15 @@ def test_observe_counts_envoy_stats_and_istio_series() -> None:
     async def run() -> None:
         hcm, stream, stats = _runtime(META)
         # Samples on a bound go in that bound's bucket (Prometheus's le), as record() does.
-        cases = [(200, "", 0, 1024), (200, "", 10, 1), (503, "UF", 0, 19), (200, "", 7, 10)]
+        # The last case differs from the one before only in its flags: its own series.
+        cases = [
+            (200, "", 0, 1024),
+            (200, "", 10, 1),
+            (503, "UF", 0, 19),
+            (200, "", 7, 10),
+            (503, "UF", 0, 19),
+            (503, "UO", 0, 19),
+        ]
         durations: list[float] = []
         for status, flags, received, sent in cases:
             stream.status, stream.flags = status, flags
@@ -97,15 +105,17 @@ def test_observe_counts_envoy_stats_and_istio_series() -> None:
             stream.start_time = time.monotonic()
             hcm.observe(stream)
             durations.append(hcm.rq_time.sum - sum(durations))
-        assert stats.counters["http.ingress_http.downstream_rq_completed"].value == 4
+        assert stats.counters["http.ingress_http.downstream_rq_completed"].value == 6
         _same(stats.histograms["http.ingress_http.downstream_rq_time"], _expected(
             DEFAULT_BUCKETS_MS, durations))  # fmt: skip
 
         (ok,) = _series(stats, REQUESTS_TOTAL, 'response_code="200"')
-        (failed,) = _series(stats, REQUESTS_TOTAL, 'response_code="503"')
+        (failed,) = _series(stats, REQUESTS_TOTAL, 'response_code="503"', '"UF"')
+        (overflow,) = _series(stats, REQUESTS_TOTAL, 'response_code="503"', '"UO"')
         assert 'response_flags="-"' in ok and 'response_flags="UF"' in failed
         assert 'connection_security_policy="none"' in ok
-        assert stats.counters[ok].value == 3 and stats.counters[failed].value == 1
+        assert stats.counters[ok].value == 3 and stats.counters[failed].value == 2
+        assert stats.counters[overflow].value == 1
         labels = ok[ok.index("{") :]
         _same(stats.histograms[REQUEST_BYTES + labels], _expected(BYTES_BUCKETS, [0, 10, 7]))
         _same(stats.histograms[RESPONSE_BYTES + labels], _expected(BYTES_BUCKETS, [1024, 1, 10]))
