@@ -7,6 +7,11 @@ Header names go out lower-case, as Envoy's HTTP/1 codec writes them by default.
 from __future__ import annotations
 
 import time
+from typing import Final
+
+# The clock as a constant: under mypyc a Final is a C static, where ``time.time`` is a
+# generic attribute lookup on the module (about 200 instructions) per call.
+_wall_clock: Final = time.time
 
 CRLF = b"\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
@@ -94,7 +99,7 @@ class DateCache:
         self._value = ""
 
     def get(self) -> str:
-        now = int(time.time())
+        now = int(_wall_clock())
         if now != self._second:
             self._second = now
             self._value = http_date(now)

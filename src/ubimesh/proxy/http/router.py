@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ubimesh.proto.headers import Headers
 from ubimesh.proxy.http.codec import LAST_CHUNK, chunk, encode_headers
@@ -80,6 +80,10 @@ from ubimesh.proxy.upstream.outlier import (
     LOCAL_ORIGIN_CONNECT_SUCCESS,
     LOCAL_ORIGIN_TIMEOUT,
 )
+
+# The clock as a constant: under mypyc a Final is a C static, where ``time.monotonic`` is a
+# generic attribute lookup on the module (about 200 instructions) per call.
+_monotonic: Final = time.monotonic
 
 if TYPE_CHECKING:
     from ubimesh.proxy.network.hcm_config import HcmRuntime, RequestStats
@@ -405,7 +409,7 @@ class UpstreamRequest:
         head = self.hcm.build_upstream_head(
             stream, self.route, self.action, host, self.entry, self.per_try or self.timeout
         )
-        self.sent_at = time.monotonic()
+        self.sent_at = _monotonic()
         if pending:
             if self.chunked:
                 conn.write(head + b"".join([chunk(p) for p in pending]))
@@ -621,7 +625,7 @@ class UpstreamRequest:
             out.append(
                 (
                     "x-envoy-upstream-service-time",
-                    str(int((time.monotonic() - self.sent_at) * 1000)),
+                    str(int((_monotonic() - self.sent_at) * 1000)),
                 )
             )
         rs = self.rstats
@@ -661,7 +665,7 @@ class UpstreamRequest:
         rs = self.rstats
         if rs is not None:
             rs.rq_completed.value += 1
-            rs.record_time((time.monotonic() - self.sent_at) * 1000.0)
+            rs.record_time((_monotonic() - self.sent_at) * 1000.0)
         stream.encode_end()
 
     def on_upstream_reset(self, reason: str) -> None:

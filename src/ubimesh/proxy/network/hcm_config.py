@@ -13,7 +13,7 @@ import os
 import random
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ubimesh.proto import path as pathnorm
 from ubimesh.proto.headers import Headers
@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from ubimesh.proxy.network.http_manager import ActiveStream, HttpConnection
     from ubimesh.proxy.tracing.span import HcmTracer
     from ubimesh.proxy.upstream.cluster_manager import ClusterManager
+
+# The clock as a constant: under mypyc a Final is a C static, where ``time.monotonic`` is a
+# generic attribute lookup on the module (about 200 instructions) per call.
+_monotonic: Final = time.monotonic
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
@@ -404,7 +408,7 @@ class HcmRuntime:
         logs = self.access_logs
         if logs is not None:
             log_stream(logs, stream)
-        duration_ms = (time.monotonic() - stream.start_time) * 1000.0
+        duration_ms = (_monotonic() - stream.start_time) * 1000.0
         # Native calls and field bumps: ``stats`` is compiled with this module.
         self.rq_time.record(duration_ms)
         self.rq_completed.value += 1

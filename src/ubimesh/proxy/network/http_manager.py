@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -46,6 +46,10 @@ from ubimesh.proxy.snapshot.types import (
     RouteAction,
     VirtualHost,
 )
+
+# The clock as a constant: under mypyc a Final is a C static, where ``time.monotonic`` is a
+# generic attribute lookup on the module (about 200 instructions) per call.
+_monotonic: Final = time.monotonic
 
 if TYPE_CHECKING:
     from ubimesh.proxy.http.fault import DelayedStream
@@ -667,7 +671,7 @@ class HttpConnection(asyncio.Protocol):
         s.http10 = parser.get_http_version() == "1.0"
         s.keep_alive = parser.should_keep_alive()
         s.upgrade = parser.should_upgrade()
-        s.start_time = time.monotonic()
+        s.start_time = _monotonic()
         if not s.body_expected and not s.upgrade:
             # Nothing more to read for this request: it is complete now, which is what the
             # router's timeout and the close-on-early-response rule look at.
