@@ -10,6 +10,7 @@ health flags of both on one configuration.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -381,3 +382,43 @@ def test_health_flags_match_envoy(
         dead[1]: "/failed_active_hc/eds_status_draining",
         dead[2]: "/failed_active_hc/failed_eds_health",
     }
+
+
+@pytest.mark.skipif(envoy_binary() is None, reason="needs the envoy binary")
+def test_circuit_breaker_lines_match_envoy(proxy_factory: ProxyFactory) -> None:
+    """/clusters shows each cluster's limits per priority, as Envoy does: set, defaulted (a
+    priority with no thresholds entry) and with a retry budget."""
+    port = free_ports(1)[0]
+    limits = {"max_connections": 7, "max_pending_requests": 8, "max_requests": 9}
+    budget = {"budget_percent": {"value": 50.0}, "min_retry_concurrency": 4}
+    set_limits = [{**limits, "max_retries": 2}, {"priority": "HIGH", "max_connections": 3}]
+    budgeted = [{"max_retries": 5, "retry_budget": budget}]
+    cfg = Config(
+        [
+            cluster("set", [[lb_endpoint(port)]], circuit_breakers={"thresholds": set_limits}),
+            cluster("budget", [[lb_endpoint(port)]], circuit_breakers={"thresholds": budgeted}),
+            cluster("plain", [[lb_endpoint(port)]]),
+        ],
+        {"main": http_listener("plain")},
+    )
+    seen = {}
+    for subject in ("envoy", "ubimesh"):
+        proxy = proxy_factory.start(cfg, subject=subject)  # type: ignore[arg-type]
+        try:
+            _, text = proxy.admin("/clusters")
+            _, doc = proxy.admin("/clusters?format=json")
+        finally:
+            proxy.stop()
+        lines = [ln for ln in text.decode().splitlines() if "_priority::" in ln]
+        statuses = json.loads(doc)["cluster_statuses"]
+        seen[subject] = (
+            sorted(lines),
+            {s["name"]: s.get("circuit_breakers") for s in statuses if s["name"] != "main"},
+        )
+    assert seen["ubimesh"] == seen["envoy"]
+    lines = seen["envoy"][0]
+    assert "set::default_priority::max_requests::9" in lines
+    assert "set::high_priority::max_connections::3" in lines
+    assert "plain::high_priority::max_retries::3" in lines
+    # Under a retry budget: what the budget allows now (idle: min_retry_concurrency).
+    assert "budget::default_priority::max_retries::4" in lines

@@ -16,15 +16,41 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ubimesh.proxy.admin import ClusterStatus, HostStatus, ListenerStatus
+from ubimesh.proxy.admin import (
+    CircuitBreakerThresholds,
+    ClusterStatus,
+    HostStatus,
+    ListenerStatus,
+)
 from ubimesh.proxy.listener import ListenerRuntime
 from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
 from ubimesh.proxy.tls.manager import TlsManager
 from ubimesh.proxy.tracing.local import set_local_node
-from ubimesh.proxy.upstream.cluster_manager import ClusterManager
+from ubimesh.proxy.upstream.circuit_breaker import ResourceManager, RetryBudgetResource
+from ubimesh.proxy.upstream.cluster_manager import ClusterManager, UpstreamCluster
 from ubimesh.telemetry.stats import Store
 
 log = logging.getLogger("ubimesh.server")
+
+
+def _limits(priority: str, resources: ResourceManager) -> CircuitBreakerThresholds:
+    """One priority's limits as Envoy's /clusters shows them: under a retry budget, the
+    number of retries the budget allows now (it moves with the traffic)."""
+    retries = resources.retries
+    return CircuitBreakerThresholds(
+        priority,
+        resources.connections.max,
+        resources.pending_requests.max,
+        resources.requests.max,
+        retries.limit() if isinstance(retries, RetryBudgetResource) else retries.max,
+    )
+
+
+def _both_limits(cluster: UpstreamCluster | None) -> tuple[CircuitBreakerThresholds, ...]:
+    if cluster is None:
+        return ()
+    resources = cluster.resources
+    return (_limits("DEFAULT", resources.default), _limits("HIGH", resources.high))
 
 
 @dataclass
@@ -191,6 +217,7 @@ class ProxyServer:
                 ClusterStatus(
                     name=name,
                     hosts=tuple(hosts),
+                    circuit_breakers=_both_limits(cluster),
                     outlier=tuple(detector.sr_numbers) if detector is not None else None,
                 )
             )
