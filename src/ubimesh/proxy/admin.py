@@ -134,7 +134,7 @@ class CircuitBreakerThresholds:
 @dataclass(frozen=True, slots=True)
 class ClusterStatus:
     """One cluster as /clusters shows it. ``observability_name`` defaults to ``name``.
-    ``circuit_breakers`` is printed only when given (ubimesh enforces none yet)."""
+    ``circuit_breakers`` (DEFAULT then HIGH) is printed only when given."""
 
     name: str
     hosts: tuple[HostStatus, ...] = ()
