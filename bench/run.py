@@ -882,7 +882,7 @@ def write_outputs(
     if args.scenario == "resilience":
         text += "\n" + resilience.bar_section(rows)
     if args.scenario == "telemetry":
-        text += "\n" + telemetry.bar_section(rows)
+        text += "\n" + telemetry.bar_section(rows, runs)
     (outdir / "results.md").write_text(text)
     write_json(outdir / "results.json", {"meta": meta, "summary": rows, "runs": runs})
     if rows:
@@ -980,7 +980,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = plan(args)
         total = args.repeat * len(targets) * len(steps)
         for rep in range(1, args.repeat + 1):
-            for name in targets:
+            # Each repetition starts with the next target: on a shared machine whose speed
+            # drifts, a fixed order would favour whichever target always runs first.
+            shift = (rep - 1) % len(targets)
+            for name in [*targets[shift:], *targets[:shift]]:
                 with running(ctx, name) as target:
                     for size, kind, conns, rate in steps:
                         for attempt in range(1, args.noise_retries + 2):

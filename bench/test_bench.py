@@ -338,15 +338,25 @@ def test_telemetry_bootstraps_differ_from_s1_only_by_telemetry(tmp_path: Path) -
 
 
 def test_telemetry_bar_section() -> None:
+    from benchlib.report import summarise
+
+    # Two repetitions, the machine twice as fast in the second. 100 %: the ratio of medians
+    # is 11,450 / 15,000; the paired ratio the median of 0.75 and 0.77. 1 %: measured in
+    # repetition 1 only, so its median (8,500) meets an all-off median of both moments
+    # (0.567), while its paired ratio uses repetition 1 alone (0.850).
+    measured = {
+        1: (("ubimesh", 10000.0), ("ubimesh-telemetry", 7500.0),
+            ("ubimesh-telemetry-1pct", 8500.0)),
+        2: (("ubimesh", 20000.0), ("ubimesh-telemetry", 15400.0)),
+    }  # fmt: skip
     runs = [
         {"target": t, "size": "1k", "load": "wrk c50", "kind": "closed", "rps": rps,
-         "cpu_us_per_req": cpu, "rep": 1}
-        for t, rps, cpu in (("ubimesh", 10000.0, 90.0), ("ubimesh-telemetry", 7600.0, 118.0),
-                            ("ubimesh-telemetry-1pct", 8700.0, 103.0))
+         "cpu_us_per_req": 100.0, "rep": rep, "conns": 50, "requested_rps": None}
+        for rep, got in measured.items() for t, rps in got
     ]  # fmt: skip
-    text = telemetry.bar_section(runs)
-    assert "| ubimesh-telemetry | 100 % | 10,000 | 7,600 | 0.760 |" in text
-    assert "| ubimesh-telemetry-1pct | 1 % | 10,000 | 8,700 | 0.870 |" in text
+    text = telemetry.bar_section(summarise(runs), runs)
+    assert "| ubimesh-telemetry | 100 % | 15,000 | 11,450 | 0.763 | 0.760 |" in text
+    assert "| ubimesh-telemetry-1pct | 1 % | 15,000 | 8,500 | 0.567 | 0.850 |" in text
     assert text.count("PASS") == 1 and text.count("FAIL") == 1
 
 
