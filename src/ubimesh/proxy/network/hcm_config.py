@@ -300,6 +300,11 @@ class HcmRuntime:
             None if transformation == "PASS_THROUGH" else config.server_name or "envoy"
         )
         self.server_overwrite = transformation == "OVERWRITE"
+        # Settings read by every request, copied into native fields: on the interpreted
+        # config each read is a generic attribute lookup (about 160 instructions).
+        self.strip_any_host_port: bool = config.strip_any_host_port
+        self.use_remote_address: bool = config.use_remote_address
+        self.generate_request_id: bool = config.generate_request_id
         self.normalize = (
             config.normalize_path
             or config.merge_slashes
@@ -456,7 +461,7 @@ class HcmRuntime:
         if not flags & F_HOST and not stream.http10:
             return _BAD_REQUEST
         host = stream.host_header
-        if config.strip_any_host_port and host:
+        if self.strip_any_host_port and host:
             stripped = strip_port(host)
             if stripped != host:
                 host = stream.host_header = stripped
@@ -499,7 +504,7 @@ class HcmRuntime:
         # x-forwarded-for, x-forwarded-proto and the edge classification, as Envoy's
         # ConnectionManagerUtility::mutateRequestHeaders does it. With no internal address
         # configuration (Envoy 1.40's default), no downstream counts as internal.
-        if config.use_remote_address:
+        if self.use_remote_address:
             remote_ip = conn.remote[0]
             trusted_hops = config.xff_num_trusted_hops
             xff = headers.get("x-forwarded-for")
@@ -523,7 +528,7 @@ class HcmRuntime:
                 headers.items.append(
                     ("x-forwarded-proto", "http" if conn.tls is None else "https")
                 )
-        if config.generate_request_id:
+        if self.generate_request_id:
             if not flags & F_REQUEST_ID:
                 headers.items.append(("x-request-id", new_request_id()))
             elif edge and not config.preserve_external_request_id:
@@ -584,8 +589,9 @@ class HcmRuntime:
         self, stream: ActiveStream, action: RouteAction
     ) -> tuple[str, WeightedClusterEntry | None]:
         """The cluster name for this request, and the weighted entry it came from (if any)."""
-        if action.cluster:
-            return action.cluster, None
+        cluster = action.cluster  # read once: a generic lookup on the interpreted dataclass
+        if cluster:
+            return cluster, None
         if action.weighted_clusters:
             entry = pick_weighted(
                 action.weighted_clusters, action.total_weight, random.getrandbits(63)
