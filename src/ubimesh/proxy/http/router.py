@@ -162,10 +162,12 @@ class UpstreamRequest:
         "ended_mark_delay",
         "entry",
         "hash_key",
+        "hashing",
         "hcm",
         "head_items",
         "host",
         "in_flight",
+        "mirroring",
         "mirrors",
         "paused_upstream",
         "per_try",
@@ -178,6 +180,7 @@ class UpstreamRequest:
         "retries_left",
         "retry_held",
         "retry_on",
+        "retry_policy",
         "retry_statuses",
         "route",
         "route_deferred",
@@ -239,7 +242,8 @@ class UpstreamRequest:
         self.ended = False
         # Envoy's router would take x-envoy-upstream-rq-timeout-ms from internal requests;
         # without an internal address configuration there are none (the HCM strips it).
-        self.timeout = action.timeout
+        # One read of the interpreted RouteAction (its ``hot`` tuple), not four.
+        self.timeout, self.hashing, self.retry_policy, self.mirroring = action.hot
         self.rq_held = False
         """This attempt holds the cluster's ``requests`` resource (from its connection on)."""
         self.in_flight = False
@@ -274,17 +278,17 @@ class UpstreamRequest:
             stream.send_local_reply(action.cluster_not_found_response_code, b"", NC)
             return
         self.cluster = cluster
-        hash_key = self.hash_key = hcm.hash_key(stream, action) if action.hash_policies else None
+        hash_key = self.hash_key = hcm.hash_key(stream, action) if self.hashing else None
         host = cluster.choose_host(hash_key)
         if host is None:
             cluster.stats.upstream_cx_none_healthy.value += 1
             stream.send_local_reply(503, b"no healthy upstream", UH)
             return
         self.rstats = hcm.request_stats(cluster.name)
-        policy = action.retry_policy
+        policy = self.retry_policy
         if policy is not None:
             self._setup_retries(policy)
-        if action.mirror_policies:
+        if self.mirroring:
             self._start_mirrors()
         self._start_attempt(cluster, host)
 
@@ -533,7 +537,7 @@ class UpstreamRequest:
                 # request that is answered in time costs one timer, not two.
                 self.route_deferred = True
             else:
-                self.timer = self.hcm.loop.call_later(timeout, self._on_timeout)
+                self.timer = self.hcm.call_later(timeout, self._on_timeout)
         if self.policy is not None or self.route_deferred:
             # Only this decode_end arms timers before the request has ended, so the one it
             # armed, if any, dates the end (_ended_at: retries' expected timeout, the deferred
@@ -565,7 +569,7 @@ class UpstreamRequest:
     def _arm_per_try(self) -> None:
         per_try = self.per_try
         if per_try is not None and self.attempt_timer is None and not self.stream.upgrade:
-            self.attempt_timer = self.hcm.loop.call_later(per_try, self._on_per_try_timeout)
+            self.attempt_timer = self.hcm.call_later(per_try, self._on_per_try_timeout)
 
     def on_downstream_upgrade_bytes(self, rest: bytes) -> None:
         """Bytes after an upgrade request's head: they belong to the tunnel."""
@@ -789,7 +793,7 @@ class UpstreamRequest:
         if stream.conn.read_paused_flow:
             # The body keeps arriving into the retry buffer (bounded by the buffer limit).
             stream.conn.resume_reading_for_upstream()
-        self.backoff_timer = self.hcm.loop.call_later(self.backoff.next(), self._do_retry)
+        self.backoff_timer = self.hcm.call_later(self.backoff.next(), self._do_retry)
 
     def _do_retry(self) -> None:
         self.backoff_timer = None
@@ -1009,7 +1013,7 @@ class ShadowRequest:
         self.hcm.mirror_stats.value += 1
         pool.acquire(self)
         timeout = primary.timeout or 15.0
-        self.timer: asyncio.TimerHandle | None = self.hcm.loop.call_later(timeout, self._on_timeout)
+        self.timer: asyncio.TimerHandle | None = self.hcm.call_later(timeout, self._on_timeout)
 
     def send_head(self, pending: list[bytes] | None) -> None:
         stream = self.primary.stream
