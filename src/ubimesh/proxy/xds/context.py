@@ -39,6 +39,7 @@ def is_within(path: str, prefix: str) -> bool:
 
 
 E = TypeVar("E", bound=enum.Enum)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -139,6 +140,11 @@ class Ctx:
 def seconds(value: Any) -> float:
     """A google.protobuf.Duration as float seconds."""
     return rules.duration_seconds(value)
+
+
+def duration(msg: Any, name: str, default: T) -> float | T:
+    """A Duration field in seconds, or ``default`` when it is unset (0 stays 0)."""
+    return seconds(getattr(msg, name)) if msg.HasField(name) else default
 
 
 def timeout(msg: Any, name: str, default: float | None) -> float | None:

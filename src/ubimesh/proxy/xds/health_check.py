@@ -15,7 +15,7 @@ import binascii
 from typing import Any
 
 from ubimesh.proxy.snapshot.health_check import HealthCheck, HttpHealthCheck, TcpHealthCheck
-from ubimesh.proxy.xds.context import Ctx, item, join, seconds, wrapped
+from ubimesh.proxy.xds.context import Ctx, duration, item, join, wrapped
 
 _HEALTH_CHECK = {
     "timeout",
@@ -114,26 +114,23 @@ def health_check(ctx: Ctx, msg: Any, path: str) -> HealthCheck | None:
     if http is None and tcp is None:
         return None
 
-    def dur(name: str, default: float | None) -> float | None:
-        return seconds(getattr(msg, name)) if msg.HasField(name) else default
 
-    no_traffic = dur("no_traffic_interval", 60.0)
-    assert no_traffic is not None
+    no_traffic = duration(msg, "no_traffic_interval", 60.0)
     return HealthCheck(
-        timeout=dur("timeout", 1.0) or 1.0,
-        interval=dur("interval", 1.0) or 1.0,
+        timeout=duration(msg, "timeout", 1.0) or 1.0,
+        interval=duration(msg, "interval", 1.0) or 1.0,
         unhealthy_threshold=wrapped(msg, "unhealthy_threshold", 1),
         healthy_threshold=wrapped(msg, "healthy_threshold", 1),
         http=http,
         tcp=tcp,
-        initial_jitter=dur("initial_jitter", 0.0) or 0.0,
-        interval_jitter=dur("interval_jitter", 0.0) or 0.0,
+        initial_jitter=duration(msg, "initial_jitter", 0.0) or 0.0,
+        interval_jitter=duration(msg, "interval_jitter", 0.0) or 0.0,
         interval_jitter_percent=msg.interval_jitter_percent,
         no_traffic_interval=no_traffic,
-        no_traffic_healthy_interval=dur("no_traffic_healthy_interval", None),
-        unhealthy_interval=dur("unhealthy_interval", None),
-        unhealthy_edge_interval=dur("unhealthy_edge_interval", None),
-        healthy_edge_interval=dur("healthy_edge_interval", None),
+        no_traffic_healthy_interval=duration(msg, "no_traffic_healthy_interval", None),
+        unhealthy_interval=duration(msg, "unhealthy_interval", None),
+        unhealthy_edge_interval=duration(msg, "unhealthy_edge_interval", None),
+        healthy_edge_interval=duration(msg, "healthy_edge_interval", None),
         reuse_connection=wrapped(msg, "reuse_connection", True),
         alt_port=wrapped(msg, "alt_port", 0),
     )

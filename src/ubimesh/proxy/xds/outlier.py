@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ubimesh.proxy.snapshot.outlier import OutlierDetection
-from ubimesh.proxy.xds.context import Ctx, join, seconds, wrapped
+from ubimesh.proxy.xds.context import Ctx, duration, join, wrapped
 
 _OUTLIER = {
     "consecutive_5xx",
@@ -49,11 +49,9 @@ def outlier_detection(ctx: Ctx, msg: Any, path: str) -> OutlierDetection:
     ctx.fields(msg, path, _OUTLIER, _OUTLIER_HINTS)
     d = OutlierDetection()
 
-    def dur(name: str, default: float) -> float:
-        return seconds(getattr(msg, name)) if msg.HasField(name) else default
 
-    base = dur("base_ejection_time", d.base_ejection_time)
-    max_time = dur("max_ejection_time", max(d.max_ejection_time, base))
+    base = duration(msg, "base_ejection_time", d.base_ejection_time)
+    max_time = duration(msg, "max_ejection_time", max(d.max_ejection_time, base))
     if max_time < base:
         ctx.error(
             join(path, "max_ejection_time"),
@@ -69,10 +67,12 @@ def outlier_detection(ctx: Ctx, msg: Any, path: str) -> OutlierDetection:
         consecutive_5xx=num("consecutive_5xx"),
         consecutive_gateway_failure=num("consecutive_gateway_failure"),
         consecutive_local_origin_failure=num("consecutive_local_origin_failure"),
-        interval=dur("interval", d.interval),
+        interval=duration(msg, "interval", d.interval),
         base_ejection_time=base,
         max_ejection_time=max_time,
-        max_ejection_time_jitter=dur("max_ejection_time_jitter", d.max_ejection_time_jitter),
+        max_ejection_time_jitter=duration(
+            msg, "max_ejection_time_jitter", d.max_ejection_time_jitter
+        ),
         max_ejection_percent=num("max_ejection_percent"),
         always_eject_one_host=num("always_eject_one_host"),
         enforcing_consecutive_5xx=num("enforcing_consecutive_5xx"),
