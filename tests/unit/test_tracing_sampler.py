@@ -48,3 +48,19 @@ def test_client_and_forced_traces() -> None:
     assert decide(RID, client=True, random_=0, client_pct=0)[0] == sampler.NOT_TRACEABLE
     assert decide(RID, force=True, random_=0)[0] == sampler.SERVICE_FORCED
     assert decide(RID, client=True, force=True)[1][14] == "b"  # type: ignore[index]
+
+
+def test_a_generated_id_draws_from_its_bytes_as_from_its_text() -> None:
+    # The HCM notes the id it generates (sampler.GENERATED): decide then reads the draw from
+    # the random bytes. It must be the draw the text spells, and only that very string gets it.
+    from ubimesh.proxy.network.hcm_config import new_request_id
+
+    for _ in range(300):
+        rid = new_request_id()
+        assert sampler.GENERATED.text is rid
+        copy = "".join(list(rid))  # equal, but not the generated object: parsed
+        assert copy is not rid
+        for pct in (0.5, 1, 20, 50, 99.99):
+            assert decide(rid, random_=pct) == decide(copy, random_=pct)
+        raw, at = sampler.GENERATED.raw, sampler.GENERATED.at
+        assert int(rid[:8], 16) == int.from_bytes(raw[at : at + 4], "big")

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from ubimesh.proxy.network.hcm_config import F_TRACE, REQUEST_HEADER_FLAGS, new_request_id
 from ubimesh.proxy.network.http_manager import ActiveStream
 from ubimesh.proxy.snapshot.types import (
     CustomTag,
@@ -20,7 +21,8 @@ from ubimesh.proxy.snapshot.types import (
     TracingProvider,
     TracingProviderKind,
 )
-from ubimesh.proxy.tracing import zipkin
+from ubimesh.proxy.tracing import sampler, zipkin
+from ubimesh.proxy.tracing.context import TRACE_HEADERS
 from ubimesh.proxy.tracing.local import LOCAL
 from ubimesh.proxy.tracing.span import HcmTracer, Span
 from ubimesh.proxy.upstream.cluster_manager import ClusterManager
@@ -44,6 +46,9 @@ def stream(*extra: tuple[str, str], path: str = "/cart?id=1") -> ActiveStream:
     s = ActiveStream(conn)  # type: ignore[arg-type]
     s.method, s.path, s.host_header = "GET", path, "shop"
     s.headers.items = [("host", "shop"), ("x-request-id", RID), *extra]
+    # What the codec notes as the headers arrive (the tracer reads the trace header flag).
+    for k, _ in s.headers.items:
+        s.hflags |= REQUEST_HEADER_FLAGS.get(k, 0)
     return s
 
 
@@ -137,3 +142,47 @@ def test_the_decision_rewrites_the_request_id_in_place() -> None:
     s = stream(("x-request-id", "other"))
     assert t.start(s, None) is not None
     assert s.headers.get_all("x-request-id") == [RID[:14] + "9" + RID[15:]]
+
+
+def test_the_codec_flags_every_trace_header() -> None:
+    # start() reads trace headers only when the codec flagged one (F_TRACE): every header it
+    # parses must carry the flag, or its context would be ignored.
+    for name in TRACE_HEADERS:
+        assert REQUEST_HEADER_FLAGS[name] & F_TRACE
+    t, _ = tracer(random_sampling=0.5)
+    s = stream(("x-b3-traceid", "1" * 16), ("x-b3-spanid", "2" * 16))
+    assert s.hflags & F_TRACE and t.start(s, None) is None
+    # The caller's context went upstream (ingress shares its span), not a new root trace.
+    names = [k for k, _ in s.headers.items]
+    assert names.count("x-b3-traceid") == 1 and names.count("x-b3-spanid") == 1
+    up = dict(s.headers.items)
+    assert up["x-b3-traceid"] == "1" * 16 and up["x-b3-spanid"] == "2" * 16
+
+
+def test_the_id_the_hcm_generated_is_found_without_a_scan_and_rewritten_in_place() -> None:
+    # No x-request-id arrived (no F_REQUEST_ID): the HCM appended the one it generated, last.
+    t, _ = tracer(random_sampling=100)
+    s = stream()
+    generated = new_request_id()
+    s.headers.items = [("host", "shop"), ("x-request-id", generated)]
+    s.hflags = REQUEST_HEADER_FLAGS["host"]
+    assert t.start(s, None) is not None
+    assert s.headers.items[1] == ("x-request-id", generated[:14] + "9" + generated[15:])
+    # Not the generated string (an equal copy, or another request's): found by the scan.
+    s = stream()
+    s.headers.items = [("x-request-id", "".join(list(generated))), ("host", "shop")]
+    s.hflags = REQUEST_HEADER_FLAGS["host"]
+    assert t.start(s, None) is not None
+    assert s.headers.items[0] == ("x-request-id", generated[:14] + "9" + generated[15:])
+
+
+def test_a_request_without_headers_has_no_request_id() -> None:
+    # An empty header list (an HTTP/1.0 request, no id generated) must not take the generated
+    # id's fast path (the empty string is one object).
+    t, stats = tracer(random_sampling=100)
+    s = stream()
+    s.headers.items = []
+    s.hflags = 0
+    sampler.GENERATED.note("", b"", 0)
+    assert t.start(s, None) is None
+    assert stats.counter("http.in.tracing.not_traceable").value == 1

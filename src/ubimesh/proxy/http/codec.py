@@ -62,9 +62,21 @@ def encode_headers(headers: list[tuple[str, str]]) -> bytes:
 
 def encode_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:
     """A whole HTTP/1.1 request head: the request line, the header lines and the empty line."""
-    parts = [method, " ", target, " HTTP/1.1\r\n"]
-    _append_header_lines(parts, headers)
-    parts.append("\r\n")
+    # The pieces' list is made at its final size, ": " already in place: appending grew it
+    # by reallocations, and an item stored costs less than one appended (about 55
+    # instructions a header line less; bench/telemetry_cpu.py --callgrind).
+    parts = [": "] * (4 * len(headers) + 5)
+    parts[0] = method
+    parts[1] = " "
+    parts[2] = target
+    parts[3] = " HTTP/1.1\r\n"
+    i = 4
+    for k, v in headers:
+        parts[i] = k
+        parts[i + 2] = v
+        parts[i + 3] = "\r\n"
+        i += 4
+    parts[i] = "\r\n"
     return "".join(parts).encode("latin-1")
 
 

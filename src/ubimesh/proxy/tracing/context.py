@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from typing import Final
 
-#: The request headers tracing looks at (one pass over the header list finds them all).
+#: The request headers tracing looks at (one pass over the header list finds them all). The
+#: codec flags a request that has any (hcm_config.F_TRACE): most have none.
 TRACE_HEADERS: Final = frozenset(
     {
         "b3",

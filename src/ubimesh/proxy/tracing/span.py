@@ -22,9 +22,13 @@ Span identity, as Envoy's tracers make it (checked against Envoy 1.40):
 from __future__ import annotations
 
 import os
-import time
+
+# The clocks as names of this module, not ``time.time()``: compiled, looking an attribute up
+# on a module costs about 250 instructions, a name of this module's globals about 50.
+from time import monotonic, time
 from typing import TYPE_CHECKING, Any, Final
 
+from ubimesh.proxy.network.hcm_config import F_REQUEST_ID, F_TRACE
 from ubimesh.proxy.snapshot.types import (
     CustomTag,
     CustomTagKind,
@@ -52,12 +56,15 @@ _B3_WRITTEN: Final = frozenset(
 #: itself: as ``tuple[str, str]`` it would be unboxed and boxed into a new tuple at each use.
 _SAMPLED_1: Final[Any] = ("x-b3-sampled", "1")
 _SAMPLED_0: Final[Any] = ("x-b3-sampled", "0")
+#: The codec's flags for "an x-request-id or a trace header arrived" (hcm_config).
+_ID_OR_TRACE: Final = F_REQUEST_ID | F_TRACE
+_NO_ITEM: Final = ("", "")
 
 
-_ZERO16: Final = "0" * 16
 #: Ids are cut from random bytes drawn for this many at a time, as Envoy's random generator
 #: prefetches 256 64-bit values: one getrandom call and one hex conversion per 256 ids.
 _IDS_PER_DRAW: Final = 256
+_ZERO8: Final = bytes(8)
 
 
 class _IdSource:
@@ -65,7 +72,8 @@ class _IdSource:
 
     A ``random.getrandbits`` call plus a ``{:016x}`` format cost about 4k instructions per id
     (the format goes through ``str.format``'s general machinery); a slice of the buffer costs
-    about a tenth of that."""
+    about a tenth of that. Splitting the buffer into 256 strings at once costs as much per id
+    (one string each either way) and more in all (bench/telemetry_cpu.py --callgrind)."""
 
     __slots__ = ("at", "digits")
 
@@ -80,15 +88,23 @@ class _IdSource:
 
     def take(self) -> str:
         """A random non-zero 64-bit id, 16 lower-case hex digits."""
-        while True:
-            at = self.at
-            if at + 16 > len(self.digits):
-                self.digits = os.urandom(8 * _IDS_PER_DRAW).hex()
-                at = 0
-            self.at = at + 16
-            value = self.digits[at : at + 16]
-            if value != _ZERO16:
-                return value
+        at = self.at
+        digits = self.digits
+        if at >= len(digits):
+            digits = self.digits = _draw_digits()
+            at = 0
+        self.at = at + 16
+        return digits[at : at + 16]
+
+
+def _draw_digits() -> str:
+    """The hex digits of ``_IDS_PER_DRAW`` random ids, none of them zero (B3 forbids an
+    all-zero id). One search per draw replaces a comparison per id: a draw with eight zero
+    bytes anywhere (aligned to an id or not, about 2^-53 per draw) is made again."""
+    while True:
+        raw = os.urandom(8 * _IDS_PER_DRAW)
+        if _ZERO8 not in raw:
+            return raw.hex()
 
 
 _IDS: Final = _IdSource()
@@ -266,27 +282,52 @@ class HcmTracer:
         one that is not traced at all (malformed B3).
         ``route`` (the matched one, if any) may carry tracing settings and a decorator."""
         headers = stream.headers
-        # One pass over the request headers finds the x-request-id and the trace headers
-        # (usually none at an edge).
+        items = headers.items
+        # The x-request-id (the first of its name: the HCM folds repeats into one, a request
+        # built otherwise may have several) and the trace headers (usually none at an edge).
         rid: str | None = None
         rid_at = -1
         rid_count = 0
         found: dict[str, list[str]] | None = None
-        for i, (k, v) in enumerate(headers.items):
-            if k == "x-request-id":
-                if rid is None:
-                    rid = v
-                    rid_at = i
-                rid_count += 1
-            elif k in TRACE_HEADERS:
-                if found is None:
-                    found = {k: [v]}
-                else:
-                    values = found.get(k)
-                    if values is None:
-                        found[k] = [v]
+        flags = stream.hflags
+        n = len(items)
+        last = items[n - 1] if n else _NO_ITEM
+        if (
+            not flags & _ID_OR_TRACE
+            and last[1] is sampler.GENERATED.text
+            and last[0] == "x-request-id"
+        ):
+            # The codec saw neither an x-request-id nor a trace header, and the last item is the
+            # id the HCM just generated and appended (the very string): nothing to look for.
+            rid = last[1]
+            rid_at = n - 1
+            rid_count = 1
+        elif flags & F_TRACE:
+            # One pass finds the x-request-id and the trace headers.
+            for i, (k, v) in enumerate(items):
+                if k == "x-request-id":
+                    if rid is None:
+                        rid = v
+                        rid_at = i
+                    rid_count += 1
+                elif k in TRACE_HEADERS:
+                    if found is None:
+                        found = {k: [v]}
                     else:
-                        values.append(v)
+                        values = found.get(k)
+                        if values is None:
+                            found[k] = [v]
+                        else:
+                            values.append(v)
+        else:
+            # No trace header: the pass compares names with x-request-id only (a set lookup
+            # per name cost about 70 instructions).
+            for i, (k, v) in enumerate(items):
+                if k == "x-request-id":
+                    if rid is None:
+                        rid = v
+                        rid_at = i
+                    rid_count += 1
         client_n, random_n, overall_n = self.client_n, self.random_n, self.overall_n
         route_tracing: RouteTracing | None = None
         decorator = ""
@@ -317,7 +358,7 @@ class HcmTracer:
         )
         if new_rid is not None and new_rid != rid:
             if rid_count == 1:
-                headers.items[rid_at] = ("x-request-id", new_rid)
+                items[rid_at] = ("x-request-id", new_rid)
             else:
                 headers.set("x-request-id", new_rid)
         if reason == sampler.SAMPLING:
@@ -347,9 +388,9 @@ class HcmTracer:
                 span.name = decorator
         if span is None:
             return None
-        now = time.time()
+        now = time()
         span.start_mono = stream.start_time
-        span.start_us = int((now - (time.monotonic() - stream.start_time)) * 1_000_000)
+        span.start_us = int((now - (monotonic() - stream.start_time)) * 1_000_000)
         self._record_request(stream, span, new_rid, found)
         if route_tracing is not None and route_tracing.custom_tags:
             self._custom_tags(stream, span, route_tracing.custom_tags)
@@ -504,7 +545,7 @@ class HcmTracer:
         """The stream ended: record the response in the span and queue it (never blocks)."""
         if not span.sampled:
             return
-        span.duration_us = max(1, int((time.monotonic() - span.start_mono) * 1_000_000))
+        span.duration_us = max(1, int((monotonic() - span.start_mono) * 1_000_000))
         span.status = stream.status
         span.request_size = stream.bytes_received
         span.response_size = stream.bytes_sent
