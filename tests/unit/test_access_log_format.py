@@ -17,6 +17,7 @@ from ubimesh.proxy.access_log.format import (
     LogEntry,
     compile_format,
     compile_json,
+    compile_log_format,
     compile_text,
 )
 from ubimesh.proxy.routing.formatter import compile_time_format
@@ -297,3 +298,104 @@ def test_http_entry_route_and_cluster_names_follow_the_objects() -> None:
     assert fmt(entry_of(stream)) == "r2 c2"
     stream.route = None
     assert fmt(entry_of(stream)) == "- c2"
+
+
+def test_consecutive_lines_show_their_own_values() -> None:
+    # A text format reuses the piece the previous line made for a repeated value (text and
+    # numbers), and the last command carries the text after it: a value that changes, goes
+    # missing or comes back must still show as itself, whether a line is rendered alone or
+    # in a batch.
+    fmt = compile_log_format(
+        '<%REQ(:METHOD)% %RESPONSE_CODE% %BYTES_SENT% %RESPONSE_FLAGS% "%REQ(USER-AGENT)%" '
+        '"%REQ(X-REQUEST-ID)%">\n',
+        "",
+        False,
+    )
+    steps: list[tuple[dict[str, object], str]] = [
+        ({}, '<GET 200 42 - "curl/8" "rid-1">\n'),
+        ({}, '<GET 200 42 - "curl/8" "rid-1">\n'),
+        ({}, '<GET 200 42 - "curl/8" "rid-1">\n'),
+        (
+            {"method": "POST", "status": 503, "bytes_sent": 1024, "flags": "UF"},
+            '<POST 503 1024 UF "curl/8" "rid-1">\n',
+        ),
+        ({"status": 503, "bytes_sent": 1024}, '<GET 503 1024 - "curl/8" "rid-1">\n'),
+        ({"status": 503, "bytes_sent": 1024}, '<GET 503 1024 - "curl/8" "rid-1">\n'),
+        (
+            {"request_headers": Headers([("x-request-id", "rid-2")])},
+            '<GET 200 42 - "-" "rid-2">\n',
+        ),
+        ({"method": "", "request_headers": None}, '<- 200 42 - "-" "-">\n'),
+        ({}, '<GET 200 42 - "curl/8" "rid-1">\n'),
+    ]
+    for batch in (False, True):
+        pieces: list[str] = []
+        for overrides, expected in steps:
+            if batch:
+                fmt.render_into(http_entry(**overrides), pieces)
+            else:
+                assert fmt.render(http_entry(**overrides)) == expected, overrides
+        if batch:
+            assert "".join(pieces) == "".join(expected for _, expected in steps)
+    tcp = LogEntry()
+    assert fmt.render(tcp) == '<- 0 0 - "-" "-">\n'
+    assert fmt.render(tcp) == '<- 0 0 - "-" "-">\n'
+
+
+def test_default_format_over_consecutive_requests() -> None:
+    # Envoy's default format line by line as the request ids, durations and milliseconds
+    # change and the rest repeats.
+    fmt = compile_log_format(None)
+    lines = []
+    for i in range(3):
+        headers = Headers([("user-agent", "curl/8"), ("x-request-id", f"rid-{i}")])
+        e = http_entry(request_headers=headers, duration_ms=i, start_time=1_700_000_000.25 + i / 2)
+        lines.append(fmt.render(e))
+    assert lines == [
+        '[2023-11-14T22:13:20.250Z] "GET /api/items?x=1 HTTP/1.1" 200 - 5 42 0 3 "-" '
+        '"curl/8" "rid-0" "shop.example" "10.0.0.7:8080"\n',
+        '[2023-11-14T22:13:20.750Z] "GET /api/items?x=1 HTTP/1.1" 200 - 5 42 1 3 "-" '
+        '"curl/8" "rid-1" "shop.example" "10.0.0.7:8080"\n',
+        '[2023-11-14T22:13:21.250Z] "GET /api/items?x=1 HTTP/1.1" 200 - 5 42 2 3 "-" '
+        '"curl/8" "rid-2" "shop.example" "10.0.0.7:8080"\n',
+    ]
+
+
+def test_http_entry_addresses_are_the_connections() -> None:
+    # An HTTP entry reads its addresses off its connection when a format shows them.
+    from types import SimpleNamespace
+    from typing import Any
+
+    from ubimesh.proxy.access_log.logger import http_entry as entry_of
+
+    conn = SimpleNamespace(remote=("10.1.2.3", 1), local=("::1", 2), tls=None, sni="")
+    stream: Any = SimpleNamespace(
+        conn=conn, start_time=0.0, method="GET", path="/", target="/", host_header="h",
+        http10=False, headers=Headers(), response_headers=[], status=200, flags="",
+        details="", bytes_received=0, bytes_sent=0, route=None, upstream=None,
+    )  # fmt: skip
+    fmt = compile_text(
+        "%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_REMOTE_PORT% "
+        "%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_LOCAL_ADDRESS%"
+    )
+    assert fmt(entry_of(stream)) == "10.1.2.3:1 1 ::1 [::1]:2"
+    json_fmt = compile_json({"r": "%DOWNSTREAM_REMOTE_ADDRESS%", "p": "%DOWNSTREAM_LOCAL_PORT%"})
+    assert json.loads(json_fmt(entry_of(stream))) == {"p": 2, "r": "10.1.2.3:1"}
+
+
+def test_runs_of_repeated_values_follow_each_change() -> None:
+    # Consecutive commands whose values repeat go in as one piece made on an earlier line: a
+    # value changing inside such a run, then changing back, must show every time.
+    fmt = compile_log_format("%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE%|", "", False)
+    paths = ["/a", "/a", "/a", "/a", "/b", "/b", "/b", "/a", "/a", "/a", "/c", "/a", "/a", "/a"]
+    codes = [200, 200, 200, 200, 200, 200, 404, 404, 404, 200, 200, 200, 200, 200]
+    pieces: list[str] = []
+    for path, code in zip(paths, codes, strict=True):
+        fmt.render_into(http_entry(path=path, status=code), pieces)
+    assert "".join(pieces) == "".join(
+        f"GET {path} HTTP/1.1 {code}|" for path, code in zip(paths, codes, strict=True)
+    )
+    for _ in range(6):
+        pieces = []
+        fmt.render_into(http_entry(), pieces)
+    assert pieces == ["GET /api/items?x=1 HTTP/1.1 200|"]  # the run is one piece by now

@@ -17,9 +17,14 @@ closure per operator, only native calls to small typed helpers. Entry fields are
 number (``_F_*``: native slot reads), not by name (``getattr`` is a generic lookup). A header
 command scans the request's headers (``Headers.get_first``): a format names a few headers,
 and comparing lower-case names (by length first) is cheaper than hashing every header name of
-the request into a dict. ``%START_TIME%`` renders what depends on the whole second once per
-second. A text line is appended as pieces to a list the sink joins once per batch of lines
-(``LogFormat.render_into``), a value that is not available together with its literal text.
+the request into a dict, or than one pass matching every name the format wants (measured,
+compiled: about 170 instructions a header for such a pass, about 60 in ``get_first``).
+``%START_TIME%`` renders what depends on the whole second once per second.
+A text line is appended as pieces to a list the sink joins once per batch of lines
+(``LogFormat.render_into``); each piece costs its append and its share of the join, so a
+command's value goes in with its literal text as one piece when it can, and consecutive
+commands whose values are the previous line's as one piece made on an earlier line
+(``_render_text_into``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ubimesh.proto.headers import Headers
 from ubimesh.proxy.routing.formatter import (
@@ -41,6 +46,9 @@ from ubimesh.proxy.routing.formatter import (
     FormatError as FormatError,
 )
 
+if TYPE_CHECKING:
+    from ubimesh.proxy.network.http_manager import HttpConnection
+
 Address = tuple[str, int]
 Value = str | int | None
 
@@ -51,13 +59,17 @@ class LogEntry:
     Built once per logged request (``logger.http_entry``) or connection
     (``logger.connection_entry``), positionally (one call, no default-then-overwrite); every
     field defaults to its "not available" value, so a TCP entry leaves the HTTP fields alone.
-    ``start_time`` is wall-clock epoch seconds.
+    ``start_time`` is wall-clock epoch seconds. An HTTP entry names its downstream
+    ``connection`` and leaves ``downstream_remote``/``downstream_local`` None: the addresses
+    are read off the connection only by a format that shows them (compiled, reading a
+    connection's address makes a new tuple and port int, a few hundred instructions).
     """
 
     __slots__ = (
         "authority",
         "bytes_received",
         "bytes_sent",
+        "connection",
         "details",
         "downstream_local",
         "downstream_remote",
@@ -103,6 +115,7 @@ class LogEntry:
         downstream_local: Address | None = None,
         peer_uri_san: str = "",
         sni: str = "",
+        connection: HttpConnection | None = None,
     ) -> None:
         self.http = http
         self.start_time = start_time
@@ -126,6 +139,7 @@ class LogEntry:
         self.downstream_local = downstream_local
         self.peer_uri_san = peer_uri_san
         self.sni = sni
+        self.connection = connection
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +240,9 @@ def _int_field(e: LogEntry, field: int) -> int:
 
 
 def _address_field(e: LogEntry, field: int) -> Address | None:
+    conn = e.connection
+    if conn is not None:  # an HTTP entry (see LogEntry)
+        return conn.remote if field == _F_REMOTE else conn.local
     return e.downstream_remote if field == _F_REMOTE else e.downstream_local
 
 
@@ -261,8 +278,9 @@ class _StartTime:
     ``tail``); only the fraction is per line, when the format has a single fraction and
     nothing else below the second (else ``render`` does the whole format every time)."""
 
-    __slots__ = ("digits", "head", "render", "render_head", "render_tail", "scale", "second",
-                 "split", "tail")  # fmt: skip
+    __slots__ = ("const_tail", "digits", "fraction_tails", "head", "head_piece", "prefix", "render",
+                 "render_head", "render_tail", "scale", "second", "split", "suffix", "tail",
+                 "tail_piece")  # fmt: skip
 
     def __init__(self, fmt: str) -> None:
         fmt = fmt or DEFAULT_START_TIME_FORMAT
@@ -272,45 +290,76 @@ class _StartTime:
         self.digits = 0
         self.scale = 1
         self.render_head = self.render_tail = self.render
+        self.const_tail: str | None = None
         if self.split:
             m = fractions[0]
             self.digits = int(m.group(1) or 9)
             self.scale = 10 ** (6 - self.digits) if self.digits <= 6 else 1
             self.render_head = _whole_second_format(fmt[: m.start()])
             self.render_tail = _whole_second_format(fmt[m.end() :])
+            tail = fmt[m.end() :]
+            if self.digits == 3 and "%" not in tail:
+                self.const_tail = tail
         self.second = -1
         self.head = ""
         self.tail = ""
+        # In a text line: the literal text before and after the time (``set_literals``), and
+        # the head and tail of the current second with them, so a line's time is 3 pieces;
+        # 2 with milliseconds and a tail that is the same every second (``const_tail``:
+        # Envoy's default, "Z"): ``fraction_tails`` is the milliseconds with the tail and the
+        # suffix, by millisecond (made once: 1,000 short strings, about 60 KB).
+        self.prefix = ""
+        self.suffix = ""
+        self.head_piece = ""
+        self.tail_piece = ""
+        self.fraction_tails: list[str] = []
+
+    def set_literals(self, prefix: str, suffix: str) -> None:
+        self.prefix = prefix
+        self.suffix = suffix
+        self.second = -1  # the pieces are made again with the next second
+        tail = self.const_tail
+        self.fraction_tails = [] if tail is None else [d + tail + suffix for d in _THREE_DIGITS]
 
     def text(self, t: float) -> str:
         if not self.split:
             return self.render(t)
-        fraction = self._fraction(t)
+        fraction = self._digits(self._micros(t))
         return self.head + fraction + self.tail
 
     def append_to(self, out: list[str], t: float) -> None:
-        """Append ``text(t)`` to ``out`` as pieces (``out`` is joined later: no concatenation
-        per line)."""
+        """Append ``prefix + text(t) + suffix`` to ``out`` as pieces (``out`` is joined later:
+        no concatenation per line)."""
         if not self.split:
-            out.append(self.render(t))
+            out.append(f"{self.prefix}{self.render(t)}{self.suffix}")
             return
-        fraction = self._fraction(t)
-        out.append(self.head)
-        out.append(fraction)
-        out.append(self.tail)
+        micros = self._micros(t)
+        out.append(self.head_piece)
+        fraction_tails = self.fraction_tails
+        if fraction_tails:
+            out.append(fraction_tails[micros // 1000])
+        else:
+            out.append(self._digits(micros))
+            out.append(self.tail_piece)
 
-    def _fraction(self, t: float) -> str:
-        """The fraction digits of ``t`` (a split format), after ``head`` and ``tail`` are made
+    def _micros(self, t: float) -> int:
+        """The microseconds of ``t`` (a split format), after ``head`` and ``tail`` are made
         those of its second."""
         whole = int(t)
         if whole != self.second:
             # A new second: the cache is keyed by it, so it can never show a stale second.
             self.head = self.render_head(whole)
             self.tail = self.render_tail(whole)
+            self.head_piece = self.prefix + self.head
+            self.tail_piece = self.tail + self.suffix
             self.second = whole
         micros = int((t - whole) * 1_000_000 + 0.5)
         if micros > 999_999:  # not min(): under mypyc that boxes both ints for a generic call
             micros = 999_999
+        return micros
+
+    def _digits(self, micros: int) -> str:
+        """The fraction digits of ``micros``."""
         digits = self.digits
         if digits == 3:
             return _THREE_DIGITS[micros // 1000]
@@ -325,18 +374,37 @@ _THREE_DIGITS: Final = [f"{i:03d}" for i in range(1000)]
 
 class _Op:
     """One compiled command of a format (see the ``_K_*`` kinds for which fields it uses).
-    In a text format, ``text`` is the literal text before the command. Ops belong to one
-    compiled format and are used on the event loop only (``addr`` is a cache)."""
+    In a text format, ``text`` is the literal text before the command and ``suffix`` the
+    literal text after it when it is the line's last command. Ops belong to one compiled
+    format and are used on the event loop only (``addr``, ``last``, ``piece`` and
+    ``run_piece`` are caches)."""
 
-    __slots__ = ("addr", "addr_text", "alt", "alt_name", "field", "kind", "main", "main_name",
-                 "max_len", "missing", "text", "time")  # fmt: skip
+    __slots__ = ("addr", "addr_text", "alt", "alt_name", "field", "kind", "last", "last_int",
+                 "main", "main_name", "max_len", "missing", "piece", "run_piece", "run_start",
+                 "suffix", "text", "time")  # fmt: skip
 
     def __init__(self, kind: int, field: int = 0, text: str = "") -> None:
         self.kind = kind
         self.field = field
         self.text = text
+        self.suffix = ""
         self.missing = ""
-        """In a text format: ``text`` and what a value that is not available prints."""
+        """In a text format: ``text``, what a value that is not available prints, ``suffix``."""
+        # The last value rendered in a text line (``last``, or ``last_int`` for a number) and,
+        # once a value has come twice in a row, its piece ``text + value + suffix`` (else
+        # ""): consecutive lines mostly repeat a value (the method, protocol, status, host,
+        # user agent, upstream host), and one piece instead of two (or three) saves an
+        # append and a share of the join. Made on every change, the piece would cost more
+        # than it saves for a value that always changes (a request id): a concatenation is
+        # an allocation, about 400 instructions, a piece about 100.
+        self.last = ""
+        self.last_int = -1
+        self.piece = ""
+        # And the run of hits (see _render_text_into) this command continued on the previous
+        # line: the number of the command that started it (-1: none) and, once a line has
+        # had that run too, the piece of the whole run up to this command (else "").
+        self.run_start = -1
+        self.run_piece = ""
         self.main = _SRC_NONE
         self.alt = _SRC_NONE
         self.main_name = ""
@@ -348,6 +416,20 @@ class _Op:
         # most connections of a listener, share their addresses or their local one).
         self.addr: Address | None = None
         self.addr_text = ""
+
+    def set_literals(self, text: str, missing: str, suffix: str) -> None:
+        """Set the literal text around the command (``missing``: what a value that is not
+        available prints) and reset the caches made with the old."""
+        self.text = text
+        self.suffix = suffix
+        self.missing = text + missing + suffix
+        self.last = ""
+        self.last_int = -1
+        self.piece = ""
+        self.run_start = -1
+        self.run_piece = ""
+        if self.time is not None:
+            self.time.set_literals(text, suffix)
 
 
 def _address(addr: Address) -> str | None:
@@ -538,6 +620,11 @@ def _compile_command(name: str, arg: str | None, length: str | None) -> _Op:
     return _Op(kind, field, _HOSTNAME if kind == _K_CONST else "")
 
 
+def _missing_mark(op: _Op, empty: str) -> str:
+    # RESPONSE_FLAGS prints "-" for none, even with omit_empty_values (as Envoy).
+    return "-" if op.kind == _K_FLAGS else empty
+
+
 def _parse(text: str, empty: str) -> tuple[list[_Op], str]:
     """``text`` as its commands, each with the literal text before it, and the literal text
     after the last one; raises :class:`FormatError`. ``empty``: what a value that is not
@@ -558,9 +645,7 @@ def _parse(text: str, empty: str) -> tuple[list[_Op], str]:
             # Known now (HOSTNAME): part of the literal text, in a text line.
             literal.append(op.text)
         else:
-            op.text = "".join(literal)
-            # RESPONSE_FLAGS prints "-" for none, even with omit_empty_values (as Envoy).
-            op.missing = op.text + ("-" if op.kind == _K_FLAGS else empty)
+            op.set_literals("".join(literal), _missing_mark(op, empty), "")
             literal.clear()
             ops.append(op)
     literal.append(tail)
@@ -576,38 +661,106 @@ def _render_text(ops: list[_Op], tail: str, e: LogEntry) -> str:
 def _render_text_into(out: list[str], ops: list[_Op], tail: str, e: LogEntry) -> None:
     """Append the pieces of a text line to ``out`` (joined by the caller, a whole batch of
     lines at once: one join, not one per line). Each piece costs an append and a share of
-    the join (about 100 instructions), so a value that is not available goes in as one
-    precomputed piece with its literal text (``_Op.missing``)."""
+    the join (about 100 instructions), so what repeats from one line to the next is
+    appended in as few pieces as it can be:
+
+    * a command whose value is the previous line's (a "hit") is one piece with its literal
+      text, the one made for it (``_Op.piece``); a value that is not available too;
+    * consecutive hits are one piece, the one the last command of the run made for it
+      (``_Op.run_piece``); the run's piece so far is held in ``pending`` until the run
+      ends.
+
+    A piece is made only the second time in a row that it would be used (a value, or a run
+    starting at the same command), so values that change every line (a request id) cost
+    no concatenation: one costs an allocation, about 400 instructions.
+    """
     # The kinds of Envoy's default format inline (this runs once per request); others via
     # _value.
-    for op in ops:
+    # (Tests are on ints and bools where they can be: compiled, a str's truth is a call.)
+    run = -1  # the number of the op that started the current run of hits; -1: none
+    pending = ""  # the piece of the current run (ops ``run`` to the previous one)
+    for number, op in enumerate(ops):
         kind = op.kind
-        if kind == _K_STR:
-            v = _str_field(e, op.field)
-        elif kind == _K_INT:
-            v = _int_text(_int_field(e, op.field))
-        elif kind == _K_HEADER:
-            v = _request_header(e, op.main_name)
+        hit = False
+        piece = ""  # the op's piece when it is a hit
+        v = ""  # else its value ("": not available)
+        if kind == _K_INT:
+            # As for a str value below, keyed by the number: a repeated one is not even
+            # formatted.
+            n = _int_field(e, op.field)
+            if n == op.last_int:
+                hit = True
+                piece = op.piece
+                if not piece:
+                    piece = op.piece = f"{op.text}{_int_text(n)}{op.suffix}"
+            else:
+                op.last_int = n
+                op.piece = ""
+                v = _int_text(n)
         elif kind == _K_START:
-            out.append(op.text)
+            if run >= 0:
+                out.append(pending)
+                pending = ""
+            run = -1
             t = op.time
             assert t is not None
-            t.append_to(out, e.start_time)
+            t.append_to(out, e.start_time)  # with op.text and op.suffix
             continue
-        elif kind == _K_FLAGS:
-            v = e.flags
-        elif kind == _K_REQ:
-            v = _request_text(op, e)
-        elif kind == _K_RESP:
-            v = _response_text(op, e)
         else:
-            v = _value_text(op, e)
-        if v:
-            out.append(op.text)
-            out.append(v)
+            if kind == _K_STR:
+                v = _str_field(e, op.field)
+            elif kind == _K_HEADER:
+                v = _request_header(e, op.main_name)
+            elif kind == _K_FLAGS:
+                v = e.flags
+            elif kind == _K_REQ:
+                v = _request_text(op, e)
+            elif kind == _K_RESP:
+                v = _response_text(op, e)
+            else:
+                v = _value_text(op, e)
+            if v == op.last:  # "" (not available) included
+                hit = True
+                piece = op.piece
+                if not piece:  # the second line in a row with this value
+                    piece = op.piece = f"{op.text}{v}{op.suffix}" if v else op.missing
+            else:
+                op.last = v
+                op.piece = ""
+        if not hit:  # the run ends
+            if run >= 0:
+                out.append(pending)
+                pending = ""
+            run = -1
+            op.run_start = -1
+            if v:
+                out.append(op.text)
+                out.append(v)
+                if op.suffix:
+                    out.append(op.suffix)
+            else:
+                out.append(op.missing)
+        elif run < 0:  # a hit starting a run
+            run = number
+            op.run_start = -1
+            pending = piece
+        elif op.run_start == run:  # the same run as on the previous line
+            run_piece = op.run_piece
+            if not run_piece:
+                run_piece = op.run_piece = pending + piece
+            pending = run_piece
         else:
-            out.append(op.missing)
-    out.append(tail)
+            # Not the run this op ended on the previous line: remember this one (its piece
+            # is made if the next line has it too), and start a run of its own for now.
+            op.run_start = run
+            op.run_piece = ""
+            run = number
+            out.append(pending)
+            pending = piece
+    if run >= 0:
+        out.append(pending)
+    if tail:
+        out.append(tail)
 
 
 def _value_text(op: _Op, e: LogEntry) -> str:
@@ -651,7 +804,13 @@ class _TextFormat(LogFormat):
     __slots__ = ("ops", "tail")
 
     def __init__(self, text: str, omit_empty_values: bool) -> None:
-        self.ops, self.tail = _parse(text, "" if omit_empty_values else "-")
+        empty = "" if omit_empty_values else "-"
+        self.ops, self.tail = _parse(text, empty)
+        if self.ops and self.tail:
+            # The text after the last command goes in that command's piece: one piece less.
+            last = self.ops[-1]
+            last.set_literals(last.text, _missing_mark(last, empty), self.tail)
+            self.tail = ""
 
     def render(self, e: LogEntry) -> str:
         return _render_text(self.ops, self.tail, e)

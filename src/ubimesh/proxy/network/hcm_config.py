@@ -427,10 +427,11 @@ class HcmRuntime:
             tracer = self.tracer
             if tracer is not None:
                 tracer.finish(stream, span)
+        now = _monotonic()
         logs = self.access_logs
         if logs is not None:
-            log_stream(logs, stream)
-        duration_ms = (_monotonic() - stream.start_time) * 1000.0
+            log_stream(logs, stream, now)  # one clock read for both
+        duration_ms = (now - stream.start_time) * 1000.0
         # Native calls and field bumps: ``stats`` is compiled with this module.
         self.rq_time.record(duration_ms)
         self.rq_completed.value += 1
