@@ -28,3 +28,19 @@ def test_record_counts_a_sample_on_a_bound_in_that_bucket() -> None:
         h.record(v)
     assert h.counts == [2, 2, 2]
     assert h.count == 6 and h.sum == math.inf
+
+
+@pytest.mark.parametrize("bounds", [DEFAULT_BUCKETS_MS, BYTES_BUCKETS, (), (5.0,), (1.0, 1.0, 2.0)])
+def test_record_after_record_lands_where_bisect_says(bounds: tuple[float, ...]) -> None:
+    # record() reuses the previous sample's bucket when the value falls in its range: every
+    # value after every other (repeats, neighbours, edges, NaN) must land as bisect says.
+    values = [*EDGES, *bounds, *(b + 0.5 for b in bounds), *(b - 0.5 for b in bounds)]
+    h = Histogram(bounds)
+    want = [0] * (len(bounds) + 1)
+    for before in values:
+        for v in (before, before, *values):
+            h.record(before)
+            want[bisect.bisect_left(bounds, before)] += 1
+            h.record(v)
+            want[bisect.bisect_left(bounds, v)] += 1
+    assert h.counts == want
