@@ -151,12 +151,10 @@ def decide(
         value = ((raw[at] * 256 + raw[at + 1]) * 256 + raw[at + 2]) * 256 + raw[at + 3]
         status = NOT_TRACEABLE
     else:
-        value = _plain_hex8(request_id)
-        if value < 0:
-            general = _int_prefix(request_id)
-            if general is None:
-                return NOT_TRACEABLE, request_id
-            value = general
+        parsed = request_id_integer(request_id)
+        if parsed is None:
+            return NOT_TRACEABLE, request_id
+        value = parsed
         status = trace_reason(request_id)
     draw = value % 10000
     reason = status
