@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ubimesh.proto.headers import Headers
+from ubimesh.proxy.http.codec import int_text
 from ubimesh.proxy.routing.formatter import (
     DEFAULT_START_TIME_FORMAT,
     compile_time_format,
@@ -244,14 +245,6 @@ def _address_field(e: LogEntry, field: int) -> Address | None:
     if conn is not None:  # an HTTP entry (see LogEntry)
         return conn.remote if field == _F_REMOTE else conn.local
     return e.downstream_remote if field == _F_REMOTE else e.downstream_local
-
-
-#: "0" .. "1023": a status, a duration or a small byte count without formatting a number.
-_SMALL_INTS: Final = [str(i) for i in range(1024)]
-
-
-def _int_text(n: int) -> str:
-    return _SMALL_INTS[n] if 0 <= n < 1024 else str(n)
 
 
 _strftime: Final = time.strftime
@@ -692,11 +685,11 @@ def _render_text_into(out: list[str], ops: list[_Op], tail: str, e: LogEntry) ->
                 hit = True
                 piece = op.piece
                 if not piece:
-                    piece = op.piece = f"{op.text}{_int_text(n)}{op.suffix}"
+                    piece = op.piece = f"{op.text}{int_text(n)}{op.suffix}"
             else:
                 op.last_int = n
                 op.piece = ""
-                v = _int_text(n)
+                v = int_text(n)
         elif kind == _K_START:
             if run >= 0:
                 out.append(pending)

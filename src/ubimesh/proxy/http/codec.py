@@ -43,6 +43,16 @@ def status_line(code: int) -> bytes:
     return line
 
 
+#: "0" .. "1023": statuses, durations and small byte counts as text without formatting a
+#: number (a list: compiled, indexing a tuple constant boxes it first).
+_SMALL_INTS: Final = [str(i) for i in range(1024)]
+
+
+def int_text(n: int) -> str:
+    """``str(n)``, from a table for 0 to 1023 (access log lines, span text)."""
+    return _SMALL_INTS[n] if 0 <= n < 1024 else str(n)
+
+
 def _append_header_lines(parts: list[str], headers: list[tuple[str, str]]) -> None:
     # Pieces for one join, not a string per line: an f-string per header line costs about
     # 500 instructions and an allocation under mypyc (bench/telemetry_cpu.py --callgrind).

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import orjson
 
+from ubimesh.proxy.http.codec import int_text
 from ubimesh.proxy.tracing.local import LOCAL, LocalInfo, local_ipv4
 from ubimesh.proxy.tracing.span import Span
 
@@ -26,8 +27,6 @@ from ubimesh.proxy.tracing.span import Span
 _UPSTREAM_MEMBERS: Final[dict[int, tuple[object, str, str]]] = {}
 _CLUSTER_MEMBERS: Final[dict[str, str]] = {}
 _CACHE_MAX: Final = 1024
-#: The text of every integer below 1000 (status codes, small sizes).
-_SMALL_TEXT: Final = tuple(str(i) for i in range(1000))
 
 
 def encode(spans: list[Span], local: LocalInfo) -> bytes:
@@ -116,10 +115,6 @@ def _upstream_members(cluster: str, address: object) -> str:
     return text
 
 
-def _text_of(n: int) -> str:
-    return _SMALL_TEXT[n] if 0 <= n < 1000 else str(n)
-
-
 def _span_text(s: Span, tags_head: str, zone_part: str, values: list[str]) -> str:
     """``span_dict(s, endpoint)`` as orjson writes it, for a span whose tags come from its
     record and have no custom tags, provided that its values need no escaping: they are
@@ -167,9 +162,9 @@ def _span_text(s: Span, tags_head: str, zone_part: str, values: list[str]) -> st
         f'"http.method":"{s.method}","downstream_cluster":"{s.downstream_cluster}",'
         f'"user_agent":"{s.user_agent}{protocol}{s.peer}"{zone_part}'
         f"{rid_key}{rid}{rid_end}{ctid_key}{ctid}{ctid_end}"
-        f',"request_size":"{_text_of(s.request_size)}",'
-        f'"response_size":"{_text_of(s.response_size)}",'
-        f'"component":"proxy"{upstream},"http.status_code":"{_text_of(status)}",'
+        f',"request_size":"{int_text(s.request_size)}",'
+        f'"response_size":"{int_text(s.response_size)}",'
+        f'"component":"proxy"{upstream},"http.status_code":"{int_text(status)}",'
         f'"response_flags":"{flags}"{error_part}}}'
         f"{name_key}{name}{name_end}{parent_key}{parent}{parent_end}{shared_part}}}"
     )
