@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import re
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -247,23 +249,26 @@ def test_request_headers_first_value_and_alternatives() -> None:
     assert fmt(tcp) == "- - - - - - -"
 
 
+def _ended_stream(conn: object, upstream: object, route: object = None) -> Any:
+    """A finished GET / answered 200, as ``logger.http_entry`` reads a stream: only the
+    fields it reads (the formatter runs interpreted here, so any object will do)."""
+    return SimpleNamespace(
+        conn=conn, start_time=0.0, method="GET", path="/", target="/", host_header="h",
+        http10=False, headers=Headers(), response_headers=[], status=200, flags="",
+        details="", bytes_received=0, bytes_sent=0, route=route, upstream=upstream,
+    )  # fmt: skip
+
+
 def test_http_entry_upstream_host_follows_the_address() -> None:
     # The entry keeps the last upstream address's text: a host re-resolved to a new address
     # (Host.address replaced) or another host must show its own.
-    from types import SimpleNamespace
-    from typing import Any
-
     from ubimesh.proxy.access_log.logger import http_entry as entry_of
     from ubimesh.proxy.snapshot.types import SocketAddress
 
     host = SimpleNamespace(address=SocketAddress("10.0.0.7", 8080))
     up = SimpleNamespace(host=host, cluster=SimpleNamespace(name="shop"), response_started=True)
     conn = SimpleNamespace(remote=("10.1.2.3", 1), local=("10.0.0.1", 2), tls=None, sni="")
-    stream: Any = SimpleNamespace(
-        conn=conn, start_time=0.0, method="GET", path="/", target="/", host_header="h",
-        http10=False, headers=Headers(), response_headers=[], status=200, flags="",
-        details="", bytes_received=0, bytes_sent=0, route=None, upstream=up,
-    )  # fmt: skip
+    stream = _ended_stream(conn, up)
     fmt = compile_text("%UPSTREAM_HOST% %UPSTREAM_CLUSTER% %RESPONSE_CODE_DETAILS%")
     assert fmt(entry_of(stream)) == "10.0.0.7:8080 shop via_upstream"
     host.address = SocketAddress("::1", 9090)
@@ -277,19 +282,11 @@ def test_http_entry_upstream_host_follows_the_address() -> None:
 def test_http_entry_route_and_cluster_names_follow_the_objects() -> None:
     # The entry caches the last route's and cluster's name by identity: another route or
     # cluster must show its own name.
-    from types import SimpleNamespace
-    from typing import Any
-
     from ubimesh.proxy.access_log.logger import http_entry as entry_of
 
     up = SimpleNamespace(host=None, cluster=SimpleNamespace(name="c1"), response_started=True)
     conn = SimpleNamespace(remote=("10.1.2.3", 1), local=("10.0.0.1", 2), tls=None, sni="")
-    stream: Any = SimpleNamespace(
-        conn=conn, start_time=0.0, method="GET", path="/", target="/", host_header="h",
-        http10=False, headers=Headers(), response_headers=[], status=200, flags="",
-        details="", bytes_received=0, bytes_sent=0, route=SimpleNamespace(name="r1"),
-        upstream=up,
-    )  # fmt: skip
+    stream = _ended_stream(conn, up, route=SimpleNamespace(name="r1"))
     fmt = compile_text("%ROUTE_NAME% %UPSTREAM_CLUSTER%")
     assert fmt(entry_of(stream)) == "r1 c1"
     assert fmt(entry_of(stream)) == "r1 c1"
@@ -363,17 +360,10 @@ def test_default_format_over_consecutive_requests() -> None:
 
 def test_http_entry_addresses_are_the_connections() -> None:
     # An HTTP entry reads its addresses off its connection when a format shows them.
-    from types import SimpleNamespace
-    from typing import Any
-
     from ubimesh.proxy.access_log.logger import http_entry as entry_of
 
     conn = SimpleNamespace(remote=("10.1.2.3", 1), local=("::1", 2), tls=None, sni="")
-    stream: Any = SimpleNamespace(
-        conn=conn, start_time=0.0, method="GET", path="/", target="/", host_header="h",
-        http10=False, headers=Headers(), response_headers=[], status=200, flags="",
-        details="", bytes_received=0, bytes_sent=0, route=None, upstream=None,
-    )  # fmt: skip
+    stream = _ended_stream(conn, None)
     fmt = compile_text(
         "%DOWNSTREAM_REMOTE_ADDRESS% %DOWNSTREAM_REMOTE_PORT% "
         "%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_LOCAL_ADDRESS%"
