@@ -38,8 +38,10 @@ below that need ``--callgrind N``, which counts the instructions (and with ``--c
 simulated cache misses and mispredicted branches) of N requests per variant under valgrind,
 figures that do not depend on the machine's load. ``--strace`` additionally runs one extra
 round per variant under ``strace -c -f`` and prints syscall counts per request (strace slows
-the proxy: its CPU figures are not used). ``--ubimesh-cmd`` as in run.py (default
-``ubimesh proxy``).
+the proxy: its CPU figures are not used). ``--perf`` runs one extra round per variant under
+``perf record`` on the CPU clock and prints µs per request by shared object and by symbol: where
+the real time goes, caches and kernel included, which callgrind does not model.
+``--ubimesh-cmd`` as in run.py (default ``ubimesh proxy``).
 """
 
 from __future__ import annotations
@@ -266,6 +268,79 @@ def count_instructions(
     return 0
 
 
+#: perf's sampling rate (Hz of CPU time): each sample stands for 1/PERF_HZ s of the proxy's CPU.
+PERF_HZ = 4999
+
+
+def perf_profiles(
+    args: argparse.Namespace,
+    names: list[str],
+    proxies: dict[str, tuple[int, str]],
+    workdir: Path,
+) -> None:
+    """``--perf``: one more round per variant under ``perf record`` on the software CPU clock
+    (this VM has no hardware counters), then the CPU µs per request each shared object and
+    each symbol took, side by side. Unlike callgrind this sees the real machine: cache and
+    memory stalls, the kernel's share, page faults. The figures carry sampling noise
+    (±1/sqrt(samples)) and the perf overhead, so compare variants of the same run only."""
+    if shutil.which("perf") is None:
+        print("\n--perf: no perf on PATH", file=sys.stderr)
+        return
+    by_dso: dict[str, dict[str, float]] = {}
+    by_sym: dict[str, dict[str, float]] = {}
+    for name in names:
+        pid, url = proxies[name]
+        data = workdir / f"{name}.perf.data"
+        recorder = subprocess.Popen(
+            ["perf", "record", "-e", "cpu-clock", "-F", str(PERF_HZ), "-p", str(pid),
+             "-o", str(data)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.5)
+        ok, _ = h2load(url, args.n, args.c, args.load_cpu)
+        time.sleep(1.2)  # the flush timers of these requests
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+        done = subprocess.run(
+            ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-F",
+             "sample,dso,sym", "--sort", "dso,sym"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        dsos: dict[str, float] = {}
+        syms: dict[str, float] = {}
+        for line in done.stdout.splitlines():
+            m = re.match(r"\s*(\d+)\s+(\S+)\s+\[[.k]\]\s+(.*\S)", line)
+            if m is None:
+                continue
+            us = int(m.group(1)) / PERF_HZ / ok * 1e6
+            dso, sym = m.group(2), m.group(3)
+            dsos[dso] = dsos.get(dso, 0.0) + us
+            key = f"{dso} {sym}"
+            syms[key] = syms.get(key, 0.0) + us
+        by_dso[name], by_sym[name] = dsos, syms
+    base = by_dso.get(args.baseline)
+    print(f"\nperf record -e cpu-clock -F {PERF_HZ}, one round each: CPU µs per request\n")
+    print("| shared object | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    totals = {n: sum(by_dso[n].values()) for n in names}
+    print("| **all** | " + " | ".join(f"{totals[n]:.1f}" for n in names) + " |")
+    top = sorted({d for n in names for d in by_dso[n]},
+                 key=lambda d: -max(by_dso[n].get(d, 0.0) for n in names))  # fmt: skip
+    for dso in top[:12]:
+        print(f"| {dso} | " + " | ".join(f"{by_dso[n].get(dso, 0.0):.2f}" for n in names) + " |")
+    if base is None:
+        return
+    print(f"\nSymbols whose time grew most against {args.baseline} (µs per request):\n")
+    ref = by_sym[args.baseline]
+    for name in names:
+        if name == args.baseline:
+            continue
+        grown = sorted(by_sym[name], key=lambda k: ref.get(k, 0.0) - by_sym[name][k])
+        print(f"### {name} ({totals[name] - totals[args.baseline]:+.1f} µs in all)")
+        for key in grown[:25]:
+            print(f"  {by_sym[name][key] - ref.get(key, 0.0):+6.2f}  {key}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -283,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--strace", action="store_true", help="one more round per variant under strace -c"
     )
+    p.add_argument(
+        "--perf", action="store_true",
+        help="one more round per variant under perf record (CPU clock): µs per request by "
+        "shared object and symbol",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=5000, help="requests per variant before round 1")
     p.add_argument("--keep-workdir", action="store_true")
     p.add_argument("--callgrind", type=int, default=0, metavar="N",
@@ -460,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
                     elif len(cols) >= 4 and cols[2].isdigit() and cols[-1] != "total":
                         print(f"  {cols[-1]:<16} {int(cols[2]) / ok:8.3f}/req")
                 print()
+        if args.perf:
+            perf_profiles(args, names, proxies, workdir)
     finally:
         registry.stop_all()
         if not args.keep_workdir:

@@ -62,8 +62,11 @@ def test_joining_proxy_registers_its_workload(tmp_path: Path, plane: ControlRepl
         workload = plane.call("GET", "/api/v1/resources/workloads/default/joiner")
         assert workload["metadata"]["annotations"]["ubimesh.io/registered-by"] == "joiner.default"
         # The two proxies connect independently: the gateway may come after the joiner.
-        wait_for("both proxies connected", lambda: {"edge.default", "joiner.default"} <= {
-            p["id"] for p in plane.call("GET", "/api/v1/proxies")["items"]})
+        # The registry records the registration once the store's write has returned.
+        wait_for("both proxies connected, the joiner registered", lambda: {
+            "edge.default", "joiner.default"} <= {
+            p["id"] for p in plane.call("GET", "/api/v1/proxies")["items"]
+            if p["registered"] or p["id"] == "edge.default"})
         proxies = {p["id"]: p for p in plane.call("GET", "/api/v1/proxies")["items"]}
         assert proxies["joiner.default"]["registered"] == "Workload default/joiner"
         assert proxies["edge.default"]["role"] == "gateway"
@@ -101,10 +104,15 @@ def test_bad_registration_is_refused(tmp_path: Path, plane: ControlReplica) -> N
     joiner, _ = start_proxy(tmp_path, plane, "bad.default", "sidecar",
                             {"service": "nosuch", "address": "127.0.0.1"})
     try:
-        wait_for("the proxy to connect", lambda: any(
-            p["id"] == "bad.default" for p in plane.call("GET", "/api/v1/proxies")["items"]))
-        (proxy,) = [p for p in plane.call("GET", "/api/v1/proxies")["items"]
-                    if p["id"] == "bad.default"]
+        # The proxy is listed as soon as its stream opens; the registry's decision on its
+        # workload follows once the store has answered.
+        def decided() -> list[dict[str, str]]:
+            return [p for p in plane.call("GET", "/api/v1/proxies")["items"]
+                    if p["id"] == "bad.default" and (p["registered"] or p["registrationError"])]
+
+        wait_for("the proxy to connect and its registration to be decided",
+                 lambda: bool(decided()))
+        (proxy,) = decided()
         assert "spec.service" in proxy["registrationError"], proxy
         assert proxy["registered"] == ""
         assert plane.call("GET", "/api/v1/resources/workloads")["items"] == []

@@ -6,6 +6,7 @@ Everything here waits with a deadline, and every process is started in its own s
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import http.client
 import itertools
@@ -46,31 +47,64 @@ class ProcessStartError(RuntimeError):
 #: picked there and closed again could be taken by any outgoing connection (gRPC, HTTP
 #: clients) before the server meant to listen on it binds it; below the range only another
 #: listener can take it.
+#: Under pytest-xdist each worker takes its own slice of the range, so that two workers never
+#: hand out the same port (the memory below is per process).
 FREE_PORT_RANGE = (20000, 32768)
+
+
+def _worker_slice(full: tuple[int, int]) -> tuple[int, int]:
+    """This process's share of ``full``: all of it, or the slice of xdist worker ``gwK``."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or not worker[2:].isdigit() or count <= 1:
+        return full
+    k = int(worker[2:]) % count
+    size = (full[1] - full[0]) // count
+    return (full[0] + k * size, full[0] + (k + 1) * size)
+
+
+FREE_PORT_RANGE = _worker_slice(FREE_PORT_RANGE)
 _RNG = random.Random()
+#: Ports handed out lately by this process, oldest first. A port picked by one call and not yet
+#: bound by its server looks free to the next call; without this memory two calls (say, a
+#: sidecar's inbound ports and then the admin ports) could hand out the same port, and the
+#: second server to bind it fails with "address in use". A quarter of the range is remembered,
+#: so a port comes round again only after thousands of others.
+_RECENT_LIMIT = (FREE_PORT_RANGE[1] - FREE_PORT_RANGE[0]) // 4
+_recent: collections.OrderedDict[int, None] = collections.OrderedDict()
 
 
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """``count`` distinct ports that were free a moment ago.
 
-    The sockets are held open until all are picked, so the ports are distinct; after they are
-    closed another process may take one, which is why starters retry with fresh ports.
+    The sockets are held open until all are picked, so the ports are distinct, and no port
+    handed out by an earlier call in this process (among the last ``_RECENT_LIMIT``) is handed
+    out again. After the sockets close another process may take one, which is why starters
+    retry with fresh ports.
     """
     socks: list[socket.socket] = []
     try:
         for _ in range(200 * count):  # bounded: a busy machine still has most of the range free
             if len(socks) == count:
                 break
+            port = _RNG.randrange(*FREE_PORT_RANGE)
+            if port in _recent:
+                continue
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                s.bind((host, _RNG.randrange(*FREE_PORT_RANGE)))
+                s.bind((host, port))
             except OSError:
                 s.close()
                 continue
             socks.append(s)
         if len(socks) < count:
             raise OSError(f"no {count} free ports in {FREE_PORT_RANGE} on {host}")
-        return [s.getsockname()[1] for s in socks]
+        ports = [s.getsockname()[1] for s in socks]
+        for port in ports:
+            _recent[port] = None
+        while len(_recent) > _RECENT_LIMIT:
+            _recent.popitem(last=False)
+        return ports
     finally:
         for s in socks:
             s.close()
