@@ -105,7 +105,7 @@ def main() -> None:
                     headers.items = list(up)
                     span = start(stream, None)
                     if span is not None:
-                        finish(stream, span)
+                        finish(stream, span, time.monotonic())
 
             base = _time(reset_only, args.n, args.repeat)
             total = _time(one, args.n, args.repeat)

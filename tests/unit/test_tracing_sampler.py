@@ -64,3 +64,23 @@ def test_a_generated_id_draws_from_its_bytes_as_from_its_text() -> None:
             assert decide(rid, random_=pct) == decide(copy, random_=pct)
         raw, at = sampler.GENERATED.raw, sampler.GENERATED.at
         assert int(rid[:8], 16) == int.from_bytes(raw[at : at + 4], "big")
+
+
+
+def test_a_generated_id_takes_a_decision_as_any_other() -> None:
+    # For the id the HCM generated, decide writes the decision in with str.replace on its
+    # first "-4" (sampler._generated_with_reason): the same id as with_reason's, also when
+    # the id has another "-4" before its version nibble.
+    from ubimesh.proxy.network.hcm_config import new_request_id
+
+    reasons = (sampler.SAMPLING, sampler.SERVICE_FORCED, sampler.CLIENT_FORCED)
+    for rid in ("0e1f2a3b-4891-4d4c-8964-998ede09d368", "0e1f2a3b-1891-4d4c-8964-998ede09d368"):
+        for reason in reasons:
+            assert sampler._generated_with_reason(rid, reason) == sampler.with_reason(rid, reason)
+    for _ in range(300):
+        rid = new_request_id()
+        copy = "".join(list(rid))  # equal, but not the generated object: with_reason
+        assert decide(rid, client=True, random_=0) == decide(copy, client=True, random_=0)
+        assert decide(rid, force=True, random_=0) == decide(copy, force=True, random_=0)
+        assert decide(rid) == decide(copy)
+        assert decide(rid, overall=0) == (sampler.NOT_TRACEABLE, rid)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -98,7 +99,7 @@ def test_a_sampled_span_is_tagged_from_its_record_at_export() -> None:
             s.upstream = SimpleNamespace(  # type: ignore[assignment]
                 cluster=cluster, host=SimpleNamespace(address=SocketAddress("10.0.0.9", 80))
             )
-            t.finish(s, span)
+            t.finish(s, span, time.monotonic())
             t.exporter.queue.clear()
             if t.exporter.timer is not None:
                 t.exporter.timer.cancel()
@@ -186,3 +187,42 @@ def test_a_request_without_headers_has_no_request_id() -> None:
     sampler.GENERATED.note("", b"", 0)
     assert t.start(s, None) is None
     assert stats.counter("http.in.tracing.not_traceable").value == 1
+
+
+def test_the_record_reads_the_request_headers_around_the_trace_headers_it_replaces() -> None:
+    # The record only reads the request's own headers (not those the provider appended);
+    # _start_zipkin drops the caller's B3 headers first, which moves the later ones up.
+    t, _ = tracer(random_sampling=100)
+    b3 = [("x-b3-traceid", "1" * 16), ("x-b3-spanid", "2" * 16), ("x-b3-sampled", "1")]
+    s = stream(*b3, ("user-agent", "curl"), ("x-forwarded-proto", "https"),
+               ("x-envoy-downstream-service-cluster", "web"))  # fmt: skip
+    span = t.start(s, None)
+    assert span is not None and span.span_id == "2" * 16
+    assert (span.user_agent, span.proto, span.downstream_cluster) == ("curl", "https", "web")
+
+
+def test_finish_dates_the_span_from_the_streams_start() -> None:
+    t, _ = tracer(random_sampling=100)
+    s = stream()
+    s.start_time = time.monotonic() - 0.5
+
+    async def run() -> Span | None:
+        span = t.start(s, None)
+        if span is not None:
+            wall, now = time.time(), time.monotonic()
+            t.finish(s, span, now)
+            assert abs(span.duration_us - (now - s.start_time) * 1e6) <= 1
+            assert abs(span.start_us - (wall - 0.5) * 1e6) < 50_000
+            # The cluster's name is remembered for the last cluster only.
+            for name in ("a", "b", "b", "a"):
+                s.upstream = SimpleNamespace(  # type: ignore[assignment]
+                    cluster=SimpleNamespace(name=name), host=None
+                )
+                t.finish(s, span, now)
+                assert span.cluster == name
+            t.exporter.queue.clear()
+            if t.exporter.timer is not None:
+                t.exporter.timer.cancel()
+        return span
+
+    assert asyncio.run(run()) is not None

@@ -421,13 +421,13 @@ class HcmRuntime:
 
     def observe(self, stream: ActiveStream) -> None:
         """Per-request bookkeeping once a stream ends: stats, mesh metrics, access logs."""
+        now = _monotonic()  # one clock read for the span, the access logs and the stats
         span = stream.span
         if span is not None:
             stream.span = None
             tracer = self.tracer
             if tracer is not None:
-                tracer.finish(stream, span)
-        now = _monotonic()
+                tracer.finish(stream, span, now)
         logs = self.access_logs
         if logs is not None:
             log_stream(logs, stream, now)  # one clock read for both

@@ -42,7 +42,7 @@ from ubimesh.proxy.tracing.local import LOCAL
 if TYPE_CHECKING:
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.tracing.exporter import Exporter
-    from ubimesh.proxy.upstream.cluster_manager import ClusterManager
+    from ubimesh.proxy.upstream.cluster_manager import ClusterManager, UpstreamCluster
     from ubimesh.telemetry.stats import Store
 
 _B3_WRITTEN: Final = frozenset(
@@ -56,9 +56,8 @@ _SAMPLED_0: Final[Any] = ("x-b3-sampled", "0")
 #: The codec's flags for "an x-request-id or a trace header arrived" (hcm_config).
 _ID_OR_TRACE: Final = F_REQUEST_ID | F_TRACE
 _NO_ITEM: Final = ("", "")
-# The clocks as constants, as on the rest of the request path: under mypyc a Final is a C
+# The clock as a constant, as on the rest of the request path: under mypyc a Final is a C
 # static, where ``time.time`` is a generic attribute lookup on the module per call.
-_monotonic: Final = time.monotonic
 _wall_clock: Final = time.time
 
 
@@ -240,10 +239,11 @@ class Span:
 class HcmTracer:
     """One HCM's tracing: built from its TracingConfig when the HCM runtime is built."""
 
-    __slots__ = ("client_n", "config", "custom_tags", "egress", "exporter", "memo_decorator",
-                 "memo_route", "memo_tracing", "n_client_enabled", "n_not_traceable", "n_random",
-                 "n_service_forced", "otel", "overall_n", "path_limit", "random_n", "shared",
-                 "trace_id_128bit", "w3c")  # fmt: skip
+    __slots__ = ("client_n", "config", "custom_tags", "egress", "exporter", "memo_cluster",
+                 "memo_cluster_name", "memo_decorator", "memo_route", "memo_tracing",
+                 "n_client_enabled", "n_not_traceable", "n_random", "n_service_forced", "otel",
+                 "overall_n", "path_limit", "random_n", "shared", "trace_id_128bit",
+                 "w3c")  # fmt: skip
 
     def __init__(
         self, config: TracingConfig, stats: Store, stat_prefix: str, clusters: ClusterManager
@@ -273,6 +273,8 @@ class HcmTracer:
         self.memo_route: Route | None = None
         self.memo_tracing: RouteTracing | None = None
         self.memo_decorator = ""
+        self.memo_cluster: UpstreamCluster | None = None
+        self.memo_cluster_name = ""
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -350,7 +352,8 @@ class HcmTracer:
             random_=random_n,
             overall=overall_n,
         )
-        if new_rid is not None and new_rid != rid:
+        # decide returns the id it was given (the same object) unless it wrote a decision in.
+        if new_rid is not None and new_rid is not rid:
             if rid_count == 1:
                 items[rid_at] = ("x-request-id", new_rid)
             else:
@@ -364,6 +367,9 @@ class HcmTracer:
         else:
             self.n_service_forced.value += 1
         traced = reason != sampler.NOT_TRACEABLE
+        # The request's own headers end here: the provider only adds trace headers after them
+        # (or drops some), and _record_request reads no trace header.
+        request_items = len(headers.items)
         if self.otel:
             span = self._start_otel(stream, found, traced)
         elif found is None:
@@ -382,10 +388,10 @@ class HcmTracer:
                 span.name = decorator
         if span is None:
             return None
-        now = _wall_clock()
+        # The wall clock time of the start is worked out in finish() (from the stream's
+        # monotonic start, as here): one clock read per span instead of three.
         span.start_mono = stream.start_time
-        span.start_us = int((now - (_monotonic() - stream.start_time)) * 1_000_000)
-        self._record_request(stream, span, new_rid, found)
+        self._record_request(stream, span, new_rid, found, request_items)
         if route_tracing is not None and route_tracing.custom_tags:
             self._custom_tags(stream, span, route_tracing.custom_tags)
         return span
@@ -393,8 +399,9 @@ class HcmTracer:
     def _start_zipkin_root(self, stream: ActiveStream, traced: bool) -> Span | None:
         """Zipkin without incoming trace headers (the common case at an edge): this hop starts
         the trace; an unsampled one only sends its ids upstream, as Envoy's."""
-        span_id = new_span_id()
-        trace_id = new_span_id() + span_id if self.trace_id_128bit else span_id
+        ids = _IDS
+        span_id = ids.take()
+        trace_id = ids.take() + span_id if self.trace_id_128bit else span_id
         items = stream.headers.items
         items.append(("x-b3-traceid", trace_id))
         items.append(("x-b3-spanid", span_id))
@@ -482,9 +489,11 @@ class HcmTracer:
         span: Span,
         request_id: str | None,
         found: dict[str, list[str]] | None,
+        request_items: int,
     ) -> None:
         """Record what the request's tags are made of, now: the router rewrites the headers
-        in place when it forwards them."""
+        in place when it forwards them. The headers it reads are among the first
+        ``request_items`` (the provider's trace headers come after them)."""
         span.recorded = True
         if request_id:
             span.request_id = request_id
@@ -493,8 +502,13 @@ class HcmTracer:
         proto: str | None = None
         downstream: str | None = None
         agent: str | None = None
-        # One pass for the three headers (each the first of its name, as get_first).
-        for k, v in stream.headers.items:
+        # One pass for the three headers (each the first of its name, as get_first), over the
+        # request's own headers only: the trace headers this hop appended would cost three
+        # comparisons each. The provider may have dropped some trace headers, which leaves
+        # the list shorter and every request header still in it.
+        items = stream.headers.items
+        for i in range(min(request_items, len(items))):
+            k, v = items[i]
             if k == "x-forwarded-proto":
                 if proto is None:
                     proto = v
@@ -535,11 +549,15 @@ class HcmTracer:
 
     # -- finish ---------------------------------------------------------------------------------
 
-    def finish(self, stream: ActiveStream, span: Span) -> None:
-        """The stream ended: record the response in the span and queue it (never blocks)."""
+    def finish(self, stream: ActiveStream, span: Span, now: float) -> None:
+        """The stream ended at ``now`` (the monotonic clock, which the HCM reads once for all
+        its bookkeeping): record the response in the span and queue it (never blocks)."""
         if not span.sampled:
             return
-        span.duration_us = max(1, int((_monotonic() - span.start_mono) * 1_000_000))
+        elapsed = now - span.start_mono
+        span.duration_us = max(1, int(elapsed * 1_000_000))
+        # The start on the wall clock, as Envoy reports it: now's, less the time elapsed.
+        span.start_us = int((_wall_clock() - elapsed) * 1_000_000)
         span.status = stream.status
         span.request_size = stream.bytes_received
         span.response_size = stream.bytes_sent
@@ -548,7 +566,12 @@ class HcmTracer:
         if up is not None:
             cluster = up.cluster
             if cluster is not None:
-                span.cluster = cluster.name
+                # The cluster's name, remembered for the last cluster (clusters are not
+                # compiled: reading the attribute costs about 190 instructions).
+                if cluster is not self.memo_cluster:
+                    self.memo_cluster = cluster
+                    self.memo_cluster_name = cluster.name
+                span.cluster = self.memo_cluster_name
                 host = up.host
                 if host is not None:
                     span.upstream_address = host.address
