@@ -243,7 +243,7 @@ class UpstreamRequest:
         # Envoy's router would take x-envoy-upstream-rq-timeout-ms from internal requests;
         # without an internal address configuration there are none (the HCM strips it).
         # One read of the interpreted RouteAction (its ``hot`` tuple), not four.
-        self.timeout, self.hashing, self.retry_policy, self.mirroring = action.hot
+        self.timeout, self.hashing, self.retry_policy, self.mirroring, _ = action.hot
         self.rq_held = False
         """This attempt holds the cluster's ``requests`` resource (from its connection on)."""
         self.in_flight = False

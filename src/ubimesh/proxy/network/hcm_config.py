@@ -663,17 +663,20 @@ class HcmRuntime:
             for r in rules:
                 r.apply(headers, ctx)
         path = stream.path
-        rewritten = rewrite_path(route, path)
-        if rewritten is not None:
-            # Envoy's router records what it rewrote (unless suppress_envoy_headers).
-            headers.set("x-envoy-original-path", path)
-            path = rewritten
-        authority = rewrite_authority(action, host.hostname if host is not None else "")
-        if authority is None and action.host_rewrite_header:
-            authority = headers.get_first(action.host_rewrite_header) or None
-        if authority is not None:
-            headers.set("x-envoy-original-host", stream.host_header)
-            headers.set("host", authority)
+        # Most routes rewrite nothing: the action says so in its hot tuple, which spares the
+        # interpreted rewrite helpers and their reads of the action (about 2k instructions).
+        if action.hot[4]:
+            rewritten = rewrite_path(route, path)
+            if rewritten is not None:
+                # Envoy's router records what it rewrote (unless suppress_envoy_headers).
+                headers.set("x-envoy-original-path", path)
+                path = rewritten
+            authority = rewrite_authority(action, host.hostname if host is not None else "")
+            if authority is None and action.host_rewrite_header:
+                authority = headers.get_first(action.host_rewrite_header) or None
+            if authority is not None:
+                headers.set("x-envoy-original-host", stream.host_header)
+                headers.set("host", authority)
         if shadow is not None:
             # Envoy sends shadows through its internal async client, which marks them
             # internal and records the proxy's own address.

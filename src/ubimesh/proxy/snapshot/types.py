@@ -272,16 +272,26 @@ class RouteAction:
     """Per-route override of the HCM's websocket upgrade (None: follow the HCM)."""
     retry_policy: RetryPolicy | None = None
     """The route's retry policy (or its virtual host's); None: no retries."""
-    hot: tuple[float | None, bool, RetryPolicy | None, bool] = field(
+    hot: tuple[float | None, bool, RetryPolicy | None, bool, bool] = field(
         init=False, repr=False, compare=False
     )
-    """(``timeout``, any ``hash_policies``, ``retry_policy``, any ``mirror_policies``): what
-    the router reads on every request, in one attribute (see ``RetryPolicy.hot``: each read
-    of this interpreted class from compiled code is a generic lookup)."""
+    """(``timeout``, any ``hash_policies``, ``retry_policy``, any ``mirror_policies``, any
+    path or authority rewrite): what the router reads on every request, in one attribute (see
+    ``RetryPolicy.hot``: each read of this interpreted class from compiled code is a generic
+    lookup)."""
 
     def __post_init__(self) -> None:
         hashing, mirroring = bool(self.hash_policies), bool(self.mirror_policies)
-        object.__setattr__(self, "hot", (self.timeout, hashing, self.retry_policy, mirroring))
+        rewrites = (
+            self.prefix_rewrite is not None
+            or self.regex_rewrite is not None
+            or bool(self.host_rewrite_literal)
+            or self.auto_host_rewrite
+            or bool(self.host_rewrite_header)
+        )
+        object.__setattr__(
+            self, "hot", (self.timeout, hashing, self.retry_policy, mirroring, rewrites)
+        )
 
 
 class RedirectResponseCode(enum.IntEnum):
