@@ -10,6 +10,7 @@ import os
 from types import SimpleNamespace
 
 import orjson
+import pytest
 
 from ubimesh.proxy.network.http_manager import ActiveStream
 from ubimesh.proxy.snapshot.types import (
@@ -73,10 +74,14 @@ def test_the_text_is_orjsons_serialization_of_each_span_shape() -> None:
         + ',"http.url":"'
     )
     values: list[str] = []
+    runs = zipkin._Runs()
+    runs.start_batch(head, "")
     for s in spans:
         # Span by span: the text itself, not only the whole body (which could fall back).
-        text = zipkin._span_text(s, head, "", values)
+        text = zipkin._span_text(s, runs, True, values)
         assert text == orjson.dumps(zipkin.span_dict(s, endpoint)).decode()
+        # Again: now from the kept runs.
+        assert zipkin._span_text(s, runs, False, values) == "," + text
     fast, reference = body_of(spans, local)
     assert fast == reference
 
@@ -197,3 +202,174 @@ def test_each_route_names_its_spans_when_routes_alternate() -> None:
         assert started is not None
         names.append(started.name)
     assert names == ["cart-op", "cart-op", "shop", "cart-op", "shop", "shop"]
+
+
+def steady(i: int, **values: object) -> Span:
+    """A span of steady traffic: the same request and response as the one before, new ids."""
+    s = Span(f"{i + 1:016x}", f"{i + 1:016x}", "", sampled=True, client=False, shared=True,
+             name="shop:80")  # fmt: skip
+    s.start_us, s.duration_us = 1_700_000_000_000_000 + 1000 * i, 900 + i
+    s.recorded = True
+    s.proto, s.host, s.path, s.method = "http", "shop:80", "/1k", "GET"
+    s.downstream_cluster, s.user_agent, s.peer = "-", "h2load nghttp2/1.59.0", "127.0.0.1"
+    s.request_id = f"{i:08x}-1891-4d4c-8964-998ede09d368"
+    s.request_size, s.response_size, s.status = 0, 1024, 200
+    s.cluster, s.upstream_address = "backend", SocketAddress("127.0.0.1", 8080)
+    for name, value in values.items():
+        setattr(s, name, value)
+    return s
+
+
+#: Each kept member of either run, with another plain value and values needing escaping.
+CHANGES: list[tuple[str, object, tuple[object, ...]]] = [
+    ("proto", "https", ('ht"tp', "ht\\tp", "h\x01", "hé")),
+    ("host", "cart:81", ('ca"rt', "c\\art", "c\nart", "cärt", "c😀")),
+    ("path", "/2k?x=1\x7f", ('/"', "/\\", "/\t", "/\x1f", "/ü")),  # DEL: no escape
+    ("method", "POST", ('PO"ST', "P\x1f")),
+    ("downstream_cluster", "edge", ('e"dge', "e\\", "é")),
+    ("user_agent", "curl/8.5.0", ('say "hi"', "tab\there", "naïve")),
+    ("http10", True, ()),
+    ("peer", "10.0.0.7", ('1"', "1\x00")),
+    ("request_id", "", ('r"id', "r\\id", "rïd")),
+    ("client_trace_id", "abc", ('a"bc', "a\x02", "äbc")),
+    ("request_size", 2048, ()),
+    ("response_size", 1_000_000, ()),
+    ("status", 503, ()),
+    ("status", 0, ()),
+    ("response_flags", "UF,URX", ('U"F', "UF\\", "ÜF")),
+    ("name", "", ('n"ame', "nam\x1b", "nämé")),
+    ("parent_id", "00000000000000aa", ('0"', "ä0")),
+    ("shared", False, ()),
+    ("client", True, ()),
+    ("cluster", 'odd "name"\\', ()),
+    ("cluster", None, ()),
+    ("upstream_address", None, ()),
+    ("upstream_address", SocketAddress("::1", 80), ()),
+    ("trace_id", "00000000000000ff00000000000000ff", ('f"f', "f\\f", "ff\x00", "fé")),
+    ("span_id", "00000000000000ee", ('e"e', "é")),
+]
+
+
+def test_runs_of_equal_spans_and_a_value_changing_in_the_middle_of_a_batch() -> None:
+    local = LocalInfo("n1", "shop")
+    for field, plain, needing_escape in CHANGES:
+        # A run of equal spans, one value changing in the middle (for one span, then for
+        # the rest of the batch), and back: each run is rendered again or reused.
+        for value in (plain, *needing_escape):
+            spans = [steady(i) for i in range(3)]
+            spans += [steady(3, **{field: value})]
+            spans += [steady(i) for i in range(4, 6)]
+            spans += [steady(i, **{field: value}) for i in range(6, 9)]
+            spans += [steady(9)]
+            fast, reference = body_of(spans, local)
+            assert fast == reference, (field, value)
+
+
+def test_a_value_needing_escaping_falls_back_whether_its_run_was_kept_or_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    local = LocalInfo("n1", "shop")
+    fell_back: list[int] = []
+    dicts = zipkin.encode_dicts
+
+    def spy(spans: list[Span], local: LocalInfo) -> bytes:
+        fell_back.append(len(spans))
+        return dicts(spans, local)
+
+    def fast_and_fell_back(spans: list[Span]) -> tuple[bytes, bool]:
+        fell_back.clear()
+        with monkeypatch.context() as m:
+            m.setattr(zipkin, "encode_dicts", spy)
+            fast = zipkin.encode(spans, local)
+        assert fast == dicts(spans, local)
+        return fast, bool(fell_back)
+
+    for field, _, needing_escape in CHANGES:
+        for value in needing_escape:
+            # The runs are kept from a plain batch, then a span's value needs escaping: in
+            # the middle of the batch (after reused runs) and first in one.
+            assert fast_and_fell_back([steady(0), steady(1)])[1] is False
+            assert fast_and_fell_back([steady(2), steady(3, **{field: value})])[1], field
+            assert fast_and_fell_back([steady(4, **{field: value}), steady(5)])[1], field
+            # A batch of only the bad span, twice: a run that failed the check is not kept,
+            # so the second batch must fall back too (not reuse a run rendered unchecked).
+            for _ in range(2):
+                assert fast_and_fell_back([steady(6, **{field: value})])[1], field
+            # After the bad span's batch, a plain one is written as text again.
+            assert fast_and_fell_back([steady(7), steady(8)])[1] is False
+
+
+def test_optional_members_present_and_absent_alternating() -> None:
+    local = LocalInfo("n1", "shop")
+    optional = {
+        "request_id": "",
+        "client_trace_id": "abc",
+        "parent_id": "00000000000000aa",
+        "name": "",
+        "shared": False,
+        "cluster": None,
+        "upstream_address": None,
+        "status": 0,
+        "response_flags": "UF",
+    }
+    for field, value in optional.items():
+        spans = [steady(i, **({field: value} if i % 2 else {})) for i in range(8)]
+        fast, reference = body_of(spans, local)
+        assert fast == reference, field
+    # Every combination of the optional members, each span after another shape.
+    shapes = list(itertools.product((False, True), repeat=len(optional)))
+    spans = [
+        steady(i, **{f: v for (f, v), on in zip(optional.items(), shape, strict=True) if on})
+        for i, shape in enumerate(shapes)
+    ]
+    fast, reference = body_of(spans, local)
+    assert fast == reference
+    assert len(orjson.loads(fast)) == len(shapes)
+
+
+def test_runs_across_batch_boundaries_and_a_changing_node() -> None:
+    saved = LOCAL.zone, LOCAL.node_id
+    try:
+        local = LocalInfo("n1", "shop")
+        for zone, node in (("", "n1"), ("eu-1", "n1"), ("eu-1", "n2"), ("", "n2"), ("", "n1")):
+            LOCAL.zone, LOCAL.node_id = zone, node
+            # Two batches of the same spans: the second starts from the first's runs.
+            for _ in range(2):
+                fast, reference = body_of([steady(i) for i in range(3)], local)
+                assert fast == reference, (zone, node)
+        # The local endpoint is in the head too.
+        for service in ("shop", "cart", "shop"):
+            fast, reference = body_of([steady(0), steady(1)], LocalInfo("n1", service))
+            assert fast == reference
+        # An empty batch, a batch of one and a mixed batch (dicts between texts).
+        assert body_of([], local) == (b"[]", b"[]")
+        mixed = [steady(0), steady(1), steady(2), steady(3)]
+        mixed[0].custom = {"team": "cart"}
+        mixed[2].tags = {"http.status_code": "200"}
+        fast, reference = body_of(mixed, local)
+        assert fast == reference
+        fast, reference = body_of(mixed[1:2], local)
+        assert fast == reference
+    finally:
+        LOCAL.zone, LOCAL.node_id = saved
+
+
+def test_timestamps_and_durations_of_every_width() -> None:
+    local = LocalInfo("n1", "shop")
+    base = 1_700_000_000_000_000
+    starts = [0, 1, 999, 1000, 999_999, 1_000_000, 1_000_001, 1_000_999_999, base, base + 7,
+              base + 70, base + 999, base + 1000, base + 1001, base + 999_999, base + 1_000_000,
+              base + 1_000_000, base - 1, base + 10**9 + 123_456, 10**18 + 5]  # fmt: skip
+    durations = [1, 9, 1023, 1024, 999_999, 10**12]
+    spans = [
+        steady(i, start_us=start, duration_us=durations[i % len(durations)])
+        for i, start in enumerate(starts)
+    ]
+    fast, reference = body_of(spans, local)
+    assert fast == reference
+    assert [span["timestamp"] for span in orjson.loads(fast)] == starts
+    # A second changing in the middle of a batch, and back.
+    for starts in ([base, base + 1_000_000, base], [base + 999_999, base + 1_000_000]):
+        spans = [steady(i, start_us=start) for i, start in enumerate(starts)]
+        fast, reference = body_of(spans, local)
+        assert fast == reference

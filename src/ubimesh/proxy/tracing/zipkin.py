@@ -1,13 +1,21 @@
 """Zipkin v2 JSON (``POST /api/v2/spans``): the body Envoy's Zipkin tracer sends.
 
-The body is exactly what ``orjson.dumps`` makes of the spans as dicts (``span_dict``, with
-``Span.tag_dict``'s tags), but a span whose tags come from its record (every span the HCM
-makes, unless it has custom tags) is written as JSON text directly: one string build per span
-instead of two dicts (about 20 entries) and their serialization, a few thousand instructions
-instead of about 25k (bench/telemetry_cpu.py, trace100). Its values go into the text as they
-are; they are checked once per batch, and a batch in which any value would need escaping
-(a quote, a backslash, a control character) or is not ASCII is encoded from the dicts
-instead. tests/unit/test_tracing_zipkin_text.py holds the two ways to the same bytes.
+Contract: ``encode`` returns exactly what ``orjson.dumps`` makes of the spans as dicts
+(``encode_dicts``: ``span_dict``, with ``Span.tag_dict``'s tags). A span whose tags come from
+its record (every span the HCM makes, unless it has custom tags) is written as JSON text
+directly instead (``_span_text``): one string build per span instead of two dicts (about 20
+entries) and their serialization. Its values go into the text as they are, so each must need
+no escaping; a batch in which any value would need escaping (a quote, a backslash, a control
+character) or is not ASCII is encoded from the dicts instead.
+
+Cache rules: most members repeat from span to span in steady traffic (same route, client,
+upstream, status), so the text of the two runs of such members is kept from the last span
+(``_Runs``: one entry per run, compared value by value, reused only when all are equal) and
+a span's build has 13 pieces instead of about 50. A run's values are checked when it is
+rendered and a run that fails the check is never kept; the ids, the request id and the
+parent id, new in each span, are checked once per batch. The upstream members are kept per
+address object (``_UPSTREAM_MEMBERS``, bounded). bench/telemetry_cpu.py --callgrind measures
+it (trace100); tests/unit/test_tracing_zipkin_text.py holds the two ways to the same bytes.
 """
 
 from __future__ import annotations
@@ -40,20 +48,25 @@ def encode(spans: list[Span], local: LocalInfo) -> bytes:
         + ',"tags":{"node_id":' + orjson.dumps(LOCAL.node_id).decode() + ',"http.url":"'
     )  # fmt: skip
     zone_part = ',"zone":' + orjson.dumps(LOCAL.zone).decode() if LOCAL.zone else ""
+    runs = _RUNS
+    runs.start_batch(tags_head, zone_part)
     parts = ["["]
     values: list[str] = []
+    first = True
     for s in spans:
         if s.tags is None and s.recorded and s.custom is None:
-            parts.append(_span_text(s, tags_head, zone_part, values))
+            # The text brings its own separator.
+            text = _span_text(s, runs, first, values)
+            if text is None:
+                return encode_dicts(spans, local)
+            parts.append(text)
         else:
+            if not first:
+                parts.append(",")
             parts.append(orjson.dumps(span_dict(s, endpoint)).decode())
-        parts.append(",")
-    if spans:
-        parts.pop()
+        first = False
     parts.append("]")
-    raw = "".join(values)
-    # orjson's text of a string is the string in quotes unless a character needs escaping.
-    if not raw.isascii() or len(orjson.dumps(raw)) != len(raw) + 2:
+    if not _plain("".join(values)):
         return encode_dicts(spans, local)
     return "".join(parts).encode()
 
@@ -115,56 +128,212 @@ def _upstream_members(cluster: str, address: object) -> str:
     return text
 
 
-def _span_text(s: Span, tags_head: str, zone_part: str, values: list[str]) -> str:
-    """``span_dict(s, endpoint)`` as orjson writes it, for a span whose tags come from its
-    record and have no custom tags, provided that its values need no escaping: they are
-    added to ``values`` for ``encode`` to check. Keys and their order follow ``span_dict`` and
-    ``Span.tag_dict`` exactly (the test compares the bytes). Every literal run and value is
-    one piece of a single string build, so members are merged into as few pieces as can be."""
-    rid = s.request_id
-    ctid = s.client_trace_id
-    status = s.status
-    flags = s.response_flags or "-"
-    name = s.name
-    parent = s.parent_id
-    # Optional members: a key (or "") and a value (or ""), so that one build makes the text.
-    rid_key = ',"guid:x-request-id":"' if rid else ""
-    rid_end = '"' if rid else ""
-    ctid_key = ',"guid:x-client-trace-id":"' if ctid else ""
-    ctid_end = '"' if ctid else ""
-    upstream = ""
-    cluster = s.cluster
-    if cluster is not None:
+def _plain(text: str) -> bool:
+    """Whether orjson writes ``text`` as itself between quotes: ASCII, and no quote, backslash
+    or control character (each of those makes its text longer)."""
+    return text.isascii() and len(orjson.dumps(text)) == len(text) + 2
+
+
+#: What ends a span after its parent id (present or not), and whether it is ``shared``.
+_TAIL: Final = "}"
+_TAIL_SHARED: Final = ',"shared":true}'
+_TAIL_PARENT: Final = '"}'
+_TAIL_PARENT_SHARED: Final = '","shared":true}'
+
+
+class _Runs:
+    """The text of the last span's two runs of members that repeat from span to span, and
+    the values each was rendered from (its key), so that a span equal in them to the one
+    before reuses the text: one piece in its build instead of about twenty, and no values to
+    check (they were checked when the run was rendered).
+
+    * The request run: from the tags' head (``encode``'s, of the batch) up to the value of
+      ``guid:x-request-id``, keyed on proto, host, path, method, downstream_cluster,
+      user_agent, http10, peer and whether there is a request id; the batch's head and zone
+      are part of it, so ``start_batch`` drops it when they change.
+    * The response run: from the request id's closing quote up to the value of ``parentId``,
+      keyed on whether there are a request id and a parent id, the client trace id,
+      request_size, response_size, the upstream cluster and address (the very object),
+      status, response_flags and name.
+
+    One text per run (the last one, not a table): bounded, and a run that changes from span
+    to span costs one key comparison more than no cache. A run is only kept when its values
+    need no escaping; otherwise the span is not written as text at all (``encode`` falls back
+    to the dicts), so a kept run never needs checking again. ``encode`` runs on the event loop
+    only (one thread); a run's key and text are assigned together after rendering.
+    """
+
+    def __init__(self) -> None:
+        self.tags_head = ""
+        self.zone_part = ""
+        self.request_ok = False
+        self.path = ""
+        self.host = ""
+        self.proto = ""
+        self.method = ""
+        self.downstream_cluster = ""
+        self.user_agent = ""
+        self.peer = ""
+        self.http10 = False
+        self.request_has_rid = False
+        self.request_text = ""
+        self.response_ok = False
+        self.response_has_rid = False
+        self.has_parent = False
+        self.client_trace_id = ""
+        self.request_size = 0
+        self.response_size = 0
+        self.cluster: str | None = None
+        self.address: object = None
+        self.status = 0
+        self.response_flags = ""
+        self.name = ""
+        self.response_text = ""
+
+    def start_batch(self, tags_head: str, zone_part: str) -> None:
+        """The batch's head of the tags and zone member: the request run holds them."""
+        if tags_head != self.tags_head or zone_part != self.zone_part:
+            self.tags_head = tags_head
+            self.zone_part = zone_part
+            self.request_ok = False
+
+    def request(self, s: Span, has_rid: bool) -> str | None:
+        """The request run of ``s``; None when one of its values needs escaping."""
+        # The path first: the value most likely to differ from the last span's.
+        if (
+            self.request_ok
+            and s.path == self.path
+            and s.host == self.host
+            and has_rid == self.request_has_rid
+            and s.http10 == self.http10
+            and s.peer == self.peer
+            and s.user_agent == self.user_agent
+            and s.method == self.method
+            and s.downstream_cluster == self.downstream_cluster
+            and s.proto == self.proto
+        ):
+            return self.request_text
+        proto, host, path, method = s.proto, s.host, s.path, s.method
+        downstream, agent, peer = s.downstream_cluster, s.user_agent, s.peer
+        if not _plain(f"{proto}{host}{path}{method}{downstream}{agent}{peer}"):
+            return None
+        protocol = (
+            '","http.protocol":"HTTP/1.0","peer.address":"'
+            if s.http10
+            else '","http.protocol":"HTTP/1.1","peer.address":"'
+        )
+        rid_key = ',"guid:x-request-id":"' if has_rid else ""
+        text = (
+            f'{self.tags_head}{proto}://{host}{path}","http.method":"{method}",'
+            f'"downstream_cluster":"{downstream}","user_agent":"{agent}{protocol}{peer}"'
+            f"{self.zone_part}{rid_key}"
+        )
+        self.path, self.host, self.proto, self.method = path, host, proto, method
+        self.downstream_cluster, self.user_agent, self.peer = downstream, agent, peer
+        self.http10 = s.http10
+        self.request_has_rid = has_rid
+        self.request_text = text
+        self.request_ok = True
+        return text
+
+    def response(self, s: Span, has_rid: bool, has_parent: bool) -> str | None:
+        """The response run of ``s``; None when one of its values needs escaping."""
+        ctid = s.client_trace_id
+        status = s.status
+        raw_flags = s.response_flags
+        name = s.name
+        cluster = s.cluster
         address = s.upstream_address
-        if address is None:
-            upstream = _cluster_members(cluster)
-        else:
-            upstream = _upstream_members(cluster, address)
-    error_part = ',"error":"true"' if status >= 500 or status == 0 else ""
-    name_key = ',"name":"' if name else ""
-    name_end = '"' if name else ""
-    parent_key = ',"parentId":"' if parent else ""
-    parent_end = '"' if parent else ""
-    shared_part = ',"shared":true' if s.shared else ""
+        if (
+            self.response_ok
+            and s.response_size == self.response_size
+            and s.request_size == self.request_size
+            and status == self.status
+            and address is self.address
+            and cluster == self.cluster
+            and raw_flags == self.response_flags
+            and name == self.name
+            and has_rid == self.response_has_rid
+            and has_parent == self.has_parent
+            and ctid == self.client_trace_id
+        ):
+            return self.response_text
+        flags = raw_flags or "-"
+        if not _plain(f"{ctid}{flags}{name}"):
+            return None
+        upstream = ""
+        if cluster is not None:
+            if address is None:
+                upstream = _cluster_members(cluster)
+            else:
+                upstream = _upstream_members(cluster, address)
+        rid_end = '"' if has_rid else ""
+        ctid_key = ',"guid:x-client-trace-id":"' if ctid else ""
+        ctid_end = '"' if ctid else ""
+        error_part = ',"error":"true"' if status >= 500 or status == 0 else ""
+        name_key = ',"name":"' if name else ""
+        name_end = '"' if name else ""
+        parent_key = ',"parentId":"' if has_parent else ""
+        text = (
+            f"{rid_end}{ctid_key}{ctid}{ctid_end}"
+            f',"request_size":"{int_text(s.request_size)}",'
+            f'"response_size":"{int_text(s.response_size)}",'
+            f'"component":"proxy"{upstream},"http.status_code":"{int_text(status)}",'
+            f'"response_flags":"{flags}"{error_part}}}'
+            f"{name_key}{name}{name_end}{parent_key}"
+        )
+        self.response_size, self.request_size = s.response_size, s.request_size
+        self.status, self.address, self.cluster = status, address, cluster
+        self.response_flags, self.name, self.client_trace_id = raw_flags, name, ctid
+        self.response_has_rid, self.has_parent = has_rid, has_parent
+        self.response_text = text
+        self.response_ok = True
+        return text
+
+
+_RUNS: Final = _Runs()
+
+
+def _span_text(s: Span, runs: _Runs, first: bool, values: list[str]) -> str | None:
+    """``span_dict(s, endpoint)`` as orjson writes it (after a comma unless ``first``), for a
+    span whose tags come from its record and have no custom tags; None when one of its
+    values needs escaping (then the batch is written from the dicts). Keys and their order
+    follow ``span_dict`` and ``Span.tag_dict`` exactly (the test compares the bytes).
+
+    The text is one string build of 13 pieces: the ids and times, which differ in each span,
+    the runs of members that usually repeat (``_Runs``) and constant tails. The ids and the
+    request id are not checked here: they go to ``values``, which ``encode`` checks once a
+    batch (a request id may come from the client; the ids are hex when the HCM made the
+    span, but that is another module's rule, so they are checked all the same)."""
+    rid = s.request_id
+    parent = s.parent_id
+    has_rid = rid != ""
+    has_parent = parent != ""
+    request = runs.request(s, has_rid)
+    if request is None:
+        return None
+    response = runs.response(s, has_rid, has_parent)
+    if response is None:
+        return None
+    trace_id = s.trace_id
+    span_id = s.span_id
+    # To be checked by encode: appended one by one (a list append costs less than a string
+    # build); a root span's trace id is its span id, the very string.
+    values.append(span_id)
+    if trace_id is not span_id:
+        values.append(trace_id)
+    if has_parent:
+        values.append(parent)
+    if has_rid:
+        values.append(rid)
+    lead = '{"traceId":"' if first else ',{"traceId":"'
     kind = '","kind":"CLIENT","timestamp":' if s.client else '","kind":"SERVER","timestamp":'
-    protocol = (
-        '","http.protocol":"HTTP/1.0","peer.address":"'
-        if s.http10
-        else '","http.protocol":"HTTP/1.1","peer.address":"'
-    )
-    values.append(
-        f"{s.trace_id}{s.span_id}{parent}{name}{s.proto}{s.host}{s.path}{s.method}"
-        f"{s.downstream_cluster}{s.user_agent}{s.peer}{rid}{ctid}{flags}"
-    )
+    if s.shared:
+        tail = _TAIL_PARENT_SHARED if has_parent else _TAIL_SHARED
+    else:
+        tail = _TAIL_PARENT if has_parent else _TAIL
     return (
-        f'{{"traceId":"{s.trace_id}","id":"{s.span_id}{kind}{s.start_us},'
-        f'"duration":{s.duration_us}{tags_head}{s.proto}://{s.host}{s.path}",'
-        f'"http.method":"{s.method}","downstream_cluster":"{s.downstream_cluster}",'
-        f'"user_agent":"{s.user_agent}{protocol}{s.peer}"{zone_part}'
-        f"{rid_key}{rid}{rid_end}{ctid_key}{ctid}{ctid_end}"
-        f',"request_size":"{int_text(s.request_size)}",'
-        f'"response_size":"{int_text(s.response_size)}",'
-        f'"component":"proxy"{upstream},"http.status_code":"{int_text(status)}",'
-        f'"response_flags":"{flags}"{error_part}}}'
-        f"{name_key}{name}{name_end}{parent_key}{parent}{parent_end}{shared_part}}}"
+        f'{lead}{trace_id}","id":"{span_id}{kind}{s.start_us},'
+        f'"duration":{int_text(s.duration_us)}'
+        f"{request}{rid}{response}{parent}{tail}"
     )
