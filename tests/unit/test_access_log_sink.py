@@ -111,3 +111,45 @@ def test_unopenable_file_counts_drops(tmp_path: Path) -> None:
     s = FileSink(str(tmp_path / "missing" / "d.log"), stats)
     s.write("lost\n")
     assert stats.dropped_lines.value == 1
+
+
+def test_a_regular_file_is_written_by_the_loop_without_a_thread(tmp_path: Path) -> None:
+    path = tmp_path / "e.log"
+    stats = SinkStats(None)
+    s = FileSink(str(path), stats)
+    assert s.inline
+    s.write("first\n")
+    s.flush()
+    # Written by the flush itself: no thread, nothing queued.
+    assert path.read_text() == "first\n"
+    assert s.thread is None and s.queue.unfinished_tasks == 0
+    assert stats.write_completed.value == 1
+
+
+def test_a_slow_write_moves_the_sink_to_its_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sink_mod, "INLINE_STALL", -1.0)  # every write counts as a stall
+    path = tmp_path / "f.log"
+    s = FileSink(str(path), SinkStats(None))
+    s.write("on the loop\n")
+    with caplog.at_level("WARNING", logger="ubimesh.access_log"):
+        s.flush()
+    assert path.read_text() == "on the loop\n"  # the slow write itself completed
+    assert not s.inline
+    assert "writing from a thread from now on" in caplog.text
+    s.write("from the thread\n")
+    s.flush()
+    assert s.thread is not None
+    assert s.drain(5.0)
+    assert path.read_text() == "on the loop\nfrom the thread\n"
+
+
+def test_a_pipe_or_a_device_is_written_by_the_thread() -> None:
+    # /dev/stdout may be a pipe whose reader is slow: never written by the loop.
+    s = FileSink("/dev/null", SinkStats(None))
+    assert not s.inline
+    s.write("gone\n")
+    s.flush()
+    assert s.thread is not None
+    assert s.drain(5.0)

@@ -16,12 +16,18 @@ in a file is the order of ``defer``/``write`` calls, and a flush (timer, size, d
 renders what is pending first. The entries hold the stream's request and response header
 lists, which are not changed once a stream has ended; at most ``RENDER_BATCH`` are held.
 
-Why a writer thread and not ``os.write`` on the loop: a regular file never reports "would
-block" (O_NONBLOCK is ignored for files), so a slow disk, a full pipe behind /dev/stdout or an
-NFS stall would stall the event loop and every connection on it. One daemon thread per sink
-does the ``write`` calls; the loop only does ``put_nowait`` of an already-joined chunk on a
-queue bounded to ``MAX_CHUNKS``. When the queue is full the chunk is dropped and its lines are
-counted in ``access_log.dropped_lines``: memory stays bounded whatever the disk does.
+Where the ``write`` calls happen. A pipe, a socket or a terminal (/dev/stdout behind a slow
+reader) can block a writer for as long as its reader pleases, so for those one daemon thread
+per sink does the writing: the loop only does ``put_nowait`` of an already-joined chunk on a
+queue bounded to ``MAX_CHUNKS``; when the queue is full the chunk is dropped and its lines are
+counted in ``access_log.dropped_lines``, so memory stays bounded whatever the reader does.
+A regular file is written by the loop itself, one ``write`` per chunk (about every 300
+lines): the kernel copies it into the page cache and returns, typically in tens of µs. The
+thread cost more than that: each chunk handed over took several GIL handoffs between it and
+the loop, about 0.1 context switches per logged request and up to a third more CPU per
+request under load (bench/telemetry_cpu.py, ``ctx sw/req``). A regular file can still stall
+(dirty-page throttling, NFS, a FUSE file system), so a write that takes longer than
+``INLINE_STALL`` moves the sink to the thread for good, with a warning: one stall at most.
 
 Several workers (forked processes) share a file: it is opened with O_APPEND and every chunk is
 whole lines, written by one ``write`` call (looping only on a short write), so lines of
@@ -41,6 +47,7 @@ import atexit
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from typing import TYPE_CHECKING, Final
@@ -62,6 +69,9 @@ RENDER_BATCH: Final = 64  # Final: a C constant under mypyc, not a module dict l
 MAX_CHUNKS = 64
 #: How long a flush at shutdown waits for the writer.
 CLOSE_TIMEOUT = 2.0
+#: A write of a regular file on the loop that takes longer than this (seconds) moves the sink
+#: to its writer thread for good (see the module docstring).
+INLINE_STALL = 0.01
 
 
 class SinkStats:
@@ -100,6 +110,14 @@ class FileSink:
             # The translator checked the directory; a file that cannot be opened now (its
             # permissions) loses its lines, counted, rather than stopping the proxy.
             log.error("access log %s cannot be opened: %s; its lines are dropped", path, exc)
+        self.inline = False
+        """Whether the loop writes (a regular file that has not stalled) rather than the
+        writer thread."""
+        if self.fd >= 0:
+            try:
+                self.inline = stat.S_ISREG(os.fstat(self.fd).st_mode)
+            except OSError:
+                self.inline = False
         self.buffer: list[str] = []
         """Whole lines: a line handed to ``write``, or a rendered batch of lines."""
         self.size = 0
@@ -189,6 +207,9 @@ class FileSink:
         if self.fd < 0:
             self.stats.dropped_lines.value += lines
             return
+        if self.inline:
+            self._write_inline(chunk)
+            return
         if self.thread is None:
             self.thread = threading.Thread(
                 target=self._writer, name=f"access-log {self.path}", daemon=True
@@ -199,21 +220,40 @@ class FileSink:
         except queue.Full:
             self.stats.dropped_lines.value += lines
 
+    def _write_inline(self, chunk: bytes) -> None:
+        """Write ``chunk`` from the loop (a regular file); a slow write moves the sink to the
+        writer thread for the chunks after it."""
+        started = time.monotonic()
+        self._write_chunk(chunk)
+        took = time.monotonic() - started
+        if took > INLINE_STALL:
+            self.inline = False
+            log.warning(
+                "access log %s: a write took %.0f ms on the event loop; writing from a "
+                "thread from now on", self.path, took * 1000,
+            )  # fmt: skip
+
+    def _write_chunk(self, chunk: bytes) -> None:
+        """One chunk, whole (a loop only on a short write); counted as written or failed."""
+        view = memoryview(chunk)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            # Counted off the loop too (the thread): writers of several files share these
+            # counters, so two increments at the same instant may count once (a stat, not
+            # a ledger).
+            self.stats.write_completed.value += 1
+        except OSError as exc:
+            self.stats.write_failed.value += 1
+            log.warning("access log %s: write failed: %s", self.path, exc)
+
     def _writer(self) -> None:
         """The writer thread: one ``write`` per chunk (a loop only on a short write)."""
         while True:
             chunk = self.queue.get()
-            view = memoryview(chunk)
             try:
-                while view:
-                    n = os.write(self.fd, view)
-                    view = view[n:]
-                # Counted off the loop: writers of several files share these counters, so
-                # two increments at the same instant may count once (a stat, not a ledger).
-                self.stats.write_completed.value += 1
-            except OSError as exc:
-                self.stats.write_failed.value += 1
-                log.warning("access log %s: write failed: %s", self.path, exc)
+                self._write_chunk(chunk)
             finally:
                 self.queue.task_done()
 
