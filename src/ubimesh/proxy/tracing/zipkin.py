@@ -142,10 +142,10 @@ _TAIL_PARENT_SHARED: Final = '","shared":true}'
 
 
 class _Runs:
-    """The text of the last span's two runs of members that repeat from span to span, and
-    the values each was rendered from (its key), so that a span equal in them to the one
-    before reuses the text: one piece in its build instead of about twenty, and no values to
-    check (they were checked when the run was rendered).
+    """The text of two runs of members that repeat from span to span, each with the span it
+    was rendered from (its key), so that a span equal to that one in the run's members
+    reuses the text: one piece in its build instead of about twenty, and no values to check
+    (they were checked when the run was rendered).
 
     * The request run: from the tags' head (``encode``'s, of the batch) up to the value of
       ``guid:x-request-id``, keyed on proto, host, path, method, downstream_cluster,
@@ -157,37 +157,22 @@ class _Runs:
       status, response_flags and name.
 
     One text per run (the last one, not a table): bounded, and a run that changes from span
-    to span costs one key comparison more than no cache. A run is only kept when its values
-    need no escaping; otherwise the span is not written as text at all (``encode`` falls back
-    to the dicts), so a kept run never needs checking again. ``encode`` runs on the event loop
-    only (one thread); a run's key and text are assigned together after rendering.
+    to span costs one key comparison more than no cache. The key spans are finished (their
+    record no longer changes), and holding them keeps their values (and upstream address)
+    alive, so comparing with them is comparing with the values the text was made of. A run
+    is only kept when its values need no escaping; otherwise the span is not written as text
+    at all (``encode`` falls back to the dicts), so a kept run never needs checking again.
+    ``encode`` runs on the event loop only (one thread).
     """
 
     def __init__(self) -> None:
         self.tags_head = ""
         self.zone_part = ""
-        self.request_ok = False
-        self.path = ""
-        self.host = ""
-        self.proto = ""
-        self.method = ""
-        self.downstream_cluster = ""
-        self.user_agent = ""
-        self.peer = ""
-        self.http10 = False
-        self.request_has_rid = False
+        self.request_key: Span | None = None
+        """The span the request run was rendered from; None: no run kept."""
         self.request_text = ""
-        self.response_ok = False
-        self.response_has_rid = False
-        self.has_parent = False
-        self.client_trace_id = ""
-        self.request_size = 0
-        self.response_size = 0
-        self.cluster: str | None = None
-        self.address: object = None
-        self.status = 0
-        self.response_flags = ""
-        self.name = ""
+        self.response_key: Span | None = None
+        """The span the response run was rendered from; None: no run kept."""
         self.response_text = ""
 
     def start_batch(self, tags_head: str, zone_part: str) -> None:
@@ -195,22 +180,23 @@ class _Runs:
         if tags_head != self.tags_head or zone_part != self.zone_part:
             self.tags_head = tags_head
             self.zone_part = zone_part
-            self.request_ok = False
+            self.request_key = None
 
-    def request(self, s: Span, has_rid: bool) -> str | None:
+    def request(self, s: Span) -> str | None:
         """The request run of ``s``; None when one of its values needs escaping."""
+        k = self.request_key
         # The path first: the value most likely to differ from the last span's.
         if (
-            self.request_ok
-            and s.path == self.path
-            and s.host == self.host
-            and has_rid == self.request_has_rid
-            and s.http10 == self.http10
-            and s.peer == self.peer
-            and s.user_agent == self.user_agent
-            and s.method == self.method
-            and s.downstream_cluster == self.downstream_cluster
-            and s.proto == self.proto
+            k is not None
+            and s.path == k.path
+            and s.host == k.host
+            and (s.request_id != "") == (k.request_id != "")
+            and s.http10 == k.http10
+            and s.peer == k.peer
+            and s.user_agent == k.user_agent
+            and s.method == k.method
+            and s.downstream_cluster == k.downstream_cluster
+            and s.proto == k.proto
         ):
             return self.request_text
         proto, host, path, method = s.proto, s.host, s.path, s.method
@@ -222,58 +208,54 @@ class _Runs:
             if s.http10
             else '","http.protocol":"HTTP/1.1","peer.address":"'
         )
-        rid_key = ',"guid:x-request-id":"' if has_rid else ""
+        rid_key = ',"guid:x-request-id":"' if s.request_id else ""
         text = (
             f'{self.tags_head}{proto}://{host}{path}","http.method":"{method}",'
             f'"downstream_cluster":"{downstream}","user_agent":"{agent}{protocol}{peer}"'
             f"{self.zone_part}{rid_key}"
         )
-        self.path, self.host, self.proto, self.method = path, host, proto, method
-        self.downstream_cluster, self.user_agent, self.peer = downstream, agent, peer
-        self.http10 = s.http10
-        self.request_has_rid = has_rid
+        self.request_key = s
         self.request_text = text
-        self.request_ok = True
         return text
 
-    def response(self, s: Span, has_rid: bool, has_parent: bool) -> str | None:
+    def response(self, s: Span) -> str | None:
         """The response run of ``s``; None when one of its values needs escaping."""
-        ctid = s.client_trace_id
-        status = s.status
-        raw_flags = s.response_flags
-        name = s.name
-        cluster = s.cluster
-        address = s.upstream_address
+        k = self.response_key
         if (
-            self.response_ok
-            and s.response_size == self.response_size
-            and s.request_size == self.request_size
-            and status == self.status
-            and address is self.address
-            and cluster == self.cluster
-            and raw_flags == self.response_flags
-            and name == self.name
-            and has_rid == self.response_has_rid
-            and has_parent == self.has_parent
-            and ctid == self.client_trace_id
+            k is not None
+            and s.response_size == k.response_size
+            and s.request_size == k.request_size
+            and s.status == k.status
+            and s.upstream_address is k.upstream_address
+            and s.cluster == k.cluster
+            and s.response_flags == k.response_flags
+            and s.name == k.name
+            and (s.request_id != "") == (k.request_id != "")
+            and (s.parent_id != "") == (k.parent_id != "")
+            and s.client_trace_id == k.client_trace_id
         ):
             return self.response_text
-        flags = raw_flags or "-"
+        ctid = s.client_trace_id
+        status = s.status
+        flags = s.response_flags or "-"
+        name = s.name
         if not _plain(f"{ctid}{flags}{name}"):
             return None
         upstream = ""
+        cluster = s.cluster
         if cluster is not None:
+            address = s.upstream_address
             if address is None:
                 upstream = _cluster_members(cluster)
             else:
                 upstream = _upstream_members(cluster, address)
-        rid_end = '"' if has_rid else ""
+        rid_end = '"' if s.request_id else ""
         ctid_key = ',"guid:x-client-trace-id":"' if ctid else ""
         ctid_end = '"' if ctid else ""
         error_part = ',"error":"true"' if status >= 500 or status == 0 else ""
         name_key = ',"name":"' if name else ""
         name_end = '"' if name else ""
-        parent_key = ',"parentId":"' if has_parent else ""
+        parent_key = ',"parentId":"' if s.parent_id else ""
         text = (
             f"{rid_end}{ctid_key}{ctid}{ctid_end}"
             f',"request_size":"{int_text(s.request_size)}",'
@@ -282,12 +264,8 @@ class _Runs:
             f'"response_flags":"{flags}"{error_part}}}'
             f"{name_key}{name}{name_end}{parent_key}"
         )
-        self.response_size, self.request_size = s.response_size, s.request_size
-        self.status, self.address, self.cluster = status, address, cluster
-        self.response_flags, self.name, self.client_trace_id = raw_flags, name, ctid
-        self.response_has_rid, self.has_parent = has_rid, has_parent
+        self.response_key = s
         self.response_text = text
-        self.response_ok = True
         return text
 
 
@@ -309,10 +287,10 @@ def _span_text(s: Span, runs: _Runs, first: bool, values: list[str]) -> str | No
     parent = s.parent_id
     has_rid = rid != ""
     has_parent = parent != ""
-    request = runs.request(s, has_rid)
+    request = runs.request(s)
     if request is None:
         return None
-    response = runs.response(s, has_rid, has_parent)
+    response = runs.response(s)
     if response is None:
         return None
     trace_id = s.trace_id
