@@ -43,13 +43,11 @@ class ProcessStartError(RuntimeError):
     """A process did not come up; the message carries the end of its log."""
 
 
-#: Where free_ports looks: below Linux's ephemeral range (32768-60999 by default). A port
+#: The test servers' ports: below Linux's ephemeral range (32768-60999 by default). A port
 #: picked there and closed again could be taken by any outgoing connection (gRPC, HTTP
 #: clients) before the server meant to listen on it binds it; below the range only another
 #: listener can take it.
-#: Under pytest-xdist each worker takes its own slice of the range, so that two workers never
-#: hand out the same port (the memory below is per process).
-FREE_PORT_RANGE = (20000, 32768)
+_TEST_PORTS = (20000, 32768)
 
 
 def _worker_slice(full: tuple[int, int]) -> tuple[int, int]:
@@ -63,7 +61,10 @@ def _worker_slice(full: tuple[int, int]) -> tuple[int, int]:
     return (full[0] + k * size, full[0] + (k + 1) * size)
 
 
-FREE_PORT_RANGE = _worker_slice(FREE_PORT_RANGE)
+#: Where free_ports looks: this process's slice of ``_TEST_PORTS``. Under pytest-xdist each
+#: worker has its own, so two workers never hand out the same port (the memory below is per
+#: process).
+FREE_PORT_RANGE = _worker_slice(_TEST_PORTS)
 _RNG = random.Random()
 #: Ports handed out lately by this process, oldest first. A port picked by one call and not yet
 #: bound by its server looks free to the next call; without this memory two calls (say, a

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import queue
@@ -114,10 +115,8 @@ class FileSink:
         """Whether the loop writes (a regular file that has not stalled) rather than the
         writer thread."""
         if self.fd >= 0:
-            try:
+            with contextlib.suppress(OSError):  # unknown: the thread, the safe side
                 self.inline = stat.S_ISREG(os.fstat(self.fd).st_mode)
-            except OSError:
-                self.inline = False
         self.buffer: list[str] = []
         """Whole lines: a line handed to ``write``, or a rendered batch of lines."""
         self.size = 0
