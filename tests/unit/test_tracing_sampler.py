@@ -66,7 +66,6 @@ def test_a_generated_id_draws_from_its_bytes_as_from_its_text() -> None:
         assert int(rid[:8], 16) == int.from_bytes(raw[at : at + 4], "big")
 
 
-
 def test_a_generated_id_takes_a_decision_as_any_other() -> None:
     # For the id the HCM generated, decide writes the decision in with str.replace on its
     # first "-4" (sampler._generated_with_reason): the same id as with_reason's, also when

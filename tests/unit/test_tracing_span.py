@@ -213,10 +213,12 @@ def test_finish_dates_the_span_from_the_streams_start() -> None:
             t.finish(s, span, now)
             assert abs(span.duration_us - (now - s.start_time) * 1e6) <= 1
             assert abs(span.start_us - (wall - 0.5) * 1e6) < 50_000
-            # The cluster's name is remembered for the last cluster only.
-            for name in ("a", "b", "b", "a"):
+            # The cluster's name is remembered for the last cluster object only: the same
+            # objects again (a memo keyed on anything looser would give a stale name).
+            clusters = {n: SimpleNamespace(name=n) for n in ("a", "b")}
+            for name in ("a", "b", "b", "a", "a"):
                 s.upstream = SimpleNamespace(  # type: ignore[assignment]
-                    cluster=SimpleNamespace(name=name), host=None
+                    cluster=clusters[name], host=None
                 )
                 t.finish(s, span, now)
                 assert span.cluster == name
