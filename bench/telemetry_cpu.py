@@ -41,6 +41,14 @@ round per variant under ``strace -c -f`` and prints syscall counts per request (
 the proxy: its CPU figures are not used). ``--perf`` runs one extra round per variant under
 ``perf record`` on the CPU clock and prints µs per request by shared object and by symbol: where
 the real time goes, caches and kernel included, which callgrind does not model.
+``--corun S`` instead runs every variant at once for ``--rounds`` rounds of S seconds, all
+proxies pinned to one core and each driven by its own h2load: they share that core at the same
+moments, so the machine's drift, which makes sequential rounds differ by ±25 %, cancels out
+of each round's request-count ratio (about ±2 % between rounds; see ``corun``). This is the
+throughput bars' question without the drift: ``--variants off,full1 --corun 5 --rounds 8
+--proxy-cpu 0 --load-cpu 1``; A/B of two trees: ``--variants full1@A,full1@B --baseline
+full1@A``. With several variants at once each proxy's caches are shared with the others, so
+compare pairs where the figure matters.
 ``--ubimesh-cmd`` as in run.py (default ``ubimesh proxy``).
 """
 
@@ -119,7 +127,7 @@ def variant_bootstrap(
 def proc_counts(pid: int) -> dict[str, float]:
     """CPU seconds, context switches and syscalls of ``pid``'s tree, now."""
     out = {"cpu": 0.0, "user": 0.0, "sys": 0.0, "ctx": 0.0, "syscr": 0.0, "syscw": 0.0,
-           "threads": 0.0}  # fmt: skip
+           "threads": 0.0, "faults": 0.0}  # fmt: skip
     for proc in process_tree(pid):
         base = f"/proc/{proc.pid}"
         try:
@@ -129,6 +137,7 @@ def proc_counts(pid: int) -> dict[str, float]:
             out["user"] += int(fields[11]) / TICK
             out["sys"] += int(fields[12]) / TICK
             out["threads"] += int(fields[17])
+            out["faults"] += int(fields[7]) + int(fields[9])  # minflt, majflt
             for task in os.listdir(f"{base}/task"):
                 status = Path(f"{base}/task/{task}/status").read_text()
                 for m in re.finditer(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", status, re.M):
@@ -193,6 +202,70 @@ def h2load(url: str, n: int, c: int, cpu: int | None) -> tuple[int, str]:
     if ok < n * 0.99:
         raise RuntimeError(f"only {ok} of {n} requests got a 2xx:\n{done.stdout}")
     return ok, done.stdout
+
+
+def corun(args: argparse.Namespace, names: list[str], proxies: dict[str, tuple[int, str]]) -> None:
+    """``--corun S``: all variants at once, ``--rounds`` times for S seconds each. Every proxy
+    is pinned to the same core and driven by its own closed-loop h2load (``-c`` connections,
+    all on the load core), so the scheduler gives each proxy an equal share of that core at
+    the same moments: a machine whose speed drifts by tens of percent from one second to the
+    next (this VM) slows every variant alike, and the ratio of their request counts in one
+    round is the ratio of their costs per request, the question the throughput bars ask,
+    without the drift between the moments that separate runs are measured at. Prints each
+    variant's requests per second and CPU share, and the median over rounds of its request
+    count divided by the baseline's in the same round."""
+    counts: dict[str, list[int]] = {n: [] for n in names}
+    shares: dict[str, list[float]] = {n: [] for n in names}
+    for _rnd in range(args.rounds):
+        loads: dict[str, subprocess.Popen[str]] = {}
+        cpu0 = {n: cpu_precise(proxies[n][0]) for n in names}
+        t0 = time.monotonic()
+        for name in names:
+            argv = ["h2load", "--h1", "-D", str(args.corun), "-c", str(args.c), "-t", "1",
+                    proxies[name][1]]  # fmt: skip
+            if args.load_cpu is not None:
+                argv = ["taskset", "-c", str(args.load_cpu), *argv]
+            loads[name] = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+        outs = {n: p.communicate(timeout=args.corun + 60)[0] for n, p in loads.items()}
+        wall = time.monotonic() - t0
+        for name in names:
+            m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded",
+                          outs[name])  # fmt: skip
+            if m is None:
+                raise RuntimeError(f"h2load output not understood:\n{outs[name]}")
+            counts[name].append(int(m.group(2)))
+            shares[name].append((cpu_precise(proxies[name][0]) - cpu0[name]) / wall)
+        time.sleep(1.5)  # flush timers fire outside the next round
+    print(
+        f"\n--corun: {args.rounds} rounds of {args.corun} s, all variants at once "
+        f"(proxies on cpu {args.proxy_cpu}, h2load -c {args.c} each on cpu {args.load_cpu})\n"
+    )
+    print(
+        "| variant | rps median | CPU share median | µs/req (CPU / requests) | "
+        f"ratio to {args.baseline} (median of rounds) | min..max |"
+    )
+    print("|---|---|---|---|---|---|")
+    base = counts.get(args.baseline)
+    for name in names:
+        rps = [c / args.corun for c in counts[name]]
+        us = [s * args.corun / c * 1e6 for s, c in zip(shares[name], counts[name], strict=True)]
+        ratios = [c / b for c, b in zip(counts[name], base, strict=True)] if base else []
+        r = (f"{statistics.median(ratios):.3f} | {min(ratios):.3f}..{max(ratios):.3f}"
+             if ratios else "- | -")  # fmt: skip
+        print(
+            f"| {name} | {statistics.median(rps):,.0f} | "
+            f"{statistics.median(shares[name]):.0%} | {statistics.median(us):.1f} | {r} |"
+        )
+    busy = statistics.median(sum(s[i] for s in shares.values()) for i in range(args.rounds))
+    if busy < 0.95:
+        # Then the load core, not the proxies' costs, set the pace: the ratios understate
+        # the differences.
+        print(
+            f"\nwarning: the proxy core was only {busy:.0%} busy (median); fewer variants "
+            "at once, or fewer -c connections, keep the load core from being the limit"
+        )
 
 
 def count_instructions(
@@ -363,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         help="one more round per variant under perf record (CPU clock): µs per request by "
         "shared object and symbol",
     )  # fmt: skip
+    p.add_argument("--corun", type=int, default=0, metavar="S",
+                   help="instead: run all variants at once, S seconds per round, on one "
+                   "proxy core (see corun()); needs --proxy-cpu and --load-cpu")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5000, help="requests per variant before round 1")
     p.add_argument("--keep-workdir", action="store_true")
     p.add_argument("--callgrind", type=int, default=0, metavar="N",
@@ -374,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a source tree for variants named VARIANT@NAME")  # fmt: skip
     args = p.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
+    if args.corun and (args.proxy_cpu is None or args.load_cpu is None):
+        p.error("--corun needs --proxy-cpu and --load-cpu (the proxies must share one core)")
+    if args.corun and args.baseline not in names:
+        p.error(f"--corun compares with --baseline {args.baseline!r}, which is not in --variants")
     trees = dict(t.split("=", 1) for t in args.tree)
     for v in names:
         kind, _, tree = v.partition("@")
@@ -437,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
             proxies[name] = (managed.pid, url)
         for _pid, url in proxies.values():
             h2load(url, args.warmup, args.c, args.load_cpu)
+        if args.corun:
+            corun(args, names, proxies)
+            return 0
         rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         per_thread: dict[str, dict[str, list[float]]] = {}
         for rnd in range(args.rounds):
@@ -462,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
                     comm: [(v - threads0.get(comm, [0, 0])[i]) / ok for i, v in enumerate(vn)]
                     for comm, vn in threads1.items()
                 }
-                d = {k: after[k] - before[k] for k in ("ctx", "syscr", "syscw", "user", "sys")}
+                keys = ("ctx", "syscr", "syscw", "user", "sys", "faults")
+                d = {k: after[k] - before[k] for k in keys}
                 d["cpu"] = t1 - t0
                 rows[name].append({
                     "us": d["cpu"] / ok * 1e6,
@@ -471,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sys": d["sys"] / ok * 1e6,
                     "syscr": d["syscr"] / ok,
                     "syscw": d["syscw"] / ok,
+                    "faults": d["faults"] / ok,
                     "threads": after["threads"],
                     "ok": ok,
                     "gc0": (gc1["n"][0] - gc0["n"][0]) / ok * 1000,
@@ -488,8 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{args.rounds} rounds x {args.n} requests, {args.c} connections; CPU of the proxy "
               "process (all threads, schedstat), per request\n")  # fmt: skip
         print("| variant | CPU µs/req median | min..max | Δ vs off | user | sys | ctx sw/req | "
-              "syscr/req | syscw/req | threads |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "syscr/req | syscw/req | page faults/req | threads |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for name in names:
             rs = rows[name]
             us = [r["us"] for r in rs]
@@ -502,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{statistics.median(r['sys'] for r in rs):.1f} | "
                 f"{statistics.median(r['ctx'] for r in rs):.3f} | "
                 f"{statistics.median(r['syscr'] for r in rs):.3f} | "
-                f"{statistics.median(r['syscw'] for r in rs):.3f} | {int(rs[-1]['threads'])} |"
+                f"{statistics.median(r['syscw'] for r in rs):.3f} | "
+                f"{statistics.median(r['faults'] for r in rs):.3f} | {int(rs[-1]['threads'])} |"
             )
         print("\nGarbage collections per 1000 requests (gen0/gen1/gen2) and GC µs per request "
               "(only with a GC-reporting wrapper as --ubimesh-cmd):\n")  # fmt: skip
