@@ -69,7 +69,9 @@ def test_joining_proxy_registers_its_workload(tmp_path: Path, plane: ControlRepl
             if p["registered"] or p["id"] == "edge.default"})
         proxies = {p["id"]: p for p in plane.call("GET", "/api/v1/proxies")["items"]}
         assert proxies["joiner.default"]["registered"] == "Workload default/joiner"
+        assert proxies["joiner.default"]["registration"] == "registered"
         assert proxies["edge.default"]["role"] == "gateway"
+        assert proxies["edge.default"]["registration"] == "none"
 
         endpoint = f"127.0.0.1:{app_port}"
 
@@ -107,12 +109,16 @@ def test_bad_registration_is_refused(tmp_path: Path, plane: ControlReplica) -> N
         # The proxy is listed as soon as its stream opens; the registry's decision on its
         # workload follows once the store has answered.
         def decided() -> list[dict[str, str]]:
-            return [p for p in plane.call("GET", "/api/v1/proxies")["items"]
-                    if p["id"] == "bad.default" and (p["registered"] or p["registrationError"])]
+            listed = [p for p in plane.call("GET", "/api/v1/proxies")["items"]
+                      if p["id"] == "bad.default"]
+            for p in listed:
+                assert p["registration"] in ("pending", "refused"), p
+            return [p for p in listed if p["registration"] != "pending"]
 
         wait_for("the proxy to connect and its registration to be decided",
                  lambda: bool(decided()))
         (proxy,) = decided()
+        assert proxy["registration"] == "refused", proxy
         assert "spec.service" in proxy["registrationError"], proxy
         assert proxy["registered"] == ""
         assert plane.call("GET", "/api/v1/resources/workloads")["items"] == []

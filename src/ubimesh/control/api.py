@@ -20,7 +20,8 @@ details carry ``message``, ``source``, ``resource``, ``field``, ``value`` and ``
 - ``GET /api/v1/watch[?kind=][&since=REV]``: newline-delimited JSON events
   ``{"type", "revision", "resource"}``, streaming; ``{"type": "BOOKMARK"}`` lines keep idle
   streams alive.
-- ``GET /api/v1/proxies``: the proxies connected to this replica.
+- ``GET /api/v1/proxies``: the proxies connected to this replica, each with its workload
+  ``registration`` (``none``, ``pending``, ``registered`` or ``refused``; ``registry.py``).
 - ``GET /healthz``: no token needed.
 - The trace collector, when the control plane mounts it here (docs/telemetry.md): ``POST
   /api/v2/spans`` and ``POST /v1/traces`` need no token (proxies report spans); its query API
