@@ -51,7 +51,7 @@ from typing import Any
 import psutil
 
 from benchlib import configs, mtls_pair, rbac, resilience, telemetry
-from benchlib.loads import LoadResult, run_h2load, run_wrk
+from benchlib.loads import LoadResult, parse_wrk, run_h2load, run_wrk, wrk_argv
 from benchlib.procs import (
     BenchError,
     Managed,
@@ -89,8 +89,13 @@ SCENARIO_DEFAULTS = {
                    "wrk_conns": "50"},
 }  # fmt: skip
 #: The proxies each scenario can run.
-SCENARIO_PRODUCTS = {"s1": ALL_PROXIES, "mtls-pair": mtls_pair.PRODUCTS, "rbac": rbac.PRODUCTS,
-                     "telemetry": telemetry.PRODUCTS, "resilience": resilience.PRODUCTS}
+SCENARIO_PRODUCTS = {
+    "s1": ALL_PROXIES,
+    "mtls-pair": mtls_pair.PRODUCTS,
+    "rbac": rbac.PRODUCTS,
+    "telemetry": telemetry.PRODUCTS,
+    "resilience": resilience.PRODUCTS,
+}
 MB = 1024 * 1024
 # The proxy's admin counter of requests sent upstream (Envoy's name; ubimesh mirrors it).
 # Notes that mean someone else's work disturbed a run (see --noise-retries).
@@ -146,9 +151,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-direct", action="store_true", help="skip the direct-to-upstream baseline")
     p.add_argument("--ubimesh-cmd", default="ubimesh proxy", help="command that starts ubimesh")
-    p.add_argument(
-        "--sizes", default=None, help="response body sizes [s1: 1k,16k; mtls-pair: 1k]"
-    )
+    p.add_argument("--sizes", default=None, help="response body sizes [s1: 1k,16k; mtls-pair: 1k]")
     p.add_argument(
         "--rates",
         default=None,
@@ -180,6 +183,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=2,
         help="run a load again, up to this many times, when other work disturbed it",
+    )
+    p.add_argument(
+        "--corun-rounds",
+        type=int,
+        default=8,
+        help="telemetry: after the repetitions, this many rounds with every target at once on "
+        "the proxy core (the drift-free cross-check; 0: none)",
     )
     p.add_argument("--settle", type=float, default=1.0, help="seconds idle before idle RSS")
     p.add_argument("--subject", default="ubimesh", help="proxy whose ratios to peers are tabulated")
@@ -265,13 +275,18 @@ def warn_if_pure_python(ubimesh_cmd: str) -> None:
     figures then say nothing about the product. (A custom --ubimesh-cmd is the caller's.)"""
     if ubimesh_cmd != "ubimesh proxy":
         return
-    code, out = command_output([
-        sys.executable, "-c",
-        "from ubimesh import native; print((native.cache_dir() / 'BUILD_OK').exists())",
-    ])
+    code, out = command_output(
+        [
+            sys.executable,
+            "-c",
+            "from ubimesh import native; print((native.cache_dir() / 'BUILD_OK').exists())",
+        ]
+    )
     if code == 0 and out.strip().endswith("False"):
-        print("warning: no compiled hot path for this source: ubimesh will run pure Python. "
-              "Run `ubimesh build-native` first, and edit nothing under src/ while measuring.")
+        print(
+            "warning: no compiled hot path for this source: ubimesh will run pure Python. "
+            "Run `ubimesh build-native` first, and edit nothing under src/ while measuring."
+        )
 
 
 def preflight(args: argparse.Namespace) -> Tools:
@@ -317,8 +332,9 @@ def preflight(args: argparse.Namespace) -> Tools:
                 }
             elif args.scenario == "telemetry":
                 samples = {
-                    f"{t}.yaml": telemetry.bootstrap(t, free_port(), free_port(), free_port(),
-                                                     Path(tmp))
+                    f"{t}.yaml": telemetry.bootstrap(
+                        t, free_port(), free_port(), free_port(), Path(tmp)
+                    )
                     for t in telemetry.TARGETS
                 }
             else:
@@ -672,6 +688,60 @@ def running(ctx: Context, name: str) -> Iterator[Target]:
         ctx.registry.stop(target.managed)
 
 
+def corun(ctx: Context, names: list[str], rounds: int) -> list[dict[str, Any]]:
+    """The drift-free cross-check of the telemetry bars: ``rounds`` times, for each target but
+    the first (all off), that target and all off at once for ``--duration`` seconds, both
+    pinned to the proxy core and each driven by its own closed-loop wrk (the first
+    ``--wrk-conns`` count) on the load core. The scheduler gives the two proxies equal shares
+    of the same seconds, so the machine's drift between the moments that the sequential
+    repetitions run in slows both alike, and the ratio of their request counts is the ratio of
+    their costs per request. Two at a time, not all at once: with three, each proxy's slices
+    are shorter and start with caches the others filled. Returns one record per pair run:
+    ``target``, ``round``, and per side (``plain``, ``with``) ``rps`` and ``cpu_share``."""
+    args = ctx.args
+    conns = args.wrk_conns[0] if args.wrk_conns else 50
+    size = next(iter(args.sizes))  # the first size label
+    plain, others = names[0], names[1:]
+    out: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        targets = {n: stack.enter_context(running(ctx, n)) for n in names}
+
+        def together(pair: list[str], duration: int) -> dict[str, dict[str, float]]:
+            chosen = {n: targets[n] for n in pair}
+            before = {n: cpu_snapshot(t.pid) for n, t in chosen.items() if t.pid}
+            loads = {
+                n: subprocess.Popen(
+                    wrk_argv(args.load_cpu, f"{t.base_url}/{size}", conns, duration),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )
+                for n, t in chosen.items()
+            }  # fmt: skip
+            texts = {n: p.communicate(timeout=duration + 60)[0] for n, p in loads.items()}
+            got: dict[str, dict[str, float]] = {}
+            for n, t in chosen.items():
+                after = cpu_snapshot(t.pid) if t.pid else None
+                start = before.get(n)
+                share = 0.0
+                if after is not None and start is not None and after.at > start.at:
+                    share = (after.seconds - start.seconds) / (after.at - start.at)
+                got[n] = {"rps": float(parse_wrk(texts[n])["rps"]), "cpu_share": share}
+            return got
+
+        for other in others:
+            together([plain, other], args.warmup)
+        for i in range(rounds):
+            for other in others:
+                got = together([plain, other], args.duration)
+                out.append({"target": other, "round": i + 1, "plain": got[plain],
+                            "with": got[other]})  # fmt: skip
+                print(
+                    f"[corun {i + 1}/{rounds}] {plain} {got[plain]['rps']:.0f} rps, "
+                    f"{other} {got[other]['rps']:.0f} rps",
+                    flush=True,
+                )
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # One measured run
 # --------------------------------------------------------------------------------------
@@ -883,6 +953,8 @@ def write_outputs(
         text += "\n" + resilience.bar_section(rows)
     if args.scenario == "telemetry":
         text += "\n" + telemetry.bar_section(rows, runs)
+        if meta.get("corun"):
+            text += "\n" + telemetry.corun_section(meta["corun"])
     (outdir / "results.md").write_text(text)
     write_json(outdir / "results.json", {"meta": meta, "summary": rows, "runs": runs})
     if rows:
@@ -1001,6 +1073,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"p99 {rec['p99_ms']} ms  {' '.join(rec['notes'])}",
                             flush=True,
                         )
+        if args.scenario == "telemetry" and args.corun_rounds > 0:
+            meta["corun"] = corun(ctx, names, args.corun_rounds)
         meta["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         text = write_outputs(outdir, args, meta, runs, targets, workdir)
         print()

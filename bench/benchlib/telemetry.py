@@ -16,12 +16,15 @@ plain HTTP/1.1, one route, the nginx upstream), measured closed-loop with wrk in
   counted);
 * ``ubimesh-telemetry-1pct``: the same with ``random_sampling`` 1 %.
 
-The report adds the bars: rps of each telemetry target divided by rps of ``ubimesh``.
+The report adds the bars: rps of each telemetry target divided by rps of ``ubimesh``, and a
+co-run cross-check (``corun_section``): the three targets at once on the proxy core, which
+cancels the machine's drift between the moments that sequential runs are measured in.
 """
 
 from __future__ import annotations
 
 import copy
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +96,14 @@ def plain_bootstrap(listen_port: int, admin_port: int, upstream_port: int) -> di
     return cfg
 
 
-def bootstrap(
-    target: str, listen: int, admin: int, upstream: int, workdir: Path
-) -> dict[str, Any]:
+def bootstrap(target: str, listen: int, admin: int, upstream: int, workdir: Path) -> dict[str, Any]:
     if target == PLAIN:
         return plain_bootstrap(listen, admin, upstream)
     if target in BARS:
         sampling = BARS[target][0]
-        return telemetry_bootstrap(listen, admin, upstream, sampling,
-                                   workdir / f"{target}.access.log")
+        return telemetry_bootstrap(
+            listen, admin, upstream, sampling, workdir / f"{target}.access.log"
+        )
     raise ValueError(f"unknown target {target!r} for --scenario telemetry")
 
 
@@ -126,6 +128,45 @@ def _paired_ratio(runs: list[dict[str, Any]], target: str, size: str, load: str)
         return None
     mid = len(ratios) // 2
     return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+
+def corun_section(pairs: list[dict[str, Any]]) -> str:
+    """Markdown: the co-run cross-check (run.py ``corun``): each telemetry target run at once
+    with all off on the proxy core; per target the median rps of both sides, their CPU
+    shares, and the median (min..max) over rounds of the target's rps divided by all-off's
+    in the same seconds. Not the verdict: two proxies sharing a core also share its caches,
+    which a proxy running alone does not."""
+    out = [
+        "## Telemetry: co-run cross-check",
+        "",
+        "Each telemetry target and all off at once, both pinned to the proxy core, each "
+        "driven by its own wrk; the ratio of their request rates in the same seconds is "
+        "free of the machine's drift between the moments that the repetitions above run in. "
+        "A cross-check of the bars, not the verdict.",
+        "",
+        "| target | sampling | rounds | rps all off | rps with telemetry | CPU shares | "
+        "ratio (median) | min..max | bar |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in (FULL, SAMPLED):
+        mine = [p for p in pairs if p["target"] == name and p["plain"]["rps"]]
+        if not mine:
+            continue
+        ratios = [p["with"]["rps"] / p["plain"]["rps"] for p in mine]
+        ratio = statistics.median(ratios)
+        sampling, bar = BARS[name]
+        plain_rps = statistics.median(p["plain"]["rps"] for p in mine)
+        with_rps = statistics.median(p["with"]["rps"] for p in mine)
+        shares = (
+            f"{statistics.median(p['plain']['cpu_share'] for p in mine):.0%} / "
+            f"{statistics.median(p['with']['cpu_share'] for p in mine):.0%}"
+        )
+        out.append(
+            f"| {name} | {sampling:g} % | {len(mine)} | {_f(plain_rps)} | {_f(with_rps)} | "
+            f"{shares} | {ratio:.3f} | {min(ratios):.3f}..{max(ratios):.3f} | "
+            f"{'meets' if ratio >= bar else 'below'} {bar:.2f} |"
+        )
+    return "\n".join(out) + "\n"
 
 
 def bar_section(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
