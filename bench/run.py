@@ -728,7 +728,8 @@ def corun(ctx: Context, names: list[str], rounds: int) -> list[dict[str, Any]]:
             return got
 
         for other in others:
-            together([plain, other], args.warmup)
+            if args.warmup > 0:  # wrk refuses -d0s
+                together([plain, other], args.warmup)
         for i in range(rounds):
             for other in others:
                 got = together([plain, other], args.duration)
