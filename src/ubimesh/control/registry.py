@@ -37,15 +37,6 @@ API_VERSION = "ubimesh.io/v1alpha1"
 DEFAULT_GRACE_S = 5.0
 
 
-#: A proxy's registration, as ``GET /api/v1/proxies`` reports it: ``none`` (its node metadata
-#: names no workload), ``pending`` (the store has not answered yet), ``registered`` or
-#: ``refused`` (``registrationError`` says why).
-NO_REGISTRATION = "none"
-PENDING = "pending"
-REGISTERED = "registered"
-REFUSED = "refused"
-
-
 @dataclass
 class _Node:
     info: NodeInfo
@@ -53,7 +44,17 @@ class _Node:
     since: float = field(default_factory=time.time)
     registered: Key | None = None
     error: str = ""
-    registration: str = NO_REGISTRATION
+
+    @property
+    def registration(self) -> str:
+        """As ``GET /api/v1/proxies`` reports it: ``none`` (the node metadata names no
+        workload), ``pending`` (the store has not answered yet), ``registered``, or
+        ``refused`` (the latest answer; ``error`` says why, and a success clears it)."""
+        if self.error:
+            return "refused"
+        if self.registered is not None:
+            return "registered"
+        return "none" if self.info.metadata.get(WORKLOAD_METADATA) is None else "pending"
 
 
 def struct_ints(value: Any) -> Any:
@@ -130,17 +131,11 @@ class Registry:
         spec = info.metadata.get(WORKLOAD_METADATA)
         if spec is None:
             return
-        if node.registered is None:
-            # A second stream of a registered proxy keeps saying "registered" while the
-            # store confirms it again.
-            node.registration = PENDING
         try:
             node.registered = await self._register(info, spec)
             node.error = ""
-            node.registration = REGISTERED
         except (ResourceErrors, ValueError, ConflictError) as exc:
             node.error = str(exc)
-            node.registration = REFUSED
             log.warning("proxy %s: its workload registration is refused:\n%s", info.id, exc)
 
     async def on_disconnect(self, info: NodeInfo) -> None:
