@@ -66,20 +66,33 @@ def test_a_generated_id_draws_from_its_bytes_as_from_its_text() -> None:
         assert int(rid[:8], 16) == int.from_bytes(raw[at : at + 4], "big")
 
 
-def test_a_generated_id_takes_a_decision_as_any_other() -> None:
-    # For the id the HCM generated, decide writes the decision in with str.replace on its
-    # first "-4" (sampler._generated_with_reason): the same id as with_reason's, also when
-    # the id has another "-4" before its version nibble.
+def test_a_decision_is_written_into_the_version_nibble_whatever_else_the_id_holds() -> None:
+    # with_reason replaces the first "-4" when that is the dash before a "4" nibble, and
+    # slices otherwise: both must give the nibble-at-14 rewrite, also when a "-4" comes
+    # earlier (after the first dash, or anywhere in a 36-character id that is no UUID).
+    def by_slices(rid: str, reason: int) -> str:
+        return rid[:14] + "49ab"[reason] + rid[15:]
+
+    ids = (
+        "0e1f2a3b-4891-4d4c-8964-998ede09d368",  # a "-4" at 8 too
+        "0e1f2a3b-1891-4d4c-8964-998ede09d368",
+        "0e1f2a3b-1891-1d4c-8964-998ede09d368",  # nibble "1": no replace
+        "-4aaaaaaaaaaaa4aaaaaaaaaaaaaaaaaaaaa",  # 36 characters, a "-4" first
+        "aaaaaaaaaaaaa-4aaaaaaaaaaa-4aaaaaaaa",
+    )
+    reasons = (sampler.NOT_TRACEABLE, sampler.SAMPLING, sampler.SERVICE_FORCED,
+               sampler.CLIENT_FORCED)  # fmt: skip
+    for rid in ids:
+        for reason in reasons:
+            assert sampler.with_reason(rid, reason) == by_slices(rid, reason), (rid, reason)
     from ubimesh.proxy.network.hcm_config import new_request_id
 
-    reasons = (sampler.SAMPLING, sampler.SERVICE_FORCED, sampler.CLIENT_FORCED)
-    for rid in ("0e1f2a3b-4891-4d4c-8964-998ede09d368", "0e1f2a3b-1891-4d4c-8964-998ede09d368"):
-        for reason in reasons:
-            assert sampler._generated_with_reason(rid, reason) == sampler.with_reason(rid, reason)
     for _ in range(300):
         rid = new_request_id()
-        copy = "".join(list(rid))  # equal, but not the generated object: with_reason
+        copy = "".join(list(rid))  # equal, but not the generated object
         assert decide(rid, client=True, random_=0) == decide(copy, client=True, random_=0)
         assert decide(rid, force=True, random_=0) == decide(copy, force=True, random_=0)
         assert decide(rid) == decide(copy)
         assert decide(rid, overall=0) == (sampler.NOT_TRACEABLE, rid)
+        for reason in reasons:
+            assert sampler.with_reason(rid, reason) == by_slices(rid, reason)
