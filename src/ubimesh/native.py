@@ -46,6 +46,7 @@ HOT_MODULES = (
     "ubimesh/proxy/http/rbac.py",
     "ubimesh/proxy/http/retry.py",
     "ubimesh/proxy/http/router.py",
+    "ubimesh/proxy/name_memo.py",
     "ubimesh/proxy/network/hcm_config.py",
     "ubimesh/proxy/network/http_manager.py",
     "ubimesh/proxy/tracing/context.py",

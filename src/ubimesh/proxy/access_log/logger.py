@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Final
 from ubimesh.proxy.access_log.filters import Predicate, compile_filter
 from ubimesh.proxy.access_log.format import LogEntry, LogFormat, compile_log_format
 from ubimesh.proxy.access_log.sink import FileSink, file_sink
+from ubimesh.proxy.name_memo import NameMemo
 from ubimesh.proxy.snapshot.types import (
     AccessLogConfig,
     DirectResponseAction,
     RedirectAction,
-    Route,
     RouteAction,
 )
 from ubimesh.telemetry.stats import Store
@@ -28,7 +28,6 @@ from ubimesh.telemetry.stats import Store
 if TYPE_CHECKING:
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.tls.peer import PeerInfo
-    from ubimesh.proxy.upstream.cluster_manager import UpstreamCluster
 
 
 class AccessLog:
@@ -123,34 +122,13 @@ class _HostText:
 _last_host: Final = _HostText()
 
 
-class _Name:
-    """The ``name`` of the last object asked (a route, or a cluster), cached by identity:
-    consecutive streams usually share their route and cluster, and ``name`` on these
-    non-compiled objects is a generic attribute lookup (about 170 instructions). Their names
-    never change (a ``Route`` is frozen; a cluster is built with its name), and the cache
-    holds the object, so its id cannot be reused by another while it is cached."""
-
-    __slots__ = ("name", "of")
-
-    def __init__(self) -> None:
-        self.of: object = None
-        self.name = ""
-
-
-_route_name: Final = _Name()
-_cluster_name: Final = _Name()
+_route_name: Final = NameMemo()
+_cluster_name: Final = NameMemo()
 
 # The clocks as constants: under mypyc a Final is a C static, where ``time.monotonic`` is a
 # generic attribute lookup on the module (about 200 instructions) every call.
 _monotonic: Final = time.monotonic
 _wall_clock: Final = time.time
-
-
-def _name_of(cache: _Name, of: Route | UpstreamCluster) -> str:
-    if of is not cache.of:
-        cache.name = of.name
-        cache.of = of
-    return cache.name
 
 
 def http_entry(stream: ActiveStream, now: float = 0.0) -> LogEntry:
@@ -175,7 +153,7 @@ def http_entry(stream: ActiveStream, now: float = 0.0) -> LogEntry:
             upstream_host = cache.text
         cluster = up.cluster
         if cluster is not None:
-            upstream_cluster = _name_of(_cluster_name, cluster)
+            upstream_cluster = _cluster_name.name_of(cluster)
     elif route is not None:
         action = route.action
         # Envoy knows the route's cluster as soon as the route is picked (an RBAC denial
@@ -202,7 +180,7 @@ def http_entry(stream: ActiveStream, now: float = 0.0) -> LogEntry:
         stream.bytes_sent,
         upstream_host,
         upstream_cluster,
-        _name_of(_route_name, route) if route is not None else "",
+        _route_name.name_of(route) if route is not None else "",
         None,  # the addresses: read off ``conn`` when a format shows them (see LogEntry)
         None,
         _peer_uri_san(tls) if tls is not None else "",

@@ -25,6 +25,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+from ubimesh.proxy.name_memo import NameMemo
 from ubimesh.proxy.network.hcm_config import F_REQUEST_ID, F_TRACE
 from ubimesh.proxy.snapshot.types import (
     CustomTag,
@@ -42,7 +43,7 @@ from ubimesh.proxy.tracing.local import LOCAL
 if TYPE_CHECKING:
     from ubimesh.proxy.network.http_manager import ActiveStream
     from ubimesh.proxy.tracing.exporter import Exporter
-    from ubimesh.proxy.upstream.cluster_manager import ClusterManager, UpstreamCluster
+    from ubimesh.proxy.upstream.cluster_manager import ClusterManager
     from ubimesh.telemetry.stats import Store
 
 _B3_WRITTEN: Final = frozenset(
@@ -239,11 +240,10 @@ class Span:
 class HcmTracer:
     """One HCM's tracing: built from its TracingConfig when the HCM runtime is built."""
 
-    __slots__ = ("client_n", "config", "custom_tags", "egress", "exporter", "memo_cluster",
-                 "memo_cluster_name", "memo_decorator", "memo_route", "memo_tracing",
-                 "n_client_enabled", "n_not_traceable", "n_random", "n_service_forced", "otel",
-                 "overall_n", "path_limit", "random_n", "shared", "trace_id_128bit",
-                 "w3c")  # fmt: skip
+    __slots__ = ("client_n", "cluster_name", "config", "custom_tags", "egress", "exporter",
+                 "memo_decorator", "memo_route", "memo_tracing", "n_client_enabled",
+                 "n_not_traceable", "n_random", "n_service_forced", "otel", "overall_n",
+                 "path_limit", "random_n", "shared", "trace_id_128bit", "w3c")  # fmt: skip
 
     def __init__(
         self, config: TracingConfig, stats: Store, stat_prefix: str, clusters: ClusterManager
@@ -273,8 +273,7 @@ class HcmTracer:
         self.memo_route: Route | None = None
         self.memo_tracing: RouteTracing | None = None
         self.memo_decorator = ""
-        self.memo_cluster: UpstreamCluster | None = None
-        self.memo_cluster_name = ""
+        self.cluster_name = NameMemo()
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -566,12 +565,7 @@ class HcmTracer:
         if up is not None:
             cluster = up.cluster
             if cluster is not None:
-                # The cluster's name, remembered for the last cluster (clusters are not
-                # compiled: reading the attribute costs about 190 instructions).
-                if cluster is not self.memo_cluster:
-                    self.memo_cluster = cluster
-                    self.memo_cluster_name = cluster.name
-                span.cluster = self.memo_cluster_name
+                span.cluster = self.cluster_name.name_of(cluster)
                 host = up.host
                 if host is not None:
                     span.upstream_address = host.address
