@@ -51,7 +51,8 @@ from typing import Any
 import psutil
 
 from benchlib import configs, mtls_pair, rbac, resilience, telemetry
-from benchlib.loads import LoadResult, parse_wrk, run_h2load, run_wrk, wrk_argv
+from benchlib.corun import together as corun_together
+from benchlib.loads import LoadResult, run_h2load, run_wrk
 from benchlib.procs import (
     BenchError,
     Managed,
@@ -707,25 +708,8 @@ def corun(ctx: Context, names: list[str], rounds: int) -> list[dict[str, Any]]:
         targets = {n: stack.enter_context(running(ctx, n)) for n in names}
 
         def together(pair: list[str], duration: int) -> dict[str, dict[str, float]]:
-            chosen = {n: targets[n] for n in pair}
-            before = {n: cpu_snapshot(t.pid) for n, t in chosen.items() if t.pid}
-            loads = {
-                n: subprocess.Popen(
-                    wrk_argv(args.load_cpu, f"{t.base_url}/{size}", conns, duration),
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                )
-                for n, t in chosen.items()
-            }  # fmt: skip
-            texts = {n: p.communicate(timeout=duration + 60)[0] for n, p in loads.items()}
-            got: dict[str, dict[str, float]] = {}
-            for n, t in chosen.items():
-                after = cpu_snapshot(t.pid) if t.pid else None
-                start = before.get(n)
-                share = 0.0
-                if after is not None and start is not None and after.at > start.at:
-                    share = (after.seconds - start.seconds) / (after.at - start.at)
-                got[n] = {"rps": float(parse_wrk(texts[n])["rps"]), "cpu_share": share}
-            return got
+            loads = {n: (targets[n].pid, f"{targets[n].base_url}/{size}") for n in pair}
+            return corun_together(loads, args.load_cpu, conns, duration)
 
         for other in others:
             if args.warmup > 0:  # wrk refuses -d0s

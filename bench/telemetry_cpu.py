@@ -42,11 +42,12 @@ the proxy: its CPU figures are not used). ``--perf`` runs one extra round per va
 ``perf record`` on the CPU clock and prints µs per request by shared object and by symbol: where
 the real time goes, caches and kernel included, which callgrind does not model.
 ``--corun S`` instead runs every variant at once for ``--rounds`` rounds of S seconds, all
-proxies pinned to one core and each driven by its own h2load: they share that core at the same
-moments, so the machine's drift, which makes sequential rounds differ by ±25 %, cancels out
-of each round's request-count ratio (about ±2 % between rounds; see ``corun``). This is the
-throughput bars' question without the drift: ``--variants off,full1 --corun 5 --rounds 8
---proxy-cpu 0 --load-cpu 1``; A/B of two trees: ``--variants full1@A,full1@B --baseline
+proxies pinned to one core and each driven by its own wrk (benchlib/corun.py, as run.py's
+telemetry cross-check): they share that core at the same moments, so the machine's drift,
+which makes sequential rounds differ by ±25 %, cancels out of each round's rate ratio (about
+±2 % between rounds; see ``corun``). This is the throughput bars' question without the
+drift: ``--variants off,full1 --corun 5 --rounds 8 --proxy-cpu 1 --load-cpu 0`` (the
+bench's layout); A/B of two trees: ``--variants full1@A,full1@B --baseline
 full1@A``. With several variants at once each proxy's caches are shared with the others, so
 compare pairs where the figure matters.
 ``--ubimesh-cmd`` as in run.py (default ``ubimesh proxy``).
@@ -71,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import configs, resilience, telemetry
+from benchlib.corun import together
 from benchlib.procs import (
     ProcessRegistry,
     answers_200,
@@ -205,53 +207,35 @@ def h2load(url: str, n: int, c: int, cpu: int | None) -> tuple[int, str]:
 
 
 def corun(args: argparse.Namespace, names: list[str], proxies: dict[str, tuple[int, str]]) -> None:
-    """``--corun S``: all variants at once, ``--rounds`` times for S seconds each. Every proxy
-    is pinned to the same core and driven by its own closed-loop h2load (``-c`` connections,
-    all on the load core), so the scheduler gives each proxy an equal share of that core at
-    the same moments: a machine whose speed drifts by tens of percent from one second to the
-    next (this VM) slows every variant alike, and the ratio of their request counts in one
-    round is the ratio of their costs per request, the question the throughput bars ask,
-    without the drift between the moments that separate runs are measured at. Prints each
-    variant's requests per second and CPU share, and the median over rounds of its request
-    count divided by the baseline's in the same round."""
-    counts: dict[str, list[int]] = {n: [] for n in names}
+    """``--corun S``: all variants at once, ``--rounds`` times for S seconds each, every proxy
+    pinned to the same core and driven by its own closed-loop wrk (``-c`` connections, on the
+    load core): benchlib/corun.py, as run.py's telemetry cross-check. The ratio of two
+    variants' request rates in one round is the ratio of their costs per request, without
+    the machine's drift between the moments that separate runs are measured at. Prints each
+    variant's requests per second and CPU share, and the median over rounds of its rate
+    divided by the baseline's in the same round."""
+    rates: dict[str, list[float]] = {n: [] for n in names}
     shares: dict[str, list[float]] = {n: [] for n in names}
     for _rnd in range(args.rounds):
-        loads: dict[str, subprocess.Popen[str]] = {}
-        cpu0 = {n: cpu_precise(proxies[n][0]) for n in names}
-        t0 = time.monotonic()
+        got = together(proxies, args.load_cpu, args.c, args.corun)
         for name in names:
-            argv = ["h2load", "--h1", "-D", str(args.corun), "-c", str(args.c), "-t", "1",
-                    proxies[name][1]]  # fmt: skip
-            if args.load_cpu is not None:
-                argv = ["taskset", "-c", str(args.load_cpu), *argv]
-            loads[name] = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-            )
-        outs = {n: p.communicate(timeout=args.corun + 60)[0] for n, p in loads.items()}
-        wall = time.monotonic() - t0
-        for name in names:
-            m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded",
-                          outs[name])  # fmt: skip
-            if m is None:
-                raise RuntimeError(f"h2load output not understood:\n{outs[name]}")
-            counts[name].append(int(m.group(2)))
-            shares[name].append((cpu_precise(proxies[name][0]) - cpu0[name]) / wall)
+            rates[name].append(got[name]["rps"])
+            shares[name].append(got[name]["cpu_share"])
         time.sleep(1.5)  # flush timers fire outside the next round
     print(
         f"\n--corun: {args.rounds} rounds of {args.corun} s, all variants at once "
-        f"(proxies on cpu {args.proxy_cpu}, h2load -c {args.c} each on cpu {args.load_cpu})\n"
+        f"(proxies on cpu {args.proxy_cpu}, wrk -c {args.c} each on cpu {args.load_cpu})\n"
     )
     print(
-        "| variant | rps median | CPU share median | µs/req (CPU / requests) | "
+        "| variant | rps median | CPU share median | µs/req (CPU share / rps) | "
         f"ratio to {args.baseline} (median of rounds) | min..max |"
     )
     print("|---|---|---|---|---|---|")
-    base = counts.get(args.baseline)
+    base = rates.get(args.baseline)
     for name in names:
-        rps = [c / args.corun for c in counts[name]]
-        us = [s * args.corun / c * 1e6 for s, c in zip(shares[name], counts[name], strict=True)]
-        ratios = [c / b for c, b in zip(counts[name], base, strict=True)] if base else []
+        rps = rates[name]
+        us = [s / r * 1e6 for s, r in zip(shares[name], rps, strict=True) if r]
+        ratios = [r / b for r, b in zip(rps, base, strict=True) if b] if base else []
         r = (f"{statistics.median(ratios):.3f} | {min(ratios):.3f}..{max(ratios):.3f}"
              if ratios else "- | -")  # fmt: skip
         print(
