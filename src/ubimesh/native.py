@@ -12,6 +12,10 @@ the source of truth:
   hash differs, no build matches, and the proxy runs the pure-Python modules (and says so), so a
   stale build can never run.
 
+The build also compiles ``C_EXTENSIONS``, hand-written C modules for what compiled Python
+could not make cheap enough (each has a Python equivalent, used without the build, and a test
+comparing the two); the hash covers their sources too.
+
 ``UBIMESH_NATIVE=0`` turns the compiled modules off; ``UBIMESH_NATIVE_DIR`` moves the cache.
 """
 
@@ -62,6 +66,11 @@ HOT_MODULES = (
     "ubimesh/telemetry/stats.py",
 )
 
+#: Hand-written C extensions of the hot path (module, source), built with the mypyc modules,
+#: where the benchmark showed compiled Python to be the limit. Each has a Python equivalent
+#: that its importer uses when the extension is missing, and a test comparing the two.
+C_EXTENSIONS = (("ubimesh.proxy.access_log._textline", "ubimesh/proxy/access_log/_textline.c"),)
+
 _PACKAGE_ROOT = Path(__file__).resolve().parent  # .../ubimesh
 _SRC_ROOT = _PACKAGE_ROOT.parent
 
@@ -104,7 +113,8 @@ def source_hash() -> str:
     digest = hashlib.sha256()
     digest.update(sys.version.encode())
     digest.update(_mypy_version().encode())
-    for path in sorted(_PACKAGE_ROOT.rglob("*.py")):
+    sources = [*_PACKAGE_ROOT.rglob("*.py"), *_PACKAGE_ROOT.rglob("*.c")]
+    for path in sorted(sources):
         if outside_the_proxy(path.relative_to(_PACKAGE_ROOT)):
             continue
         digest.update(str(path.relative_to(_SRC_ROOT)).encode())
@@ -141,6 +151,7 @@ def build(quiet: bool = True) -> Path:
         )
         if proc.returncode != 0:
             raise RuntimeError("mypyc failed:\n" + proc.stdout[-4000:] + proc.stderr[-4000:])
+        compile_extensions(work)
         staging = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         for so in work.rglob("*.so"):
@@ -156,6 +167,31 @@ def build(quiet: bool = True) -> Path:
     if not quiet:
         print(f"compiled {len(HOT_MODULES)} hot-path modules into {dest}")
     return dest
+
+
+def compile_extensions(root: Path, timeout: float = 300) -> None:
+    """Compile ``C_EXTENSIONS`` in place under ``root``, a directory holding a copy of the
+    package (``root/ubimesh/...``); raises RuntimeError with the compiler's output on failure.
+    ``-ffp-contract=off``: no fused multiply-add, so float arithmetic rounds as Python's."""
+    script = (
+        "from setuptools import Extension, setup\n"
+        f"extensions = {list(C_EXTENSIONS)!r}\n"
+        "setup(name='ubimesh-native-c', script_args=['build_ext', '--inplace'],\n"
+        "      ext_modules=[Extension(name, [source], extra_compile_args=['-ffp-contract=off'])\n"
+        "                   for name, source in extensions])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            "compiling the C extensions failed:\n" + proc.stdout[-4000:] + proc.stderr[-4000:]
+        )
 
 
 def enable() -> bool:

@@ -20,6 +20,11 @@ and comparing lower-case names (by length first) is cheaper than hashing every h
 the request into a dict, or than one pass matching every name the format wants (measured,
 compiled: about 170 instructions a header for such a pass, about 60 in ``get_first``).
 ``%START_TIME%`` renders what depends on the whole second once per second.
+
+A text format without address commands is also compiled for the C renderer
+(``_textline.c``, built by ``ubimesh build-native``; ``c_program``), which writes the whole line
+in one call; it declines a line with a value beyond latin-1, and this module's renderer,
+the source of truth that a test compares it with, does that line. Without the build:
 A text line is appended as pieces to a list the sink joins once per batch of lines
 (``LogFormat.render_into``); each piece costs its append and its share of the join, so a
 command's value goes in with its literal text as one piece when it can, and consecutive
@@ -782,7 +787,12 @@ class LogFormat:
     The sink calls ``render_into`` directly (a native method call under the compiled build,
     where calling a ``Formatter`` goes through Python's call protocol)."""
 
-    __slots__ = ()
+    __slots__ = ("immediate",)
+
+    def __init__(self) -> None:
+        self.immediate = False
+        """Whether a line is rendered as its request ends (the C renderer) rather than with
+        the sink's next batch (see sink.py)."""
 
     def render(self, e: LogEntry) -> str:
         raise NotImplementedError
@@ -794,9 +804,10 @@ class LogFormat:
 
 
 class _TextFormat(LogFormat):
-    __slots__ = ("ops", "tail")
+    __slots__ = ("ops", "program", "tail")
 
     def __init__(self, text: str, omit_empty_values: bool) -> None:
+        super().__init__()
         empty = "" if omit_empty_values else "-"
         self.ops, self.tail = _parse(text, empty)
         if self.ops and self.tail:
@@ -804,12 +815,110 @@ class _TextFormat(LogFormat):
             last = self.ops[-1]
             last.set_literals(last.text, _missing_mark(last, empty), self.tail)
             self.tail = ""
+        self.program: CProgram | None = c_program(self.ops, _c_program_type())
+        self.immediate = self.program is not None
 
     def render(self, e: LogEntry) -> str:
-        return _render_text(self.ops, self.tail, e)
+        out: list[str] = []
+        self.render_into(e, out)
+        return "".join(out)
 
     def render_into(self, e: LogEntry, out: list[str]) -> None:
+        program = self.program
+        if program is not None:
+            # The C renderer (_textline.c): the whole line in one pass. It declines (False) a
+            # value that is not a latin-1 str, which the Python renderer below handles.
+            headers = e.request_headers
+            if program(
+                out,
+                e.start_time,
+                e.method,  # the str fields in _F_* order
+                e.path,
+                e.authority,
+                e.protocol,
+                e.upstream_host,
+                e.details,
+                e.termination_details,
+                e.upstream_cluster,
+                e.route_name,
+                e.peer_uri_san,
+                e.sni,
+                e.status,  # the int fields in _F_* order
+                e.duration_ms,
+                e.bytes_received,
+                e.bytes_sent,
+                e.flags,
+                e.http,
+                headers.items if headers is not None else None,
+                e.response_headers,
+            ):
+                return
         _render_text_into(out, self.ops, self.tail, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# The C renderer of text lines (_textline.c), when ``ubimesh build-native`` has built it.
+
+CProgram = Callable[..., bool]
+"""A compiled text format in C: called with the line's list and the entry's fields (see
+``_TextFormat.render_into``), it appends the line and returns True, or returns False."""
+
+
+class _CProgramType:
+    """The C ``Program`` type, looked up once: None when the extension is not built (or the
+    compiled hot path is off, ``UBIMESH_NATIVE=0``)."""
+
+    __slots__ = ("looked_up", "value")
+
+    def __init__(self) -> None:
+        self.looked_up = False
+        self.value: Callable[[list[tuple[object, ...]]], CProgram] | None = None
+
+
+_c_type: Final = _CProgramType()
+
+
+def _c_program_type() -> Callable[[list[tuple[object, ...]]], CProgram] | None:
+    if not _c_type.looked_up:
+        _c_type.looked_up = True
+        try:
+            from ubimesh.proxy.access_log._textline import Program
+        except ImportError:
+            return None
+        _c_type.value = Program
+    return _c_type.value
+
+
+def c_program(
+    ops: list[_Op], program_type: Callable[[list[tuple[object, ...]]], CProgram] | None
+) -> CProgram | None:
+    """``ops`` compiled by ``program_type`` (the C ``Program``); None when there is none, the
+    format has no command, or it shows what the C renderer does not (addresses, literal text
+    beyond latin-1): the Python renderer does those lines."""
+    if program_type is None or not ops:
+        return None
+    items: list[tuple[object, ...]] = []
+    for op in ops:
+        kind = op.kind
+        if kind in (_K_ADDRESS, _K_IP, _K_PORT):
+            return None
+        render: object = None
+        render_head: object = None
+        render_tail: object = None
+        digits = 0
+        t = op.time
+        if kind == _K_START and t is not None:
+            if t.split:
+                render_head, render_tail, digits = t.render_head, t.render_tail, t.digits
+            else:
+                render = t.render
+        items.append((kind, op.field, op.main, op.main_name, op.alt, op.alt_name, op.max_len,
+                      op.text, op.suffix, op.missing, render, render_head, render_tail,
+                      digits))  # fmt: skip
+    try:
+        return program_type(items)
+    except ValueError:
+        return None
 
 
 def compile_text(text: str, omit_empty_values: bool = False) -> Formatter:
@@ -906,6 +1015,7 @@ class _JsonFormat(LogFormat):
     __slots__ = ("dumps", "nodes", "omit", "option")
 
     def __init__(self, obj: dict[str, Any], omit_empty_values: bool) -> None:
+        super().__init__()
         self.nodes = _json_object(obj, "")
         self.omit = omit_empty_values
         # orjson (several times faster than json here; keys are already in sorted order).

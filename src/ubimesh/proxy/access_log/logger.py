@@ -50,7 +50,11 @@ class AccessLog:
         f = self.filter
         if f is not None and not f(entry):
             return
-        self.sink.defer(self.format, entry)
+        fmt = self.format
+        if fmt.immediate:
+            self.sink.render_now(fmt, entry)
+        else:
+            self.sink.defer(fmt, entry)
 
 
 AccessLogs = tuple[AccessLog, ...]

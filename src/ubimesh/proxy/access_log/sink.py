@@ -5,16 +5,25 @@ buffer is handed to the writer when it passes ``FLUSH_BYTES`` or when ``FLUSH_IN
 (Envoy's default file_flush_interval, 1 s) has passed since its first line, whichever comes
 first; the timer is armed only while the buffer holds something, so an idle proxy never wakes.
 
-Why requests only queue their entries (``defer``) and lines are rendered ``RENDER_BATCH`` at a
-time: logging a line is about 56,000 instructions in pure Python. Counted with callgrind, the
-proxy executes exactly as many per request as the micro-benchmark does, but in place, between
-a request's parsing, routing, kernel socket work and the next request, they take about 4 times
-as long (instruction and data cache misses, mispredicted branches; bench/telemetry_cpu.py):
-that was issue 6's "unexplained" telemetry cost. Rendered back to back, the formatter's code
-stays warm; a request pays for building its ``LogEntry`` and one append. The order of lines
-in a file is the order of ``defer``/``write`` calls, and a flush (timer, size, drain, exit)
-renders what is pending first. The entries hold the stream's request and response header
-lists, which are not changed once a stream has ended; at most ``RENDER_BATCH`` are held.
+How a line gets here. A text format that the C renderer takes (``format.py``, ``_textline.c``:
+every text format without an address command, when ``ubimesh build-native`` has built it) is
+rendered as its request ends (``render_now``): one call writes the whole line, while the
+entry's header lists are still in the CPU's caches. Measured against queuing and rendering
+64 at a time, that was 6 % more throughput for the bench's 1 % telemetry target (bench/
+telemetry_cpu.py --corun, tree A/B); the entries a batch held had gone cold by the time they
+were rendered and freed.
+
+Other formats (JSON, and text lines in pure Python) queue their entries (``defer``) and are
+rendered ``RENDER_BATCH`` at a time: logging a line is about 56,000 instructions in pure
+Python. Counted with callgrind, the proxy executes exactly as many per request as the
+micro-benchmark does, but in place, between a request's parsing, routing, kernel socket work
+and the next request, they take about 4 times as long (instruction and data cache misses,
+mispredicted branches; bench/telemetry_cpu.py): that was issue 6's "unexplained" telemetry
+cost. Rendered back to back, the formatter's code stays warm; a request pays for building its
+``LogEntry`` and one append. The order of lines in a file is the order of
+``defer``/``render_now``/``write`` calls, and a flush (timer, size, drain, exit) renders what
+is pending first. The entries hold the stream's request and response header lists, which are
+not changed once a stream has ended; at most ``RENDER_BATCH`` are held.
 
 Where the ``write`` calls happen. A pipe, a socket or a terminal (/dev/stdout behind a slow
 reader) can block a writer for as long as its reader pleases, so for those one daemon thread
@@ -140,6 +149,25 @@ class FileSink:
                 self.flush()
                 return
         if self.timer is None:
+            self._arm()
+
+    def render_now(self, fmt: LogFormat, entry: LogEntry) -> None:
+        """Render one entry with ``fmt`` straight into the buffer, after any entry queued
+        before it: for a format rendered in C (``LogFormat.immediate``), which is cheaper
+        while the entry's headers are still in the cache than a batch later."""
+        if self.entries:
+            self.render_pending()
+        buffer = self.buffer
+        start = len(buffer)
+        fmt.render_into(entry, buffer)
+        size = self.size
+        for i in range(start, len(buffer)):
+            size += len(buffer[i])
+        self.size = size
+        self.stats.write_buffered.value += 1
+        if size >= FLUSH_BYTES:
+            self.flush()
+        elif self.timer is None:
             self._arm()
 
     def render_pending(self) -> None:
