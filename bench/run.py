@@ -454,22 +454,41 @@ def start_upstream(
     return managed, port
 
 
+def target_bootstrap(
+    scenario: str,
+    name: str,
+    port: int,
+    side_port: int,
+    upstream_port: int,
+    sizes: list[str],
+    workdir: Path,
+) -> dict[str, Any]:
+    """The bootstrap of a ubimesh or Envoy target ``name`` in ``scenario``. A scenario's own
+    targets come first: the telemetry scenario's all-off target is ``ubimesh`` with the HCM's
+    default request ids (``telemetry.plain_bootstrap``), not S1's ``ubimesh``, which turns
+    them off to match nginx and HAProxy."""
+    if scenario == "telemetry" and name in telemetry.TARGETS:
+        return telemetry.bootstrap(name, port, side_port, upstream_port, workdir)
+    if name == rbac.WITH_RBAC:
+        return rbac.rbac_bootstrap(port, side_port, upstream_port, sizes)
+    if name == resilience.WITH_RESILIENCE:
+        return resilience.resilience_bootstrap(port, side_port, upstream_port)
+    if name == "ubimesh":
+        return configs.ubimesh_bootstrap(port, side_port, upstream_port)
+    if name == "envoy":
+        return configs.envoy_bare_bootstrap(port, side_port, upstream_port)
+    raise BenchError(f"no bootstrap for target {name!r} in scenario {scenario!r}")
+
+
 def start_proxy(ctx: Context, name: str) -> Target:
     args, tools, workdir = ctx.args, ctx.tools, ctx.workdir
     port, side_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     stats_url = None
     if name in ("ubimesh", "envoy", rbac.WITH_RBAC, resilience.WITH_RESILIENCE, *telemetry.BARS):
-        if name == rbac.WITH_RBAC:
-            cfg = rbac.rbac_bootstrap(port, side_port, ctx.upstream_port, list(args.sizes))
-        elif name == resilience.WITH_RESILIENCE:
-            cfg = resilience.resilience_bootstrap(port, side_port, ctx.upstream_port)
-        elif name in telemetry.BARS:
-            cfg = telemetry.bootstrap(name, port, side_port, ctx.upstream_port, workdir)
-        elif name == "ubimesh":
-            cfg = configs.ubimesh_bootstrap(port, side_port, ctx.upstream_port)
-        else:
-            cfg = configs.envoy_bare_bootstrap(port, side_port, ctx.upstream_port)
+        cfg = target_bootstrap(
+            args.scenario, name, port, side_port, ctx.upstream_port, list(args.sizes), workdir
+        )
         path = configs.write_text(workdir / f"{name}.bootstrap.yaml", configs.dump_yaml(cfg))
         if name in ("ubimesh", rbac.WITH_RBAC, resilience.WITH_RESILIENCE, *telemetry.BARS):
             assert tools.ubimesh is not None

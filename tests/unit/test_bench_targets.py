@@ -1,0 +1,64 @@
+"""The benchmark's targets are what its docs say they are (bench/run.py's target_bootstrap):
+the telemetry bars compare targets that differ by exactly the three features measured."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def run() -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # run.py imports its benchlib package
+    try:
+        spec = importlib.util.spec_from_file_location("ubimesh_bench_run", BENCH / "run.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def hcm_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    listener = cfg["static_resources"]["listeners"][0]
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def test_telemetry_all_off_keeps_the_default_request_ids(run: ModuleType, tmp_path: Path) -> None:
+    # It used to get S1's bootstrap, whose request ids are off (to match nginx and HAProxy), so
+    # the bars charged request-id generation to telemetry.
+    plain = run.target_bootstrap("telemetry", "ubimesh", 1001, 1002, 1003, ["1k"], tmp_path)
+    assert hcm_of(plain)["generate_request_id"] is True
+    s1 = run.target_bootstrap("s1", "ubimesh", 1001, 1002, 1003, ["1k"], tmp_path)
+    assert hcm_of(s1)["generate_request_id"] is False
+
+
+@pytest.mark.parametrize("target", ["ubimesh-telemetry", "ubimesh-telemetry-1pct"])
+def test_telemetry_targets_differ_from_all_off_by_the_three_features(
+    run: ModuleType, tmp_path: Path, target: str
+) -> None:
+    plain = run.target_bootstrap("telemetry", "ubimesh", 1001, 1002, 1003, ["1k"], tmp_path)
+    full = run.target_bootstrap("telemetry", target, 1001, 1002, 1003, ["1k"], tmp_path)
+    stripped = copy.deepcopy(full)
+    listener = stripped["static_resources"]["listeners"][0]
+    assert "ubimesh.telemetry" in listener.pop("metadata")["filter_metadata"]  # mesh metrics
+    hcm = hcm_of(stripped)
+    assert hcm.pop("access_log")[0]["name"] == "envoy.access_loggers.file"
+    assert hcm.pop("tracing")["provider"]["name"] == "envoy.tracers.zipkin"
+    clusters = stripped["static_resources"]["clusters"]
+    # The span sink's cluster (the tracer's collector).
+    sinks = [c for c in clusters if c["name"] == "span_sink"]
+    assert len(sinks) == 1
+    clusters.remove(sinks[0])
+    assert stripped == plain
