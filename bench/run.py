@@ -270,12 +270,13 @@ class Tools:
     ubimesh: list[str] | None
 
 
-def warn_if_pure_python(ubimesh_cmd: str) -> None:
+def warn_if_pure_python(ubimesh_cmd: str) -> bool:
     """Say loudly when the default ``ubimesh proxy`` would run without its compiled hot path:
     a build made stale by any source edit makes the proxy silently run pure Python, and its
-    figures then say nothing about the product. (A custom --ubimesh-cmd is the caller's.)"""
+    figures then say nothing about the product. (A custom --ubimesh-cmd is the caller's.)
+    Returns whether a build for this source exists (False for a custom command)."""
     if ubimesh_cmd != "ubimesh proxy":
-        return
+        return False
     code, out = command_output(
         [
             sys.executable,
@@ -287,6 +288,28 @@ def warn_if_pure_python(ubimesh_cmd: str) -> None:
         print(
             "warning: no compiled hot path for this source: ubimesh will run pure Python. "
             "Run `ubimesh build-native` first, and edit nothing under src/ while measuring."
+        )
+        return False
+    return code == 0
+
+
+#: What ``ubimesh proxy`` logs when no build matches its source (``ubimesh.native.enable``).
+NO_BUILD_LOG = "no compiled hot path for this source"
+
+
+def refuse_stale_build(managed: Managed) -> None:
+    """Stop the run when a ubimesh target started without the compiled hot path that the run
+    started with: something under src/ changed during the run (the build is keyed by the
+    source), and this target's figures would be pure Python's, not the product's."""
+    try:
+        text = managed.log_path.read_text(errors="replace")
+    except OSError:
+        return
+    if NO_BUILD_LOG in text:
+        raise BenchError(
+            f"{managed.name} started without the compiled hot path the run began with: a "
+            "source file changed during the run. Run `ubimesh build-native` and measure "
+            "again, editing nothing under src/ meanwhile."
         )
 
 
@@ -310,7 +333,7 @@ def preflight(args: argparse.Namespace) -> Tools:
                 "Is ubimesh installed (pip install -e .)? Run without it with "
                 "--proxies envoy,nginx,haproxy."
             )
-        warn_if_pure_python(args.ubimesh_cmd)
+        args.native_built = warn_if_pure_python(args.ubimesh_cmd)
         # Fail before any load runs if ubimesh rejects the bootstrap it will be given.
         with tempfile.TemporaryDirectory(prefix="ubimesh-bench-check-") as tmp:
             if args.scenario == "mtls-pair":
@@ -454,6 +477,10 @@ def start_upstream(
     return managed, port
 
 
+#: The targets that run ``ubimesh proxy``.
+UBIMESH_TARGETS = ("ubimesh", rbac.WITH_RBAC, resilience.WITH_RESILIENCE, *telemetry.BARS)
+
+
 def target_bootstrap(
     scenario: str,
     name: str,
@@ -490,7 +517,7 @@ def start_proxy(ctx: Context, name: str) -> Target:
             args.scenario, name, port, side_port, ctx.upstream_port, list(args.sizes), workdir
         )
         path = configs.write_text(workdir / f"{name}.bootstrap.yaml", configs.dump_yaml(cfg))
-        if name in ("ubimesh", rbac.WITH_RBAC, resilience.WITH_RESILIENCE, *telemetry.BARS):
+        if name in UBIMESH_TARGETS:
             assert tools.ubimesh is not None
             cmd = [*tools.ubimesh, "-c", str(path), "--concurrency", "1"]
         else:
@@ -534,6 +561,8 @@ def start_proxy(ctx: Context, name: str) -> Target:
         args.start_timeout,
         managed,
     )
+    if getattr(args, "native_built", False) and name in UBIMESH_TARGETS:
+        refuse_stale_build(managed)
     for label, size in args.sizes.items():
         wait_until(
             f"{name} proxying /{label}",
@@ -618,6 +647,8 @@ def start_pair(ctx: Context, product: str) -> Target:
                 args.start_timeout,
                 managed,
             )
+            if getattr(args, "native_built", False) and product == "ubimesh":
+                refuse_stale_build(managed)
         for label, size in args.sizes.items():
             wait_until(
                 f"{name} proxying /{label} over mTLS",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -62,3 +63,22 @@ def test_telemetry_targets_differ_from_all_off_by_the_three_features(
     assert len(sinks) == 1
     clusters.remove(sinks[0])
     assert stripped == plain
+
+
+def test_a_target_started_without_the_runs_build_stops_the_run(
+    run: ModuleType, tmp_path: Path
+) -> None:
+    """A source edit during a run makes the build stale; a target started after it logs that
+    it runs pure Python (ubimesh.native.enable), and the run stops instead of reporting it."""
+    log = tmp_path / "ubimesh.log"
+    popen = subprocess.Popen(["true"])
+    popen.wait(timeout=10)
+    managed = run.Managed("ubimesh", ["true"], popen, log)
+    log.write_text("[INFO][ubimesh.native] compiled hot path in use (/cache/abc)\n")
+    run.refuse_stale_build(managed)  # the build the run began with: fine
+    log.write_text(
+        "[INFO][ubimesh.native] no compiled hot path for this source (run `ubimesh "
+        "build-native`); using the pure-Python modules\n"
+    )
+    with pytest.raises(run.BenchError, match="source file changed during the run"):
+        run.refuse_stale_build(managed)

@@ -10,8 +10,8 @@ every text format without an address command, when ``ubimesh build-native`` has 
 rendered as its request ends (``render_now``): one call writes the whole line, while the
 entry's header lists are still in the CPU's caches. Measured against queuing and rendering
 64 at a time, that was 6 % more throughput for the bench's 1 % telemetry target (bench/
-telemetry_cpu.py --corun, tree A/B); the entries a batch held had gone cold by the time they
-were rendered and freed.
+telemetry_cpu.py --corun, tree A/B), where the C renderer alone, still queued, was not faster:
+most likely the entries a batch held had gone cold by the time they were rendered and freed.
 
 Other formats (JSON, and text lines in pure Python) queue their entries (``defer``) and are
 rendered ``RENDER_BATCH`` at a time: logging a line is about 56,000 instructions in pure
