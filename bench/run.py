@@ -196,6 +196,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--subject", default="ubimesh", help="proxy whose ratios to peers are tabulated")
     p.add_argument("--results-dir", type=Path, default=BENCH_DIR / "results")
     p.add_argument("--keep-workdir", action="store_true", help="keep generated configs/logs")
+    # Set by preflight: whether the run began with a compiled build for this source.
+    p.set_defaults(native_built=False)
     args = p.parse_args(argv)
 
     quick = {"duration": 5, "warmup": 2, "repeat": 1, "quiet_timeout": 30.0}
@@ -561,7 +563,7 @@ def start_proxy(ctx: Context, name: str) -> Target:
         args.start_timeout,
         managed,
     )
-    if getattr(args, "native_built", False) and name in UBIMESH_TARGETS:
+    if args.native_built and name in UBIMESH_TARGETS:
         refuse_stale_build(managed)
     for label, size in args.sizes.items():
         wait_until(
@@ -647,7 +649,7 @@ def start_pair(ctx: Context, product: str) -> Target:
                 args.start_timeout,
                 managed,
             )
-            if getattr(args, "native_built", False) and product == "ubimesh":
+            if args.native_built and product == "ubimesh":
                 refuse_stale_build(managed)
         for label, size in args.sizes.items():
             wait_until(

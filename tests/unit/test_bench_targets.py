@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+
+from ubimesh import native
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -66,19 +69,24 @@ def test_telemetry_targets_differ_from_all_off_by_the_three_features(
 
 
 def test_a_target_started_without_the_runs_build_stops_the_run(
-    run: ModuleType, tmp_path: Path
+    run: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A source edit during a run makes the build stale; a target started after it logs that
-    it runs pure Python (ubimesh.native.enable), and the run stops instead of reporting it."""
+    it runs pure Python, and the run stops instead of reporting it. The log line is the one
+    ``ubimesh.native.enable`` writes when no build matches (here: an empty build cache)."""
+    monkeypatch.setenv("UBIMESH_NATIVE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("UBIMESH_NATIVE", raising=False)
+    with caplog.at_level(logging.INFO, logger="ubimesh.native"):
+        assert native.enable() is False
     log = tmp_path / "ubimesh.log"
     popen = subprocess.Popen(["true"])
     popen.wait(timeout=10)
     managed = run.Managed("ubimesh", ["true"], popen, log)
     log.write_text("[INFO][ubimesh.native] compiled hot path in use (/cache/abc)\n")
     run.refuse_stale_build(managed)  # the build the run began with: fine
-    log.write_text(
-        "[INFO][ubimesh.native] no compiled hot path for this source (run `ubimesh "
-        "build-native`); using the pure-Python modules\n"
-    )
+    log.write_text(caplog.text)
     with pytest.raises(run.BenchError, match="source file changed during the run"):
         run.refuse_stale_build(managed)

@@ -247,27 +247,40 @@ static PyObject *request_source(Line *line, int source, PyObject *name) {
     }
 }
 
-/* format.py's _response_header, with ":status" answered by *is_status (the text of the
- * code is written by the caller). */
-static PyObject *response_header(Line *line, PyObject *name, int *is_status) {
+/* format.py's _response_header: *out is a new reference to the value of response header
+ * ``name`` (":status": the response code's text), or NULL when it is not available or "".
+ * Returns -1 with an exception set, else 0 (``line->bad`` set for an item that is not a
+ * (name, value) tuple or a code beyond 64 bits). */
+static int response_value(Line *line, PyObject *name, PyObject **out) {
+    *out = NULL;
     PyObject *items = line->args[A_RESPONSE];
     if (items == Py_None)
-        return NULL;
+        return 0;
     if (str_eq(name, s_status)) {
-        *is_status = 1;
-        return NULL;
+        int overflow = 0;
+        long long code = PyLong_AsLongLongAndOverflow(line->args[A_INT0 + F_STATUS], &overflow);
+        if (code == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow)
+            line->bad = 1;
+        else if (code != 0 && (*out = PyUnicode_FromFormat("%lld", code)) == NULL)
+            return -1;
+        return 0;
     }
     Py_ssize_t n = PyList_GET_SIZE(items);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *kv = PyList_GET_ITEM(items, i);
         if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2) {
             line->bad = 1;
-            return NULL;
+            return 0;
         }
-        if (str_eq(PyTuple_GET_ITEM(kv, 0), name))
-            return PyTuple_GET_ITEM(kv, 1);
+        if (str_eq(PyTuple_GET_ITEM(kv, 0), name)) {
+            PyObject *v = nonempty(PyTuple_GET_ITEM(kv, 1));
+            *out = v == NULL ? NULL : Py_NewRef(v);
+            return 0;
+        }
     }
-    return NULL;
+    return 0;
 }
 
 /* Append ``text + value[:max_len] + suffix``, or ``missing`` when value is NULL or cut to
@@ -377,50 +390,15 @@ static int render_op(Buf *b, Line *line, Op *op) {
         return put_value(b, line, op, v, op->max_len);
     }
     case K_RESP: {
-        int is_status = 0;
-        PyObject *v = nonempty(response_header(line, op->main_name, &is_status));
-        PyObject *status = NULL;
-        if (is_status) {
-            int overflow = 0;
-            long long code = PyLong_AsLongLongAndOverflow(a[A_INT0 + F_STATUS], &overflow);
-            if (code == -1 && PyErr_Occurred())
-                return -1;
-            if (overflow) {
-                line->bad = 1;
-                return 0;
-            }
-            if (code != 0) {
-                status = PyUnicode_FromFormat("%lld", code);
-                if (status == NULL)
-                    return -1;
-                v = status;
-            }
-        }
-        if (v == NULL && PyUnicode_GET_LENGTH(op->alt_name) > 0) {
-            is_status = 0;
-            v = nonempty(response_header(line, op->alt_name, &is_status));
-            if (is_status) {
-                int overflow = 0;
-                long long code = PyLong_AsLongLongAndOverflow(a[A_INT0 + F_STATUS], &overflow);
-                if ((code == -1 && PyErr_Occurred()) || overflow) {
-                    Py_XDECREF(status);
-                    if (overflow) {
-                        line->bad = 1;
-                        return 0;
-                    }
-                    return -1;
-                }
-                if (code != 0) {
-                    Py_XDECREF(status);
-                    status = PyUnicode_FromFormat("%lld", code);
-                    if (status == NULL)
-                        return -1;
-                    v = status;
-                }
-            }
-        }
+        /* As _response_text: the main header, else the alternative. */
+        PyObject *v;
+        if (response_value(line, op->main_name, &v) < 0)
+            return -1;
+        if (v == NULL && !line->bad && PyUnicode_GET_LENGTH(op->alt_name) > 0
+            && response_value(line, op->alt_name, &v) < 0)
+            return -1;
         int rc = put_value(b, line, op, v, op->max_len);
-        Py_XDECREF(status);
+        Py_XDECREF(v);
         return rc;
     }
     default:

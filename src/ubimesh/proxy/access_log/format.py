@@ -787,12 +787,13 @@ class LogFormat:
     The sink calls ``render_into`` directly (a native method call under the compiled build,
     where calling a ``Formatter`` goes through Python's call protocol)."""
 
-    __slots__ = ("immediate",)
+    __slots__ = ("program",)
 
     def __init__(self) -> None:
-        self.immediate = False
-        """Whether a line is rendered as its request ends (the C renderer) rather than with
-        the sink's next batch (see sink.py)."""
+        self.program: CProgram | None = None
+        """The format compiled for the C renderer (a text format, with the build); None: it
+        is rendered in Python. A logger renders a line with a program as its request ends,
+        others with the sink's next batch (see sink.py)."""
 
     def render(self, e: LogEntry) -> str:
         raise NotImplementedError
@@ -804,7 +805,7 @@ class LogFormat:
 
 
 class _TextFormat(LogFormat):
-    __slots__ = ("ops", "program", "tail")
+    __slots__ = ("ops", "tail")
 
     def __init__(self, text: str, omit_empty_values: bool) -> None:
         super().__init__()
@@ -815,8 +816,7 @@ class _TextFormat(LogFormat):
             last = self.ops[-1]
             last.set_literals(last.text, _missing_mark(last, empty), self.tail)
             self.tail = ""
-        self.program: CProgram | None = c_program(self.ops, _c_program_type())
-        self.immediate = self.program is not None
+        self.program = c_program(self.ops, _C_PROGRAM_TYPE)
 
     def render(self, e: LogEntry) -> str:
         out: list[str] = []
@@ -864,34 +864,23 @@ CProgram = Callable[..., bool]
 ``_TextFormat.render_into``), it appends the line and returns True, or returns False."""
 
 
-class _CProgramType:
-    """The C ``Program`` type, looked up once: None when the extension is not built (or the
-    compiled hot path is off, ``UBIMESH_NATIVE=0``)."""
-
-    __slots__ = ("looked_up", "value")
-
-    def __init__(self) -> None:
-        self.looked_up = False
-        self.value: Callable[[list[tuple[object, ...]]], CProgram] | None = None
+ProgramType = Callable[[list[tuple[object, ...]]], CProgram]
+"""The C ``Program`` type: compiles a text format's ops (see ``c_program``)."""
 
 
-_c_type: Final = _CProgramType()
+def _load_program_type() -> ProgramType | None:
+    try:
+        from ubimesh.proxy.access_log._textline import Program
+    except ImportError:  # not built, or the compiled hot path is off (UBIMESH_NATIVE=0)
+        return None
+    return Program
 
 
-def _c_program_type() -> Callable[[list[tuple[object, ...]]], CProgram] | None:
-    if not _c_type.looked_up:
-        _c_type.looked_up = True
-        try:
-            from ubimesh.proxy.access_log._textline import Program
-        except ImportError:
-            return None
-        _c_type.value = Program
-    return _c_type.value
+#: Looked up when this module is imported, which the proxy does after ``native.enable()``.
+_C_PROGRAM_TYPE: Final = _load_program_type()
 
 
-def c_program(
-    ops: list[_Op], program_type: Callable[[list[tuple[object, ...]]], CProgram] | None
-) -> CProgram | None:
+def c_program(ops: list[_Op], program_type: ProgramType | None) -> CProgram | None:
     """``ops`` compiled by ``program_type`` (the C ``Program``); None when there is none, the
     format has no command, or it shows what the C renderer does not (addresses, literal text
     beyond latin-1): the Python renderer does those lines."""

@@ -51,7 +51,7 @@ class AccessLog:
         if f is not None and not f(entry):
             return
         fmt = self.format
-        if fmt.immediate:
+        if fmt.program is not None:
             self.sink.render_now(fmt, entry)
         else:
             self.sink.defer(fmt, entry)

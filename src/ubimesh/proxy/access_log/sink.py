@@ -153,22 +153,17 @@ class FileSink:
 
     def render_now(self, fmt: LogFormat, entry: LogEntry) -> None:
         """Render one entry with ``fmt`` straight into the buffer, after any entry queued
-        before it: for a format rendered in C (``LogFormat.immediate``), which is cheaper
-        while the entry's headers are still in the cache than a batch later."""
+        before it: for a format rendered in C (``LogFormat.program``), which is cheaper while
+        the entry's headers are still in the cache than a batch later."""
         if self.entries:
             self.render_pending()
         buffer = self.buffer
         start = len(buffer)
         fmt.render_into(entry, buffer)
-        size = self.size
-        for i in range(start, len(buffer)):
-            size += len(buffer[i])
-        self.size = size
-        self.stats.write_buffered.value += 1
-        if size >= FLUSH_BYTES:
-            self.flush()
-        elif self.timer is None:
-            self._arm()
+        added = 0
+        for i in range(start, len(buffer)):  # one line from C; pieces if it declined
+            added += len(buffer[i])
+        self._buffered(added)
 
     def render_pending(self) -> None:
         """Render the queued entries, in order, into one string appended to the buffer.
@@ -194,7 +189,12 @@ class FileSink:
         if self.entries:
             self.render_pending()
         self.buffer.append(line)
-        self.size += len(line)
+        self._buffered(len(line))
+
+    def _buffered(self, size: int) -> None:
+        """Count one line of ``size`` characters just added to the buffer; flush at
+        ``FLUSH_BYTES``, else make sure the timer will."""
+        self.size += size
         self.stats.write_buffered.value += 1
         if self.size >= FLUSH_BYTES:
             self.flush()
