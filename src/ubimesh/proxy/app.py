@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import signal
 import socket
@@ -28,6 +27,7 @@ from ubimesh.proxy.admin import AdminServer, ClusterStatus, ListenerStatus
 from ubimesh.proxy.server import ProxyOptions, ProxyServer, listener_key
 from ubimesh.proxy.snapshot.types import Snapshot, SocketAddress
 from ubimesh.proxy.xds.ads_link import AdsChild
+from ubimesh.runtime.heap import tune_heap
 from ubimesh.runtime.workers import WorkerHandle, fork_worker, serve_control
 from ubimesh.telemetry.stats import StatsSnapshot, Store, merge_snapshots
 
@@ -80,21 +80,6 @@ def install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def tune_gc() -> None:
-    """Configuration is long-lived: freeze it out of the collector's generations and collect
-    less often, which trims p99 pauses on the request path (the settings are in the docs).
-    Then hand the heap that start-up freed back to the system (glibc keeps it otherwise)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim this way
-
-
 class ProxyApp:
     """The main process. Implements the admin hooks over one in-process server or workers."""
 
@@ -143,7 +128,7 @@ class ProxyApp:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self._quit.set)
         loop.add_signal_handler(signal.SIGINT, self._quit.set)
-        tune_gc()
+        tune_heap()
         await self._quit.wait()
         await self.shutdown()
         return 0
@@ -444,7 +429,7 @@ def _worker_main(
             raise ValueError(f"unknown command {command!r}")
 
         control_task = loop.create_task(serve_control(control, handle))
-        tune_gc()
+        tune_heap()
         await stop.wait()
         control_task.cancel()
         # A SIGTERM sent to the whole process group reaches the worker before any "stop"
