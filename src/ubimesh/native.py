@@ -53,6 +53,7 @@ HOT_MODULES = (
     "ubimesh/proxy/name_memo.py",
     "ubimesh/proxy/network/hcm_config.py",
     "ubimesh/proxy/network/http_manager.py",
+    "ubimesh/proxy/tracing/batch.py",
     "ubimesh/proxy/tracing/context.py",
     "ubimesh/proxy/tracing/exporter.py",
     "ubimesh/proxy/tracing/otlp.py",
@@ -69,7 +70,10 @@ HOT_MODULES = (
 #: Hand-written C extensions of the hot path (module, source), built with the mypyc modules,
 #: where the benchmark showed compiled Python to be the limit. Each has a Python equivalent
 #: that its importer uses when the extension is missing, and a test comparing the two.
-C_EXTENSIONS = (("ubimesh.proxy.access_log._textline", "ubimesh/proxy/access_log/_textline.c"),)
+C_EXTENSIONS = (
+    ("ubimesh.proxy.access_log._textline", "ubimesh/proxy/access_log/_textline.c"),
+    ("ubimesh.proxy.tracing._zipkin_text", "ubimesh/proxy/tracing/_zipkin_text.c"),
+)
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent  # .../ubimesh
 _SRC_ROOT = _PACKAGE_ROOT.parent
@@ -169,13 +173,16 @@ def build(quiet: bool = True) -> Path:
     return dest
 
 
-def compile_extensions(root: Path, timeout: float = 300) -> None:
-    """Compile ``C_EXTENSIONS`` in place under ``root``, a directory holding a copy of the
-    package (``root/ubimesh/...``); raises RuntimeError with the compiler's output on failure.
-    ``-ffp-contract=off``: no fused multiply-add, so float arithmetic rounds as Python's."""
+def compile_extensions(
+    root: Path, timeout: float = 300, extensions: tuple[tuple[str, str], ...] = C_EXTENSIONS
+) -> None:
+    """Compile ``extensions`` (by default all of ``C_EXTENSIONS``) in place under ``root``, a
+    directory holding a copy of their sources (``root/ubimesh/...``); raises RuntimeError with
+    the compiler's output on failure. ``-ffp-contract=off``: no fused multiply-add, so float
+    arithmetic rounds as Python's."""
     script = (
         "from setuptools import Extension, setup\n"
-        f"extensions = {list(C_EXTENSIONS)!r}\n"
+        f"extensions = {list(extensions)!r}\n"
         "setup(name='ubimesh-native-c', script_args=['build_ext', '--inplace'],\n"
         "      ext_modules=[Extension(name, [source], extra_compile_args=['-ffp-contract=off'])\n"
         "                   for name, source in extensions])\n"

@@ -5,16 +5,14 @@ both render the same random entries with every command it takes, byte for byte."
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
-import shutil
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from tests.support.c_extension import compile_and_load
 
-from ubimesh import native
 from ubimesh.proto.headers import Headers
 from ubimesh.proxy.access_log.format import (
     DEFAULT_FORMAT,
@@ -26,25 +24,10 @@ from ubimesh.proxy.access_log.format import (
 )
 from ubimesh.proxy.access_log.sink import FileSink, SinkStats
 
-SOURCE = "ubimesh/proxy/access_log/_textline.c"
-PACKAGE_ROOT = Path(native.__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def textline(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    root = tmp_path_factory.mktemp("textline")
-    target = root / SOURCE
-    target.parent.mkdir(parents=True)
-    shutil.copy(PACKAGE_ROOT / SOURCE, target)
-    native.compile_extensions(root)
-    (built,) = target.parent.glob("_textline*.so")
-    # Loaded under its own name but not put in sys.modules: format.py's own lookup (the
-    # compiled hot path's build) is left as it is.
-    spec = importlib.util.spec_from_file_location("ubimesh.proxy.access_log._textline", built)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compile_and_load("ubimesh.proxy.access_log._textline", tmp_path_factory.mktemp("c"))
 
 
 EVERY_COMMAND = (

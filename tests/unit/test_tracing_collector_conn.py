@@ -79,7 +79,10 @@ def run_export(handler: Handler, batches: int, timeout: float = 2.0) -> tuple[St
         )
         e = exporter.exporter_for(provider, clusters, stats)
         for b in range(batches):
-            await e._send([span(2 * b), span(2 * b + 1)])
+            batch = e.new_batch()
+            batch.add(span(2 * b))
+            batch.add(span(2 * b + 1))
+            await e._send(batch)
         await exporter.flush_all(clusters, timeout=1)
         server.close()
         return stats

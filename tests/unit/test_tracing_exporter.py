@@ -67,9 +67,10 @@ def test_the_queue_is_bounded_and_a_missing_cluster_skips(monkeypatch: pytest.Mo
         # No task runs until this coroutine yields: 2 batches leave, 10 wait, 2 are dropped.
         for _ in range(20):
             e.add(spans()[0])
-        assert len(e.queue) == 10 and e.spans_dropped.value == 2
+        assert e.queued == 10 and e.spans_dropped.value == 2
+        assert [b.count for b in e.closed] == [4, 4] and e.open is not None
         for _ in range(50):
-            if not e.queue and not e.tasks:
+            if not e.queued and not e.tasks:
                 break
             await asyncio.sleep(0.02)
         await exporter.flush_all(clusters, timeout=1)
@@ -78,4 +79,4 @@ def test_the_queue_is_bounded_and_a_missing_cluster_skips(monkeypatch: pytest.Mo
     e = asyncio.run(run())
     assert e.spans_dropped.value == 2
     assert e.reports_skipped.value == 5  # 18 spans, batches of 4: every one skipped
-    assert e.spans_sent.value == 0 and not e.queue
+    assert e.spans_sent.value == 0 and e.queued == 0 and not e.closed

@@ -1,16 +1,21 @@
-"""The cheap paths of tracing give what the general ones give: the Zipkin body written as text
-equals orjson's serialization of the span dicts byte for byte (and falls back to it for values
-that need escaping), the sampler's hex reading equals ``int(..., 16)``, and span ids are
-random non-zero 64-bit hex, not shared with a forked worker."""
+"""The cheap paths of tracing give what the general ones give: the Zipkin body the C span
+writer (tracing/_zipkin_text.c, compiled here as ``ubimesh build-native`` compiles it) makes
+equals orjson's serialization of the span dicts byte for byte (a span with a value that needs
+escaping is written by orjson in its place), the sampler's hex reading equals
+``int(..., 16)``, and span ids are random non-zero 64-bit hex, not shared with a forked
+worker."""
 
 from __future__ import annotations
 
 import itertools
 import os
-from types import SimpleNamespace
+import random
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import orjson
 import pytest
+from tests.support.c_extension import compile_and_load
 
 from ubimesh.proxy.network.http_manager import ActiveStream
 from ubimesh.proxy.snapshot.types import (
@@ -58,35 +63,76 @@ def recorded(i: int, **values: object) -> Span:
     return s
 
 
-def body_of(spans: list[Span], local: LocalInfo) -> tuple[bytes, bytes]:
-    return zipkin.encode(spans, local), zipkin.encode_dicts(spans, local)
+@pytest.fixture(scope="module")
+def c_module(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    return compile_and_load("ubimesh.proxy.tracing._zipkin_text", tmp_path_factory.mktemp("c"))
 
 
-def test_the_text_is_orjsons_serialization_of_each_span_shape() -> None:
+class Spy:
+    """The C SpanText, counting the spans it wrote and those it declined (then ``raw``)."""
+
+    made: list[Spy] = []
+
+    def __init__(self, module: ModuleType, head: str, zone_part: str) -> None:
+        self.inner = module.SpanText(head, zone_part)
+        self.written = 0
+        self.declined = 0
+        Spy.made.append(self)
+
+    def __call__(self, *args: Any) -> bool:
+        ok: bool = self.inner(*args)
+        if ok:
+            self.written += 1
+        else:
+            self.declined += 1
+        return ok
+
+    def raw(self, data: bytes) -> None:
+        self.inner.raw(data)
+
+    def body(self) -> bytes:
+        body: bytes = self.inner.body()
+        return body
+
+
+@pytest.fixture
+def text_type(c_module: ModuleType) -> Any:
+    Spy.made.clear()
+    return lambda head, zone_part: Spy(c_module, head, zone_part)
+
+
+def body_of(spans: list[Span], local: LocalInfo, text_type: Any) -> tuple[bytes, bytes]:
+    """The batch's body through the C writer, and the reference."""
+    batch = zipkin.ZipkinBatch(local, text_type)
+    assert batch.text is not None
+    for s in spans:
+        batch.add(s)
+    assert batch.count == len(spans)
+    return batch.body(), zipkin.encode_dicts(spans, local)
+
+
+def declined() -> int:
+    return sum(spy.declined for spy in Spy.made)
+
+
+def written() -> int:
+    return sum(spy.written for spy in Spy.made)
+
+
+def test_the_text_is_orjsons_serialization_of_each_span_shape(text_type: Any) -> None:
     local = LocalInfo("node-1", "shop")
     spans = [recorded(i) for i in range(24)]
     endpoint = {"serviceName": "shop", "ipv4": zipkin.local_ipv4()}
-    head = (
-        ',"localEndpoint":'
-        + orjson.dumps(endpoint).decode()
-        + ',"tags":{"node_id":'
-        + orjson.dumps(LOCAL.node_id).decode()
-        + ',"http.url":"'
-    )
-    values: list[str] = []
-    runs = zipkin._Runs()
-    runs.start_batch(head, "")
     for s in spans:
-        # Span by span: the text itself, not only the whole body (which could fall back).
-        text = zipkin._span_text(s, runs, True, values)
-        assert text == orjson.dumps(zipkin.span_dict(s, endpoint)).decode()
-        # Again: now from the kept runs.
-        assert zipkin._span_text(s, runs, False, values) == "," + text
-    fast, reference = body_of(spans, local)
+        # Span by span: the text itself, written by the C (not declined).
+        fast, _ = body_of([s], local, text_type)
+        assert fast == b"[" + orjson.dumps(zipkin.span_dict(s, endpoint)) + b"]"
+    assert written() == len(spans) and declined() == 0
+    fast, reference = body_of(spans, local, text_type)
     assert fast == reference
 
 
-def test_zone_custom_and_explicit_tags_and_odd_node_values() -> None:
+def test_zone_custom_and_explicit_tags_and_odd_node_values(text_type: Any) -> None:
     saved = LOCAL.zone, LOCAL.node_id
     LOCAL.zone, LOCAL.node_id = "eu-1", 'node "1"\\'
     try:
@@ -94,30 +140,44 @@ def test_zone_custom_and_explicit_tags_and_odd_node_values() -> None:
         spans[1].custom = {"http.method": "OVERRIDDEN", "team": "cart"}
         spans[2].tags = {"http.status_code": "200"}
         spans[3].recorded = False
-        fast, reference = body_of(spans, LocalInfo("n1", "shöp"))
+        fast, reference = body_of(spans, LocalInfo("n1", "shop"), text_type)
         assert fast == reference
+        # The three spans with custom, explicit or no recorded tags: by orjson, in place.
+        assert (written(), declined()) == (3, 0)
         assert orjson.loads(fast)[1]["tags"]["http.method"] == "OVERRIDDEN"
         assert orjson.loads(fast)[0]["tags"]["zone"] == "eu-1"
         assert orjson.loads(fast)[0]["tags"]["node_id"] == 'node "1"\\'
+        # A node value beyond ASCII: the C takes no such head, the batch is the dicts'.
+        batch = zipkin.ZipkinBatch(LocalInfo("n1", "shöp"), text_type)
+        assert batch.text is None
+        for s in spans:
+            batch.add(s)
+        assert batch.body() == zipkin.encode_dicts(spans, LocalInfo("n1", "shöp"))
     finally:
         LOCAL.zone, LOCAL.node_id = saved
 
 
-def test_values_that_need_escaping_fall_back_to_orjson() -> None:
+def test_values_that_need_escaping_fall_back_to_orjson(text_type: Any) -> None:
     local = LocalInfo("n1", "shop")
     for field, value in itertools.product(
-        ("user_agent", "path", "host", "request_id", "proto", "method", "name"),
-        ('say "hi"', "back\\slash", "tab\there", "nul\x00", "naïve", "😀", "del\x7f"),
-    ):
+        ("user_agent", "path", "host", "request_id", "proto", "method", "name", "peer",
+         "downstream_cluster", "client_trace_id", "response_flags", "parent_id", "span_id",
+         "trace_id"),
+        ('say "hi"', "back\\slash", "tab\there", "nul\x00", "esc\x1f", "naïve", "😀"),
+    ):  # fmt: skip
+        Spy.made.clear()
         spans = [recorded(0), recorded(1, **{field: value}), recorded(2)]
-        fast, reference = body_of(spans, local)
+        fast, reference = body_of(spans, local, text_type)
         assert fast == reference, (field, value)
-        assert any(value in str(v) for v in orjson.loads(fast)[1]["tags"].values()) or (
-            orjson.loads(fast)[1].get("name") == value
-        )
+        # Only the span with the value is declined (and written by orjson in its place).
+        assert (written(), declined()) == (2, 1), (field, value)
+    # DEL needs no escaping (orjson writes it as it is): the C writes it.
+    Spy.made.clear()
+    fast, reference = body_of([recorded(0, path="/del\x7f")], local, text_type)
+    assert fast == reference and (written(), declined()) == (1, 0)
 
 
-def test_upstream_members_follow_the_address_object_and_escape_names() -> None:
+def test_upstream_members_follow_the_address_object_and_escape_names(text_type: Any) -> None:
     a, b = SocketAddress("::1", 80), SocketAddress("10.0.0.1", 81)
     members = ',"upstream_cluster":"c","upstream_cluster.name":"c","upstream_address":'
     assert zipkin._upstream_members("c", a) == members + '"[::1]:80"'
@@ -128,7 +188,7 @@ def test_upstream_members_follow_the_address_object_and_escape_names() -> None:
         recorded(0, cluster='odd "name"\\', status=999, response_size=1000),
         recorded(2, status=1000),
     ]
-    fast, reference = body_of(spans, LocalInfo("n1", "shop"))
+    fast, reference = body_of(spans, LocalInfo("n1", "shop"), text_type)
     assert fast == reference and b'"upstream_cluster":"odd \\"name\\"' in fast
 
 
@@ -250,7 +310,7 @@ CHANGES: list[tuple[str, object, tuple[object, ...]]] = [
 ]
 
 
-def test_runs_of_equal_spans_and_a_value_changing_in_the_middle_of_a_batch() -> None:
+def test_equal_spans_and_a_value_changing_in_the_middle_of_a_batch(text_type: Any) -> None:
     local = LocalInfo("n1", "shop")
     for field, plain, needing_escape in CHANGES:
         # A run of equal spans, one value changing in the middle (for one span, then for
@@ -261,45 +321,27 @@ def test_runs_of_equal_spans_and_a_value_changing_in_the_middle_of_a_batch() -> 
             spans += [steady(i) for i in range(4, 6)]
             spans += [steady(i, **{field: value}) for i in range(6, 9)]
             spans += [steady(9)]
-            fast, reference = body_of(spans, local)
+            fast, reference = body_of(spans, local, text_type)
             assert fast == reference, (field, value)
 
 
-def test_a_value_needing_escaping_falls_back_whether_its_run_was_kept_or_not(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_value_needing_escaping_is_declined_wherever_it_is_in_a_batch(text_type: Any) -> None:
     local = LocalInfo("n1", "shop")
-    fell_back: list[int] = []
-    dicts = zipkin.encode_dicts
-
-    def spy(spans: list[Span], local: LocalInfo) -> bytes:
-        fell_back.append(len(spans))
-        return dicts(spans, local)
-
-    def fast_and_fell_back(spans: list[Span]) -> tuple[bytes, bool]:
-        fell_back.clear()
-        with monkeypatch.context() as m:
-            m.setattr(zipkin, "encode_dicts", spy)
-            fast = zipkin.encode(spans, local)
-        assert fast == dicts(spans, local)
-        return fast, bool(fell_back)
-
     for field, _, needing_escape in CHANGES:
         for value in needing_escape:
-            # The runs are kept from a plain batch, then a span's value needs escaping: in
-            # the middle of the batch (after reused runs) and first in one.
-            assert fast_and_fell_back([steady(0), steady(1)])[1] is False
-            assert fast_and_fell_back([steady(2), steady(3, **{field: value})])[1], field
-            assert fast_and_fell_back([steady(4, **{field: value}), steady(5)])[1], field
-            # A batch of only the bad span, twice: a run that failed the check is not kept,
-            # so the second batch must fall back too (not reuse a run rendered unchecked).
-            for _ in range(2):
-                assert fast_and_fell_back([steady(6, **{field: value})])[1], field
-            # After the bad span's batch, a plain one is written as text again.
-            assert fast_and_fell_back([steady(7), steady(8)])[1] is False
+            # In the middle of a batch, first in one, and alone: each time only that span
+            # is declined, and plain spans after it are written by the C again.
+            for shape in ((0, 1, 0), (1, 0), (1,), (1, 1, 0, 0)):
+                Spy.made.clear()
+                spans = [steady(i, **({field: value} if bad else {})) for i, bad in
+                         enumerate(shape)]  # fmt: skip
+                fast, reference = body_of(spans, local, text_type)
+                assert fast == reference, (field, value, shape)
+                assert declined() == sum(shape), (field, value, shape)
+                assert written() == len(shape) - sum(shape), (field, value, shape)
 
 
-def test_optional_members_present_and_absent_alternating() -> None:
+def test_optional_members_present_and_absent_alternating(text_type: Any) -> None:
     local = LocalInfo("n1", "shop")
     optional = {
         "request_id": "",
@@ -314,7 +356,7 @@ def test_optional_members_present_and_absent_alternating() -> None:
     }
     for field, value in optional.items():
         spans = [steady(i, **({field: value} if i % 2 else {})) for i in range(8)]
-        fast, reference = body_of(spans, local)
+        fast, reference = body_of(spans, local, text_type)
         assert fast == reference, field
     # Every combination of the optional members, each span after another shape.
     shapes = list(itertools.product((False, True), repeat=len(optional)))
@@ -322,39 +364,39 @@ def test_optional_members_present_and_absent_alternating() -> None:
         steady(i, **{f: v for (f, v), on in zip(optional.items(), shape, strict=True) if on})
         for i, shape in enumerate(shapes)
     ]
-    fast, reference = body_of(spans, local)
+    fast, reference = body_of(spans, local, text_type)
     assert fast == reference
     assert len(orjson.loads(fast)) == len(shapes)
 
 
-def test_runs_across_batch_boundaries_and_a_changing_node() -> None:
+def test_batches_in_a_row_and_a_changing_node(text_type: Any) -> None:
     saved = LOCAL.zone, LOCAL.node_id
     try:
         local = LocalInfo("n1", "shop")
         for zone, node in (("", "n1"), ("eu-1", "n1"), ("eu-1", "n2"), ("", "n2"), ("", "n1")):
             LOCAL.zone, LOCAL.node_id = zone, node
-            # Two batches of the same spans: the second starts from the first's runs.
+            # Two batches of the same spans: each has the node of its start.
             for _ in range(2):
-                fast, reference = body_of([steady(i) for i in range(3)], local)
+                fast, reference = body_of([steady(i) for i in range(3)], local, text_type)
                 assert fast == reference, (zone, node)
         # The local endpoint is in the head too.
         for service in ("shop", "cart", "shop"):
-            fast, reference = body_of([steady(0), steady(1)], LocalInfo("n1", service))
+            fast, reference = body_of([steady(0), steady(1)], LocalInfo("n1", service), text_type)
             assert fast == reference
         # An empty batch, a batch of one and a mixed batch (dicts between texts).
-        assert body_of([], local) == (b"[]", b"[]")
+        assert body_of([], local, text_type) == (b"[]", b"[]")
         mixed = [steady(0), steady(1), steady(2), steady(3)]
         mixed[0].custom = {"team": "cart"}
         mixed[2].tags = {"http.status_code": "200"}
-        fast, reference = body_of(mixed, local)
+        fast, reference = body_of(mixed, local, text_type)
         assert fast == reference
-        fast, reference = body_of(mixed[1:2], local)
+        fast, reference = body_of(mixed[1:2], local, text_type)
         assert fast == reference
     finally:
         LOCAL.zone, LOCAL.node_id = saved
 
 
-def test_timestamps_and_durations_of_every_width() -> None:
+def test_timestamps_and_durations_of_every_width(text_type: Any) -> None:
     local = LocalInfo("n1", "shop")
     base = 1_700_000_000_000_000
     starts = [0, 1, 999, 1000, 999_999, 1_000_000, 1_000_001, 1_000_999_999, base, base + 7,
@@ -365,11 +407,104 @@ def test_timestamps_and_durations_of_every_width() -> None:
         steady(i, start_us=start, duration_us=durations[i % len(durations)])
         for i, start in enumerate(starts)
     ]
-    fast, reference = body_of(spans, local)
+    fast, reference = body_of(spans, local, text_type)
     assert fast == reference
     assert [span["timestamp"] for span in orjson.loads(fast)] == starts
     # A second changing in the middle of a batch, and back.
     for starts in ([base, base + 1_000_000, base], [base + 999_999, base + 1_000_000]):
         spans = [steady(i, start_us=start) for i, start in enumerate(starts)]
-        fast, reference = body_of(spans, local)
+        fast, reference = body_of(spans, local, text_type)
         assert fast == reference
+
+
+def test_the_writer_refuses_what_it_cannot_write_and_grows_its_buffer(c_module: ModuleType) -> None:
+    text_type = c_module.SpanText
+    assert c_module.N_ARGS == zipkin._N_ARGS
+    for head, zone in (("é", ""), ("", "ü"), (b"x", ""), ("", None)):
+        with pytest.raises(ValueError, match="must be an ASCII str"):
+            text_type(head, zone)
+    t = text_type(',"tags":{"http.url":"', "")
+    args: list[Any] = ["a", "b", "", False, False, 1, 2, "http", "h", "/", "GET", "-", "-",
+                       False, "p", "", "", 0, 0, "", 200, "", ""]  # fmt: skip
+    assert len(t) == 0 and t(*args) is True and len(t) == 1
+    with pytest.raises(TypeError):
+        t(*args[:-1])
+    with pytest.raises(TypeError):
+        t(*args, name="x")
+    with pytest.raises(TypeError):
+        t.raw("not bytes")
+    # Values of another type, or ints beyond 64 bits: declined, nothing written.
+    for at, value in ((0, b"a"), (0, None), (3, 1), (5, 2**64), (5, -(2**63) - 1), (5, 1.0),
+                      (5, True), (17, "1"), (13, None), (19, "ü"), (19, 1)):  # fmt: skip
+        bad = list(args)
+        bad[at] = value
+        assert t(*bad) is False, (at, value)
+    assert len(t) == 1
+    # The extremes of 64 bits are written as Python writes them.
+    wide = list(args)
+    wide[5], wide[6] = 2**63 - 1, -(2**63)
+    assert t(*wide) is True
+    body = orjson.loads(t.body())
+    assert [(s["timestamp"], s["duration"]) for s in body] == [(1, 2), (2**63 - 1, -(2**63))]
+    # body() empties the batch; a batch far beyond the first buffer (4 KiB) and values of
+    # 100 KB are copied whole.
+    assert len(t) == 0 and t.body() == b"[]"
+    long_path = "/" + "x" * 100_000
+    for i in range(300):
+        many = list(args)
+        many[9] = long_path if i % 100 == 0 else f"/{i}"
+        assert t(*many)
+    t.raw(b'{"raw":true}')
+    spans = orjson.loads(t.body())
+    assert len(spans) == 301 and spans[-1] == {"raw": True}
+    assert spans[0]["tags"]["http.url"] == "http://h" + long_path
+    assert spans[299]["tags"]["http.url"] == "http://h/299"
+
+
+def test_without_the_build_a_batch_is_written_from_the_dicts() -> None:
+    local = LocalInfo("n1", "shop")
+    spans = [steady(i) for i in range(5)]
+    batch = zipkin.ZipkinBatch(local, None)
+    for s in spans:
+        batch.add(s)
+    assert batch.text is None and batch.count == 5 and batch.spans == spans
+    assert batch.body() == zipkin.encode_dicts(spans, local)
+
+
+def test_random_spans_equal_the_dicts(text_type: Any) -> None:
+    rng = random.Random(6)
+    texts = ("", "-", "a", "shop:80", "/p?q=1&r=2", "x" * 9, "y" * 300, "h2load/1.59.0",
+             'q"uote', "back\\slash", "ctl\x01", "tab\t", "del\x7f", "café", "日本",
+             "😀")  # fmt: skip
+    ints = (0, 1, 255, 256, 2**30 - 1, 2**30, 2**60 + 7, 2**62, -1, -(2**31), 1_700_000_000_123_456)
+    addresses = (None, SocketAddress("10.0.0.1", 80), SocketAddress("::1", 8080))
+    local = LocalInfo("n1", "shop")
+    saved = LOCAL.zone, LOCAL.node_id
+    try:
+        for batch_no in range(20):
+            LOCAL.zone = rng.choice(("", "eu-1"))
+            spans = []
+            for i in range(100):
+                s = steady(batch_no * 100 + i)
+                for field in ("proto", "host", "path", "method", "downstream_cluster",
+                              "user_agent", "peer", "request_id", "client_trace_id",
+                              "response_flags", "name", "parent_id", "trace_id",
+                              "span_id"):  # fmt: skip
+                    if rng.random() < 0.3:
+                        setattr(s, field, rng.choice(texts))
+                for field in ("start_us", "duration_us", "request_size", "response_size",
+                              "status"):  # fmt: skip
+                    if rng.random() < 0.3:
+                        setattr(s, field, rng.choice(ints))
+                s.client, s.shared, s.http10 = (rng.random() < 0.5 for _ in range(3))
+                s.cluster = rng.choice((None, "backend", 'odd "c"', "célèbre"))
+                s.upstream_address = rng.choice(addresses)
+                if rng.random() < 0.05:
+                    s.custom = {"team": rng.choice(texts)}
+                spans.append(s)
+            fast, reference = body_of(spans, local, text_type)
+            assert fast == reference, batch_no
+        # Both ways were taken, many times.
+        assert written() > 200 and declined() > 200
+    finally:
+        LOCAL.zone, LOCAL.node_id = saved

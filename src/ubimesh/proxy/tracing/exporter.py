@@ -1,11 +1,12 @@
 """Span export: a bounded queue per provider, batched POSTs over the provider's cluster.
 
-``add`` (called when a stream ends) only appends to a list: a batch leaves when
-``BATCH_SPANS`` spans are queued or ``FLUSH_INTERVAL`` seconds after the first of them, in a
-task of its own. At most ``MAX_IN_FLIGHT`` POSTs are outstanding and each has the provider's
-timeout, so a slow or dead collector only fills the queue; beyond ``MAX_QUEUED_SPANS`` new
-spans are dropped and counted. Requests never wait on any of it. Each worker process exports
-its own spans.
+``add`` (called when a stream ends) adds the span to the open batch (``batch.SpanBatch``;
+Zipkin's writes the span's JSON there and then, OTLP's keeps the span): a batch is closed at
+``BATCH_SPANS`` spans or ``FLUSH_INTERVAL`` seconds after its first, and leaves in a task of
+its own. At most ``MAX_IN_FLIGHT`` POSTs are outstanding and each has the provider's timeout,
+so a slow or dead collector only fills the queue of closed batches; beyond
+``MAX_QUEUED_SPANS`` spans in the open and closed batches new spans are dropped and counted.
+Requests never wait on any of it. Each worker process exports its own spans.
 
 The POSTs go over keep-alive HTTP/1.1 connections of a small client of its own
 (``CollectorConnection``: one prebuilt head, the response parsed by httptools, as the proxy's
@@ -35,6 +36,7 @@ from ubimesh.proxy.tracing import local as local_mod
 # The encoders are imported with the exporter (when an HCM's tracer is built), not at the
 # first batch: an import there ran inside the request path's measured window.
 from ubimesh.proxy.tracing import otlp, zipkin
+from ubimesh.proxy.tracing.batch import SpanBatch
 
 if TYPE_CHECKING:
     from ubimesh.proxy.tracing.span import Span
@@ -114,7 +116,8 @@ class CollectorConnection(asyncio.Protocol):
         self.waiter = waiter
         self.keep_alive = False
         self.status = 0
-        self.transport.write(head + body)
+        # Two buffers, not their concatenation: a span batch's body is a few hundred KiB.
+        self.transport.writelines((head, body))
         return waiter
 
     def close(self) -> None:
@@ -142,7 +145,12 @@ class Exporter:
         # lookup on every span); tests change them before they make an exporter.
         self.batch_spans = BATCH_SPANS
         self.max_queued = MAX_QUEUED_SPANS
-        self.queue: list[Span] = []
+        self.open: SpanBatch | None = None
+        """The batch spans are added to; None until the next span."""
+        self.closed: list[SpanBatch] = []
+        """Batches waiting for a POST (at most MAX_IN_FLIGHT are in flight)."""
+        self.queued = 0
+        """Spans in ``open`` and ``closed``."""
         self.in_flight = 0
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -167,42 +175,54 @@ class Exporter:
         )
 
     def add(self, span: Span) -> None:
-        queue = self.queue
-        if len(queue) >= self.max_queued:
+        if self.queued >= self.max_queued:
             self.spans_dropped.value += 1
             return
-        queue.append(span)
-        if len(queue) >= self.batch_spans:
+        batch = self.open
+        if batch is None:
+            batch = self.open = self.new_batch()
+        batch.add(span)
+        self.queued += 1
+        if batch.count >= self.batch_spans:
+            self.open = None
+            self.closed.append(batch)
             self._flush()
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._on_timer)
 
+    def new_batch(self) -> SpanBatch:
+        if self.zipkin:
+            return zipkin.ZipkinBatch(local_mod.LOCAL)
+        return otlp.OtlpBatch(self.provider.service_name or "unknown_service:envoy")
+
+    def _close_open(self) -> None:
+        if self.open is not None:
+            self.closed.append(self.open)
+            self.open = None
+
     def _on_timer(self) -> None:
         self.timer = None
         self.timer_flushed.value += 1
+        self._close_open()
         self._flush()
 
     def _flush(self) -> None:
-        while self.queue and self.in_flight < MAX_IN_FLIGHT:
-            batch = self.queue[: self.batch_spans]
-            del self.queue[: self.batch_spans]
-            self._start_send(batch)
-        if self.queue and self.timer is None:
+        """Send closed batches while a POST slot is free; the rest wait for ``_send``'s end
+        or the timer."""
+        closed = self.closed
+        while closed and self.in_flight < MAX_IN_FLIGHT:
+            self._start_send(closed.pop(0))
+        if (closed or self.open is not None) and self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._on_timer)
 
-    def _start_send(self, batch: list[Span]) -> None:
+    def _start_send(self, batch: SpanBatch) -> None:
+        self.queued -= batch.count
         self.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def encode(self, batch: list[Span]) -> bytes:
-        local = local_mod.LOCAL
-        if self.zipkin:
-            return zipkin.encode(batch, local)
-        return otlp.encode(batch, local, self.provider.service_name or "unknown_service:envoy")
-
-    async def _send(self, batch: list[Span]) -> None:
+    async def _send(self, batch: SpanBatch) -> None:
         try:
             await self._post(batch)
         except asyncio.CancelledError:
@@ -212,10 +232,10 @@ class Exporter:
             log.debug("span export to %s failed: %r", self.provider.cluster, exc)
         finally:
             self.in_flight -= 1
-        if len(self.queue) >= self.batch_spans:
+        if self.closed:
             self._flush()
 
-    async def _post(self, batch: list[Span]) -> None:
+    async def _post(self, batch: SpanBatch) -> None:
         provider = self.provider
         cluster = self.clusters.get(provider.cluster)
         host = cluster.choose_host(None) if cluster is not None else None
@@ -223,12 +243,12 @@ class Exporter:
             self.reports_skipped.value += 1
             return
         address = host.address
-        body = self.encode(batch)
+        body = batch.body()
         head = self.head_start + b"%d\r\n\r\n" % len(body)
         status = await asyncio.wait_for(self._exchange(address, head, body), provider.timeout)
         if 200 <= status < 300:
             self.reports_sent.value += 1
-            self.spans_sent.value += len(batch)
+            self.spans_sent.value += batch.count
         else:
             self.reports_dropped.value += 1
             log.debug("collector %s answered %d", address, status)
@@ -264,9 +284,9 @@ class Exporter:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        while self.queue:
-            batch = self.queue[: self.batch_spans]
-            del self.queue[: self.batch_spans]
+        self._close_open()
+        closed, self.closed = self.closed, []
+        for batch in closed:
             self._start_send(batch)
         if self.tasks:
             _done, pending = await asyncio.wait(set(self.tasks), timeout=timeout)

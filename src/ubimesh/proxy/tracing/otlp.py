@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 
 from ubimesh import __version__
-from ubimesh.proxy.tracing.local import LocalInfo
+from ubimesh.proxy.tracing.batch import SpanBatch
+from ubimesh.proxy.tracing.local import LOCAL, LocalInfo
 from ubimesh.proxy.tracing.span import Span
 
 _SERVER = 2
@@ -17,6 +18,24 @@ _ERROR = 2
 #: W3C flags plus "is-remote known" (0x100) and "parent is remote" (0x200).
 _REMOTE_PARENT = 0x300
 _LOCAL_ROOT = 0x100
+
+
+class OtlpBatch(SpanBatch):
+    """A batch of OpenTelemetry spans: kept as they are added, written by ``body``."""
+
+    __slots__ = ("service_name", "spans")
+
+    def __init__(self, service_name: str) -> None:
+        super().__init__()
+        self.service_name = service_name
+        self.spans: list[Span] = []
+
+    def add(self, span: Span) -> None:
+        self.count += 1
+        self.spans.append(span)
+
+    def body(self) -> bytes:
+        return encode(self.spans, LOCAL, self.service_name)
 
 
 def encode(spans: list[Span], local: LocalInfo, service_name: str) -> bytes:
