@@ -191,11 +191,14 @@ class Exporter:
             self.timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._on_timer)
 
     def new_batch(self) -> SpanBatch:
+        """An empty batch of this provider's encoding (Zipkin's node and endpoint are this
+        process's now)."""
         if self.zipkin:
             return zipkin.ZipkinBatch(local_mod.LOCAL)
         return otlp.OtlpBatch(self.provider.service_name or "unknown_service:envoy")
 
     def _close_open(self) -> None:
+        """Close the open batch, if any: it waits in ``closed`` for a POST slot."""
         if self.open is not None:
             self.closed.append(self.open)
             self.open = None
