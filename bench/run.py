@@ -514,7 +514,7 @@ def start_proxy(ctx: Context, name: str) -> Target:
     port, side_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     stats_url = None
-    if name in ("ubimesh", "envoy", rbac.WITH_RBAC, resilience.WITH_RESILIENCE, *telemetry.BARS):
+    if name in UBIMESH_TARGETS or name == "envoy":
         cfg = target_bootstrap(
             args.scenario, name, port, side_port, ctx.upstream_port, list(args.sizes), workdir
         )

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.skipif(
     platform.libc_ver()[0] != "glibc", reason="the thresholds are glibc malloc's"
 )
 
-#: A batch's body, as zipkin.encode makes it: 256 pieces of 1 KB joined, then encoded. Prints
-#: the minor page faults of 200 such bodies, after 5 to warm the heap up.
+#: A span batch's body as the Python encoder made it before the C writer: 256 pieces of 1 KB
+#: joined, then encoded (256 KiB twice, made and freed). Prints the minor page faults of 200
+#: such bodies, after 5 to warm the heap up.
 _BODIES = """
 import resource, sys
 from ubimesh.runtime.heap import tune_malloc

@@ -667,7 +667,7 @@ PyMODINIT_FUNC PyInit__textline(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    /* An ABI check format.py makes: the argument count of a call. */
+    /* The argument count of a call (the tests build their calls with it). */
     if (PyModule_AddIntConstant(m, "N_ARGS", N_ARGS) < 0
         || PyModule_AddObjectRef(m, "Program", (PyObject *)&ProgramType) < 0) {
         Py_DECREF(m);

@@ -451,9 +451,7 @@ PyMODINIT_FUNC PyInit__zipkin_text(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    /* An ABI check zipkin.py makes: the argument count of a call. */
-    if (PyModule_AddIntConstant(m, "N_ARGS", N_ARGS) < 0
-        || PyModule_AddObjectRef(m, "SpanText", (PyObject *)&SpanTextType) < 0) {
+    if (PyModule_AddObjectRef(m, "SpanText", (PyObject *)&SpanTextType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

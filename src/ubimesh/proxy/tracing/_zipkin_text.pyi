@@ -1,7 +1,5 @@
 """Types of the C Zipkin span writer (_zipkin_text.c; its header comment is the contract)."""
 
-N_ARGS: int
-
 class SpanText:
     def __init__(self, head: str, zone_part: str) -> None: ...
     def __call__(

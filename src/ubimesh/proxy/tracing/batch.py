@@ -16,16 +16,20 @@ if TYPE_CHECKING:
 
 
 class SpanBatch:
-    """Finished spans bound for one POST; ``count`` of them added so far."""
+    """Finished spans bound for one POST; ``count`` of them added so far. By default a batch
+    keeps its spans (``spans``) for ``body`` to write."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "spans")
 
     def __init__(self) -> None:
         self.count = 0
+        self.spans: list[Span] = []
 
     def add(self, span: Span) -> None:
-        """Add one finished span (never blocks; may write it into the body now)."""
-        raise NotImplementedError
+        """Add one finished span (never blocks; an encoder may write it into the body now
+        instead of keeping it)."""
+        self.count += 1
+        self.spans.append(span)
 
     def body(self) -> bytes:
         """The POST's body for the spans added; called once, when the batch is sent."""

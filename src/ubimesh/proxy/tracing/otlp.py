@@ -23,16 +23,11 @@ _LOCAL_ROOT = 0x100
 class OtlpBatch(SpanBatch):
     """A batch of OpenTelemetry spans: kept as they are added, written by ``body``."""
 
-    __slots__ = ("service_name", "spans")
+    __slots__ = ("service_name",)
 
     def __init__(self, service_name: str) -> None:
         super().__init__()
         self.service_name = service_name
-        self.spans: list[Span] = []
-
-    def add(self, span: Span) -> None:
-        self.count += 1
-        self.spans.append(span)
 
     def body(self) -> bytes:
         return encode(self.spans, LOCAL, self.service_name)

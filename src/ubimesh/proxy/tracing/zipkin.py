@@ -41,34 +41,29 @@ _CACHE_MAX: Final = 1024
 
 def _load_span_text_type() -> type[SpanText] | None:
     try:
-        from ubimesh.proxy.tracing._zipkin_text import N_ARGS, SpanText
+        from ubimesh.proxy.tracing._zipkin_text import SpanText
     except ImportError:  # not built, or the compiled hot path is off (UBIMESH_NATIVE=0)
-        return None
-    if N_ARGS != _N_ARGS:  # a build of another version of the call: not ours to use
         return None
     return SpanText
 
 
-#: The arguments ZipkinBatch.add passes to a SpanText call.
-_N_ARGS: Final = 23
 #: Looked up when this module is imported, which the proxy does after ``native.enable()``.
 _SPAN_TEXT_TYPE: Final = _load_span_text_type()
 
 
 class ZipkinBatch(SpanBatch):
     """A batch of Zipkin spans; with ``text_type`` (the C ``SpanText``, by default the
-    build's) each span is written into the body as it is added (module docstring). The
-    local endpoint and node are this process's (``local``) when the batch is started."""
+    build's) each span is written into the body as it is added (module docstring); without
+    it the batch keeps its spans. The local endpoint and node are this process's (``local``)
+    when the batch is started."""
 
-    __slots__ = ("endpoint", "spans", "text")
+    __slots__ = ("endpoint", "text")
 
     def __init__(
         self, local: LocalInfo, text_type: type[SpanText] | None = _SPAN_TEXT_TYPE
     ) -> None:
         super().__init__()
         self.endpoint = _endpoint(local)
-        self.spans: list[Span] = []
-        """Without ``text``: the spans, written from their dicts by ``body``."""
         self.text: SpanText | None = None
         if text_type is not None:
             # Values that come from the node (configuration) are escaped by orjson, once a
@@ -85,11 +80,11 @@ class ZipkinBatch(SpanBatch):
                 self.text = None
 
     def add(self, span: Span) -> None:
-        self.count += 1
         text = self.text
         if text is None:
-            self.spans.append(span)
+            super().add(span)
             return
+        self.count += 1
         if span.tags is None and span.recorded and span.custom is None:
             upstream = ""
             cluster = span.cluster
@@ -109,7 +104,7 @@ class ZipkinBatch(SpanBatch):
     def body(self) -> bytes:
         text = self.text
         if text is None:
-            return orjson.dumps([span_dict(s, self.endpoint) for s in self.spans])
+            return _dicts_body(self.spans, self.endpoint)
         return text.body()
 
 
@@ -124,7 +119,10 @@ def encode(spans: list[Span], local: LocalInfo) -> bytes:
 
 def encode_dicts(spans: list[Span], local: LocalInfo) -> bytes:
     """``encode``'s body made from the spans as dicts (the reference the text must equal)."""
-    endpoint = _endpoint(local)
+    return _dicts_body(spans, _endpoint(local))
+
+
+def _dicts_body(spans: list[Span], endpoint: dict[str, Any]) -> bytes:
     return orjson.dumps([span_dict(s, endpoint) for s in spans])
 
 
