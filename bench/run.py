@@ -50,7 +50,7 @@ from typing import Any
 
 import psutil
 
-from benchlib import configs, mtls_pair, rbac, resilience, telemetry
+from benchlib import configs, machine_speed, mtls_pair, rbac, resilience, telemetry
 from benchlib.corun import together as corun_together
 from benchlib.loads import LoadResult, run_h2load, run_wrk
 from benchlib.procs import (
@@ -189,8 +189,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--corun-rounds",
         type=int,
         default=8,
-        help="telemetry: after the repetitions, this many rounds with every target at once on "
-        "the proxy core (the drift-free cross-check; 0: none)",
+        help="telemetry: after the repetitions, this many rounds of each target at once with "
+        "all off on the proxy core (the bars' verdict; 0: none, and no verdict)",
+    )
+    p.add_argument(
+        "--speed-tries",
+        type=int,
+        default=None,
+        help="time a fixed loop on the proxy core this many times before and after the run "
+        "(how steady the machine's speed is; 0: not at all) [30; quick: 5]",
     )
     p.add_argument("--settle", type=float, default=1.0, help="seconds idle before idle RSS")
     p.add_argument("--subject", default="ubimesh", help="proxy whose ratios to peers are tabulated")
@@ -200,16 +207,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.set_defaults(native_built=False)
     args = p.parse_args(argv)
 
-    quick = {"duration": 5, "warmup": 2, "repeat": 1, "quiet_timeout": 30.0}
-    full = {"duration": 60, "warmup": 10, "repeat": 3, "quiet_timeout": 120.0}
+    quick = {"duration": 5, "warmup": 2, "repeat": 1, "quiet_timeout": 30.0, "speed_tries": 5}
+    full = {"duration": 60, "warmup": 10, "repeat": 3, "quiet_timeout": 120.0, "speed_tries": 30}
     for key, value in [
         *(quick if args.quick else full).items(),
         *SCENARIO_DEFAULTS[args.scenario].items(),
     ]:
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.duration < 1 or args.warmup < 0 or args.repeat < 1:
-        p.error("--duration must be >= 1, --warmup >= 0, --repeat >= 1")
+    if args.duration < 1 or args.warmup < 0 or args.repeat < 1 or args.speed_tries < 0:
+        p.error("--duration must be >= 1, --warmup >= 0, --repeat >= 1, --speed-tries >= 0")
     args.proxies = _csv(args.proxies)
     allowed = SCENARIO_PRODUCTS[args.scenario]
     unknown = [x for x in args.proxies if x not in allowed]
@@ -480,7 +487,13 @@ def start_upstream(
 
 
 #: The targets that run ``ubimesh proxy``.
-UBIMESH_TARGETS = ("ubimesh", rbac.WITH_RBAC, resilience.WITH_RESILIENCE, *telemetry.BARS)
+UBIMESH_TARGETS = (
+    "ubimesh",
+    rbac.WITH_RBAC,
+    resilience.WITH_RESILIENCE,
+    *telemetry.BARS,
+    telemetry.CONTROL,
+)
 
 
 def target_bootstrap(
@@ -496,7 +509,7 @@ def target_bootstrap(
     targets come first: the telemetry scenario's all-off target is ``ubimesh`` with the HCM's
     default request ids (``telemetry.plain_bootstrap``), not S1's ``ubimesh``, which turns
     them off to match nginx and HAProxy."""
-    if scenario == "telemetry" and name in telemetry.TARGETS:
+    if scenario == "telemetry" and name in (*telemetry.TARGETS, telemetry.CONTROL):
         return telemetry.bootstrap(name, port, side_port, upstream_port, workdir)
     if name == rbac.WITH_RBAC:
         return rbac.rbac_bootstrap(port, side_port, upstream_port, sizes)
@@ -742,14 +755,15 @@ def running(ctx: Context, name: str) -> Iterator[Target]:
 
 
 def corun(ctx: Context, names: list[str], rounds: int) -> list[dict[str, Any]]:
-    """The drift-free cross-check of the telemetry bars: ``rounds`` times, for each target but
-    the first (all off), that target and all off at once for ``--duration`` seconds, both
-    pinned to the proxy core and each driven by its own closed-loop wrk (the first
-    ``--wrk-conns`` count) on the load core. The scheduler gives the two proxies equal shares
-    of the same seconds, so the machine's drift between the moments that the sequential
-    repetitions run in slows both alike, and the ratio of their request counts is the ratio of
-    their costs per request. Two at a time, not all at once: with three, each proxy's slices
-    are shorter and start with caches the others filled. Returns one record per pair run:
+    """The telemetry bars' measurement (their verdict; benchlib/telemetry.py): ``rounds``
+    times, for each target but the first (all off), that target and all off at once for
+    ``--duration`` seconds, both pinned to the proxy core and each driven by its own
+    closed-loop wrk (the first ``--wrk-conns`` count) on the load core. The scheduler gives
+    the two proxies equal shares of the same seconds, so the machine's drift between the
+    moments that the sequential repetitions run in slows both alike, and the ratio of their
+    request counts is the ratio of their costs per request. One of ``names`` may be a second
+    all-off proxy (the A/A control). Two at a time, not all at once: with three, each proxy's
+    slices are shorter and start with caches the others filled. Returns one record per pair:
     ``target``, ``round``, and per side (``plain``, ``with``) ``rps`` and ``cpu_share``."""
     args = ctx.args
     conns = args.wrk_conns[0] if args.wrk_conns else 50
@@ -989,9 +1003,7 @@ def write_outputs(
     if args.scenario == "resilience":
         text += "\n" + resilience.bar_section(rows)
     if args.scenario == "telemetry":
-        text += "\n" + telemetry.bar_section(rows, runs)
-        if meta.get("corun"):
-            text += "\n" + telemetry.corun_section(meta["corun"])
+        text += "\n" + telemetry.bar_section(rows, runs, meta.get("corun") or [])
     (outdir / "results.md").write_text(text)
     write_json(outdir / "results.json", {"meta": meta, "summary": rows, "runs": runs})
     if rows:
@@ -1086,6 +1098,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.scenario == "mtls-pair":
             # Minted once per run; the generated keys stay in the work directory.
             ctx.pair_certs = mtls_pair.mint_certs(workdir / "certs")
+        speed: dict[str, list[float]] = {}
+        if args.speed_tries > 0:
+            print(f"machine speed: {args.speed_tries} tries on cpu {args.proxy_cpu}", flush=True)
+            speed["before"] = machine_speed.probe(args.proxy_cpu, args.speed_tries)
         steps = plan(args)
         total = args.repeat * len(targets) * len(steps)
         for rep in range(1, args.repeat + 1):
@@ -1111,7 +1127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             flush=True,
                         )
         if args.scenario == "telemetry" and args.corun_rounds > 0:
-            meta["corun"] = corun(ctx, names, args.corun_rounds)
+            # All off is paired with a second all-off proxy too: the A/A control.
+            meta["corun"] = corun(ctx, [*names, telemetry.CONTROL], args.corun_rounds)
+        if args.speed_tries > 0:
+            speed["after"] = machine_speed.probe(args.proxy_cpu, args.speed_tries)
+            meta["machine_speed"] = machine_speed.summary(speed)
+            meta["machine speed"] = machine_speed.line(args.proxy_cpu, meta["machine_speed"])
         meta["finished"] = dt.datetime.now().isoformat(timespec="seconds")
         text = write_outputs(outdir, args, meta, runs, targets, workdir)
         print()

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
-from benchlib import configs, mtls_pair, rbac, resilience, telemetry
+from benchlib import configs, machine_speed, mtls_pair, rbac, resilience, telemetry
 from benchlib.loads import parse_h2load, parse_wrk, percentile
 from benchlib.report import markdown, summarise
 
@@ -337,9 +337,7 @@ def test_telemetry_bootstraps_differ_from_s1_only_by_telemetry(tmp_path: Path) -
         assert cfg == plain
 
 
-def test_telemetry_bar_section() -> None:
-    from benchlib.report import summarise
-
+def _sequential_runs() -> list[dict[str, Any]]:
     # Two repetitions, the machine twice as fast in the second. 100 %: the ratio of medians
     # is 11,450 / 15,000; the paired ratio the median of 0.75 and 0.77. 1 %: measured in
     # repetition 1 only, so its median (8,500) meets an all-off median of both moments
@@ -349,15 +347,97 @@ def test_telemetry_bar_section() -> None:
             ("ubimesh-telemetry-1pct", 8500.0)),
         2: (("ubimesh", 20000.0), ("ubimesh-telemetry", 15400.0)),
     }  # fmt: skip
-    runs = [
+    return [
         {"target": t, "size": "1k", "load": "wrk c50", "kind": "closed", "rps": rps,
          "cpu_us_per_req": 100.0, "rep": rep, "conns": 50, "requested_rps": None}
         for rep, got in measured.items() for t, rps in got
     ]  # fmt: skip
-    text = telemetry.bar_section(summarise(runs), runs)
+
+
+def _pairs(rounds: dict[str, list[tuple[float, float]]]) -> list[dict[str, Any]]:
+    """Co-run records as run.py's ``corun`` makes them: per target, (all off, with) rps."""
+    return [
+        {"target": t, "round": i + 1, "plain": {"rps": off, "cpu_share": 0.5},
+         "with": {"rps": on, "cpu_share": 0.5}}
+        for t, got in rounds.items() for i, (off, on) in enumerate(got)
+    ]  # fmt: skip
+
+
+def test_telemetry_bar_section_judges_the_corun_and_shows_the_sequential() -> None:
+    from benchlib.report import summarise
+
+    runs = _sequential_runs()
+    pairs = _pairs({
+        "ubimesh-control": [(9000.0, 9090.0), (8000.0, 7960.0), (10000.0, 10000.0)],
+        # 100 %: ratios 0.80, 0.76, 0.78 -> median 0.78, meets 0.75.
+        "ubimesh-telemetry": [(9000.0, 7200.0), (8000.0, 6080.0), (10000.0, 7800.0)],
+        # 1 %: ratios 0.87, 0.875, 0.90 -> median 0.875, below 0.88.
+        "ubimesh-telemetry-1pct": [(9000.0, 7830.0), (8000.0, 7000.0), (10000.0, 9000.0)],
+    })  # fmt: skip
+    text = telemetry.bar_section(summarise(runs), runs, pairs)
+    assert "| ubimesh-control (A/A control) | - | 3 | 9,000 | 9,090 | 50% / 50% | 1.000 |" in text
+    assert (
+        "| ubimesh-telemetry | 100 % | 3 | 9,000 | 7,200 | 50% / 50% | 0.780 | 0.760..0.800 | "
+        "PASS (≥ 0.75) |" in text
+    )
+    assert "| ubimesh-telemetry-1pct | 1 % | 3 | 9,000 | 7,830 | 50% / 50% | 0.875 |" in text
+    assert "0.870..0.900 | FAIL (≥ 0.88) |" in text
+    # The sequential ratios are shown, marked against the bar, and judge nothing.
     assert "| ubimesh-telemetry | 100 % | 15,000 | 11,450 | 0.763 | 0.760 |" in text
     assert "| ubimesh-telemetry-1pct | 1 % | 15,000 | 8,500 | 0.567 | 0.850 |" in text
+    assert text.count("| meets 0.75 |") == 1 and text.count("| below 0.88 |") == 1
     assert text.count("PASS") == 1 and text.count("FAIL") == 1
+
+
+def test_telemetry_bar_section_withholds_the_verdict_without_a_fair_corun() -> None:
+    from benchlib.report import summarise
+
+    runs = _sequential_runs()
+    good = {"ubimesh-telemetry": [(9000.0, 8100.0)], "ubimesh-telemetry-1pct": [(9000.0, 8100.0)]}
+    # A control 4 % off 1: pairing favoured one side, so no ratio of this co-run counts.
+    skewed = _pairs({**good, "ubimesh-control": [(9000.0, 9360.0)]})
+    text = telemetry.bar_section(summarise(runs), runs, skewed)
+    assert text.count("n/a (A/A control 1.040, more than 3% from 1)") == 2
+    assert "PASS" not in text and "FAIL" not in text
+    text = telemetry.bar_section(summarise(runs), runs, _pairs(good))
+    assert text.count("n/a (no A/A control round)") == 2
+    text = telemetry.bar_section(summarise(runs), runs, [])
+    assert text.count("n/a (no co-run rounds: --corun-rounds 0)") == 2
+    # Within the tolerance the verdict stands: 1.029 is still fair.
+    fair = _pairs({**good, "ubimesh-control": [(9000.0, 9261.0)]})
+    assert telemetry.bar_section(summarise(runs), runs, fair).count("PASS") == 2
+
+
+def test_telemetry_control_is_all_off(tmp_path: Path) -> None:
+    args = run.parse_args(["--scenario", "telemetry", "--quick"])
+    assert telemetry.CONTROL in run.UBIMESH_TARGETS
+    assert run.target_bootstrap(
+        "telemetry", telemetry.CONTROL, 10000, 10001, 10002, list(args.sizes), tmp_path
+    ) == telemetry.bootstrap(telemetry.PLAIN, 10000, 10001, 10002, tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# Machine speed
+
+
+def test_machine_speed_probe_and_summary() -> None:
+    times = machine_speed.probe(0, tries=2, gap=0.0, steps=20_000)
+    assert len(times) == 2 and all(0.0 < t < 5_000.0 for t in times)
+    got = machine_speed.summary({"before": [60.0, 120.0], "after": [90.0]})
+    assert got["before"] == {"tries": 2, "median_ms": 90.0, "min_ms": 60.0, "max_ms": 120.0,
+                             "spread": 2.0}  # fmt: skip
+    assert got["all"]["tries"] == 3 and got["all"]["spread"] == 2.0
+    assert (
+        "3 tries before and after the run: median 90.0 ms, 60.0..120.0 (slowest/fastest 2.0)"
+        in machine_speed.line(1, got)
+    )
+    assert machine_speed.line(1, machine_speed.summary({})) == ""
+    with pytest.raises(ValueError, match="tries must be at least 1, got 0"):
+        machine_speed.probe(0, tries=0)
+    args = run.parse_args(["--quick"])
+    assert args.speed_tries == 5
+    with pytest.raises(SystemExit):
+        run.parse_args(["--speed-tries", "-1"])
 
 
 # --------------------------------------------------------------------------------------

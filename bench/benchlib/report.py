@@ -152,6 +152,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+#: Meta keys kept out of results.md's header: raw records, or printed in a section of their own.
+RAW_META = ("versions", "corun", "machine_speed")
+
+
 def markdown(
     rows: Sequence[dict[str, Any]],
     meta: dict[str, Any],
@@ -160,7 +164,8 @@ def markdown(
     subject: str,
 ) -> str:
     out = ["# ubimesh proxy benchmark", ""]
-    out += [f"- {key}: {value}" for key, value in meta.items() if key != "versions"]
+    # Raw records (the co-run's rounds, the speed probe's tries) are in results.json only.
+    out += [f"- {key}: {value}" for key, value in meta.items() if key not in RAW_META]
     out += ["- versions:"]
     out += [f"  - {name}: `{text}`" for name, text in meta.get("versions", {}).items()]
     out += [

@@ -1,0 +1,84 @@
+"""How steady the machine's own speed is: the same fixed piece of work, timed again and again
+on one core (``probe``), summarised for the report (``summary``).
+
+Why: on a shared VM the time a fixed loop takes moves by up to 2x within seconds, with no
+steal time reported and nothing else running in the guest (measured 2026-11-27: 60 to 118
+ms for one loop, 40 tries 0.2 s apart). A comparison of two proxies measured at different
+moments carries that drift; the report shows it beside the figures so a reader can tell
+how far apart two sequential measurements may be for reasons outside the proxy.
+
+The loop runs in a child interpreter pinned to the core (``taskset``), so the bench's own
+process and its threads are not what is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+from benchlib.procs import pinned
+
+#: One try: a pure-Python loop of this many additions (about 60 ms on the 2026 bench VM),
+#: long enough that timer resolution does not matter, short enough to see sub-second drift.
+STEPS = 2_000_000
+
+_CHILD = """
+import json, sys, time
+steps, tries, gap = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+out = []
+for _ in range(tries):
+    t = time.perf_counter()
+    s = 0
+    for i in range(steps):
+        s += i
+    out.append((time.perf_counter() - t) * 1000.0)
+    time.sleep(gap)
+print(json.dumps(out))
+"""
+
+
+def probe(cpu: int, tries: int = 30, gap: float = 0.2, steps: int = STEPS) -> list[float]:
+    """Milliseconds per try of the fixed loop, ``tries`` times ``gap`` seconds apart, on
+    ``cpu``. Bounded: the child is killed after 10 s per try."""
+    if tries < 1:
+        raise ValueError(f"tries must be at least 1, got {tries}")
+    argv = pinned(cpu, [sys.executable, "-c", _CHILD, str(steps), str(tries), str(gap)])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=10.0 * tries, check=True)
+    times = json.loads(done.stdout)
+    if not isinstance(times, list) or len(times) != tries:
+        raise ValueError(f"the speed probe printed {done.stdout!r}, not {tries} times")
+    return [float(t) for t in times]
+
+
+def summary(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Per moment (``"before"``, ``"after"``, ...) and over all: the median, the fastest and
+    slowest try in ms, and ``spread``, slowest over fastest (1.0: a steady machine)."""
+    out: dict[str, Any] = {}
+    everything = [t for times in samples.values() for t in times]
+    for name, times in [*samples.items(), ("all", everything)]:
+        if not times:
+            continue
+        out[name] = {
+            "tries": len(times),
+            "median_ms": round(statistics.median(times), 1),
+            "min_ms": round(min(times), 1),
+            "max_ms": round(max(times), 1),
+            "spread": round(max(times) / min(times), 2),
+        }
+    return out
+
+
+def line(cpu: int, summarised: dict[str, Any]) -> str:
+    """One line for the report's header, e.g. ``a fixed loop on cpu 1, 60 tries: median 66.0
+    ms, 60.2..118.4 (slowest/fastest 1.97)``; "" when nothing was probed."""
+    every = summarised.get("all")
+    if not every:
+        return ""
+    return (
+        f"a fixed loop ({STEPS:,} additions) on cpu {cpu}, {every['tries']} tries before and "
+        f"after the run: median {every['median_ms']} ms, {every['min_ms']}..{every['max_ms']} "
+        f"(slowest/fastest {every['spread']})"
+    )
