@@ -762,34 +762,35 @@ def corun(ctx: Context, names: list[str], rounds: int) -> list[dict[str, Any]]:
     the two proxies equal shares of the same seconds, so the machine's drift between the
     moments that the sequential repetitions run in slows both alike, and the ratio of their
     request counts is the ratio of their costs per request. One of ``names`` may be a second
-    all-off proxy (the A/A control). Two at a time, not all at once: with three, each proxy's
-    slices are shorter and start with caches the others filled. Returns one record per pair:
+    all-off proxy (the A/A control). Each pair runs as two fresh processes, warmed up together
+    for ``--warmup`` seconds. Two at a time, not all at once: with three, each proxy's slices
+    are shorter and start with caches the others filled. Returns one record per pair:
     ``target``, ``round``, and per side (``plain``, ``with``) ``rps`` and ``cpu_share``."""
     args = ctx.args
     conns = args.wrk_conns[0] if args.wrk_conns else 50
     size = next(iter(args.sizes))  # the first size label
     plain, others = names[0], names[1:]
     out: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:
-        targets = {n: stack.enter_context(running(ctx, n)) for n in names}
-
-        def together(pair: list[str], duration: int) -> dict[str, dict[str, float]]:
-            loads = {n: (targets[n].pid, f"{targets[n].base_url}/{size}") for n in pair}
-            return corun_together(loads, args.load_cpu, conns, duration)
-
+    for i in range(rounds):
         for other in others:
-            if args.warmup > 0:  # wrk refuses -d0s
-                together([plain, other], args.warmup)
-        for i in range(rounds):
-            for other in others:
-                got = together([plain, other], args.duration)
-                out.append({"target": other, "round": i + 1, "plain": got[plain],
-                            "with": got[other]})  # fmt: skip
-                print(
-                    f"[corun {i + 1}/{rounds}] {plain} {got[plain]['rps']:.0f} rps, "
-                    f"{other} {got[other]['rps']:.0f} rps",
-                    flush=True,
-                )
+            # Fresh processes for every pair: one process can be a percent or two faster than
+            # another of the same build for all its life (its hash seed, its memory layout),
+            # which fresh pairs turn into noise that the median averages, not into a bias.
+            # The wrk that starts first alternates, so neither side always has it.
+            pair = [plain, other] if i % 2 == 0 else [other, plain]
+            with running(ctx, plain) as first, running(ctx, other) as second:
+                started = {plain: first, other: second}
+                loads = {n: (started[n].pid, f"{started[n].base_url}/{size}") for n in pair}
+                if args.warmup > 0:  # wrk refuses -d0s
+                    corun_together(loads, args.load_cpu, conns, args.warmup)
+                got = corun_together(loads, args.load_cpu, conns, args.duration)
+            out.append({"target": other, "round": i + 1, "plain": got[plain],
+                        "with": got[other]})  # fmt: skip
+            print(
+                f"[corun {i + 1}/{rounds}] {plain} {got[plain]['rps']:.0f} rps, "
+                f"{other} {got[other]['rps']:.0f} rps",
+                flush=True,
+            )
     return out
 
 

@@ -27,13 +27,18 @@ STEPS = 2_000_000
 
 _CHILD = """
 import json, sys, time
+
+def loop(steps):
+    s = 0
+    for i in range(steps):
+        s += i
+    return s
+
 steps, tries, gap = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 out = []
 for _ in range(tries):
     t = time.perf_counter()
-    s = 0
-    for i in range(steps):
-        s += i
+    loop(steps)
     out.append((time.perf_counter() - t) * 1000.0)
     time.sleep(gap)
 print(json.dumps(out))
