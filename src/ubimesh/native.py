@@ -73,6 +73,7 @@ HOT_MODULES = (
 C_EXTENSIONS = (
     ("ubimesh.proxy.access_log._textline", "ubimesh/proxy/access_log/_textline.c"),
     ("ubimesh.proxy.tracing._zipkin_text", "ubimesh/proxy/tracing/_zipkin_text.c"),
+    ("ubimesh.proxy.http._head", "ubimesh/proxy/http/_head.c"),
 )
 
 _PACKAGE_ROOT = Path(__file__).resolve().parent  # .../ubimesh

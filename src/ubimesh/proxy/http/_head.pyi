@@ -1,0 +1,3 @@
+"""Types of the C request-head encoder (_head.c; its header comment is the contract)."""
+
+def request_head(method: str, target: str, headers: list[tuple[str, str]], /) -> bytes | None: ...
