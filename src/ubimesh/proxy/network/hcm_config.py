@@ -119,6 +119,8 @@ F_REPEATED = 128
 F_TRACE: Final = 256
 """A trace context header (``tracing.context.TRACE_HEADERS``) is present: without it the
 tracer reads no header but x-request-id (Final: compiled readers inline the value)."""
+F_CONNECTION = 512
+"""A Connection or Proxy-Connection header is present (llhttp reads both for keep-alive)."""
 _ONCE_BITS = 16
 ONCE_MASK = ~((1 << _ONCE_BITS) - 1)
 """Bits above 16 record, per foldable header name, that it was seen (to detect repeats)."""
@@ -136,6 +138,8 @@ def _request_header_flags() -> dict[str, int]:
     flags["expect"] |= F_EXPECT
     flags["x-forwarded-proto"] |= F_FORWARDED_PROTO
     flags["x-request-id"] |= F_REQUEST_ID
+    flags["connection"] |= F_CONNECTION
+    flags["proxy-connection"] |= F_CONNECTION
     for name in TRACE_HEADERS:
         flags[name] = flags.get(name, 0) | F_TRACE
     return flags
