@@ -1,6 +1,7 @@
-"""The C request-head encoder (proxy/http/_head.c) against codec.py's ``_encode_request_head``,
-the source of truth: the same bytes for every head it writes, None (nothing written) for every
-head it must leave to Python, and the codec's entry point giving the Python answer then."""
+"""The C head encoders (proxy/http/_head.c) against codec.py's Python ones, the source of truth
+(``_encode_request_head``; the status line, ``encode_headers`` and CRLF): the same bytes for
+every head they write, None (nothing written) for every head they must leave to Python, and
+the codec's entry points giving the Python answer then."""
 
 from __future__ import annotations
 
@@ -34,10 +35,19 @@ def test_writes_what_python_writes_on_random_heads(c_module: ModuleType) -> None
                    for _ in range(rng.randrange(12))]  # fmt: skip
         expected = codec._encode_request_head(method, target, headers)
         assert c_module.request_head(method, target, headers) == expected
+        start = codec.status_line(rng.choice([200, 204, 404, 503, 599]))
+        expected = start + codec.encode_headers(headers) + b"\r\n"
+        assert c_module.response_head(start, headers) == expected
     # The common head, written out: the exact framing, not only agreement.
     head = c_module.request_head("GET", "/1k", [("host", "a:80"), ("x-b3-sampled", "0")])
     assert head == b"GET /1k HTTP/1.1\r\nhost: a:80\r\nx-b3-sampled: 0\r\n\r\n"
     assert c_module.request_head("GET", "/", []) == b"GET / HTTP/1.1\r\n\r\n"
+    head = c_module.response_head(b"HTTP/1.1 200 OK\r\n", [("content-length", "0")])
+    assert head == b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+
+
+def latin1(text: str) -> bool:
+    return all(ord(c) < 256 for c in text)
 
 
 class StrSub(str):
@@ -64,6 +74,14 @@ def test_declines_what_it_must_leave_to_python(
     c_module: ModuleType, method: Any, target: Any, headers: Any
 ) -> None:
     assert c_module.request_head(method, target, headers) is None
+    # The response head shares the header lines' checks.
+    if isinstance(method, str) and isinstance(target, str) and latin1(method + target):
+        assert c_module.response_head(b"HTTP/1.1 200 OK\r\n", headers) is None
+
+
+def test_a_response_head_needs_a_bytes_status_line(c_module: ModuleType) -> None:
+    assert c_module.response_head("HTTP/1.1 200 OK\r\n", []) is None
+    assert c_module.response_head(bytearray(b"HTTP/1.1 200 OK\r\n"), []) is None
 
 
 def test_a_str_subclass_is_written_as_its_text(c_module: ModuleType) -> None:
@@ -82,6 +100,12 @@ def test_the_codec_falls_back_to_python_for_a_declined_head(
     # Declined by C, then refused by Python exactly as without the build.
     with pytest.raises(UnicodeEncodeError):
         codec.encode_request_head("GET", "/", [("a", "\u20ac")])
+    monkeypatch.setattr(codec, "_C_RESPONSE_HEAD", c_module.response_head)
+    assert codec.encode_response_head(200, [("a", "\u00e9")]) == (
+        b"HTTP/1.1 200 OK\r\na: \xe9\r\n\r\n"
+    )
+    with pytest.raises(UnicodeEncodeError):
+        codec.encode_response_head(200, [("a", "\u20ac")])
 
 
 def test_wrong_argument_counts_raise(c_module: ModuleType) -> None:
@@ -89,3 +113,5 @@ def test_wrong_argument_counts_raise(c_module: ModuleType) -> None:
         c_module.request_head("GET", "/")
     with pytest.raises(TypeError, match="takes 3 arguments"):
         c_module.request_head("GET", "/", [], [])
+    with pytest.raises(TypeError, match="response_head takes 2 arguments"):
+        c_module.response_head(b"HTTP/1.1 200 OK\r\n")

@@ -1,17 +1,20 @@
-/* An HTTP/1.1 request head in one pass (codec.py's encode_request_head, in C).
+/* HTTP/1.1 heads in one pass (codec.py's encode_request_head and encode_response_head, in C).
  *
  * Why C: compiled Python makes a list of four pieces per header line, joins them and encodes
  * the result, about 500 instructions a header line (bench/telemetry_cpu.py --callgrind:
- * the three B3 headers of a traced request cost 1.5k). This measures the pieces once and
+ * the three B3 headers of a traced request cost 1.5k). This measures the lines once and
  * copies them into the bytes object it returns.
  *
- * Contract (codec.py's _encode_request_head is the source of truth;
- * tests/unit/test_http_head.py compares the two on random heads):
+ * Contract (codec.py's _encode_request_head and the status line + encode_headers + CRLF are
+ * the source of truth; tests/unit/test_http_head.py compares them on random heads):
  *
  *   request_head(method, target, headers) returns
  *   ``f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
- *   + "\r\n"`` encoded as latin-1, when ``method`` and ``target`` are str, ``headers`` is a
- *   list of (name, value) tuples of str, and every str is stored one byte a character
+ *   + "\r\n"`` encoded as latin-1;
+ *   response_head(start, headers) returns the bytes ``start`` (a status line with its CRLF)
+ *   followed by the same header lines and the empty line.
+ *   Each does so when ``headers`` is a list of (name, value) tuples of str, ``method`` and
+ *   ``target`` are str, ``start`` is bytes, and every str is stored one byte a character
  *   (latin-1: what the codec decodes the wire with). Otherwise it returns None and writes
  *   nothing: the caller then runs the Python encoder, which raises what it raises.
  *
@@ -34,38 +37,28 @@ static inline char *put(char *p, PyObject *s, Py_ssize_t n) {
     return p + n;
 }
 
-static PyObject *request_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    (void)module;
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "request_head takes 3 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *method = args[0], *target = args[1], *headers = args[2];
-    Py_ssize_t method_len = latin1_len(method), target_len = latin1_len(target);
-    if (method_len < 0 || target_len < 0 || !PyList_Check(headers))
-        Py_RETURN_NONE;
-    /* "M T HTTP/1.1\r\n" ... "\r\n" */
-    Py_ssize_t total = method_len + 1 + target_len + 11 + 2;
-    Py_ssize_t n = PyList_GET_SIZE(headers);
+/* The bytes of ``headers``' lines ("k: v\r\n" each), or -1 when ``headers`` is not a list of
+ * (str, str) tuples of one-byte characters. */
+static Py_ssize_t lines_len(PyObject *headers) {
+    if (!PyList_Check(headers))
+        return -1;
+    Py_ssize_t total = 0, n = PyList_GET_SIZE(headers);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *kv = PyList_GET_ITEM(headers, i);
         if (!PyTuple_Check(kv) || PyTuple_GET_SIZE(kv) != 2)
-            Py_RETURN_NONE;
+            return -1;
         Py_ssize_t k = latin1_len(PyTuple_GET_ITEM(kv, 0));
         Py_ssize_t v = latin1_len(PyTuple_GET_ITEM(kv, 1));
         if (k < 0 || v < 0)
-            Py_RETURN_NONE;
+            return -1;
         total += k + 2 + v + 2;
     }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
-    if (out == NULL)
-        return NULL;
-    char *p = PyBytes_AS_STRING(out);
-    p = put(p, method, method_len);
-    *p++ = ' ';
-    p = put(p, target, target_len);
-    memcpy(p, " HTTP/1.1\r\n", 11);
-    p += 11;
+    return total;
+}
+
+/* Copy the lines that lines_len measured; returns the end. */
+static char *put_lines(char *p, PyObject *headers) {
+    Py_ssize_t n = PyList_GET_SIZE(headers);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *kv = PyList_GET_ITEM(headers, i);
         PyObject *k = PyTuple_GET_ITEM(kv, 0), *v = PyTuple_GET_ITEM(kv, 1);
@@ -76,21 +69,72 @@ static PyObject *request_head(PyObject *module, PyObject *const *args, Py_ssize_
         *p++ = '\r';
         *p++ = '\n';
     }
+    return p;
+}
+
+static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want) {
+    if (nargs == want)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, want, nargs);
+    return -1;
+}
+
+static PyObject *request_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (check_nargs("request_head", nargs, 3) < 0)
+        return NULL;
+    PyObject *method = args[0], *target = args[1], *headers = args[2];
+    Py_ssize_t method_len = latin1_len(method), target_len = latin1_len(target);
+    Py_ssize_t lines = lines_len(headers);
+    if (method_len < 0 || target_len < 0 || lines < 0)
+        Py_RETURN_NONE;
+    /* "M T HTTP/1.1\r\n", the lines, "\r\n" */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, method_len + 1 + target_len + 11 + lines + 2);
+    if (out == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    p = put(p, method, method_len);
+    *p++ = ' ';
+    p = put(p, target, target_len);
+    memcpy(p, " HTTP/1.1\r\n", 11);
+    p = put_lines(p + 11, headers);
     *p++ = '\r';
-    *p++ = '\n';
+    *p = '\n';
+    return out;
+}
+
+static PyObject *response_head(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (check_nargs("response_head", nargs, 2) < 0)
+        return NULL;
+    PyObject *start = args[0], *headers = args[1];
+    Py_ssize_t lines = lines_len(headers);
+    if (!PyBytes_Check(start) || lines < 0)
+        Py_RETURN_NONE;
+    Py_ssize_t start_len = PyBytes_GET_SIZE(start);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, start_len + lines + 2);
+    if (out == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    memcpy(p, PyBytes_AS_STRING(start), (size_t)start_len);
+    p = put_lines(p + start_len, headers);
+    *p++ = '\r';
+    *p = '\n';
     return out;
 }
 
 static PyMethodDef methods[] = {
     {"request_head", (PyCFunction)(void (*)(void))request_head, METH_FASTCALL,
      "An HTTP/1.1 request head as latin-1 bytes, or None (see the module's contract)."},
+    {"response_head", (PyCFunction)(void (*)(void))response_head, METH_FASTCALL,
+     "A response head: the status line, the header lines, CRLF; or None (see the contract)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "ubimesh.proxy.http._head",
-    .m_doc = "HTTP/1.1 request heads in one pass (codec.py's encoder, in C).",
+    .m_doc = "HTTP/1.1 heads in one pass (codec.py's encoders, in C).",
     .m_size = 0,
     .m_methods = methods,
 };

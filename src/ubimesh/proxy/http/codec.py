@@ -71,17 +71,35 @@ def encode_headers(headers: list[tuple[str, str]]) -> bytes:
     return "".join(parts).encode("latin-1")
 
 
-def _load_request_head() -> Callable[[str, str, list[tuple[str, str]]], bytes | None] | None:
+_RequestHead = Callable[[str, str, list[tuple[str, str]]], bytes | None]
+_ResponseHead = Callable[[bytes, list[tuple[str, str]]], bytes | None]
+
+
+def _load_head_encoders() -> tuple[_RequestHead | None, _ResponseHead | None]:
     try:
-        from ubimesh.proxy.http._head import request_head
+        from ubimesh.proxy.http._head import request_head, response_head
     except ImportError:  # not built, or the compiled hot path is off (UBIMESH_NATIVE=0)
-        return None
-    return request_head
+        return None, None
+    return request_head, response_head
 
 
-#: The C encoder (_head.c), looked up when this module is imported, which the proxy does
+#: The C encoders (_head.c), looked up when this module is imported, which the proxy does
 #: after ``native.enable()``.
-_C_REQUEST_HEAD: Final = _load_request_head()
+_C_HEAD: Final = _load_head_encoders()
+_C_REQUEST_HEAD: Final = _C_HEAD[0]
+_C_RESPONSE_HEAD: Final = _C_HEAD[1]
+
+
+def encode_response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    """A whole HTTP/1.1 response head: the status line, the header lines and the empty line.
+    Written by the C encoder when the build has it, like ``encode_request_head``."""
+    start = status_line(status)
+    c = _C_RESPONSE_HEAD
+    if c is not None:
+        head = c(start, headers)
+        if head is not None:
+            return head
+    return start + encode_headers(headers) + CRLF
 
 
 def encode_request_head(method: str, target: str, headers: list[tuple[str, str]]) -> bytes:

@@ -27,7 +27,7 @@ import httptools
 
 from ubimesh.proto.headers import Headers
 from ubimesh.proxy.http import codec
-from ubimesh.proxy.http.codec import DATE, LAST_CHUNK, chunk, encode_headers, status_line
+from ubimesh.proxy.http.codec import DATE, LAST_CHUNK, chunk, encode_response_head
 from ubimesh.proxy.http.filter_chain import CONTINUE
 from ubimesh.proxy.http.pool import RESPONSE_HEADER_FLAGS, RH_CONTENT_LENGTH, RH_SERVER
 from ubimesh.proxy.network.hcm_config import (
@@ -366,7 +366,7 @@ class ActiveStream:
         hcm.count_status(status)
         self.response_headers = out
         # bytes_sent counts body bytes only, as Envoy's %BYTES_SENT%; the head is not counted.
-        conn.write(status_line(status) + encode_headers(out) + b"\r\n")
+        conn.write(encode_response_head(status, out))
         if end_stream:
             self.encode_end()
 
@@ -939,5 +939,5 @@ class HttpConnection(asyncio.Protocol):
             ("date", DATE.get()),
             ("connection", "close"),
         ]
-        self.write(status_line(status) + encode_headers(head) + b"\r\n" + body)
+        self.write(encode_response_head(status, head) + body)
         self.close_after_write()
