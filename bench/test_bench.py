@@ -420,18 +420,15 @@ def test_telemetry_control_is_all_off(tmp_path: Path) -> None:
 # Machine speed
 
 
-def test_machine_speed_probe_and_summary() -> None:
+def test_machine_speed_probe_and_line() -> None:
     times = machine_speed.probe(0, tries=2, gap=0.0, steps=20_000)
     assert len(times) == 2 and all(0.0 < t < 5_000.0 for t in times)
-    got = machine_speed.summary({"before": [60.0, 120.0], "after": [90.0]})
-    assert got["before"] == {"tries": 2, "median_ms": 90.0, "min_ms": 60.0, "max_ms": 120.0,
-                             "spread": 2.0}  # fmt: skip
-    assert got["all"]["tries"] == 3 and got["all"]["spread"] == 2.0
-    assert (
-        "3 tries before and after the run: median 90.0 ms, 60.0..120.0 (slowest/fastest 2.0)"
-        in machine_speed.line(1, got)
+    text = machine_speed.line(1, [60.0, 120.0, 90.0])
+    assert text == (
+        "a fixed loop (2,000,000 additions) on cpu 1, 3 tries: median 90.0 ms, "
+        "60.0..120.0 (slowest/fastest 2.00)"
     )
-    assert machine_speed.line(1, machine_speed.summary({})) == ""
+    assert machine_speed.line(1, []) == ""
     with pytest.raises(ValueError, match="tries must be at least 1, got 0"):
         machine_speed.probe(0, tries=0)
     args = run.parse_args(["--quick"])

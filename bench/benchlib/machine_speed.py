@@ -1,5 +1,5 @@
 """How steady the machine's own speed is: the same fixed piece of work, timed again and again
-on one core (``probe``), summarised for the report (``summary``).
+on one core (``probe``), summarised in one line for the report (``line``).
 
 Why: on a shared VM the time a fixed loop takes moves by up to 2x within seconds, with no
 steal time reported and nothing else running in the guest (measured 2026-11-27: 60 to 118
@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-from typing import Any
 
 from benchlib.procs import pinned
 
@@ -58,32 +57,14 @@ def probe(cpu: int, tries: int = 30, gap: float = 0.2, steps: int = STEPS) -> li
     return [float(t) for t in times]
 
 
-def summary(samples: dict[str, list[float]]) -> dict[str, Any]:
-    """Per moment (``"before"``, ``"after"``, ...) and over all: the median, the fastest and
-    slowest try in ms, and ``spread``, slowest over fastest (1.0: a steady machine)."""
-    out: dict[str, Any] = {}
-    everything = [t for times in samples.values() for t in times]
-    for name, times in [*samples.items(), ("all", everything)]:
-        if not times:
-            continue
-        out[name] = {
-            "tries": len(times),
-            "median_ms": round(statistics.median(times), 1),
-            "min_ms": round(min(times), 1),
-            "max_ms": round(max(times), 1),
-            "spread": round(max(times) / min(times), 2),
-        }
-    return out
-
-
-def line(cpu: int, summarised: dict[str, Any]) -> str:
-    """One line for the report's header, e.g. ``a fixed loop on cpu 1, 60 tries: median 66.0
-    ms, 60.2..118.4 (slowest/fastest 1.97)``; "" when nothing was probed."""
-    every = summarised.get("all")
-    if not every:
+def line(cpu: int, times: list[float]) -> str:
+    """One line for the report's header: how many tries, their median and range in ms, and
+    the slowest over the fastest (1.0: a steady machine); "" without tries."""
+    if not times:
         return ""
+    fastest, slowest = min(times), max(times)
     return (
-        f"a fixed loop ({STEPS:,} additions) on cpu {cpu}, {every['tries']} tries before and "
-        f"after the run: median {every['median_ms']} ms, {every['min_ms']}..{every['max_ms']} "
-        f"(slowest/fastest {every['spread']})"
+        f"a fixed loop ({STEPS:,} additions) on cpu {cpu}, {len(times)} tries: median "
+        f"{statistics.median(times):.1f} ms, {fastest:.1f}..{slowest:.1f} "
+        f"(slowest/fastest {slowest / fastest:.2f})"
     )
